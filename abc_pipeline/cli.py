@@ -1,0 +1,114 @@
+"""Command line interface ``abc-pipeline <subcommand>``: argument parsing only.
+
+Every subcommand is registered by one ``_add_<name>`` function that declares its arguments and a
+``run`` callable; the callable imports the library lazily (so ``abc-pipeline --help`` stays fast)
+and calls exactly one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from abc_pipeline import __version__
+from abc_pipeline.logs import setup_logging
+
+log = logging.getLogger("abc_pipeline")
+
+
+class UserError(Exception):
+    """An error caused by input the user can fix; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------- atlas
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic ABC release tree (manifest, CSVs, h5ad) for demos and tests")
+    p.add_argument("--out", type=Path, required=True, help="release root to create (a bucket-like tree)")
+    p.add_argument("--cells", type=int, default=20000, help="number of cells in the expression file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--release", default="20250531", help="release version written into the manifest")
+    p.add_argument("--chunk-cells", type=int, default=200_000, help="cells generated per chunk (sets peak memory)")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.atlas.synthetic import write_synthetic_release
+
+        write_synthetic_release(a.out, n_cells=a.cells, seed=a.seed, release=a.release, chunk_cells=a.chunk_cells)
+
+    p.set_defaults(run=run)
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    from abc_pipeline.atlas.manifest import DEFAULT_BASE_URL
+
+    p = sub.add_parser("download", help="download (resume, verify MD5) the files a dataset needs")
+    p.add_argument("--dataset", default="MERFISH-C57BL6J-638850", help="dataset profile name")
+    p.add_argument("--release", default="latest", help="release version (YYYYMMDD) or 'latest' (needs network)")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="bucket root URL (https://, http:// or file://)")
+    p.add_argument("--cache", type=Path, required=True, help="local mirror root (files land at <cache>/<relative_path>)")
+    p.add_argument("--jobs", type=int, default=4, help="files downloaded in parallel")
+    p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.atlas.download import download_dataset
+
+        download_dataset(
+            a.dataset, release=a.release, base_url=a.base_url, cache_dir=a.cache,
+            jobs=a.jobs, retries=a.retries, progress=not a.no_progress,
+        )
+
+    p.set_defaults(run=run)
+
+
+def _add_assemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("assemble", help="join metadata, taxonomy, parcellation, coordinates, log2 expression -> cells.zarr")
+    p.add_argument("--dataset", default="MERFISH-C57BL6J-638850", help="dataset profile name")
+    p.add_argument("--release", default=None, help="release version; default: the newest manifest in the cache")
+    p.add_argument("--cache", type=Path, required=True, help="local mirror root written by `download`")
+    p.add_argument("--out", type=Path, required=True, help="output AnnData store, e.g. results/<dataset>/cells.zarr")
+    p.add_argument("--chunk-cells", type=int, default=100_000, help="cells per chunk (sets peak memory)")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.atlas.assemble import assemble_dataset
+
+        assemble_dataset(a.dataset, cache_dir=a.cache, out=a.out, release=a.release, chunk_cells=a.chunk_cells)
+
+    p.set_defaults(run=run)
+
+
+_REGISTRARS = [_add_synth, _add_download, _add_assemble]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="abc-pipeline",
+        description="Allen Brain Cell Atlas MERFISH pipeline: download, assemble, rasterize, train, predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"abc-pipeline {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for register in _REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``abc-pipeline`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        args.run(args)
+    except (UserError, FileNotFoundError, ValueError, KeyError) as exc:
+        # Library code raises these with messages naming the file, field and fix.
+        log.error("%s", exc if not isinstance(exc, KeyError) else exc.args[0])
+        if args.verbose:
+            raise
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
