@@ -13,13 +13,10 @@ import sys
 from pathlib import Path
 
 from abc_pipeline import __version__
+from abc_pipeline.errors import AbcPipelineError
 from abc_pipeline.logs import setup_logging
 
 log = logging.getLogger("abc_pipeline")
-
-
-class UserError(Exception):
-    """An error caused by input the user can fix; printed without a traceback."""
 
 
 # --------------------------------------------------------------------------------------------- atlas
@@ -101,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(-1 if args.quiet else args.verbose)
     try:
         args.run(args)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (AbcPipelineError, FileNotFoundError) as exc:
         # Library code raises these with messages naming the file, field and fix.
-        log.error("%s", exc if not isinstance(exc, KeyError) else exc.args[0])
+        log.error("%s", exc)
         if args.verbose:
             raise
         return 2
