@@ -66,11 +66,15 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=Path, required=True, help="local mirror root written by `download`")
     p.add_argument("--out", type=Path, required=True, help="output AnnData store, e.g. results/<dataset>/cells.zarr")
     p.add_argument("--chunk-cells", type=int, default=100_000, help="cells per chunk (sets peak memory)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.atlas.assemble import assemble_dataset
 
-        assemble_dataset(a.dataset, cache_dir=a.cache, out=a.out, release=a.release, chunk_cells=a.chunk_cells)
+        assemble_dataset(
+            a.dataset, cache_dir=a.cache, out=a.out, release=a.release, chunk_cells=a.chunk_cells,
+            progress=not a.no_progress,
+        )
 
     p.set_defaults(run=run)
 
