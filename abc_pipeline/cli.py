@@ -27,11 +27,15 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--release", default="20250531", help="release version written into the manifest")
     p.add_argument("--chunk-cells", type=int, default=200_000, help="cells generated per chunk (sets peak memory)")
+    p.add_argument("--sections", type=int, default=None,
+                   help="sections, 0.2 mm apart (1-59; default: about one per 10,000 cells, at least 4)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.atlas.synthetic import write_synthetic_release
 
-        write_synthetic_release(a.out, n_cells=a.cells, seed=a.seed, release=a.release, chunk_cells=a.chunk_cells)
+        write_synthetic_release(a.out, n_cells=a.cells, seed=a.seed, release=a.release, chunk_cells=a.chunk_cells,
+                                n_sections=a.sections, progress=not a.no_progress)
 
     p.set_defaults(run=run)
 
