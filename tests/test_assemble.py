@@ -93,7 +93,8 @@ def test_opens_in_scanpy_and_squidpy(assembled: Path) -> None:
     import scanpy as sc
     import squidpy as sq
 
-    adata = sc.read_zarr(assembled)
+    adata = anndata.read_zarr(assembled)
+    sc.pl.embedding(adata, basis="spatial", color="parcellation_division", show=False)
     sq.pl.spatial_scatter(adata, shape=None, library_key="brain_section_label", color="class")
     matplotlib.pyplot.close("all")
 
