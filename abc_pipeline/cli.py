@@ -83,7 +83,57 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_REGISTRARS = [_add_synth, _add_download, _add_assemble]
+# --------------------------------------------------------------------------------------------- raster
+def _add_rasterize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rasterize", help="rasterize cells.zarr into a multichannel OME-Zarr grid (c,z,y,x) + label volumes")
+    p.add_argument("--cells", type=Path, required=True, help="cells.zarr written by `assemble`")
+    p.add_argument("--out", type=Path, required=True, help="raster to write, e.g. results/<dataset>/raster/<grid>.ome.zarr")
+    p.add_argument("--space", choices=["section", "reconstructed", "ccf"], default="reconstructed",
+                   help="section: 2D per section (z = section order); reconstructed / ccf: 3D")
+    p.add_argument("--voxel-size", type=float, nargs="+", metavar="MM",
+                   help="voxel size in mm: 1 value (y = x [= z in 3D]), 2 (y x) or 3 (z y x); default per space")
+    p.add_argument("--bounds", type=float, nargs="+", metavar="MM",
+                   help="lo hi per axis in mm, ordered z y x (y x for --space section); default: data extent + margin")
+    p.add_argument("--margin", type=int, default=1, help="empty voxels added around the data extent (per side)")
+    ch = p.add_mutually_exclusive_group()
+    ch.add_argument("--genes", nargs="+", metavar="GENE", help="channel genes (symbols or ids); default: all non-blank genes")
+    ch.add_argument("--genes-file", type=Path, help="text file with one gene per line")
+    p.add_argument("--pca", type=int, metavar="K", help="use the first K principal components (of the genes) as channels")
+    p.add_argument("--pca-sample", type=int, default=100_000, help="cells sampled to fit the PCA")
+    p.add_argument("--labels", nargs="*", metavar="COLUMN",
+                   help="categorical obs columns to rasterize as majority labels (default: class subclass "
+                        "parcellation_division parcellation_structure, those present; --labels alone: none)")
+    p.add_argument("--levels", type=int, default=3, help="pyramid levels (>= 2)")
+    p.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask task (sets peak memory; default 50000)")
+    p.add_argument("--scheduler", choices=["threads", "processes", "synchronous"], default="threads", help="local Dask scheduler")
+    p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: all cores)")
+    p.add_argument("--address", default=None, help="dask.distributed scheduler address (e.g. tcp://node:8786); overrides --scheduler")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing raster (atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the PCA sample")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.raster.rasterize import rasterize
+
+        genes = a.genes
+        if a.genes_file is not None:
+            genes = [g.strip() for g in a.genes_file.read_text().splitlines() if g.strip() and not g.startswith("#")]
+        if a.bounds is not None and len(a.bounds) % 2:
+            from abc_pipeline.errors import InputError
+
+            raise InputError(f"--bounds needs pairs of values (lo hi per axis), got {len(a.bounds)} values")
+        bounds = None if a.bounds is None else list(zip(a.bounds[0::2], a.bounds[1::2]))
+        rasterize(
+            a.cells, a.out, space=a.space, voxel_size=a.voxel_size, bounds=bounds, margin=a.margin,
+            genes=genes, pca=a.pca, pca_sample=a.pca_sample, labels=a.labels, levels=a.levels,
+            chunk_cells=a.chunk_cells, scheduler=a.scheduler, num_workers=a.workers, address=a.address,
+            overwrite=a.overwrite, progress=not a.no_progress, seed=a.seed,
+        )
+
+    p.set_defaults(run=run)
+
+
+_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,220 @@
+"""OME-Zarr (NGFF 0.4, Zarr v2) layout of a raster: writing metadata and reading a raster back.
+
+Layout of ``<raster>.ome.zarr`` (see docs/raster.md)::
+
+    .zattrs            multiscales (axes c,z,y,x, units), omero (channel names), abc_pipeline.raster
+    0/, 1/, ...        image levels (c, z, y, x) float32: channel means, last channel ``n_cells``
+    labels/<name>/0..  majority label volumes (z, y, x) uint, 0 = no cells, k = category k - 1
+    cells/voxel_index  (n_cells, 3) int32 (z, y, x) level-0 voxel of each cell of cells.zarr, -1 = skipped
+    cells/cell_label   (n_cells,) str, obs_names of cells.zarr (same order)
+    pca/               components, mean, explained_variance(_ratio), genes (PCA channels only)
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import dask.array as da
+import numcodecs
+import numpy as np
+import zarr
+from ome_zarr.format import FormatV04
+from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+from abc_pipeline.errors import InputError
+from abc_pipeline.raster.grid import AXES, UNIT, Grid
+
+NGFF_VERSION = "0.4"
+FORMAT = FormatV04()
+COUNT_CHANNEL = "n_cells"
+ATTRS_KEY = "abc_pipeline"
+COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+# ----------------------------------------------------------------------------------- writing
+def create_array(group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype, fill_value=0) -> zarr.Array:
+    """A Zarr v2 array with '/' chunk keys (required by NGFF 0.4) and fast Blosc-LZ4 compression."""
+    return group.create_array(
+        name,
+        shape=tuple(int(s) for s in shape),
+        chunks=tuple(int(max(1, min(c, s))) if s else 1 for c, s in zip(chunks, shape)),
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=COMPRESSOR,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+
+
+def _datasets(grid: Grid, n_levels: int, with_channel: bool) -> list[dict]:
+    out = []
+    for k in range(n_levels):
+        g = grid.level(k)
+        scale, trans = list(g.physical_scale()), list(g.physical_translation())
+        if with_channel:
+            scale, trans = [1.0, *scale], [0.0, *trans]
+        out.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}, {"type": "translation", "translation": trans}]})
+    return out
+
+
+def _axes(with_channel: bool) -> list[dict]:
+    spatial = [{"name": a, "type": "space", "unit": UNIT} for a in AXES]
+    return ([{"name": "c", "type": "channel"}] if with_channel else []) + spatial
+
+
+def write_image_metadata(
+    root: zarr.Group, grid: Grid, n_levels: int, channels: Sequence[str], windows: Sequence[tuple[float, float]], name: str
+) -> None:
+    """Multiscales (axes c,z,y,x in mm, scale + translation per level) and omero channel metadata.
+
+    windows: (min, max) of each channel over non-empty voxels (display contrast); the first three
+    feature channels are active (visible) by default, the count channel is not.
+    """
+    omero_channels = []
+    for i, (ch, (lo, hi)) in enumerate(zip(channels, windows)):
+        lo, hi = float(lo), float(hi)
+        hi = hi if hi > lo else lo + 1.0  # a constant channel still needs a non-empty window
+        omero_channels.append(
+            {"label": ch, "color": "FFFFFF", "active": bool(i < 3 and ch != COUNT_CHANNEL),
+             "window": {"min": lo, "max": hi, "start": lo, "end": hi}}
+        )
+    write_multiscales_metadata(
+        root, _datasets(grid, n_levels, True), fmt=FORMAT, axes=_axes(True), name=name,
+        metadata={"omero": {"name": name, "version": NGFF_VERSION, "channels": omero_channels, "rdefs": {"model": "greyscale"}},
+                  "method": "count-weighted mean (n_cells: sum)"},
+    )
+
+
+def hex_to_rgba(color: str) -> list[int]:
+    c = color.lstrip("#")
+    if len(c) not in (6, 8):
+        raise InputError(f"colour {color!r} is not #RRGGBB[AA]")
+    rgba = [int(c[i : i + 2], 16) for i in range(0, len(c), 2)]
+    return rgba + [255] * (4 - len(rgba))
+
+
+def default_colors(n: int) -> tuple[str, ...]:
+    """Deterministic distinct-ish colours (golden-ratio hues) for categories without ``uns`` colours."""
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
+        out.append(f"#{int(r * 255):02X}{int(g * 255):02X}{int(b * 255):02X}")
+    return tuple(out)
+
+
+def write_labels_metadata(
+    labels_group: zarr.Group, name: str, grid: Grid, n_levels: int, categories: Sequence[str], colors: Sequence[str]
+) -> None:
+    """Multiscales + ``image-label`` (colours, names) for ``labels/<name>``, plus a plain name table."""
+    group = labels_group[name]
+    write_multiscales_metadata(group, _datasets(grid, n_levels, False), fmt=FORMAT, axes=_axes(False), name=name,
+                               metadata={"method": "mode of non-empty voxels (ties: smallest label)"})
+    colors_md = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
+    colors_md += [{"label-value": k + 1, "rgba": hex_to_rgba(c)} for k, c in enumerate(colors)]
+    props = [{"label-value": k + 1, "name": c} for k, c in enumerate(categories)]
+    write_label_metadata(labels_group, name, colors=colors_md, properties=props, fmt=FORMAT, source={"image": "../../"})
+    group.attrs[ATTRS_KEY] = {
+        "column": name, "background": 0, "categories": list(categories), "colors": list(colors),
+        "encoding": "label k (k >= 1) = categories[k - 1]; 0 = no cells (or no labelled cell)",
+    }
+
+
+# ----------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class LabelVolume:
+    """A label volume: ``levels[k]`` (z, y, x) ints; value k >= 1 is ``categories[k - 1]``, 0 = none."""
+
+    name: str
+    levels: tuple[da.Array, ...]
+    categories: tuple[str, ...]
+    colors: tuple[str, ...]
+
+    @property
+    def data(self) -> da.Array:
+        """Level 0 (full resolution)."""
+        return self.levels[0]
+
+    def names(self, values: np.ndarray) -> np.ndarray:
+        """Category names of label values (``''`` for 0)."""
+        table = np.array(["", *self.categories], dtype=object)
+        return table[np.asarray(values)]
+
+
+@dataclass(frozen=True)
+class Raster:
+    """A raster opened lazily: image levels (c, z, y, x), labels, grid and the per-cell voxel index."""
+
+    path: Path
+    grid: Grid
+    channels: tuple[str, ...]
+    levels: tuple[da.Array, ...]
+    labels: dict[str, LabelVolume]
+    attrs: dict
+
+    @property
+    def image(self) -> da.Array:
+        """Level 0 (c, z, y, x) float32, all channels including ``n_cells`` (last)."""
+        return self.levels[0]
+
+    @property
+    def feature_channels(self) -> tuple[str, ...]:
+        return self.channels[:-1]
+
+    @property
+    def features(self) -> da.Array:
+        """Level 0 (c, z, y, x) voxel means without the count channel; 0 in empty voxels."""
+        return self.image[:-1]
+
+    @property
+    def n_cells(self) -> da.Array:
+        """Level 0 (z, y, x) number of cells per voxel (float32); ``> 0`` is the tissue mask."""
+        return self.image[-1]
+
+    def level_grid(self, k: int) -> Grid:
+        return self.grid.level(k)
+
+    @cached_property
+    def _group(self) -> zarr.Group:
+        return zarr.open_group(str(self.path), mode="r")
+
+    @property
+    def voxel_index(self) -> zarr.Array:
+        """(n_cells, 3) int32 (z, y, x) level-0 voxel of each cell in cells.zarr obs order; -1 = skipped."""
+        return self._group["cells/voxel_index"]
+
+    @property
+    def cell_label(self) -> zarr.Array:
+        """(n_cells,) ``obs_names`` of cells.zarr, aligned with ``voxel_index``."""
+        return self._group["cells/cell_label"]
+
+    @property
+    def pca(self) -> dict[str, np.ndarray] | None:
+        """PCA model (components (k, g), mean (g,), explained_variance(_ratio) (k,), genes (g,)) or None."""
+        if "pca" not in self._group:
+            return None
+        g = self._group["pca"]
+        return {k: np.asarray(g[k][:]) for k in g.array_keys()}
+
+
+def open_raster(path: str | Path) -> Raster:
+    """Open a raster written by ``rasterize`` (lazy Dask arrays; nothing large is read)."""
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise InputError(f"{path} is not a raster (no Zarr group): {exc}") from exc
+    meta = root.attrs.get(ATTRS_KEY, {}).get("raster")
+    if meta is None:
+        raise InputError(f"{path} has no abc_pipeline.raster attributes; it was not written by `abc-pipeline rasterize`")
+    paths = [d["path"] for d in root.attrs["multiscales"][0]["datasets"]]
+    levels = tuple(da.from_zarr(root[p]) for p in paths)
+    labels = {}
+    for name in meta.get("labels", []):
+        g = root["labels"][name]
+        table = g.attrs[ATTRS_KEY]
+        lv = tuple(da.from_zarr(g[d["path"]]) for d in g.attrs["multiscales"][0]["datasets"])
+        labels[name] = LabelVolume(name, lv, tuple(table["categories"]), tuple(table["colors"]))
+    return Raster(path, Grid.from_attrs(meta["grid"]), tuple(meta["channels"]), levels, labels, dict(meta))

@@ -1,0 +1,492 @@
+"""Rasterize the cells of a ``cells.zarr`` into a multichannel OME-Zarr grid with Dask.
+
+Pipeline (each step one Dask computation, threaded by default or on a ``dask.distributed`` cluster):
+
+0. bounds (and section order) from the coordinates only;
+1. one task per chunk of cells: channel values, voxel index (written to ``cells/voxel_index``),
+   per-voxel partial sums / counts / label votes spilled to disk (``binning.bin_chunk``);
+2. one task per run of output blocks: add the partials, divide, write image and label chunks;
+3. pyramid levels from the level below (count-weighted means, summed counts, label modes);
+4. metadata, then the temporary store is renamed onto the output path.
+
+Memory is bounded by the chunk and block sizes, not by the number of cells. The spill needs up to
+(cells with coordinates) x (channels + 3) x 4 bytes of temporary disk next to the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from abc_pipeline import __version__
+from abc_pipeline.errors import InputError
+from abc_pipeline.raster import binning
+from abc_pipeline.raster.channels import ChannelPlan, plan_channels
+from abc_pipeline.raster.grid import COORDINATE_KEYS, Grid
+from abc_pipeline.raster.ome import (
+    ATTRS_KEY,
+    COUNT_CHANNEL,
+    NGFF_VERSION,
+    create_array,
+    default_colors,
+    write_image_metadata,
+    write_labels_metadata,
+)
+from abc_pipeline.raster.source import CellSource, close_matches
+
+log = logging.getLogger(__name__)
+
+#: Label volumes written when ``labels`` is not given (those present in the store).
+DEFAULT_LABELS = ("class", "subclass", "parcellation_division", "parcellation_structure")
+SCHEDULERS = ("threads", "processes", "synchronous")
+DEFAULT_CHUNK_CELLS = 50_000
+_CHANNEL_CHUNK = 16  # channels per Zarr chunk of the image
+_STAGE2_BUDGET = 64 << 20  # spilled bytes preloaded by one block task
+
+
+# ----------------------------------------------------------------------------------- execution
+class _Runner:
+    """Runs Dask collections on the local scheduler (with a tqdm bar) or on a distributed cluster."""
+
+    def __init__(self, scheduler: str, num_workers: int | None, address: str | None, progress: bool) -> None:
+        if scheduler not in SCHEDULERS:
+            raise InputError(f"unknown Dask scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)} (or give an address)")
+        self.scheduler, self.num_workers, self.address, self.progress = scheduler, num_workers, address, progress
+        self.client = None
+
+    def __enter__(self) -> _Runner:
+        if self.address:
+            from distributed import Client
+
+            self.client = Client(self.address)
+            log.info("using the dask.distributed cluster at %s (%s)", self.address, self.client.dashboard_link)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def compute(self, tasks: list, desc: str) -> list:
+        if not tasks:
+            return []
+        if self.client is not None:
+            from distributed import progress
+
+            futures = self.client.compute(tasks)
+            if self.progress:
+                log.info("%s (%d tasks)", desc, len(tasks))
+                progress(futures)
+            return self.client.gather(futures)
+        from tqdm.dask import TqdmCallback
+
+        cb = TqdmCallback(desc=desc, disable=not self.progress) if self.progress else contextlib.nullcontext()
+        with cb:
+            return list(dask.compute(*tasks, scheduler=self.scheduler, num_workers=self.num_workers))
+
+
+# ----------------------------------------------------------------------------------- stage contexts
+@dataclass(frozen=True)
+class _Stage1:
+    grid: Grid
+    layout: binning.BlockLayout
+    plan: ChannelPlan
+    code_to_z: np.ndarray | None  # section space: category code -> z index (-1 = section not rasterized)
+    label_ncat: dict[str, int]
+    spill: Path
+    voxel_index: zarr.Array
+
+
+@dataclass(frozen=True)
+class _Stage2:
+    layout: binning.BlockLayout
+    n_channels: int
+    label_ncat: dict[str, int]
+    spill: Path
+    image: zarr.Array
+    labels: dict[str, zarr.Array]
+
+
+def _to_zyx(raw: np.ndarray, section_codes: np.ndarray | None, code_to_z: np.ndarray | None) -> np.ndarray:
+    """(n, 3) float64 (z, y, x) grid coordinates from stored (x, y[, z]) coordinates.
+
+    Section space: z is the section index (``code_to_z[code]``; NaN for unknown sections); without a
+    mapping (bounds pass) z is 0.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    if section_codes is None:
+        return np.ascontiguousarray(raw[:, 2::-1])
+    z = np.zeros(len(raw))
+    if code_to_z is not None:
+        codes = np.asarray(section_codes, dtype=np.int64)
+        z = np.where(codes >= 0, code_to_z[np.clip(codes, 0, None)], -1).astype(np.float64)
+        z[z < 0] = np.nan
+    return np.column_stack([z, raw[:, 1], raw[:, 0]])
+
+
+def _stage1(x, raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: int) -> dict:
+    """Bin one chunk of cells; returns spill offsets and counts of skipped cells."""
+    coords = _to_zyx(raw, section_codes, ctx.code_to_z)
+    index = ctx.grid.to_index(coords)
+    ctx.voxel_index[start : start + len(index)] = index
+    missing = np.isnan(coords).any(axis=1)
+    outside = (index[:, 0] < 0) & ~missing
+    values = ctx.plan.apply(np.asarray(x, dtype=np.float32))
+    labels = {name: (np.asarray(codes), ctx.label_ncat[name]) for name, codes in zip(ctx.label_ncat, label_codes)}
+    offsets = binning.bin_chunk(values, index, labels, ctx.layout, ctx.spill, chunk)
+    return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index)}
+
+
+def _stage2(task: binning.BlockTask, ctx: _Stage2) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce and write the blocks of one task; returns per-channel (min, max) over non-empty voxels."""
+    C = ctx.n_channels
+    reader = binning._SpillReader(ctx.spill, task, C, preload=task.nbytes <= _STAGE2_BUDGET)
+    lo = np.full(C + 1, np.inf, dtype=np.float64)
+    hi = np.full(C + 1, -np.inf, dtype=np.float64)
+    for i, b in enumerate(task.blocks):
+        dense, labels = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
+        region = ctx.layout.region(b)
+        crop = tuple(slice(0, s.stop - s.start) for s in region)
+        block = dense[(slice(None), *crop)]
+        ctx.image[(slice(None), *region)] = block
+        for name, arr in ctx.labels.items():
+            arr[region] = labels[name][crop].astype(arr.dtype)
+        occupied = block[C] > 0
+        if occupied.any():
+            vals = block[:, occupied]
+            lo = np.minimum(lo, vals.min(axis=1))
+            hi = np.maximum(hi, vals.max(axis=1))
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------- pyramid
+def _coarsen_image_block(block: np.ndarray, counts: np.ndarray, factors, count_channel: int, block_info=None) -> np.ndarray:
+    c0 = block_info[0]["array-location"][0][0]
+    local = count_channel - c0
+    return binning.coarsen_image(block, counts, factors, local if 0 <= local < block.shape[0] else None)
+
+
+def _coarsen_label_block(block: np.ndarray, factors) -> np.ndarray:
+    return binning.coarsen_labels(block, factors)
+
+
+def _pyramid_level(root: zarr.Group, label_group: zarr.Group | None, label_names: Sequence[str], grid: Grid, k: int,
+                   block: tuple[int, int, int], channel_chunk: int) -> list:
+    """Store operations (not yet computed) writing level ``k`` of the image and of each label volume."""
+    f = grid.downsample_factors()
+    g = grid.level(k)
+    out_spatial = tuple(min(b, n) for b, n in zip(block, g.shape))
+    in_spatial = tuple(c * fi for c, fi in zip(out_spatial, f))
+
+    def out_chunks(chunks):
+        return tuple(tuple(math.ceil(s / fi) for s in ch) for ch, fi in zip(chunks, f))
+
+    prev = root[str(k - 1)]
+    n_ch = prev.shape[0]
+    src = da.from_zarr(prev, chunks=(channel_chunk, *in_spatial))
+    counts = da.from_zarr(prev, chunks=(1, *in_spatial))[n_ch - 1 : n_ch]
+    img = da.map_blocks(_coarsen_image_block, src, counts, factors=f, count_channel=n_ch - 1, dtype=np.float32,
+                        chunks=(src.chunks[0], *out_chunks(src.chunks[1:])))
+    target = create_array(root, str(k), (n_ch, *g.shape), (channel_chunk, *out_spatial), np.float32)
+    ops = [da.to_zarr(img, target, compute=False)]
+    for name in label_names:
+        lprev = label_group[name][str(k - 1)]
+        lsrc = da.from_zarr(lprev, chunks=in_spatial)
+        lab = da.map_blocks(_coarsen_label_block, lsrc, factors=f, dtype=lprev.dtype, chunks=out_chunks(lsrc.chunks))
+        ltarget = create_array(label_group[name], str(k), g.shape, out_spatial, lprev.dtype)
+        ops.append(da.to_zarr(lab, ltarget, compute=False))
+    return ops
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _describe_existing(path: Path) -> str:
+    try:
+        meta = zarr.open_group(str(path), mode="r").attrs.get(ATTRS_KEY, {}).get("raster", {})
+        g = meta.get("grid")
+        if g:
+            return f"a raster with grid space={g['space']}, voxel_size={g['voxel_size']} mm, shape={g['shape']}"
+    except Exception:  # anything unreadable is described generically
+        pass
+    return "a store that is not an abc-pipeline raster"
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    what = _describe_existing(out)
+    if not overwrite:
+        raise InputError(
+            f"output {out} already exists ({what}); refusing to mix grids. Pass overwrite=True "
+            "(CLI: --overwrite) to replace it atomically, or choose another path"
+        )
+    if not (out / ".zgroup").exists() and not (out / "zarr.json").exists():
+        raise InputError(f"output {out} exists and is not a Zarr store; refusing to replace it, remove it yourself")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary store onto ``out`` (an older store is moved away, then deleted)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _resolve_labels(source: CellSource, labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        present = set(source.obs_columns())
+        return [c for c in DEFAULT_LABELS if c in present]
+    out = []
+    for name in labels:
+        source.categorical(name)  # raises with close matches when absent or not categorical
+        if name in out:
+            raise InputError(f"label {name!r} requested twice")
+        out.append(name)
+    return out
+
+
+def _row_chunk(source: CellSource, chunk_cells: int | None) -> int:
+    target = chunk_cells or DEFAULT_CHUNK_CELLS
+    if target < 1:
+        raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    base = source.row_chunk
+    return base * max(1, round(target / base))
+
+
+def _bounds_zyx(space: str, bounds: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    pairs = [tuple(float(v) for v in p) for p in bounds]
+    want = 2 if space == "section" else 3
+    if len(pairs) != want or any(len(p) != 2 for p in pairs):
+        axes = "(y, x)" if space == "section" else "(z, y, x)"
+        raise InputError(f"bounds for space {space!r} need {want} (lower, upper) pairs in mm, ordered {axes}; got {bounds}")
+    if space == "section":
+        pairs = [(0.0, 1.0), *pairs]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+@contextlib.contextmanager
+def _temporary_store(out: Path) -> Iterator[Path]:
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------- main entry
+def rasterize(
+    cells_path: str | Path,
+    out_path: str | Path,
+    *,
+    space: str = "reconstructed",
+    voxel_size: float | Sequence[float] | None = None,
+    bounds: Sequence[Sequence[float]] | None = None,
+    margin: int = 1,
+    genes: Sequence[str] | None = None,
+    pca: int | None = None,
+    pca_sample: int = 100_000,
+    labels: Sequence[str] | None = None,
+    levels: int = 3,
+    chunk_cells: int | None = None,
+    scheduler: str = "threads",
+    num_workers: int | None = None,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Rasterize ``cells_path`` (cells.zarr) into the OME-Zarr raster ``out_path``; returns ``out_path``.
+
+    Parameters
+    ----------
+    space: ``section`` (2D per section, z = section order), ``reconstructed`` or ``ccf`` (3D).
+    voxel_size: mm; one value (y = x [= z in 3D]), two (y, x) or three (z, y, x); default per space
+        (``grid.DEFAULT_VOXEL_SIZE``: 25 um sections, 0.2 x 0.05 x 0.05 mm reconstructed, 0.1 mm CCF).
+    bounds: ((lo, hi) per axis in mm, ordered (z, y, x), or (y, x) in section space); default: the data
+        extent plus ``margin`` voxels per side. Cells outside are skipped, counted and reported.
+    genes: channel genes (symbols or ids; default all non-blank genes); ``pca``: use the first ``pca``
+        principal components of those genes instead, fitted on ``pca_sample`` cells.
+    labels: categorical obs columns to rasterize as majority-label volumes (default: those of
+        ``DEFAULT_LABELS`` present).
+    levels: pyramid levels (>= 2); ``chunk_cells``: cells per task (rounded to X's Zarr chunks).
+    scheduler / num_workers: local Dask scheduler; ``address``: a ``dask.distributed`` scheduler
+        address (``tcp://host:8786``), which then runs every step (needs a filesystem shared with the workers).
+    overwrite: replace an existing raster (atomically); otherwise an existing path is an error.
+    """
+    out = Path(out_path)
+    _check_target(out, overwrite)
+    if int(levels) < 2:
+        raise InputError(f"levels must be >= 2 (a multiscale pyramid), got {levels}")
+    source = CellSource(cells_path)
+    label_names = _resolve_labels(source, labels)
+    plan = plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed)
+    runner = _Runner(scheduler, num_workers, address, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary_store(out) as tmp, runner:
+        _write(source, tmp, runner, space, voxel_size, bounds, margin, plan, label_names, int(levels), _row_chunk(source, chunk_cells))
+        _swap_into_place(tmp, out)
+    log.info("wrote raster %s", out)
+    return out
+
+
+def _write(source: CellSource, tmp: Path, runner: _Runner, space: str, voxel_size, bounds, margin: int, plan: ChannelPlan,
+           label_names: list[str], n_levels: int, rows: int) -> None:
+    if space not in COORDINATE_KEYS:
+        raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
+    n = source.n_cells
+
+    # ---- per-cell Dask inputs, all chunked like X
+    x = source.X(rows)
+    row_chunks = x.chunks[0]
+    raw = source.coordinates(COORDINATE_KEYS[space]).rechunk((row_chunks, -1))
+    if space != "section" and raw.shape[1] < 3:
+        raise InputError(f"{source.path}: obsm['{COORDINATE_KEYS[space]}'] needs x, y, z columns for space {space!r}")
+    section = source.categorical("brain_section_label") if space == "section" else None
+    section_codes = section.codes.rechunk((row_chunks,)) if section is not None else None
+    cats = {name: source.categorical(name) for name in label_names}
+    label_codes = [cats[name].codes.rechunk((row_chunks,)) for name in label_names]
+
+    # ---- step 0: bounds and section order (coordinates only)
+    zyx = da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,))) if section is not None \
+        else raw[:, 2::-1]
+    todo = [da.nanmin(zyx, axis=0), da.nanmax(zyx, axis=0)]
+    if section is not None:
+        k = len(section.categories)
+        zsec = da.from_zarr(source.group["obs"]["z_section"]).rechunk((row_chunks,)) if "z_section" in source.group["obs"] \
+            else da.full(n, np.nan, chunks=(row_chunks,))
+        todo += [da.bincount(section_codes + 1, minlength=k + 1), da.bincount(section_codes + 1, weights=zsec, minlength=k + 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are reported below
+        found = runner.compute(todo, "bounds")
+    lower, upper = found[0].tolist(), found[1].tolist()
+    sections, section_z, code_to_z = (), (), None
+    if section is not None:
+        present, zsum = found[2][1:], found[3][1:]
+        used = np.flatnonzero(present > 0)
+        sections = tuple(section.categories[i] for i in used)
+        section_z = tuple((zsum[used] / present[used]).tolist())
+        code_to_z = np.full(len(section.categories), -1, dtype=np.int64)
+        code_to_z[used] = np.arange(used.size)
+        if not sections:
+            raise InputError(f"empty grid: no cell of {source.path} has a brain_section_label")
+    if bounds is not None:
+        lo, hi = _bounds_zyx(space, bounds)
+        grid = Grid.from_bounds(space, lo, hi, voxel_size, sections, section_z)
+    else:
+        if not all(math.isfinite(v) for v in lower + upper):
+            raise InputError(f"empty grid: no cell of {source.path} has coordinates in obsm['{COORDINATE_KEYS[space]}']")
+        grid = Grid.around(space, lower, upper, voxel_size, margin, sections, section_z)
+    log.info("grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin)
+
+    # ---- output store
+    n_ch = len(plan.names)
+    z_down = grid.downsample_factors()[0] > 1
+    block = binning.choose_block(grid.shape, n_ch + 1, z_down)
+    layout = binning.BlockLayout(grid.shape, block)
+    cc = min(_CHANNEL_CHUNK, n_ch + 1)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+    image0 = create_array(root, "0", (n_ch + 1, *grid.shape), (cc, *block), np.float32)
+    label_group = root.require_group("labels") if label_names else None
+    label_arrays, label_ncat = {}, {}
+    for name in label_names:
+        ncat = len(cats[name].categories)
+        label_ncat[name] = ncat
+        label_arrays[name] = create_array(label_group.require_group(name), "0", grid.shape, block, np.min_scalar_type(ncat + 1))
+    cells = root.require_group("cells")
+    voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
+    spill = tmp / "_spill"
+    spill.mkdir()
+
+    # ---- step 1: bin chunks of cells
+    ctx1 = _Stage1(grid, layout, plan, code_to_z, label_ncat, spill, voxel_index)
+    starts = np.concatenate([[0], np.cumsum(row_chunks)[:-1]]).tolist()
+    xb, rb = x.to_delayed().ravel(), raw.to_delayed().ravel()
+    sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(xb)
+    lb = [c.to_delayed().ravel() for c in label_codes]
+    tasks = [dask.delayed(_stage1)(xb[i], rb[i], sb[i], [col[i] for col in lb], ctx1, i, starts[i]) for i in range(len(xb))]
+    results = runner.compute(tasks, "binning cells")
+    n_missing = sum(r["missing"] for r in results)
+    n_outside = sum(r["outside"] for r in results)
+    n_binned = n - n_missing - n_outside
+    if n_missing:
+        log.warning("%d of %d cells have no coordinates in obsm['%s'] (skipped; voxel index -1)", n_missing, n, COORDINATE_KEYS[space])
+    if n_outside:
+        log.warning("%d of %d cells lie outside the grid bounds (skipped; voxel index -1)", n_outside, n)
+    if n_binned == 0:
+        raise InputError(f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds")
+
+    # ---- step 2: reduce blocks and write level 0
+    block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
+    ctx2 = _Stage2(layout, n_ch, label_ncat, spill, image0, label_arrays)
+    ranges = runner.compute([dask.delayed(_stage2)(t, ctx2) for t in block_tasks], "writing voxels")
+    lo = np.min([r[0] for r in ranges], axis=0)
+    hi = np.max([r[1] for r in ranges], axis=0)
+    shutil.rmtree(spill)
+
+    # ---- step 3: pyramid
+    for k in range(1, n_levels):
+        runner.compute(_pyramid_level(root, label_group, label_names, grid, k, block, cc), f"pyramid level {k}")
+
+    # ---- step 4: metadata and per-cell tables
+    channels = [*plan.names, COUNT_CHANNEL]
+    write_image_metadata(root, grid, n_levels, channels, list(zip(lo.tolist(), hi.tolist())), name=Path(str(tmp)).name)
+    for name in label_names:
+        c = cats[name]
+        colors = c.colors if c.colors is not None else default_colors(len(c.categories))
+        if c.colors is None:
+            log.warning("%s: no uns['%s_colors']; label colours generated", source.path, name)
+        write_labels_metadata(label_group, name, grid, n_levels, c.categories, colors)
+    _copy_cell_labels(source, cells, rows)
+    if plan.pca is not None:
+        p = root.require_group("pca")
+        for key, arr in (("components", plan.pca.components), ("mean", plan.pca.mean),
+                         ("explained_variance", plan.pca.explained_variance),
+                         ("explained_variance_ratio", plan.pca.explained_variance_ratio)):
+            create_array(p, key, arr.shape, arr.shape, arr.dtype)[...] = arr
+        create_array(p, "genes", (len(plan.pca.genes),), (len(plan.pca.genes),), str, fill_value="")[...] = np.array(plan.pca.genes)
+        p.attrs[ATTRS_KEY] = {"n_sample": plan.pca.n_sample, "seed": plan.pca.seed,
+                              "scores": "PCk = (x[genes] - mean) @ components[k-1]"}
+    root.attrs[ATTRS_KEY] = {"raster": {
+        "format_version": 1,
+        "created_by": f"abc_pipeline {__version__}",
+        "ngff_version": NGFF_VERSION,
+        "source": str(source.path),
+        "grid": grid.to_attrs(),
+        "channels": channels,
+        "feature_channels": list(plan.names),
+        "count_channel": COUNT_CHANNEL,
+        "channel_mode": plan.mode,
+        "aggregation": "mean over the cells of each voxel; 0 in empty voxels; n_cells = number of cells",
+        "labels": label_names,
+        "levels": n_levels,
+        "downsample_factors": list(grid.downsample_factors()),
+        "chunks": [cc, *block],
+        "voxel_index": "cells/voxel_index",
+        "cell_label": "cells/cell_label",
+        "counts": {"cells": n, "rasterized": n_binned, "missing_coordinates": n_missing, "outside_grid": n_outside},
+    }}
+
+
+def _copy_cell_labels(source: CellSource, cells: zarr.Group, rows: int) -> None:
+    """Copy ``obs_names`` to ``cells/cell_label`` in steps aligned to both stores' chunks."""
+    src = source.obs_names()
+    n = src.shape[0]
+    dst = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
+    step = rows * max(1, math.ceil(src.chunks[0] / rows))
+    for s in range(0, n, step):
+        dst[s : s + step] = np.asarray(src[s : s + step])
