@@ -348,6 +348,27 @@ def test_unrecorded_or_complete_part_files_are_verified_without_transfer(tmp_pat
     assert set(json.loads((cache / VERIFIED_FILENAME).read_text())) == set(contents)
 
 
+def test_concurrent_runs_on_one_cache_fetch_each_file_once(tmp_path, release, server):
+    _, contents = release
+    cache = tmp_path / "cache"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            download_dataset(DATASET, release=RELEASE, base_url=server.url, cache_dir=cache, **FAST)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert Counter(rel for rel, _ in server.data_requests()) == Counter(list(contents))
+    _assert_mirrored(cache, contents)
+
+
 @pytest.mark.parametrize("url", ["ftp://example.org/abc/", "s3://allen-brain-cell-atlas/", "file://relative/dir",
                                  "/data/abc", "http:///no-host"])
 def test_bad_base_url_refused(tmp_path, url):

@@ -48,6 +48,7 @@ from typing import Callable, Iterator, TypeVar
 import requests
 import urllib3
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from abc_pipeline import __version__
 from abc_pipeline.atlas.manifest import (
@@ -335,21 +336,13 @@ class VerifiedRegistry:
             stat.st_size == entry.size
         )
 
-    @contextlib.contextmanager
-    def _process_lock(self) -> Iterator[None]:
-        if fcntl is None:  # pragma: no cover - Windows
-            yield
-            return
-        with open(self.path.with_name(VERIFIED_FILENAME + ".lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def reload(self) -> None:
+        """Re-read the records (another process may have verified files meanwhile)."""
+        with self._lock:
+            self._records = self._read()
 
     def _update(self, change: Callable[[dict[str, dict[str, int | str]]], None]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, self._process_lock():
+        with self._lock, _process_lock(self.path.with_name(VERIFIED_FILENAME + ".lock")):
             records = self._read()
             change(records)
             _atomic_write_text(self.path, json.dumps(records, indent=1, sort_keys=True))
@@ -365,6 +358,21 @@ class VerifiedRegistry:
         """Drop a record (the file is about to be replaced)."""
         if relative_path in self._records:
             self._update(lambda records: records.pop(relative_path, None))
+
+
+@contextlib.contextmanager
+def _process_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if needed) between processes; a no-op without ``fcntl``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _part_path(dest: Path) -> Path:
@@ -460,6 +468,8 @@ class _FileTask:
         self.url = entry.url_for(base_url)
         self.dest = entry.local_path(cache_dir)
         self.part = _part_path(self.dest)
+        # one lock per file, outside the mirror tree, so that two processes never write the same .part
+        self.lock = cache_dir / ".locks" / (entry.relative_path.replace("/", "__") + ".lock")
         self.registry = registry
         self.opts = opts
         self.progress = progress
@@ -471,12 +481,12 @@ class _FileTask:
     def run(self) -> bool:
         """Make ``dest`` a verified copy; returns True if bytes were transferred, False if it was already there."""
         try:
-            if self._existing_final_ok():
-                self.progress.adjust_total(-self._reserved)
-                self._reserved = 0
-                return False
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.ExitStack() as stack:
+                stack.enter_context(_process_lock(self.lock))
+                self.registry.reload()
+                if self.registry.is_verified(self.entry, self.dest) or self._existing_final_ok():
+                    return False
+                self.dest.parent.mkdir(parents=True, exist_ok=True)
                 self._bar = stack.enter_context(self.progress.file_bar(self.entry.relative_path, self.entry.size))
                 if not _is_file_url(self.url):
                     self._session = stack.enter_context(_new_session())
@@ -486,7 +496,7 @@ class _FileTask:
                     self.opts,
                     fix="Run the same command again to resume; check the network, --base-url and the release",
                 )
-            self.registry.record(self.entry, self.dest)
+                self.registry.record(self.entry, self.dest)
             log.info("fetched %s (%s bytes transferred)", self.entry.relative_path, f"{self.transferred:,}")
             return True
         except OSError as exc:
@@ -703,7 +713,10 @@ def download_entries(entries: dict[str, FileEntry], *, base_url: str, cache_dir:
         return fetched, skipped, transferred
     bar = _Progress(sum(e.size for e in pending), progress, file_bars, slots=max(1, jobs))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="download") as pool:
+        with (
+            logging_redirect_tqdm() if progress else contextlib.nullcontext(),
+            ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="download") as pool,
+        ):
             tasks = {pool.submit(task.run): task for task in
                      (_FileTask(e, base_url, cache_dir, registry, opts, bar) for e in pending)}
             for future in as_completed(tasks):
