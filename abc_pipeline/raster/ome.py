@@ -110,16 +110,17 @@ def write_labels_metadata(
 ) -> None:
     """Multiscales + ``image-label`` (colours, names) for ``labels/<name>``, plus a plain name table."""
     group = labels_group[name]
+    group.attrs[ATTRS_KEY] = {
+        "column": name, "background": 0, "categories": list(categories), "colors": list(colors),
+        "encoding": "label k (k >= 1) = categories[k - 1]; 0 = no cells (or no labelled cell)",
+    }
     write_multiscales_metadata(group, _datasets(grid, n_levels, False), fmt=FORMAT, axes=_axes(False), name=name,
                                metadata={"method": "mode of non-empty voxels (ties: smallest label)"})
     colors_md = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
     colors_md += [{"label-value": k + 1, "rgba": hex_to_rgba(c)} for k, c in enumerate(colors)]
     props = [{"label-value": k + 1, "name": c} for k, c in enumerate(categories)]
+    # last: writes through a fresh handle of labels/<name> (attributes written above are re-read)
     write_label_metadata(labels_group, name, colors=colors_md, properties=props, fmt=FORMAT, source={"image": "../../"})
-    group.attrs[ATTRS_KEY] = {
-        "column": name, "background": 0, "categories": list(categories), "colors": list(colors),
-        "encoding": "label k (k >= 1) = categories[k - 1]; 0 = no cells (or no labelled cell)",
-    }
 
 
 # ----------------------------------------------------------------------------------- reading

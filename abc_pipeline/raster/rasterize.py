@@ -200,13 +200,14 @@ def _pyramid_level(root: zarr.Group, label_group: zarr.Group | None, label_names
     img = da.map_blocks(_coarsen_image_block, src, counts, factors=f, count_channel=n_ch - 1, dtype=np.float32,
                         chunks=(src.chunks[0], *out_chunks(src.chunks[1:])))
     target = create_array(root, str(k), (n_ch, *g.shape), (channel_chunk, *out_spatial), np.float32)
-    ops = [da.to_zarr(img, target, compute=False)]
+    # da.store, not da.to_zarr: our chunks are aligned with the Zarr chunks by construction
+    ops = [da.store(img, target, lock=False, compute=False)]
     for name in label_names:
         lprev = label_group[name][str(k - 1)]
         lsrc = da.from_zarr(lprev, chunks=in_spatial)
         lab = da.map_blocks(_coarsen_label_block, lsrc, factors=f, dtype=lprev.dtype, chunks=out_chunks(lsrc.chunks))
         ltarget = create_array(label_group[name], str(k), g.shape, out_spatial, lprev.dtype)
-        ops.append(da.to_zarr(lab, ltarget, compute=False))
+        ops.append(da.store(lab, ltarget, lock=False, compute=False))
     return ops
 
 
@@ -338,14 +339,15 @@ def rasterize(
     runner = _Runner(scheduler, num_workers, address, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_store(out) as tmp, runner:
-        _write(source, tmp, runner, space, voxel_size, bounds, margin, plan, label_names, int(levels), _row_chunk(source, chunk_cells))
+        _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan, label_names, int(levels), _row_chunk(source, chunk_cells))
         _swap_into_place(tmp, out)
     log.info("wrote raster %s", out)
     return out
 
 
-def _write(source: CellSource, tmp: Path, runner: _Runner, space: str, voxel_size, bounds, margin: int, plan: ChannelPlan,
-           label_names: list[str], n_levels: int, rows: int) -> None:
+def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str, voxel_size, bounds, margin: int,
+           plan: ChannelPlan, label_names: list[str], n_levels: int, rows: int) -> None:
+    """Steps 0-4 into the temporary store ``tmp``; ``name`` is the image name in the metadata."""
     if space not in COORDINATE_KEYS:
         raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
     n = source.n_cells
@@ -444,7 +446,7 @@ def _write(source: CellSource, tmp: Path, runner: _Runner, space: str, voxel_siz
 
     # ---- step 4: metadata and per-cell tables
     channels = [*plan.names, COUNT_CHANNEL]
-    write_image_metadata(root, grid, n_levels, channels, list(zip(lo.tolist(), hi.tolist())), name=Path(str(tmp)).name)
+    write_image_metadata(root, grid, n_levels, channels, list(zip(lo.tolist(), hi.tolist())), name=name)
     for name in label_names:
         c = cats[name]
         colors = c.colors if c.colors is not None else default_colors(len(c.categories))
