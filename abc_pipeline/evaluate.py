@@ -1,0 +1,136 @@
+"""Metrics for classification and segmentation, and scores under every grid symmetry.
+
+All metrics come from scikit-learn; values are fractions in [0, 1] (ARI in [-1, 1]); a per-class value is
+NaN when the class is absent from both the truth and the prediction (it is then left out of the mean).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import (accuracy_score, adjusted_rand_score, balanced_accuracy_score, f1_score,
+                             jaccard_score, normalized_mutual_info_score, roc_auc_score)
+
+from abc_pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    from abc_pipeline.nn.fields import GridSymmetry
+
+log = logging.getLogger(__name__)
+
+
+def _per_class(values: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(class_names, values)}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Metrics of class probabilities ``proba`` ``(N, K)`` against labels ``y_true`` ``(N,)`` in 0..K-1.
+
+    Returns ``accuracy``, ``balanced_accuracy`` (mean recall over the classes present in ``y_true``),
+    ``macro_f1`` (mean over classes present in truth or prediction), ``f1`` (per class name), ``auc``
+    (one-vs-rest, mean over classes present in ``y_true`` whose complement is present too; NaN with fewer
+    than two classes) and ``auc_per_class``.
+    """
+    y_true = np.asarray(y_true).reshape(-1)
+    proba = np.asarray(proba, dtype=np.float64)
+    k = len(class_names)
+    if proba.ndim != 2 or proba.shape != (len(y_true), k):
+        raise InputError(f"proba must have shape (N, K) = ({len(y_true)}, {k}) for {k} class names, "
+                         f"got {proba.shape}")
+    if len(y_true) == 0:
+        raise InputError("no labelled samples to evaluate; check the split and its labels")
+    y_pred = proba.argmax(1)
+    labels = np.arange(k)
+    with warnings.catch_warnings():  # absent classes are handled explicitly (NaN) below
+        warnings.simplefilter("ignore")
+        f1 = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0.0)
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    f1 = np.where(np.isin(labels, np.union1d(y_true, y_pred)), f1, np.nan)
+    auc = np.full(k, np.nan)
+    for c in labels:
+        positive = y_true == c
+        if positive.any() and not positive.all():
+            auc[c] = roc_auc_score(positive, proba[:, c])
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": _nanmean(f1),
+        "f1": _per_class(f1, class_names),
+        "auc": _nanmean(auc),
+        "auc_per_class": _per_class(auc, class_names),
+    }
+
+
+def segmentation_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
+                         ignore: int = -1) -> dict:
+    """Metrics of a predicted label map ``y_pred`` against ``y_true`` (same shape, any number of axes).
+
+    Voxels where ``y_true == ignore`` (no cells) do not count. Returns ``dice`` and ``iou`` per region name
+    (NaN for regions absent from both maps), ``mean_dice``, ``mean_iou``, ``accuracy`` (voxel-wise), and the
+    partition scores ``ari`` (adjusted Rand index) and ``nmi`` (normalised mutual information).
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise InputError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must have the same shape")
+    keep = y_true != ignore
+    t, p = y_true[keep], y_pred[keep]
+    if t.size == 0:
+        raise InputError(f"no labelled voxels (all equal the ignore label {ignore}); the split has no cells")
+    labels = np.arange(len(class_names))
+    present = np.isin(labels, np.union1d(t, p))
+    dice = f1_score(t, p, labels=labels, average=None, zero_division=0.0)
+    iou = jaccard_score(t, p, labels=labels, average=None, zero_division=0.0)
+    dice, iou = np.where(present, dice, np.nan), np.where(present, iou, np.nan)
+    return {
+        "dice": _per_class(dice, class_names),
+        "iou": _per_class(iou, class_names),
+        "mean_dice": _nanmean(dice),
+        "mean_iou": _nanmean(iou),
+        "accuracy": float(accuracy_score(t, p)),
+        "ari": float(adjusted_rand_score(t, p)),
+        "nmi": float(normalized_mutual_info_score(t, p)),
+    }
+
+
+def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       group: Sequence["GridSymmetry"], class_names: Sequence[str], metric: str | None = None,
+                       ignore: int = -1) -> dict:
+    """A metric on ``(g.x, g.y)`` for every grid symmetry ``g`` in ``group``: per symmetry, mean and worst.
+
+    ``x``: inputs ``(N, C, *spatial)``. Classification: ``y`` ``(N,)`` labels and ``predict_fn(x)`` class
+    probabilities ``(N, K)``; ``metric`` defaults to ``"accuracy"`` (any key of
+    :func:`classification_metrics`). Segmentation: ``y`` ``(N, *spatial)`` label maps (``ignore`` = no
+    cells), transformed with the input, and ``predict_fn(x)`` ``(N, K, *spatial)``; ``metric`` defaults to
+    ``"mean_dice"``. Returns ``per_symmetry`` (``str(g)`` -> score), ``mean``, ``worst`` and
+    ``worst_symmetry``.
+    """
+    from abc_pipeline.nn.fields import transform  # the network library is needed only here
+
+    segment = y.ndim == x.ndim - 1
+    if not segment and y.ndim != 1:
+        raise InputError(f"y must be (N,) labels or (N, *spatial) label maps for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(y.shape)}")
+    metric = metric or ("mean_dice" if segment else "accuracy")
+    scores = {}
+    for g in group:
+        out = predict_fn(transform(x, g)).detach().float().cpu()
+        if segment:
+            yg = transform(y[:, None], g)[:, 0]
+            value = segmentation_metrics(yg.numpy(), out.argmax(1).numpy(), class_names, ignore)[metric]
+        else:
+            value = classification_metrics(y.numpy(), out.numpy(), class_names)[metric]
+        scores[str(g)] = float(value)
+    worst = min(scores, key=scores.get)
+    return {"metric": metric, "per_symmetry": scores, "mean": float(np.mean(list(scores.values()))),
+            "worst": scores[worst], "worst_symmetry": worst}

@@ -1,0 +1,106 @@
+"""Training checkpoints: atomic save, safe load, compatibility checks, config hashes, model rebuild.
+
+A checkpoint is a ``dict`` saved with ``torch.save`` holding only tensors and plain Python values (so it loads
+with ``weights_only=True``): ``model`` / ``optimizer`` / ``scheduler`` / ``scaler`` state dicts, ``epoch``
+(0-based, last finished), ``rng_cpu`` / ``rng_cuda`` (torch RNG states), early-stopping state
+(``best_score``, ``best_epoch``, ``bad_epochs``, ``stopped_early``), ``history`` (one dict per epoch),
+``config`` and ``config_hash``, ``class_names``, ``model_name``, ``task`` and ``model_kwargs`` (the
+:func:`abc_pipeline.nn.build_model` arguments that rebuild the network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from abc_pipeline.errors import InputError
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """First 16 hex digits of the SHA-256 of ``config`` as canonical JSON (sorted keys)."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, then rename (never a half-written checkpoint)."""
+    return _atomic(Path(path), lambda tmp: torch.save(dict(state), tmp))
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON atomically (NaN written as ``NaN``)."""
+    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint onto the CPU; :class:`InputError` when it is missing or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found; train first or give the path of checkpoint.pt/last.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable abc-pipeline checkpoint ({exc}); delete it and retrain") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
+        raise InputError(f"{path}: not an abc-pipeline checkpoint (no 'model'/'model_name' entries)")
+    return ckpt
+
+
+def check_compatible(ckpt: Mapping[str, Any], path: str | Path, model_name: str, task: str,
+                     class_names: Sequence[str]) -> None:
+    """Raise :class:`InputError` naming every difference between ``ckpt`` and the model/task/classes at hand."""
+    diffs = []
+    if ckpt["model_name"] != model_name:
+        diffs.append(f"model {ckpt['model_name']!r} != {model_name!r}")
+    if ckpt["task"] != task:
+        diffs.append(f"task {ckpt['task']!r} != {task!r}")
+    if list(ckpt["class_names"]) != list(class_names):
+        old, new = list(ckpt["class_names"]), list(class_names)
+        detail = (f"{len(old)} vs {len(new)} classes" if len(old) != len(new)
+                  else f"first difference at index {next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)}")
+        diffs.append(f"class list differs ({detail}: {old[:5]}... vs {new[:5]}...)")
+    if diffs:
+        raise InputError(f"{path}: checkpoint does not match: {'; '.join(diffs)}. Use the matching model, task "
+                         f"and class level, or train a new model into another output directory")
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, default=str) != json.dumps(b, default=str):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the network of a checkpoint with :func:`abc_pipeline.nn.build_model` and load its weights.
+
+    Returns ``(model in eval mode on device, checkpoint dict)``.
+    """
+    from abc_pipeline.nn import build_model
+
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("model_kwargs"):
+        raise InputError(f"{path}: the checkpoint has no 'model_kwargs' (trained on a custom model); rebuild the "
+                         f"model yourself and load ckpt['model']")
+    model = build_model(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
