@@ -133,7 +133,26 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize]
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="print the zoo's first-layer channels and parameter counts (parameter matching)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="spatial dimensions")
+    p.add_argument("--in-channels", type=int, required=True, help="image channels (input scalar fields)")
+    p.add_argument("--classes", type=int, required=True, help="number of classes")
+    p.add_argument("--task", choices=("classify", "segment"), default="classify")
+    p.add_argument("--target-params", type=int, default=None, help="solve each model's width for this many parameters")
+    p.add_argument("--width", type=int, default=None, help="fixed first-layer width (fields) instead")
+    p.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel spacing per axis (z y x)")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.nn.zoo import print_model_table
+
+        print_model_table(a.dim, a.in_channels, a.classes, task=a.task, target_params=a.target_params,
+                          width=a.width, spacing=a.spacing)
+
+    p.set_defaults(run=run)
+
+
+_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:
