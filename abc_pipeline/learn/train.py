@@ -263,7 +263,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         model.train()
         generator = torch.Generator().manual_seed(seed * _SHUFFLE_STRIDE + epoch)
         loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator,
-                            num_workers=num_workers, pin_memory=amp, drop_last=len(train_ds) > batch_size)
+                            num_workers=num_workers, pin_memory=amp,
+                            drop_last=len(train_ds) % batch_size == 1)  # no 1-sample batch (batch norm)
         loss_sum, n = 0.0, 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
