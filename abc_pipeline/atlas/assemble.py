@@ -465,7 +465,7 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
             for level in PARCELLATION_LEVELS:
                 rows[f"parcellation_{level}"] = parcellation.names.loc[pidx, level].to_numpy()
             rows["cluster_alias"] = alias
-            dense = X[rows["position"].to_numpy() - start].toarray()
+            dense = X[rows["position"].to_numpy() - start].astype(np.float32).toarray()
             writer.write_rows(
                 start_out, rows["cell_label"].to_numpy(), dense, rows,
                 {
