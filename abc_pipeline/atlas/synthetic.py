@@ -242,19 +242,14 @@ class _Chunk:
     ccf: list[pd.DataFrame] = field(default_factory=list)
     n_cells: int = 0
 
-    def matrices(self, n_vars: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        """Raw and log2 CSR matrices (n_cells, n_vars) float64 with int64 indptr and int32 indices."""
+    def matrix(self, values: str, n_vars: int) -> sp.csr_matrix:
+        """CSR (n_cells, n_vars) float64 of the blocks' ``counts`` or ``log2``; int64 indptr, int32 indices."""
         offsets = np.cumsum([0] + [len(b.counts) for b in self.blocks])
-        indptr = np.concatenate([[0]] + [b.indptr[1:] + off for b, off in zip(self.blocks, offsets)])
-        indices = np.concatenate([b.indices for b in self.blocks])
-
-        def csr(values: np.ndarray) -> sp.csr_matrix:
-            m = sp.csr_matrix((self.n_cells, n_vars), dtype=np.float64)
-            m.data, m.indices, m.indptr = values, indices, indptr.astype(np.int64)
-            return m
-
-        return (csr(np.concatenate([b.counts for b in self.blocks])),
-                csr(np.concatenate([b.log2 for b in self.blocks])))
+        m = sp.csr_matrix((self.n_cells, n_vars), dtype=np.float64)
+        m.indptr = np.concatenate([[0]] + [b.indptr[1:] + off for b, off in zip(self.blocks, offsets)])
+        m.indices = np.concatenate([b.indices for b in self.blocks])
+        m.data = np.concatenate([getattr(b, values) for b in self.blocks])
+        return m
 
 
 def _simulate_block(model: BrainModel, section: _Section, block: int, n: int, seed: int,
@@ -432,10 +427,9 @@ def _write_tree(root: Path, n_cells: int, seed: int, release: str, chunk_cells: 
 
     def flush(chunk: _Chunk) -> None:
         nonlocal header
-        raw, log2 = chunk.matrices(len(var))
         labels, codes = np.concatenate(chunk.labels), np.concatenate(chunk.codes)
-        h5["raw"].append(labels, codes, raw)
-        h5["log2"].append(labels, codes, log2)
+        for variant, values in (("raw", "counts"), ("log2", "log2")):
+            h5[variant].append(labels, codes, chunk.matrix(values, len(var)))
         for name, frames in (("cell_metadata.csv", chunk.metadata), ("reconstructed_coordinates.csv",
                                                                      chunk.reconstructed),
                              ("ccf_coordinates.csv", chunk.ccf)):

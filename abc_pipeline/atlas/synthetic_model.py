@@ -549,12 +549,12 @@ class BrainModel:
         tax = self.taxonomy
         n_all = N_GENES + N_BLANKS
         log_mean = np.empty((len(tax), n_all))
-        log_mean[:, :N_GENES] = rng.normal(-2.0, 0.9, N_GENES)[None]
+        log_mean[:, :N_GENES] = rng.normal(-1.8, 0.9, N_GENES)[None]
         log_mean[:, N_GENES:] = np.log(0.03)
         symbol_col = {s: i for i, s in enumerate(self.genes.gene_symbol[:N_GENES])}
         # (level, genes per program, mean effect, sd): combinatorial programs, shared genes across types.
-        for level, n_genes, mu, sd in (("class", 40, 2.4, 0.6), ("subclass", 24, 1.8, 0.5),
-                                       ("supertype", 12, 1.2, 0.4), ("cluster", 6, 0.9, 0.3)):
+        for level, n_genes, mu, sd in (("class", 40, 1.6, 0.5), ("subclass", 24, 1.3, 0.4),
+                                       ("supertype", 12, 1.0, 0.3), ("cluster", 6, 0.8, 0.3)):
             for _, idx in tax.groupby(level, sort=False).indices.items():
                 genes = rng.choice(N_GENES, n_genes, replace=False)
                 effect = rng.normal(mu, sd, n_genes) * np.where(rng.random(n_genes) < 0.15, -0.5, 1.0)
@@ -580,7 +580,7 @@ class BrainModel:
         cluster = self.sample_clusters(rng, leaf)
         volume = rng.lognormal(np.log(140.0), 0.35, n)  # cell volume, um^3
         log_mu = self._log_mean[cluster] + self._region_effect[leaf]
-        log_mu += rng.standard_normal(log_mu.shape, dtype=np.float32) * np.float32(0.45)
+        log_mu += rng.standard_normal(log_mu.shape, dtype=np.float32) * np.float32(0.6)
         log_mu += np.log(volume / 140.0).astype(np.float32)[:, None]
         counts = rng.poisson(np.exp(log_mu, out=log_mu))
         rows, cols = np.nonzero(counts)
