@@ -10,6 +10,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/atlas.smk"
+include: "workflow/rules/raster.smk"
 
 
 rule all:

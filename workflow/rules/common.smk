@@ -10,6 +10,7 @@ RELEASE = str(config["release"])
 CACHE = config["cache_dir"]
 SYNTHETIC = config["source"]["kind"] == "synthetic"
 SYNTH_ROOT = "resources/synthetic_release"
+RASTERS = {spec["name"]: spec for spec in config["rasters"]}
 
 
 def base_url():
@@ -20,4 +21,6 @@ def base_url():
 
 
 def final_outputs():
-    return [f"results/{DATASET}/cells.zarr"]
+    return [f"results/{DATASET}/cells.zarr"] + [
+        f"results/{DATASET}/raster/{grid}.ome.zarr" for grid in RASTERS
+    ]
