@@ -152,7 +152,41 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models]
+# --------------------------------------------------------------------------------------------- learn
+def _add_train_npz(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-npz", help="train and test a zoo model on a MedMNIST-format .npz file")
+    p.add_argument("--npz", required=True, help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
+    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular, cfnet")
+    p.add_argument("--out", type=Path, required=True, help="output directory (checkpoint.pt, last.pt, history.tsv, metrics.json)")
+    p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
+    p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
+    p.add_argument("--metric", default="balanced_accuracy", help="validation metric for early stopping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--download-root", type=Path, default=Path("data/medmnist"), help="where MedMNIST names download")
+    p.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.run_npz import train_npz
+
+        train_npz(
+            a.npz, a.model, a.out, width=a.width, target_params=a.target_params, epochs=a.epochs,
+            batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, patience=a.patience,
+            metric=a.metric, device=a.device, num_workers=a.workers, progress=not a.no_progress,
+            download_root=a.download_root, resume=not a.restart,
+        )
+
+    p.set_defaults(run=run)
+
+
+_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models, _add_train_npz]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,9 +17,7 @@ from sklearn.metrics import (accuracy_score, adjusted_rand_score, balanced_accur
                              jaccard_score, normalized_mutual_info_score, roc_auc_score)
 
 from abc_pipeline.errors import InputError
-
-if TYPE_CHECKING:
-    from abc_pipeline.nn.fields import GridSymmetry
+from abc_pipeline.nn.fields import GridSymmetry, transform
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ def segmentation_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Se
 
 
 def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       group: Sequence["GridSymmetry"], class_names: Sequence[str], metric: str | None = None,
+                       group: Sequence[GridSymmetry], class_names: Sequence[str], metric: str | None = None,
                        ignore: int = -1) -> dict:
     """A metric on ``(g.x, g.y)`` for every grid symmetry ``g`` in ``group``: per symmetry, mean and worst.
 
@@ -115,8 +113,6 @@ def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: to
     ``"mean_dice"``. Returns ``per_symmetry`` (``str(g)`` -> score), ``mean``, ``worst`` and
     ``worst_symmetry``.
     """
-    from abc_pipeline.nn.fields import transform  # the network library is needed only here
-
     segment = y.ndim == x.ndim - 1
     if not segment and y.ndim != 1:
         raise InputError(f"y must be (N,) labels or (N, *spatial) label maps for x of shape {tuple(x.shape)}, "
