@@ -15,6 +15,8 @@ Guarantees:
   or size mismatch deletes the partial file and retries; other HTTP 4xx answers (e.g. 404) fail at once.
 * Re-runs are instant: a file whose size and mtime match its ``_verified.json`` record is not read again. A final file
   without a record is verified by hashing it (no transfer when it matches).
+* Several runs may share one cache (threads or processes, e.g. two datasets needing the same taxonomy files): each
+  file is fetched under an exclusive lock ``<cache>/.locks/<relative_path with / as __>.lock``.
 
 Release choice: an explicit release uses the cached manifest when present (works offline), otherwise fetches it.
 ``"latest"`` lists ``releases/`` (S3 ListObjectsV2 for http(s), the folder for ``file://``) and takes the newest;
