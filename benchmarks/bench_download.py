@@ -19,6 +19,7 @@ import hashlib
 import http.server
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -104,6 +105,12 @@ def _md5_rate(mb: int = 256) -> float:
     return mb * len(block) / (time.perf_counter() - t0) / 1e6
 
 
+def _cpu_seconds(who: int) -> float:
+    """User + system CPU seconds used so far by this process (all threads) or its waited-for children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _wait_for(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,29 +154,33 @@ def main() -> None:
                       size=size, md5=md5)
     opts = TransferOptions(retries=1, chunk_size=args.chunk_size)
     times: dict[str, list[float]] = {"curl": [], "curl+md5sum": [], "ours": []}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
     md5_rates: list[float] = []
     try:
         _wait_for(port)
         for repeat in range(args.repeats):
             out = args.workdir / "curl.bin"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
             subprocess.run([curl, "-s", "--fail", "-o", str(out), base_url + FILE_NAME], check=True)
             times["curl"].append(time.perf_counter() - t0)
+            cpu["curl"].append(_cpu_seconds(resource.RUSAGE_CHILDREN) - c0)
             assert out.stat().st_size == size
             out.unlink()
 
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
             subprocess.run([curl, "-s", "--fail", "-o", str(out), base_url + FILE_NAME], check=True)
             digest = subprocess.run(["md5sum", str(out)], check=True, capture_output=True, text=True).stdout
             times["curl+md5sum"].append(time.perf_counter() - t0)
+            cpu["curl+md5sum"].append(_cpu_seconds(resource.RUSAGE_CHILDREN) - c0)
             assert digest.split()[0] == md5
             out.unlink()
 
             cache = args.workdir / "cache"
             shutil.rmtree(cache, ignore_errors=True)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
             download_entries({"big": entry}, base_url=base_url, cache_dir=cache, jobs=1, opts=opts, progress=False)
             times["ours"].append(time.perf_counter() - t0)
+            cpu["ours"].append(_cpu_seconds(resource.RUSAGE_SELF) - c0)
             if repeat == 0:
                 assert file_md5(cache / FILE_NAME) == md5
             shutil.rmtree(cache)
@@ -187,7 +198,8 @@ def main() -> None:
     print(f"file: {size / 1e6:.0f} MB, repeats: {args.repeats}, chunk: {args.chunk_size} B, "
           f"server pace: {args.rate_mb or 'unlimited'} MB/s")
     for name, seconds in median.items():
-        print(f"{name:<12} median {seconds:6.2f} s  {size / seconds / 1e6:6.0f} MB/s")
+        print(f"{name:<12} median {seconds:6.2f} s  {size / seconds / 1e6:6.0f} MB/s  "
+              f"client CPU {statistics.median(cpu[name]) / (size / 1e9):.2f} s/GB")
     print(f"md5 (1 core) median {statistics.median(md5_rates):.0f} MB/s")
     print(f"ratio ours/curl throughput: {median['curl'] / median['ours']:.2f} (target >= 0.8)")
     print(f"ratio ours/(curl+md5sum) throughput: {median['curl+md5sum'] / median['ours']:.2f}")
