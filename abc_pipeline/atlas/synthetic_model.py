@@ -295,9 +295,10 @@ class CellBlock:
 class BrainModel:
     """A seeded synthetic mouse brain: region geometry, taxonomy, genes and their expression programs.
 
-    Tables (pandas, built once): :attr:`parcellation` (one row per leaf region, ``parcellation_index`` first,
-    row 0 = ``unassigned``), :attr:`taxonomy` (one row per cluster, ``cluster_alias`` first), :attr:`genes`
-    (550 rows: 500 genes then 50 blanks).
+    Tables (pandas, built once): :attr:`parcellation` (one row per leaf region: ``parcellation_index``, the five
+    term levels, their ``*_color`` and the cortical ``layer``; row 0 = ``unassigned``), :attr:`taxonomy` (one row
+    per cluster: ``cluster_alias``, the five levels, their ``*_color`` and the subclass ``homes`` affinities),
+    :attr:`genes` (550 rows of gene.csv: 500 genes then 50 blanks).
     """
 
     def __init__(self, seed: int) -> None:
@@ -310,6 +311,7 @@ class BrainModel:
         self._weights_cum = self._build_region_type_weights(rng)
         self.genes = self._build_genes(rng)
         self._log_mean = self._build_expression_programs(rng)
+        self._region_effect = self._build_region_effects(rng)
 
     # --------------------------------------------------------------------------------------- geometry
     @staticmethod
@@ -413,6 +415,7 @@ class BrainModel:
         self._structure_seeds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._sub_seeds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._layer_rows: dict[str, np.ndarray] = {}
+        self._single_row: dict[str, int] = {}
         structure = np.full(len(p), "", dtype=object)
         for div, rows in table.iloc[1:].groupby("division", sort=False):
             names = rows.structure.unique()
@@ -428,6 +431,7 @@ class BrainModel:
                     np.searchsorted(present, np.arange(len(_CORTEX_LAYERS)), side="right") - 1]
                 continue
             if len(rows) == 1:
+                self._single_row[st] = int(rows.index[0])
                 continue
             pts = pw[structure == st]
             pick = rng.choice(len(pts), len(rows), replace=len(pts) < len(rows))
@@ -443,7 +447,6 @@ class BrainModel:
         p, rho = self._normalised(xyz)
         pw = p + 0.08 * self._warp(p)
         division, depth = self._division_of(pw, rho)
-        table = self.parcellation
         leaf = np.zeros(len(xyz), dtype=np.int64)
         for div, (seeds, names) in self._structure_seeds.items():
             in_div = np.flatnonzero(division == div)
@@ -452,7 +455,6 @@ class BrainModel:
             st_idx = self._nearest(pw[in_div], seeds)
             for j, st in enumerate(names):
                 cells = in_div[st_idx == j]
-                rows = table.index[(table.structure == st) & (table.division == div)].to_numpy()
                 if st in self._sub_seeds:
                     sub_seeds, sub_rows = self._sub_seeds[st]
                     leaf[cells] = sub_rows[self._nearest(pw[cells], sub_seeds)]
@@ -460,7 +462,7 @@ class BrainModel:
                     layer = np.searchsorted(_LAYER_DEPTH, depth[cells], side="right") - 1
                     leaf[cells] = self._layer_rows[st][np.clip(layer, 0, len(_CORTEX_LAYERS) - 1)]
                 else:
-                    leaf[cells] = rows[0]
+                    leaf[cells] = self._single_row[st]
         leaf[rho >= 1.0] = 0
         return leaf
 
@@ -545,7 +547,7 @@ class BrainModel:
         return pd.concat([genes, blank_rows], ignore_index=True)
 
     def _build_expression_programs(self, rng: np.random.Generator) -> np.ndarray:
-        """Log mean counts per (cluster, gene) at the reference volume, (n_clusters, 550) float32."""
+        """Log mean counts per (cluster, gene) at the reference cell volume, (n_clusters, 550) float32."""
         tax = self.taxonomy
         n_all = N_GENES + N_BLANKS
         log_mean = np.empty((len(tax), n_all))
@@ -555,7 +557,7 @@ class BrainModel:
         # (level, genes per program, mean effect, sd): combinatorial programs, shared genes across types.
         for level, n_genes, mu, sd in (("class", 40, 1.6, 0.5), ("subclass", 24, 1.3, 0.4),
                                        ("supertype", 12, 1.0, 0.3), ("cluster", 6, 0.8, 0.3)):
-            for _, idx in tax.groupby(level, sort=False).indices.items():
+            for idx in tax.groupby(level, sort=False).indices.values():
                 genes = rng.choice(N_GENES, n_genes, replace=False)
                 effect = rng.normal(mu, sd, n_genes) * np.where(rng.random(n_genes) < 0.15, -0.5, 1.0)
                 log_mean[np.ix_(idx, genes)] += effect
@@ -563,14 +565,17 @@ class BrainModel:
             col = "class" if key[:2].isdigit() else "neurotransmitter"
             idx = np.flatnonzero(tax[col].str.startswith(key) if col == "neurotransmitter" else tax[col] == key)
             log_mean[np.ix_(idx, [symbol_col[m] for m in markers])] += 3.0
-        # Weak region effects (added per cell): division programs and smaller structure programs.
-        table = self.parcellation
-        self._region_effect = np.zeros((len(table), n_all), dtype=np.float32)
-        for level, n_genes, sd in (("division", 30, 0.45), ("structure", 12, 0.35)):
-            for _, rows in table.iloc[1:].groupby(level, sort=False).indices.items():
-                genes = rng.choice(N_GENES, n_genes, replace=False)
-                self._region_effect[np.ix_(rows + 1, genes)] += rng.normal(0, sd, n_genes).astype(np.float32)
         return log_mean.astype(np.float32)
+
+    def _build_region_effects(self, rng: np.random.Generator) -> np.ndarray:
+        """Weak log-mean effects per (leaf region, gene), (n_leaves, 550) float32: division and structure programs."""
+        table = self.parcellation
+        effect = np.zeros((len(table), N_GENES + N_BLANKS), dtype=np.float32)
+        for level, n_genes, sd in (("division", 30, 0.45), ("structure", 12, 0.35)):
+            for rows in table.iloc[1:].groupby(level, sort=False).indices.values():
+                genes = rng.choice(N_GENES, n_genes, replace=False)
+                effect[np.ix_(rows + 1, genes)] += rng.normal(0, sd, n_genes).astype(np.float32)
+        return effect
 
     # --------------------------------------------------------------------------------------- cells
     def sample_block(self, rng: np.random.Generator, z: float, n: int) -> CellBlock:
