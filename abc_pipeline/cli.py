@@ -51,14 +51,17 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=4, help="files downloaded in parallel")
     p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--summary", type=Path, default=None, help="write a JSON record of the run (files, fetched, skipped)")
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.atlas.download import download_dataset
 
-        download_dataset(
+        summary = download_dataset(
             a.dataset, release=a.release, base_url=a.base_url, cache_dir=a.cache,
             jobs=a.jobs, retries=a.retries, progress=not a.no_progress,
         )
+        if a.summary is not None:
+            summary.write_json(a.summary)
 
     p.set_defaults(run=run)
 

@@ -131,6 +131,12 @@ class DownloadSummary:
         """Local paths of the dataset's files, in profile order."""
         return list(self.files.values())
 
+    def write_json(self, path: Path) -> None:
+        """Record the run (files by role, what was fetched or skipped) as JSON, atomically."""
+        record = {**dataclasses.asdict(self), "manifest_path": str(self.manifest_path),
+                  "files": {role: str(p) for role, p in self.files.items()}}
+        _atomic_write_text(Path(path), json.dumps(record, indent=1))
+
 
 # ------------------------------------------------------------------------------------------------ errors (internal)
 class _Transient(Exception):
