@@ -9,7 +9,7 @@ if SYNTHETIC:
         log:
             "logs/synth.log",
         benchmark:
-            "benchmarks/synth.tsv"
+            "logs/benchmarks/synth.tsv"
         params:
             cells=config["source"]["synthetic"]["cells"],
             seed=config["source"]["synthetic"]["seed"],
@@ -31,7 +31,7 @@ rule download:
     log:
         f"logs/download_{DATASET}.log",
     benchmark:
-        f"benchmarks/download_{DATASET}.tsv"
+        f"logs/benchmarks/download_{DATASET}.tsv"
     params:
         base_url=base_url(),
         jobs=config["download"]["jobs"],
@@ -54,7 +54,7 @@ rule assemble:
     log:
         f"logs/assemble_{DATASET}.log",
     benchmark:
-        f"benchmarks/assemble_{DATASET}.tsv"
+        f"logs/benchmarks/assemble_{DATASET}.tsv"
     params:
         chunk_cells=config["assemble"]["chunk_cells"],
     threads: 1

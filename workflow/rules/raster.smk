@@ -30,7 +30,7 @@ rule rasterize:
     log:
         f"logs/rasterize_{DATASET}_{{grid}}.log",
     benchmark:
-        f"benchmarks/rasterize_{DATASET}_{{grid}}.tsv"
+        f"logs/benchmarks/rasterize_{DATASET}_{{grid}}.tsv"
     params:
         args=raster_args,
     threads: workflow.cores
