@@ -11,6 +11,8 @@ if SYNTHETIC:
         benchmark:
             "logs/benchmarks/synth.tsv"
         params:
+            root=lambda wildcards, output: Path(output.manifest).parents[2],
+            release=RELEASE,
             cells=config["source"]["synthetic"]["cells"],
             seed=config["source"]["synthetic"]["seed"],
             sections=config["source"]["synthetic"]["sections"],
@@ -19,7 +21,7 @@ if SYNTHETIC:
             mem_mb=4000,
             runtime=30,
         shell:
-            "abc-pipeline synth --out {SYNTH_ROOT} --release {RELEASE} --cells {params.cells} "
+            "abc-pipeline synth --out {params.root} --release {params.release} --cells {params.cells} "
             "--seed {params.seed} --sections {params.sections} > {log} 2>&1"
 
 
@@ -27,12 +29,15 @@ rule download:
     input:
         f"{SYNTH_ROOT}/releases/{RELEASE}/manifest.json" if SYNTHETIC else [],
     output:
-        summary=f"{CACHE}/releases/{RELEASE}/{DATASET}.download.json",
+        summary=f"resources/download_{DATASET}_{RELEASE}.json",
     log:
         f"logs/download_{DATASET}.log",
     benchmark:
         f"logs/benchmarks/download_{DATASET}.tsv"
     params:
+        dataset=DATASET,
+        release=RELEASE,
+        cache=CACHE,
         base_url=base_url(),
         jobs=config["download"]["jobs"],
         retries=config["download"]["retries"],
@@ -41,8 +46,8 @@ rule download:
         mem_mb=1000,
         runtime=600,
     shell:
-        "abc-pipeline download --dataset {DATASET} --release {RELEASE} --base-url {params.base_url} "
-        "--cache {CACHE} --jobs {params.jobs} --retries {params.retries} --summary {output.summary} "
+        "abc-pipeline download --dataset {params.dataset} --release {params.release} --base-url {params.base_url} "
+        "--cache {params.cache} --jobs {params.jobs} --retries {params.retries} --summary {output.summary} "
         "--no-progress > {log} 2>&1"
 
 
@@ -56,11 +61,15 @@ rule assemble:
     benchmark:
         f"logs/benchmarks/assemble_{DATASET}.tsv"
     params:
+        dataset=DATASET,
+        release=RELEASE,
+        cache=CACHE,
         chunk_cells=config["assemble"]["chunk_cells"],
     threads: 1
     resources:
         mem_mb=4000,
         runtime=240,
     shell:
-        "abc-pipeline assemble --dataset {DATASET} --release {RELEASE} --cache {CACHE} --out {output} "
+        "abc-pipeline assemble --dataset {params.dataset} --release {params.release} --cache {params.cache} "
+        "--out {output} "
         "--chunk-cells {params.chunk_cells} --no-progress > {log} 2>&1"

@@ -1,27 +1,6 @@
 # Rasterize cells.zarr into OME-Zarr grids, one job per named grid in config['rasters'].
 
 
-def raster_args(wildcards):
-    """CLI options of one configured grid (see config/README.md, key `rasters`)."""
-    spec = RASTERS[wildcards.grid]
-    args = [f"--space {spec['space']}"]
-    if spec.get("voxel_size"):
-        args.append("--voxel-size " + " ".join(str(v) for v in spec["voxel_size"]))
-    if spec.get("pca"):
-        args.append(f"--pca {spec['pca']}")
-    if spec.get("genes"):
-        args.append("--genes " + " ".join(spec["genes"]))
-    if "labels" in spec:
-        args.append("--labels " + " ".join(spec["labels"]))
-    args.append(f"--levels {spec.get('levels', 2)}")
-    dask_cfg = config["dask"]
-    if dask_cfg.get("address"):
-        args.append(f"--address {dask_cfg['address']}")
-    else:
-        args.append(f"--scheduler {dask_cfg['scheduler']}")
-    return " ".join(args)
-
-
 rule rasterize:
     input:
         f"results/{DATASET}/cells.zarr",
