@@ -93,6 +93,19 @@ class GroupConv(nn.Module):
         return _CONV[self.dim](x, self.kernel(), bias, padding=p)
 
 
+class RegularBatchNorm(nn.Module):
+    """Batch norm of regular fields: statistics and affine parameters shared by the ``|G|`` channels of
+    each field (a per-channel norm would treat orientations differently and break equivariance)."""
+
+    def __init__(self, n_fields: int, group_size: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.n_fields, self.group_size = n_fields, group_size
+        self.bn = nn.BatchNorm1d(n_fields, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.reshape(x.shape[0], self.n_fields, -1)).reshape(x.shape)
+
+
 def group_pool(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Mean over the orientation axis: regular fields ``(B, n*|G|, *s)`` -> invariant scalars ``(B, n, *s)``."""
     return x.reshape(x.shape[0], -1, group_size, *x.shape[2:]).mean(dim=2)

@@ -101,7 +101,7 @@ def grid_group(dim: int, spacing: Sequence[float] | None = None, rotations_only:
     8 elements in 2D, 48 in isotropic 3D, 16 in 3D with equal in-plane spacing only, 8 in 3D with three
     different spacings; ``rotations_only`` keeps those with determinant +1 (4, 24, 8, 4).
     """
-    spacing = _check_spacing(spacing, dim)
+    spacing = check_spacing(spacing, dim)
     out = []
     for perm in itertools.permutations(range(dim)):
         if any(spacing[perm[j]] != spacing[j] for j in range(dim)):
@@ -114,7 +114,7 @@ def grid_group(dim: int, spacing: Sequence[float] | None = None, rotations_only:
     return out
 
 
-def _check_spacing(spacing: Sequence[float] | None, dim: int) -> tuple[float, ...]:
+def check_spacing(spacing: Sequence[float] | None, dim: int) -> tuple[float, ...]:
     if spacing is None:
         return (1.0,) * dim
     spacing = tuple(float(s) for s in spacing)

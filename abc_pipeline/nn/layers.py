@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.nn.fields import _check_spacing, check_fields, merge_fields, split_fields
+from abc_pipeline.nn.fields import check_fields, check_spacing, merge_fields, split_fields
 
 _SCALAR_ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
 EPS = 1e-6
@@ -93,19 +93,6 @@ class FieldBatchNorm(nn.Module):
         return merge_fields(out)
 
 
-class ScalarGroupBatchNorm(nn.Module):
-    """Batch norm whose statistics and affine parameters are shared by the ``group_size`` consecutive
-    channels of each field (regular-representation features of the group CNN; ``group_size=1``: plain)."""
-
-    def __init__(self, n_fields: int, group_size: int = 1, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.n_fields, self.group_size = n_fields, group_size
-        self.bn = nn.BatchNorm1d(n_fields, momentum=momentum)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x.reshape(x.shape[0], self.n_fields, -1)).reshape(x.shape)
-
-
 # ------------------------------------------------------------------------------------- resampling
 def downsample_axes(spacing: Sequence[float]) -> tuple[bool, ...]:
     """Which axes a downsampling stage halves, given the current physical spacing.
@@ -167,7 +154,7 @@ class ParityDownsample(nn.Module):
 
     def __init__(self, dim: int, spacing: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.axes = downsample_axes(_check_spacing(spacing, dim))
+        self.axes = downsample_axes(check_spacing(spacing, dim))
 
     def extra_repr(self) -> str:
         return f"axes={self.axes}"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.nn.fields import _check_spacing, check_fields, n_channels
+from abc_pipeline.nn.fields import check_fields, check_spacing, n_channels
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
 
@@ -146,7 +146,7 @@ class MomentConv(nn.Module):
             raise InputError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
         self.in_fields, self.out_fields = check_fields(in_fields), check_fields(out_fields)
         self.dim, self.kernel_size, self.padding_mode = dim, kernel_size, padding_mode
-        self.spacing = _check_spacing(spacing, dim)
+        self.spacing = check_spacing(spacing, dim)
         smin = min(self.spacing)
         self._spacing_key = tuple(s / smin for s in self.spacing)
         self.n_radial = n_radial or default_n_radial(kernel_size)
@@ -208,8 +208,8 @@ class MomentConv(nn.Module):
                     cols.append(blk.reshape(m * d**ro, n * d**ri, *(k,) * d))
                 else:
                     cols.append(torch.zeros(m * d**ro, n * d**ri, *(k,) * d, dtype=dtype, device=device))
-            rows.append(torch.cat(cols, dim=1))
-        return torch.cat(rows, dim=0)
+            rows.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
+        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
     def full_bias(self) -> torch.Tensor | None:
         """Bias over all output channels (zero on vectors and off-diagonal matrix entries)."""

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.nn.baselines import ConicConv2d, DFTTransition, GroupConv, group_pool
-from abc_pipeline.nn.fields import _check_spacing, cat_fields, grid_group, n_channels
+from abc_pipeline.nn.baselines import ConicConv2d, DFTTransition, GroupConv, RegularBatchNorm, group_pool
+from abc_pipeline.nn.fields import cat_fields, check_spacing, grid_group, n_channels
 from abc_pipeline.nn.layers import (FieldBatchNorm, FieldNonlinearity, InvariantHead, ParityDownsample,
-                                    ScalarGroupBatchNorm, SegmentationHead, next_spacing, upsample_to)
+                                    SegmentationHead, next_spacing, upsample_to)
 from abc_pipeline.nn.moment import MomentConv
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class _GCNN(_Family):
                          padding_mode=self.padding_mode)
 
     def norm(self, spec):
-        return ScalarGroupBatchNorm(spec[1], len(self.group))
+        return RegularBatchNorm(spec[1], len(self.group))
 
     def act(self, spec):
         return _ACT[self.scalar_act]()
@@ -356,7 +356,7 @@ def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str
         raise InputError(f"in_channels and n_classes must be >= 1, got {in_channels}, {n_classes}")
     if width is not None and target_params is not None:
         raise InputError("give either width or target_params, not both")
-    spacing = _check_spacing(spacing, dim)
+    spacing = check_spacing(spacing, dim)
     spacing = tuple(s / min(spacing) for s in spacing)
     build = lambda w: _build(name, dim, in_channels, n_classes, task, w, spacing, depth, kernel_size,  # noqa: E731
                              padding_mode, scalar_act)
