@@ -33,8 +33,14 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from abc_pipeline.atlas.chunked_anndata import ChunkedAnnDataWriter
-from abc_pipeline.atlas.manifest import DatasetProfile, Manifest, cached_releases, get_profile, manifest_relative_path
+from abc_pipeline.atlas.manifest import (
+    Manifest,
+    cached_releases,
+    get_profile,
+    manifest_relative_path,
+)
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import replace_tree
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +270,7 @@ def assemble_dataset(
         _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_cells, counts, progress,
                uns_meta={"dataset": dataset, "release": manifest.version,
                          "files": {role: str(p.relative_to(cache_dir)) for role, p in paths.items()}})
-        _replace(staging, out)
+        replace_tree(staging, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -485,14 +491,3 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
         }
     )
     writer.close()
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move a finished store into place; an existing output is swapped out, then removed."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)

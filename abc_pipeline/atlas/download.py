@@ -36,7 +36,6 @@ import os
 import queue
 import re
 import shutil
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -63,6 +62,7 @@ from abc_pipeline.atlas.manifest import (
     manifest_relative_path,
 )
 from abc_pipeline.errors import DownloadError, InputError
+from abc_pipeline.fileio import atomic_write_text, file_md5
 
 try:  # POSIX advisory lock so that concurrent processes merge their records of verified files
     import fcntl
@@ -135,7 +135,7 @@ class DownloadSummary:
         """Record the run (files by role, what was fetched or skipped) as JSON, atomically."""
         record = {**dataclasses.asdict(self), "manifest_path": str(self.manifest_path),
                   "files": {role: str(p) for role, p in self.files.items()}}
-        _atomic_write_text(Path(path), json.dumps(record, indent=1))
+        atomic_write_text(Path(path), json.dumps(record, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ errors (internal)
@@ -298,15 +298,6 @@ class _HashingWriter:
         return self._md5.hexdigest()
 
 
-def file_md5(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex MD5 of a whole file (as the Allen manifest builder computes ``file_hash``)."""
-    md5 = hashlib.md5()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            md5.update(chunk)
-    return md5.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ verified records
 class VerifiedRegistry:
     """``<cache>/_verified.json``: relative path -> ``{"size", "md5", "mtime_ns"}`` of files whose MD5 was checked.
@@ -353,7 +344,7 @@ class VerifiedRegistry:
         with self._lock, _process_lock(self.path.with_name(VERIFIED_FILENAME + ".lock")):
             records = self._read()
             change(records)
-            _atomic_write_text(self.path, json.dumps(records, indent=1, sort_keys=True))
+            atomic_write_text(self.path, json.dumps(records, indent=1, sort_keys=True))
             self._records = records
 
     def record(self, entry: FileEntry, path: Path) -> None:
@@ -386,19 +377,6 @@ def _process_lock(path: Path) -> Iterator[None]:
 def _part_path(dest: Path) -> Path:
     """Temporary name of a file while it is being transferred."""
     return dest.with_name(dest.name + ".part")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ retries
@@ -683,7 +661,7 @@ def load_manifest(release: str, base_url: str, cache_dir: Path,
             manifest = Manifest(json.loads(body), source=url)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DownloadError(f"release manifest {url} is not valid JSON ({exc}); check --base-url") from None
-        _atomic_write_text(path, body.decode())
+        atomic_write_text(path, body.decode())
         log.info("fetched manifest %s -> %s", url, path)
     if manifest.version != release:
         raise InputError(f"{path}: manifest field 'version' is {manifest.version!r} but release {release} was asked "

@@ -45,9 +45,15 @@ from anndata.io import sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
 from abc_pipeline.atlas.synthetic_model import (
-    SECTION_NUMBERS, SECTION_SPACING_MM, SECTIONS_WITHOUT_CCF, TAXONOMY_LEVELS, BrainModel, CellBlock,
+    SECTION_NUMBERS,
+    SECTION_SPACING_MM,
+    SECTIONS_WITHOUT_CCF,
+    TAXONOMY_LEVELS,
+    BrainModel,
+    CellBlock,
 )
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import file_md5, replace_tree
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,6 @@ RESOURCE_URI = "s3://allen-brain-cell-atlas/"
 MERFISH = "MERFISH-C57BL6J-638850"
 BLOCK_CELLS = 8192  # cells simulated per random stream (and per dense expression temporary)
 FEATURE_MATRIX = "C57BL6J-638850"
-HASH_CHUNK = 1_000_000  # bytes per MD5 update, as in the Allen tooling
 
 # (directory, data_kind, version, file name) of every file written; relative path = kind/directory/version/name.
 RELEASE_FILES: tuple[tuple[str, str, str, str], ...] = (
@@ -121,15 +126,6 @@ class _HashingWriter:
         """Close; returns (size in bytes, MD5 hex digest)."""
         self._fh.close()
         return self.size, self._md5.hexdigest()
-
-
-def file_md5(path: Path) -> str:
-    """MD5 hex digest of a file, read in 1 MB pieces."""
-    md5 = hashlib.md5()
-    with open(path, "rb") as fh:
-        while piece := fh.read(HASH_CHUNK):
-            md5.update(piece)
-    return md5.hexdigest()
 
 
 class _H5adAppender:
@@ -333,17 +329,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished tree ``tmp`` to ``out``, replacing an earlier tree only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def _write_static_tables(model: BrainModel, root: Path, files: dict[str, tuple[int, str]]) -> None:
     """gene.csv and the taxonomy / parcellation views (small, written whole)."""
     tables = {
@@ -402,7 +387,7 @@ def write_synthetic_release(
     log.info("synthetic release %s: %d cells in %d sections, seed %d -> %s", release, n_cells, n_sections, seed, out)
     try:
         manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, progress)
-        _install(tmp, out)
+        replace_tree(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
