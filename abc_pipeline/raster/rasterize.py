@@ -5,9 +5,10 @@ Pipeline (each step one Dask computation, threaded by default or on a ``dask.dis
 0. bounds (and section order) from the coordinates only;
 1. one task per chunk of cells: channel values, voxel index (written to ``cells/voxel_index``),
    per-voxel partial sums / counts / label votes spilled to disk (``binning.bin_chunk``);
-2. one task per run of output blocks: add the partials, divide, write image and label chunks;
-3. pyramid levels from the level below (count-weighted means, summed counts, label modes);
-4. metadata, then the temporary store is renamed onto the output path.
+2. one task per run of output blocks: add the partials and write the blocks' image and label chunks
+   of every pyramid level (window sums of sums and counts = exact cell means of the coarse voxels;
+   label modes), so no level is read back;
+3. metadata, then the temporary store is renamed onto the output path.
 
 Memory is bounded by the chunk and block sizes, not by the number of cells. The spill needs up to
 (cells with coordinates) x (channels + 3) x 4 bytes of temporary disk next to the output.
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,7 +47,7 @@ from abc_pipeline.raster.ome import (
     write_image_metadata,
     write_labels_metadata,
 )
-from abc_pipeline.raster.source import CellSource, close_matches
+from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +82,25 @@ class _Runner:
             self.client.close()
 
     def compute(self, tasks: list, desc: str) -> list:
+        """Compute ``tasks`` (Dask collections) and return their results; logs the wall time."""
         if not tasks:
             return []
+        start = time.perf_counter()
         if self.client is not None:
             from distributed import progress
 
             futures = self.client.compute(tasks)
             if self.progress:
-                log.info("%s (%d tasks)", desc, len(tasks))
                 progress(futures)
-            return self.client.gather(futures)
-        from tqdm.dask import TqdmCallback
+            out = self.client.gather(futures)
+        else:
+            from tqdm.dask import TqdmCallback
 
-        cb = TqdmCallback(desc=desc, disable=not self.progress) if self.progress else contextlib.nullcontext()
-        with cb:
-            return list(dask.compute(*tasks, scheduler=self.scheduler, num_workers=self.num_workers))
+            cb = TqdmCallback(desc=desc) if self.progress else contextlib.nullcontext()
+            with cb:
+                out = list(dask.compute(*tasks, scheduler=self.scheduler, num_workers=self.num_workers))
+        log.info("%s: %d tasks in %.1f s", desc, len(tasks), time.perf_counter() - start)
+        return out
 
 
 # ----------------------------------------------------------------------------------- stage contexts
@@ -115,8 +121,9 @@ class _Stage2:
     n_channels: int
     label_ncat: dict[str, int]
     spill: Path
-    image: zarr.Array
-    labels: dict[str, zarr.Array]
+    factor: tuple[int, int, int]  # downsampling per pyramid level (z, y, x)
+    images: list[zarr.Array]  # image level k: (C + 1, z, y, x)
+    labels: dict[str, list[zarr.Array]]  # label name -> level k: (z, y, x)
 
 
 def _to_zyx(raw: np.ndarray, section_codes: np.ndarray | None, code_to_z: np.ndarray | None) -> np.ndarray:
@@ -150,65 +157,32 @@ def _stage1(x, raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start:
 
 
 def _stage2(task: binning.BlockTask, ctx: _Stage2) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce and write the blocks of one task; returns per-channel (min, max) over non-empty voxels."""
+    """Reduce the blocks of one task and write their chunks of every pyramid level.
+
+    Returns per-channel (min, max) of the level-0 values over non-empty voxels (display windows).
+    """
     C = ctx.n_channels
     reader = binning._SpillReader(ctx.spill, task, C, preload=task.nbytes <= _STAGE2_BUDGET)
-    lo = np.full(C + 1, np.inf, dtype=np.float64)
-    hi = np.full(C + 1, -np.inf, dtype=np.float64)
+    lo = np.full(C + 1, np.inf)
+    hi = np.full(C + 1, -np.inf)
     for i, b in enumerate(task.blocks):
-        dense, labels = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
-        region = ctx.layout.region(b)
-        crop = tuple(slice(0, s.stop - s.start) for s in region)
-        block = dense[(slice(None), *crop)]
-        ctx.image[(slice(None), *region)] = block
-        for name, arr in ctx.labels.items():
-            arr[region] = labels[name][crop].astype(arr.dtype)
-        occupied = block[C] > 0
-        if occupied.any():
-            vals = block[:, occupied]
-            lo = np.minimum(lo, vals.min(axis=1))
-            hi = np.maximum(hi, vals.max(axis=1))
+        sums, labels = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
+        for k, image in enumerate(ctx.images):
+            if k:
+                sums = binning.window_sum(sums, ctx.factor)
+                labels = {name: binning.coarsen_labels(lab, ctx.factor) for name, lab in labels.items()}
+            fk = tuple(f**k for f in ctx.factor)
+            region = ctx.layout.region(b, fk)
+            crop = tuple(slice(0, r.stop - r.start) for r in region)
+            values = binning.means(sums[(slice(None), *crop)])
+            image[(slice(None), *region)] = values
+            for name, arrays in ctx.labels.items():
+                arrays[k][region] = labels[name][crop].astype(arrays[k].dtype)
+            if k == 0:
+                occupied = values[C] > 0
+                lo = np.minimum(lo, values.min(axis=(1, 2, 3), where=occupied, initial=np.inf))
+                hi = np.maximum(hi, values.max(axis=(1, 2, 3), where=occupied, initial=-np.inf))
     return lo, hi
-
-
-# ----------------------------------------------------------------------------------- pyramid
-def _coarsen_image_block(block: np.ndarray, counts: np.ndarray, factors, count_channel: int, block_info=None) -> np.ndarray:
-    c0 = block_info[0]["array-location"][0][0]
-    local = count_channel - c0
-    return binning.coarsen_image(block, counts, factors, local if 0 <= local < block.shape[0] else None)
-
-
-def _coarsen_label_block(block: np.ndarray, factors) -> np.ndarray:
-    return binning.coarsen_labels(block, factors)
-
-
-def _pyramid_level(root: zarr.Group, label_group: zarr.Group | None, label_names: Sequence[str], grid: Grid, k: int,
-                   block: tuple[int, int, int], channel_chunk: int) -> list:
-    """Store operations (not yet computed) writing level ``k`` of the image and of each label volume."""
-    f = grid.downsample_factors()
-    g = grid.level(k)
-    out_spatial = tuple(min(b, n) for b, n in zip(block, g.shape))
-    in_spatial = tuple(c * fi for c, fi in zip(out_spatial, f))
-
-    def out_chunks(chunks):
-        return tuple(tuple(math.ceil(s / fi) for s in ch) for ch, fi in zip(chunks, f))
-
-    prev = root[str(k - 1)]
-    n_ch = prev.shape[0]
-    src = da.from_zarr(prev, chunks=(channel_chunk, *in_spatial))
-    counts = da.from_zarr(prev, chunks=(1, *in_spatial))[n_ch - 1 : n_ch]
-    img = da.map_blocks(_coarsen_image_block, src, counts, factors=f, count_channel=n_ch - 1, dtype=np.float32,
-                        chunks=(src.chunks[0], *out_chunks(src.chunks[1:])))
-    target = create_array(root, str(k), (n_ch, *g.shape), (channel_chunk, *out_spatial), np.float32)
-    # da.store, not da.to_zarr: our chunks are aligned with the Zarr chunks by construction
-    ops = [da.store(img, target, lock=False, compute=False)]
-    for name in label_names:
-        lprev = label_group[name][str(k - 1)]
-        lsrc = da.from_zarr(lprev, chunks=in_spatial)
-        lab = da.map_blocks(_coarsen_label_block, lsrc, factors=f, dtype=lprev.dtype, chunks=out_chunks(lsrc.chunks))
-        ltarget = create_array(label_group[name], str(k), g.shape, out_spatial, lprev.dtype)
-        ops.append(da.store(lab, ltarget, lock=False, compute=False))
-    return ops
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -397,18 +371,24 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
 
     # ---- output store
     n_ch = len(plan.names)
-    z_down = grid.downsample_factors()[0] > 1
-    block = binning.choose_block(grid.shape, n_ch + 1, z_down)
+    factor = grid.downsample_factors()
+    block = binning.choose_block(grid.shape, n_ch + 1, factor[0] > 1, multiple=2 ** (n_levels - 1))
     layout = binning.BlockLayout(grid.shape, block)
     cc = min(_CHANNEL_CHUNK, n_ch + 1)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-    image0 = create_array(root, "0", (n_ch + 1, *grid.shape), (cc, *block), np.float32)
+    level_chunks = [layout.level_chunks(tuple(f**k for f in factor)) for k in range(n_levels)]
+    # coarser levels hold more channels per chunk, so every level's chunks have about the same bytes
+    level_cc = [min(n_ch + 1, cc * int(np.prod(factor)) ** k) for k in range(n_levels)]
+    images = [create_array(root, str(k), (n_ch + 1, *grid.level(k).shape), (level_cc[k], *level_chunks[k]), np.float32)
+              for k in range(n_levels)]
     label_group = root.require_group("labels") if label_names else None
     label_arrays, label_ncat = {}, {}
     for name in label_names:
         ncat = len(cats[name].categories)
         label_ncat[name] = ncat
-        label_arrays[name] = create_array(label_group.require_group(name), "0", grid.shape, block, np.min_scalar_type(ncat + 1))
+        group = label_group.require_group(name)
+        label_arrays[name] = [create_array(group, str(k), grid.level(k).shape, level_chunks[k], np.min_scalar_type(ncat + 1))
+                              for k in range(n_levels)]
     cells = root.require_group("cells")
     voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
     spill = tmp / "_spill"
@@ -432,19 +412,15 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     if n_binned == 0:
         raise InputError(f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds")
 
-    # ---- step 2: reduce blocks and write level 0
+    # ---- step 2: reduce blocks, write every pyramid level
     block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
-    ctx2 = _Stage2(layout, n_ch, label_ncat, spill, image0, label_arrays)
+    ctx2 = _Stage2(layout, n_ch, label_ncat, spill, factor, images, label_arrays)
     ranges = runner.compute([dask.delayed(_stage2)(t, ctx2) for t in block_tasks], "writing voxels")
     lo = np.min([r[0] for r in ranges], axis=0)
     hi = np.max([r[1] for r in ranges], axis=0)
     shutil.rmtree(spill)
 
-    # ---- step 3: pyramid
-    for k in range(1, n_levels):
-        runner.compute(_pyramid_level(root, label_group, label_names, grid, k, block, cc), f"pyramid level {k}")
-
-    # ---- step 4: metadata and per-cell tables
+    # ---- step 3: metadata and per-cell tables
     channels = [*plan.names, COUNT_CHANNEL]
     write_image_metadata(root, grid, n_levels, channels, list(zip(lo.tolist(), hi.tolist())), name=name)
     for name in label_names:
@@ -477,7 +453,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         "labels": label_names,
         "levels": n_levels,
         "downsample_factors": list(grid.downsample_factors()),
-        "chunks": [cc, *block],
+        "chunks": [[c, *spatial] for c, spatial in zip(level_cc, level_chunks)],
         "voxel_index": "cells/voxel_index",
         "cell_label": "cells/cell_label",
         "counts": {"cells": n, "rasterized": n_binned, "missing_coordinates": n_missing, "outside_grid": n_outside},
