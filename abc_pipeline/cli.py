@@ -113,6 +113,8 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="dask.distributed scheduler address (e.g. tcp://node:8786); overrides --scheduler")
     p.add_argument("--overwrite", action="store_true", help="replace an existing raster (atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed of the PCA sample")
+    p.add_argument("--max-accumulator-gb", type=float, default=1.5,
+                   help="local threaded runs sum voxels in memory when the dense grid fits this; else spill to disk")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
@@ -130,7 +132,7 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
             a.cells, a.out, space=a.space, voxel_size=a.voxel_size, bounds=bounds, margin=a.margin,
             genes=genes, pca=a.pca, pca_sample=a.pca_sample, labels=a.labels, levels=a.levels,
             chunk_cells=a.chunk_cells, scheduler=a.scheduler, num_workers=a.workers, address=a.address,
-            overwrite=a.overwrite, progress=not a.no_progress, seed=a.seed,
+            overwrite=a.overwrite, progress=not a.no_progress, seed=a.seed, max_accumulator_gb=a.max_accumulator_gb,
         )
 
     p.set_defaults(run=run)
@@ -189,7 +191,126 @@ def _add_train_npz(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models, _add_train_npz]
+def _add_bench_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-models", help="train zoo models parameter-matched on one dataset; one comparison table")
+    p.add_argument("--npz", required=True, help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (table, figures, one run folder per model)")
+    p.add_argument("--models", nargs="+", default=["cnn", "gcnn-regular", "moment-trivial", "moment-trivial-irrep"],
+                   help="zoo models to compare")
+    p.add_argument("--target-params", type=int, default=50_000, help="parameters per model (width solved per model)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="keep this stratified fraction of the training split")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the training-split subset")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--angles", type=float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
+                   help="equivariance-curve rotation angles in degrees (must include 45)")
+    p.add_argument("--curve-samples", type=int, default=256, help="test samples in the equivariance curve")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--download-root", type=Path, default=Path("data/medmnist"), help="where MedMNIST names download")
+    p.add_argument("--restart", action="store_true", help="retrain every model from scratch")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.compare import bench_models_npz
+
+        bench_models_npz(
+            a.npz, a.out, a.models, train_fraction=a.train_fraction, subset_seed=a.subset_seed,
+            download_root=a.download_root, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
+            lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed, device=a.device,
+            num_workers=a.workers, angles=a.angles, curve_samples=a.curve_samples, progress=not a.no_progress,
+            resume=not a.restart,
+        )
+
+    p.set_defaults(run=run)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a zoo model on a raster: cell types (patch classifier) or regions (U-Net)")
+    p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster (abc-pipeline rasterize)")
+    p.add_argument("--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)")
+    p.add_argument("--task", choices=("celltype", "region"), required=True)
+    p.add_argument("--level", default=None, help="label level (default: class for celltype, parcellation_division for region)")
+    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular")
+    p.add_argument("--out", type=Path, required=True, help="run directory, e.g. results/<dataset>/models/<task>/<model>/")
+    p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
+    p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
+    p.add_argument("--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)")
+    p.add_argument("--dim", default="auto", choices=("auto", "2", "3"), help="auto: 2 for section rasters, else 3")
+    p.add_argument("--patch-size", type=int, nargs="+", default=[5], help="celltype window P (odd; one or per axis z y x)")
+    p.add_argument("--tile-size", type=int, nargs="+", default=[64], help="region tile (voxels; one or per axis z y x)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the sections per split (contiguous blocks)")
+    p.add_argument("--max-samples-per-epoch", type=int, default=None, help="celltype: cap cells per split (fixed subset)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.atlas import train_atlas_task
+
+        train_atlas_task(
+            a.raster, a.cells, a.task, a.model, a.out, level=a.level, width=a.width, target_params=a.target_params,
+            dim=a.dim if a.dim == "auto" else int(a.dim), depth=a.depth, patch_size=a.patch_size[0] if len(a.patch_size) == 1
+            else a.patch_size, tile_size=a.tile_size[0] if len(a.tile_size) == 1 else a.tile_size, epochs=a.epochs,
+            batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed,
+            split_fractions=a.split_fractions, max_samples_per_epoch=a.max_samples_per_epoch, device=a.device,
+            num_workers=a.workers, progress=not a.no_progress, resume=not a.restart,
+        )
+
+    p.set_defaults(run=run)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="dense prediction over a raster (OME-Zarr labels + probabilities) and per cell")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of abc-pipeline train")
+    p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster with the training channels")
+    p.add_argument("--cells", type=Path, default=None, help="cells.zarr of the raster (checks cell order, scores test cells)")
+    p.add_argument("--out", type=Path, required=True, help="predictions.zarr to write (replaced atomically)")
+    p.add_argument("--tile-size", type=int, nargs="+", default=None, help="tile core (default 256 in 2D, 16 64 64 in 3D)")
+    p.add_argument("--halo", type=int, nargs="+", default=None, help="region U-Net context per side (default 16)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.predict import predict_raster
+
+        one = lambda v: v[0] if v is not None and len(v) == 1 else v  # noqa: E731
+        predict_raster(a.checkpoint, a.raster, a.out, cells=a.cells, tile_size=one(a.tile_size), halo=one(a.halo),
+                       batch_size=a.batch_size, device=a.device, progress=not a.no_progress)
+
+    p.set_defaults(run=run)
+
+
+def _add_annotate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("annotate", help="write predictions back to AnnData (cells_annotated.h5ad)")
+    p.add_argument("--cells", type=Path, required=True, help="cells.zarr (abc-pipeline assemble)")
+    p.add_argument("--predictions", type=Path, nargs="+", required=True,
+                   help="predictions.zarr stores (the first per task becomes pred_<task>)")
+    p.add_argument("--out", type=Path, required=True, help="h5ad to write, e.g. results/<dataset>/cells_annotated.h5ad")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.annotate import annotate_cells
+
+        annotate_cells(a.cells, a.predictions, a.out)
+
+    p.set_defaults(run=run)
+
+
+_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models, _add_train_npz, _add_train,
+               _add_predict, _add_annotate, _add_bench_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,13 +105,15 @@ def test_section_raster_hand_computed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("space, voxel", [("reconstructed", (0.2, 0.125, 0.125)), ("ccf", 0.25)])
-def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, voxel) -> None:
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "spill"])
+def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, voxel, in_memory: bool) -> None:
     path, xyz, expr, cls, symbols = atlas
-    # small blocks and a tiny stage-2 budget exercise many blocks, multi-block runs and the streaming path
+    # small blocks and a tiny stage-2 budget exercise many blocks, multi-block runs and the streaming path;
+    # max_accumulator_gb=0 forces the disk spill
     monkeypatch.setattr(binning, "choose_block", lambda shape, n, zd, multiple: tuple(min(b, s) for b, s in zip((2, 4, 8), shape)))
     monkeypatch.setattr(rasterize_module, "_STAGE2_BUDGET", 600)
     out = rasterize(path, tmp_path / "r.ome.zarr", space=space, voxel_size=voxel, labels=["class"],
-                    chunk_cells=37, progress=False, levels=2)
+                    chunk_cells=37, progress=False, levels=2, max_accumulator_gb=1.0 if in_memory else 0.0)
     r = open_raster(out)
     coords = xyz[:, ::-1] if space == "reconstructed" else (xyz[:, [2, 1, 0]] + 3.0)[:, ::-1]
     means, counts, labels, index = reference(coords, r.grid, expr[:, :5], cls)
@@ -131,15 +133,6 @@ def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.Monke
     assert lvl1.shape == (6, *g1.shape)
     np.testing.assert_allclose(lvl1[:5], m1, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(lvl1[5], c1)
-
-
-def test_label_pyramid_is_the_mode_of_children() -> None:
-    lab = np.array([[[0, 0, 3, 3, 5], [0, 2, 3, 1, 5]], [[4, 4, 0, 0, 0], [2, 2, 0, 0, 7]]], dtype=np.uint16)
-    down = binning.coarsen_labels(lab, (1, 2, 2))
-    # windows: [0,0,0,2] -> 2 (0 = empty is ignored); [3,3,3,1] -> 3; [5,5] + padding -> 5;
-    # [4,4,2,2] tie -> 2 (smaller label); all empty -> 0; [0,7] + padding -> 7
-    np.testing.assert_array_equal(down, [[[2, 3, 5]], [[2, 0, 7]]])
-    assert down.dtype == lab.dtype
 
 
 def test_shuffled_cells_give_the_same_raster(atlas, tmp_path: Path) -> None:

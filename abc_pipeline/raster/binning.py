@@ -4,9 +4,10 @@ The output grid is cut into blocks (the Zarr chunks of level 0, all channels). E
 *block-major key* ``block_id * block_voxels + offset_in_block``, so sorting by key groups voxels by
 block. A two-stage reduction keeps memory bounded whatever the number or order of cells:
 
-1. ``bin_chunk`` (one task per chunk of cells) sums the channel values, counts and label votes of its
-   cells per voxel (sort + ``group_sums``; no ``np.add.at``), and spills the sorted partial
-   sums to raw files, with offsets telling where each block starts.
+1. ``partial_sums`` (one task per chunk of cells) sums the channel values, counts and label votes of
+   its cells per voxel (sort + ``group_sums``; no ``np.add.at``). ``spill_partial`` writes the sorted
+   partial sums to raw files, with offsets telling where each block starts; for local threaded runs
+   whose dense grid fits a memory budget, ``BlockAccumulator.add`` adds them to in-memory blocks instead.
 2. ``reduce_block`` (run by one task per run of consecutive blocks) reads those slices back from
    every chunk and adds them into a dense block of sums and counts. The caller derives every pyramid
    level of the block from it (``window_sum``, ``coarsen_labels``: blocks are multiples of the
@@ -19,6 +20,8 @@ Memory: stage 1 ~ 3x a chunk of X; stage 2 ~ the spill bytes of its blocks (capp
 from __future__ import annotations
 
 import math
+import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,21 +136,27 @@ def _block_offsets(block_of: np.ndarray, n_blocks: int) -> np.ndarray:
     return np.searchsorted(block_of, np.arange(n_blocks + 1), side="left").astype(np.int64)
 
 
-def bin_chunk(
-    values: np.ndarray,
-    index: np.ndarray,
-    labels: dict[str, tuple[np.ndarray, int]],
-    layout: BlockLayout,
-    spill: Path,
-    chunk: int,
-) -> dict[str, np.ndarray]:
-    """Stage 1: per-voxel partial sums of one chunk of cells, spilled to ``spill``.
+@dataclass(frozen=True)
+class ChunkPartial:
+    """Per-voxel partial results of one chunk of cells, sorted by block-major voxel key.
+
+    keys (u,) int64, counts (u,) int32, sums (u, C) float32; votes: label -> (keys * n_cat + code
+    (v,) int64 ascending, votes (v,) int32).
+    """
+
+    keys: np.ndarray
+    counts: np.ndarray
+    sums: np.ndarray
+    votes: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def partial_sums(
+    values: np.ndarray, index: np.ndarray, labels: dict[str, tuple[np.ndarray, int]], layout: BlockLayout
+) -> ChunkPartial:
+    """Stage 1: sum one chunk's channel values, counts and label votes per voxel.
 
     values: (n, C) float32 channel values; index: (n, 3) int voxel index (-1 rows skipped);
     labels: name -> ((n,) int category codes, -1 = missing; number of categories).
-    Writes ``<chunk>.cells.{keys,counts,sums}`` (int64, int32, float32 (u, C)) and
-    ``<chunk>.label_<name>.{keys,counts}`` (keys = voxel key * n_categories + code) in key order.
-    Returns, per kind, the (n_blocks + 1,) offsets of each block's rows in those files.
     """
     ok = index[:, 0] >= 0
     rows = np.flatnonzero(ok)
@@ -155,23 +164,105 @@ def bin_chunk(
     order = np.argsort(keys, kind="stable")
     rows, keys = rows[order], keys[order]
     starts = _group_starts(keys)
-    ukeys = keys[starts]
     counts = np.diff(np.append(starts, keys.size)).astype(np.int32)
     sums = group_sums(values, rows, starts, counts)
-    bv = layout.block_voxels
-    ukeys.tofile(_spill_path(spill, chunk, CELL_KIND, "keys"))
-    counts.tofile(_spill_path(spill, chunk, CELL_KIND, "counts"))
-    np.ascontiguousarray(sums).tofile(_spill_path(spill, chunk, CELL_KIND, "sums"))
-    offsets = {CELL_KIND: _block_offsets(ukeys // bv, layout.n_blocks)}
+    votes = {}
     for name, (codes, n_cat) in labels.items():
         c = codes[rows].astype(np.int64)
         valid = c >= 0
         lk, lc = np.unique(keys[valid] * n_cat + c[valid], return_counts=True)
+        votes[name] = (lk, lc.astype(np.int32))
+    return ChunkPartial(keys[starts], counts, sums, votes)
+
+
+def spill_partial(partial: ChunkPartial, labels: dict[str, int], layout: BlockLayout, spill: Path, chunk: int) -> dict[str, np.ndarray]:
+    """Write a partial to ``spill``: ``<chunk>.cells.{keys,counts,sums}`` and ``<chunk>.label_<name>.{keys,counts}``.
+
+    Returns, per kind, the (n_blocks + 1,) offsets of each block's rows in those files.
+    """
+    bv = layout.block_voxels
+    partial.keys.tofile(_spill_path(spill, chunk, CELL_KIND, "keys"))
+    partial.counts.tofile(_spill_path(spill, chunk, CELL_KIND, "counts"))
+    np.ascontiguousarray(partial.sums).tofile(_spill_path(spill, chunk, CELL_KIND, "sums"))
+    offsets = {CELL_KIND: _block_offsets(partial.keys // bv, layout.n_blocks)}
+    for name, (lk, lc) in partial.votes.items():
         kind = label_kind(name)
         lk.tofile(_spill_path(spill, chunk, kind, "keys"))
-        lc.astype(np.int32).tofile(_spill_path(spill, chunk, kind, "counts"))
-        offsets[kind] = _block_offsets(lk // n_cat // bv, layout.n_blocks)
+        lc.tofile(_spill_path(spill, chunk, kind, "counts"))
+        offsets[kind] = _block_offsets(lk // labels[name] // bv, layout.n_blocks)
     return offsets
+
+
+class BlockAccumulator:
+    """In-memory alternative to the spill for local threaded runs: dense per-block sums and counts,
+    allocated for blocks that receive cells, plus compacted label votes; thread-safe (striped locks).
+
+    Memory: (occupied blocks) x block_voxels x (C + 1) x 4 bytes, independent of the number of cells.
+    """
+
+    def __init__(self, layout: BlockLayout, n_channels: int, labels: dict[str, int]) -> None:
+        self.layout, self.C, self.labels = layout, n_channels, labels
+        self._sums: dict[int, np.ndarray] = {}
+        self._counts: dict[int, np.ndarray] = {}
+        self._votes: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._locks = [threading.Lock() for _ in range(64)]
+        self._token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:  # never hash (or pickle) the arrays when building graphs
+        return self._token
+
+    @staticmethod
+    def nbytes(layout: BlockLayout, n_channels: int) -> int:
+        """Upper bound of the accumulator's memory (every block occupied)."""
+        return layout.n_blocks * layout.block_voxels * (n_channels + 1) * 4
+
+    def add(self, partial: ChunkPartial) -> None:
+        bv = self.layout.block_voxels
+        offs = _block_offsets(partial.keys // bv, self.layout.n_blocks)
+        for b in np.flatnonzero(np.diff(offs)).tolist():
+            lo, hi = offs[b], offs[b + 1]
+            local = partial.keys[lo:hi] - b * bv
+            with self._locks[b % len(self._locks)]:
+                if b not in self._sums:
+                    self._sums[b] = np.zeros((bv, self.C), dtype=np.float32)
+                    self._counts[b] = np.zeros(bv, dtype=np.float32)
+                self._sums[b][local] += partial.sums[lo:hi]
+                self._counts[b][local] += partial.counts[lo:hi]
+        for name, (lk, lc) in partial.votes.items():
+            voffs = _block_offsets(lk // self.labels[name] // bv, self.layout.n_blocks)
+            for b in np.flatnonzero(np.diff(voffs)).tolist():
+                part = (lk[voffs[b] : voffs[b + 1]].copy(), lc[voffs[b] : voffs[b + 1]].copy())
+                with self._locks[b % len(self._locks)]:
+                    pending = self._votes.setdefault((name, b), [])
+                    pending.append(part)
+                    if len(pending) >= 8:  # keep memory bounded by distinct (voxel, category) pairs
+                        pending[:] = [_merge_votes(pending)]
+
+    def blocks(self) -> list[int]:
+        return sorted(self._sums)
+
+    def pop(self, b: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Dense (C + 1, *block) sums with the count last and majority labels of block ``b``; frees it."""
+        bv = self.layout.block_voxels
+        dense = np.empty((self.C + 1, bv), dtype=np.float32)
+        dense[: self.C] = self._sums.pop(b).T
+        dense[self.C] = self._counts.pop(b)
+        out = {}
+        for name, n_cat in self.labels.items():
+            keys, votes = _merge_votes(self._votes.pop((name, b), []))
+            out[name] = majority(keys, votes, n_cat, b * bv, bv).reshape(self.layout.block)
+        return dense.reshape((self.C + 1, *self.layout.block)), out
+
+
+def _merge_votes(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    keys = np.concatenate([k for k, _ in parts])
+    votes = np.concatenate([v for _, v in parts])
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = _group_starts(keys)
+    return keys[starts], np.add.reduceat(votes[order], starts).astype(np.int32) if starts.size else votes[:0]
 
 
 def _read(path: Path, dtype: type, start: int, stop: int, width: int = 1) -> np.ndarray:

@@ -4,7 +4,8 @@ Pipeline (each step one Dask computation, threaded by default or on a ``dask.dis
 
 0. bounds (and section order) from the coordinates only;
 1. one task per chunk of cells: channel values, voxel index (written to ``cells/voxel_index``),
-   per-voxel partial sums / counts / label votes spilled to disk (``binning.bin_chunk``);
+   per-voxel partial sums / counts / label votes (``binning.partial_sums``), added to in-memory
+   blocks when the dense grid fits ``max_accumulator_gb`` on a local threaded run, else spilled to disk;
 2. one task per run of output blocks: add the partials and write the blocks' image and label chunks
    of every pyramid level (window sums of sums and counts = exact cell means of the coarse voxels;
    label modes), so no level is read back;
@@ -77,6 +78,11 @@ class _Runner:
             log.info("using the dask.distributed cluster at %s (%s)", self.address, self.client.dashboard_link)
         return self
 
+    @property
+    def local_threads(self) -> bool:
+        """True when tasks share this process's memory (threaded or synchronous local scheduler)."""
+        return self.client is None and self.scheduler in ("threads", "synchronous")
+
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
             self.client.close()
@@ -111,8 +117,9 @@ class _Stage1:
     plan: ChannelPlan
     code_to_z: np.ndarray | None  # section space: category code -> z index (-1 = section not rasterized)
     label_ncat: dict[str, int]
-    spill: Path
     voxel_index: zarr.Array
+    spill: Path | None  # partial sums go to disk here ...
+    accumulator: binning.BlockAccumulator | None  # ... or into memory
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,8 @@ class _Stage2:
     layout: binning.BlockLayout
     n_channels: int
     label_ncat: dict[str, int]
-    spill: Path
+    spill: Path | None
+    accumulator: binning.BlockAccumulator | None
     factor: tuple[int, int, int]  # downsampling per pyramid level (z, y, x)
     images: list[zarr.Array]  # image level k: (C + 1, z, y, x)
     labels: dict[str, list[zarr.Array]]  # label name -> level k: (z, y, x)
@@ -152,21 +160,34 @@ def _stage1(x, raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start:
     outside = (index[:, 0] < 0) & ~missing
     values = ctx.plan.apply(np.asarray(x, dtype=np.float32))
     labels = {name: (np.asarray(codes), ctx.label_ncat[name]) for name, codes in zip(ctx.label_ncat, label_codes)}
-    offsets = binning.bin_chunk(values, index, labels, ctx.layout, ctx.spill, chunk)
+    partial = binning.partial_sums(values, index, labels, ctx.layout)
+    offsets = None
+    if ctx.accumulator is not None:
+        ctx.accumulator.add(partial)
+    else:
+        offsets = binning.spill_partial(partial, ctx.label_ncat, ctx.layout, ctx.spill, chunk)
     return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index)}
 
 
-def _stage2(task: binning.BlockTask, ctx: _Stage2) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce the blocks of one task and write their chunks of every pyramid level.
+def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce the blocks of one task (spilled: a ``BlockTask``; in memory: block ids) and write their
+    chunks of every pyramid level.
 
     Returns per-channel (min, max) of the level-0 values over non-empty voxels (display windows).
     """
     C = ctx.n_channels
-    reader = binning._SpillReader(ctx.spill, task, C, preload=task.nbytes <= _STAGE2_BUDGET)
+    if ctx.accumulator is None:
+        reader = binning._SpillReader(ctx.spill, task, C, preload=task.nbytes <= _STAGE2_BUDGET)
+        blocks = task.blocks
+    else:
+        blocks = task
     lo = np.full(C + 1, np.inf)
     hi = np.full(C + 1, -np.inf)
-    for i, b in enumerate(task.blocks):
-        sums, labels = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
+    for i, b in enumerate(blocks):
+        if ctx.accumulator is None:
+            sums, labels = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
+        else:
+            sums, labels = ctx.accumulator.pop(b)
         for k, image in enumerate(ctx.images):
             if k:
                 sums = binning.window_sum(sums, ctx.factor)
@@ -284,6 +305,7 @@ def rasterize(
     overwrite: bool = False,
     progress: bool = True,
     seed: int = 0,
+    max_accumulator_gb: float = 1.5,
 ) -> Path:
     """Rasterize ``cells_path`` (cells.zarr) into the OME-Zarr raster ``out_path``; returns ``out_path``.
 
@@ -302,6 +324,9 @@ def rasterize(
     scheduler / num_workers: local Dask scheduler; ``address``: a ``dask.distributed`` scheduler
         address (``tcp://host:8786``), which then runs every step (needs a filesystem shared with the workers).
     overwrite: replace an existing raster (atomically); otherwise an existing path is an error.
+    max_accumulator_gb: on local threaded runs, per-voxel sums are accumulated in memory when the dense
+        grid (voxels x (channels + 1) x 4 bytes) fits this budget; otherwise (and on clusters) partial
+        sums are spilled to disk next to the output and reduced block by block.
     """
     out = Path(out_path)
     _check_target(out, overwrite)
@@ -313,15 +338,16 @@ def rasterize(
     runner = _Runner(scheduler, num_workers, address, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_store(out) as tmp, runner:
-        _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan, label_names, int(levels), _row_chunk(source, chunk_cells))
+        _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan,
+               label_names, int(levels), _row_chunk(source, chunk_cells), max_accumulator_gb)
         _swap_into_place(tmp, out)
     log.info("wrote raster %s", out)
     return out
 
 
 def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str, voxel_size, bounds, margin: int,
-           plan: ChannelPlan, label_names: list[str], n_levels: int, rows: int) -> None:
-    """Steps 0-4 into the temporary store ``tmp``; ``name`` is the image name in the metadata."""
+           plan: ChannelPlan, label_names: list[str], n_levels: int, rows: int, max_accumulator_gb: float) -> None:
+    """Steps 0-3 (module docstring) into the temporary store ``tmp``; ``name`` names the image."""
     if space not in COORDINATE_KEYS:
         raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
     n = source.n_cells
@@ -391,11 +417,18 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
                               for k in range(n_levels)]
     cells = root.require_group("cells")
     voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
-    spill = tmp / "_spill"
-    spill.mkdir()
+    dense_bytes = binning.BlockAccumulator.nbytes(layout, n_ch)
+    if runner.local_threads and dense_bytes <= max_accumulator_gb * 2**30:
+        accumulator, spill = binning.BlockAccumulator(layout, n_ch, label_ncat), None
+        log.info("accumulating in memory (dense grid %.2f GB <= %.2f GB)", dense_bytes / 2**30, max_accumulator_gb)
+    else:
+        accumulator, spill = None, tmp / "_spill"
+        spill.mkdir()
+        log.info("spilling partial sums to %s (dense grid %.2f GB > %.2f GB, or not a local threaded run)",
+                 spill, dense_bytes / 2**30, max_accumulator_gb)
 
     # ---- step 1: bin chunks of cells
-    ctx1 = _Stage1(grid, layout, plan, code_to_z, label_ncat, spill, voxel_index)
+    ctx1 = _Stage1(grid, layout, plan, code_to_z, label_ncat, voxel_index, spill, accumulator)
     starts = np.concatenate([[0], np.cumsum(row_chunks)[:-1]]).tolist()
     xb, rb = x.to_delayed().ravel(), raw.to_delayed().ravel()
     sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(xb)
@@ -413,12 +446,17 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         raise InputError(f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds")
 
     # ---- step 2: reduce blocks, write every pyramid level
-    block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
-    ctx2 = _Stage2(layout, n_ch, label_ncat, spill, factor, images, label_arrays)
+    if accumulator is None:
+        block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
+    else:
+        occupied = accumulator.blocks()
+        block_tasks = [tuple(occupied[i : i + 4]) for i in range(0, len(occupied), 4)]
+    ctx2 = _Stage2(layout, n_ch, label_ncat, spill, accumulator, factor, images, label_arrays)
     ranges = runner.compute([dask.delayed(_stage2)(t, ctx2) for t in block_tasks], "writing voxels")
     lo = np.min([r[0] for r in ranges], axis=0)
     hi = np.max([r[1] for r in ranges], axis=0)
-    shutil.rmtree(spill)
+    if spill is not None:
+        shutil.rmtree(spill)
 
     # ---- step 3: metadata and per-cell tables
     channels = [*plan.names, COUNT_CHANNEL]
