@@ -1,0 +1,458 @@
+"""Datasets over OME-Zarr rasters: section-disjoint splits, class tables, normalisation, patches and tiles.
+
+Everything is read lazily from the raster's level 0 (``c, z, y, x``; the last channel ``n_cells``):
+one z-plane at a time through a small LRU cache (``cache_bytes``), never the whole volume.
+
+- Splits (:func:`section_splits`) are contiguous blocks of z indices (sections of a ``section`` raster, z
+  slabs of a 3D one), one block per split; the seed only chooses the order of the blocks along z. A cell
+  belongs to the split of its voxel's z (:func:`cell_splits`; ``"none"`` without a voxel).
+- Model input (:class:`Normalizer`): the feature channels standardised with the per-channel mean/std over
+  the tissue voxels (``n_cells > 0``) of the training split, 0 in empty voxels, plus one ``tissue``
+  channel (1 where ``n_cells > 0``): ``C_in = n_features + 1`` channels. Voxels outside the volume, and
+  in 3D outside the split's z indices (no leakage between splits), read as 0 (and target -1).
+- Targets (:class:`ClassTable`): the classes of one label level in the order of the raster's label table
+  (``labels/<level>``; without it the category order of ``cells.zarr``), categories in ``ignore``
+  (``"unassigned"``) left out; a voxel label / cell category maps to its class index or -1 (not counted).
+- :class:`CellPatchDataset`: one sample per cell of the split with a voxel and a label: the patch of
+  ``patch_size + 2 * halo`` voxels centred on the cell's voxel, target the cell's own label.
+- :class:`TileDataset`: regular tiles over the split's z-blocks that contain a labelled voxel; target the
+  per-voxel label volume (-1 where there are no cells).
+
+2D models see ``(C_in, y, x)`` per z-plane (z is the batch); 3D models ``(C_in, z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from torch.utils.data import Dataset
+
+from abc_pipeline.errors import InputError
+from abc_pipeline.raster.ome import Raster, default_colors
+from abc_pipeline.raster.source import CellSource
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+NO_SPLIT = "none"
+IGNORE_CATEGORIES = ("unassigned",)
+DEFAULT_CACHE_BYTES = 1 << 30
+_CELL_CHUNK = 1 << 20  # cells per read of the per-cell tables
+
+
+# ----------------------------------------------------------------------------------------------- splits
+def section_splits(n_sections: int, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+                   ) -> dict[str, list[int]]:
+    """Contiguous blocks of z indices ``0..n_sections-1`` for ``train``, ``val``, ``test``.
+
+    Block sizes are the fractions (normalised) rounded by largest remainder, each split with a positive
+    fraction getting at least one section; ``seed`` picks the order of the three blocks along z.
+    """
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
+        raise InputError(f"split fractions must be 3 non-negative numbers (train val test), got {list(fractions)}")
+    wanted = int((f > 0).sum())
+    if n_sections < wanted:
+        raise InputError(f"{n_sections} sections cannot be split into {wanted} non-empty blocks "
+                         f"(fractions {list(fractions)}); rasterize more sections or set a fraction to 0")
+    exact = f / f.sum() * n_sections
+    sizes = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - sizes), kind="stable")[: n_sections - sizes.sum()]:
+        sizes[i] += 1
+    for i in np.flatnonzero((f > 0) & (sizes == 0)):
+        sizes[np.argmax(sizes)] -= 1
+        sizes[i] = 1
+    order = np.random.default_rng(seed).permutation(3)
+    out, start = {}, 0
+    for i in order:
+        out[SPLITS[i]] = list(range(start, start + int(sizes[i])))
+        start += int(sizes[i])
+    return {name: out[name] for name in SPLITS}
+
+
+def raster_splits(raster: Raster, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+                  ) -> dict[str, list[int]]:
+    """:func:`section_splits` of the z indices that hold cells, widened to cover every z index.
+
+    Empty z indices (margins, gaps) join the block below them (those before the first occupied index, the
+    first block), so the blocks stay contiguous and a split's size counts occupied sections only.
+    """
+    nz = raster.grid.shape[0]
+    occupied = np.flatnonzero(np.asarray((raster.n_cells > 0).any(axis=(1, 2)).compute()))
+    if not occupied.size:
+        raise InputError(f"{raster.path}: the raster holds no cells")
+    blocks = section_splits(len(occupied), fractions, seed)
+    firsts = sorted((int(occupied[z[0]]), name) for name, z in blocks.items() if z)
+    out = {name: [] for name in SPLITS}
+    for k, (start, name) in enumerate(firsts):
+        stop = firsts[k + 1][0] if k + 1 < len(firsts) else nz
+        out[name] = list(range(0 if k == 0 else start, stop))
+    return out
+
+
+def z_split_codes(splits: dict[str, Sequence[int]], n_z: int) -> np.ndarray:
+    """``(n_z,)`` int8: index into ``SPLITS`` of each z index, -1 where it belongs to no split."""
+    codes = np.full(n_z, -1, dtype=np.int8)
+    for k, name in enumerate(SPLITS):
+        codes[np.asarray(splits.get(name, []), dtype=np.int64)] = k
+    return codes
+
+
+def z_blocks(z_indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, stop)`` of consecutive z indices."""
+    z = np.unique(np.asarray(z_indices, dtype=np.int64))
+    if not z.size:
+        return []
+    cuts = np.flatnonzero(np.diff(z) > 1) + 1
+    return [(int(b[0]), int(b[-1]) + 1) for b in np.split(z, cuts)]
+
+
+def cell_splits(raster: Raster, splits: dict[str, Sequence[int]]) -> pd.Categorical:
+    """Split of every cell (cells.zarr obs order) by its voxel's z; ``"none"`` for cells without a voxel.
+
+    Read in chunks of the voxel index; the result holds one int8 code per cell.
+    """
+    lut = z_split_codes(splits, raster.grid.shape[0])
+    index = raster.voxel_index
+    codes = np.empty(index.shape[0], dtype=np.int8)
+    for s in range(0, index.shape[0], _CELL_CHUNK):
+        z = np.asarray(index[s : s + _CELL_CHUNK, 0])
+        c = np.where(z >= 0, lut[np.clip(z, 0, None)], -1)
+        codes[s : s + len(z)] = np.where(c >= 0, c, len(SPLITS))
+    return pd.Categorical.from_codes(codes, categories=[*SPLITS, NO_SPLIT])
+
+
+# ----------------------------------------------------------------------------------------------- classes
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes of one label level.
+
+    ``names`` / ``colors``: the classes (hex colours aligned); ``categories``: the source table (label value
+    ``k >= 1`` of ``labels/<level>`` is ``categories[k - 1]``), a superset of ``names``.
+    """
+
+    level: str
+    names: tuple[str, ...]
+    colors: tuple[str, ...]
+    categories: tuple[str, ...]
+
+    def lookup(self, categories: Sequence[str]) -> np.ndarray:
+        """``(len(categories),)`` int64: class index of each category name, -1 if it is not a class."""
+        pos = {n: i for i, n in enumerate(self.names)}
+        return np.array([pos.get(str(c), -1) for c in categories], dtype=np.int64)
+
+    def label_lookup(self) -> np.ndarray:
+        """``(len(categories) + 1,)`` int64: class index of each label value (0 = no cells -> -1)."""
+        return np.concatenate([[-1], self.lookup(self.categories)])
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "names": list(self.names), "colors": list(self.colors),
+                "categories": list(self.categories)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassTable:
+        return cls(d["level"], tuple(d["names"]), tuple(d["colors"]), tuple(d["categories"]))
+
+
+def class_table(raster: Raster, cells: CellSource | None, level: str,
+                ignore: Sequence[str] = IGNORE_CATEGORIES) -> ClassTable:
+    """Classes of ``level`` from ``raster.labels[level]``, else from the categorical ``cells.obs[level]``."""
+    if level in raster.labels:
+        lv = raster.labels[level]
+        categories, colors = lv.categories, lv.colors
+    elif cells is not None:
+        cat = cells.categorical(level)
+        categories, colors = cat.categories, cat.colors or default_colors(len(cat.categories))
+    else:
+        raise InputError(f"{raster.path}: no labels/{level} (label volumes: {', '.join(raster.labels) or 'none'}); "
+                         f"rasterize with --labels {level} or give the cells.zarr")
+    keep = [i for i, c in enumerate(categories) if c not in set(ignore)]
+    if not keep:
+        raise InputError(f"{raster.path}: level {level!r} has no categories besides {list(ignore)}")
+    return ClassTable(level, tuple(categories[i] for i in keep), tuple(colors[i] for i in keep), tuple(categories))
+
+
+# ----------------------------------------------------------------------------------------------- input
+@dataclass(frozen=True)
+class Normalizer:
+    """Per-feature-channel ``mean`` / ``std`` ``(F,)`` over tissue voxels of the training split."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @property
+    def in_channels(self) -> int:
+        """Model input channels: the features plus the tissue channel."""
+        return len(self.mean) + 1
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """Raw raster values ``(F + 1, *spatial)`` (last = ``n_cells``) -> model input ``(F + 1, *spatial)``
+        float32: standardised features in tissue voxels, 0 elsewhere; last channel 1 in tissue, else 0."""
+        tissue = image[-1] > 0
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        feats = (image[:-1] - self.mean.reshape(shape).astype(np.float32)) / self.std.reshape(shape).astype(np.float32)
+        out = np.where(tissue, feats, np.float32(0)).astype(np.float32)
+        return np.concatenate([out, tissue[None].astype(np.float32)])
+
+    def to_dict(self) -> dict:
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalizer:
+        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
+
+
+def channel_stats(raster: Raster, z_indices: Sequence[int]) -> Normalizer:
+    """Mean and std of every feature channel over the tissue voxels of ``z_indices`` (Dask, chunk-wise,
+    float64 sums). Channels with std below 1e-6 get std 1."""
+    z = sorted(int(v) for v in z_indices)
+    image = raster.levels[0]
+    blocks = [image[:, a:b] for a, b in z_blocks(z)]
+    if not blocks:
+        raise InputError(f"{raster.path}: no z index to compute the input normalisation on")
+    sel = da.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    tissue = sel[-1] > 0
+    feats = da.where(tissue, sel[:-1], 0).astype(np.float64)
+    s, s2, n = da.compute(feats.sum(axis=(1, 2, 3)), (feats**2).sum(axis=(1, 2, 3)), tissue.sum())
+    if n == 0:
+        raise InputError(f"{raster.path}: the training sections (z {z[0]}..{z[-1]}) hold no cells; "
+                         f"choose other --split-fractions or --seed")
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0))
+    return Normalizer(mean, np.where(std < 1e-6, 1.0, std))
+
+
+def _level0(group: zarr.Group) -> zarr.Array:
+    return group[group.attrs["multiscales"][0]["datasets"][0]["path"]]
+
+
+class RasterReader:
+    """Normalised input windows and class-index label windows of a raster's level 0.
+
+    ``allowed_z``: z indices that may be read (the split's); others, and everything outside the volume,
+    read as input 0 and target -1. Whole z-planes are read and kept in an LRU cache of ``cache_bytes``.
+    """
+
+    def __init__(self, raster: Raster, normalizer: Normalizer, allowed_z: Sequence[int] | None = None,
+                 label: str | None = None, table: ClassTable | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        root = zarr.open_group(str(raster.path), mode="r")
+        self.path = raster.path
+        self.image = _level0(root)
+        self.shape = tuple(int(n) for n in raster.grid.shape)
+        self.normalizer = normalizer
+        self.allowed = np.ones(self.shape[0], bool) if allowed_z is None else np.isin(np.arange(self.shape[0]), allowed_z)
+        self.labels = _level0(root["labels"][label]) if label is not None else None
+        self.lut = table.label_lookup() if table is not None else None
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def in_channels(self) -> int:
+        return self.normalizer.in_channels
+
+    def _cached(self, kind: str, z: int, read) -> np.ndarray:
+        key = (kind, z)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = read()
+        self._cache[key] = value
+        self._bytes += value.nbytes
+        while self._bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.nbytes
+        return value
+
+    def plane(self, z: int) -> np.ndarray:
+        """Model input of z-plane ``z``: ``(C_in, Y, X)`` float32."""
+        return self._cached("image", z, lambda: self.normalizer.apply(np.asarray(self.image[:, z])))
+
+    def label_plane(self, z: int) -> np.ndarray:
+        """Class indices of z-plane ``z``: ``(Y, X)`` int64, -1 where unlabelled."""
+        if self.labels is None:
+            raise InputError(f"{self.path}: this reader was opened without a label volume")
+        return self._cached("label", z, lambda: self.lut[np.asarray(self.labels[z]).astype(np.int64)])
+
+    def _window(self, lo: Sequence[int], size: Sequence[int], out: np.ndarray, get) -> np.ndarray:
+        """Fill ``out[..., z, y, x]`` from planes ``get(z)`` over the box ``lo .. lo + size`` (z, y, x)."""
+        src, dst = [], []
+        for axis in (1, 2):
+            a, n, lim = lo[axis], size[axis], self.shape[axis]
+            s0, s1 = max(a, 0), min(a + n, lim)
+            if s1 <= s0:
+                return out
+            src.append(slice(s0, s1))
+            dst.append(slice(s0 - a, s1 - a))
+        for k in range(size[0]):
+            z = lo[0] + k
+            if 0 <= z < self.shape[0] and self.allowed[z]:
+                out[..., k, dst[0], dst[1]] = get(z)[..., src[0], src[1]]
+        return out
+
+    def window(self, lo: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """Input box starting at voxel ``lo`` (z, y, x; may be negative) of ``size`` voxels:
+        ``(C_in, *size)`` float32, zero outside the volume and the allowed z indices."""
+        out = np.zeros((self.in_channels, *size), dtype=np.float32)
+        return self._window(lo, size, out, self.plane)
+
+    def target_window(self, lo: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """Class indices over the box: ``(*size)`` int64, -1 outside the volume/allowed z or unlabelled."""
+        out = np.full(tuple(size), -1, dtype=np.int64)
+        return self._window(lo, size, out, self.label_plane)
+
+
+def _box(dim: int, size: Sequence[int]) -> tuple[int, int, int]:
+    """Window size (z, y, x) of a ``dim``-D model input of ``size`` (per model axis)."""
+    size = tuple(int(s) for s in size)
+    if len(size) != dim:
+        raise InputError(f"expected {dim} sizes (one per model axis), got {size}")
+    return (1, *size) if dim == 2 else size
+
+
+def _split_z(splits: dict[str, Sequence[int]], split: str) -> list[int]:
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+    return sorted(int(z) for z in splits.get(split, []))
+
+
+# ----------------------------------------------------------------------------------------------- patches
+class CellPatchDataset(Dataset):
+    """Per-cell patches of one split (``(input, target)`` pairs).
+
+    Input ``(C_in, *(patch_size + 2 * halo))`` centred on the cell's voxel (``dim`` = 2: over (y, x) of
+    its z-plane; 3: over (z, y, x)); target the class index of the cell's own ``level`` label. Cells
+    without a voxel, outside the split or without a class are left out. ``max_samples``: keep a fixed
+    seeded random subset of at most that many cells. Attributes: ``targets`` (N,) int64, ``cells`` (N,)
+    int64 row numbers in cells.zarr, ``voxels`` (N, 3) int64.
+    """
+
+    def __init__(self, raster: Raster, cells: CellSource, table: ClassTable, split: str,
+                 splits: dict[str, Sequence[int]], normalizer: Normalizer, dim: int,
+                 patch_size: Sequence[int], halo: Sequence[int], *, max_samples: int | None = None,
+                 seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.split, self.dim = split, dim
+        zs = _split_z(splits, split)
+        self.size = _box(dim, [p + 2 * h for p, h in zip(patch_size, halo)])
+        self.reader = RasterReader(raster, normalizer, zs if dim == 3 else None, cache_bytes=cache_bytes)
+        if cells.n_cells != raster.voxel_index.shape[0]:
+            raise InputError(f"{cells.path} has {cells.n_cells} cells but {raster.path} indexes "
+                             f"{raster.voxel_index.shape[0]}; rasterize this cells.zarr")
+        codes = cells.categorical(table.level)
+        lut = table.lookup(codes.categories)
+        allowed = np.isin(np.arange(raster.grid.shape[0]), zs)
+        keep_cells, keep_vox, keep_t = [], [], []
+        index = raster.voxel_index
+        for s in range(0, index.shape[0], _CELL_CHUNK):
+            vox = np.asarray(index[s : s + _CELL_CHUNK]).astype(np.int64)
+            c = np.asarray(codes.codes[s : s + len(vox)].compute()).astype(np.int64)
+            t = np.where(c >= 0, lut[np.clip(c, 0, None)], -1)
+            ok = (vox[:, 0] >= 0) & (t >= 0)
+            ok[ok] = allowed[vox[ok, 0]]
+            keep_cells.append(np.flatnonzero(ok) + s)
+            keep_vox.append(vox[ok])
+            keep_t.append(t[ok])
+        self.cells = np.concatenate(keep_cells)
+        self.voxels = np.concatenate(keep_vox).reshape(-1, 3)
+        targets = np.concatenate(keep_t)
+        if max_samples is not None and len(self.cells) > max_samples:
+            pick = np.sort(np.random.default_rng(seed).choice(len(self.cells), max_samples, replace=False))
+            self.cells, self.voxels, targets = self.cells[pick], self.voxels[pick], targets[pick]
+        if not len(self.cells):
+            raise InputError(f"{raster.path}: split {split!r} (z {zs}) has no cell with a voxel and a "
+                             f"{table.level!r} class; choose other --split-fractions or --seed")
+        self.targets = torch.as_tensor(targets, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = [int(v) - n // 2 for v, n in zip(self.voxels[i], self.size)]
+        x = self.reader.window(lo, self.size)
+        return torch.from_numpy(x[:, 0] if self.dim == 2 else x), self.targets[i]
+
+
+# ----------------------------------------------------------------------------------------------- tiles
+def _starts(lo: int, hi: int, tile: int, stride: int) -> list[int]:
+    """Tile starts covering ``[lo, hi)``; the last tile ends at ``hi`` when it fits."""
+    if hi - lo <= tile:
+        return [lo]
+    out = list(range(lo, hi - tile + 1, stride))
+    if out[-1] + tile < hi:
+        out.append(hi - tile)
+    return out
+
+
+class TileDataset(Dataset):
+    """Regular tiles of one split with per-voxel targets (``(input, target)`` pairs).
+
+    ``tile_size``: per model axis (``dim`` sizes); tiles step by ``tile_size - overlap`` over (y, x) of
+    every z-plane of the split (2D) or over (z, y, x) of every z-block of the split (3D); tiles without a
+    labelled voxel are dropped. Input ``(C_in, *tile)``, target ``(*tile)`` int64 (-1: no cells, no class,
+    outside the volume or the split). ``targets``: the labelled voxels' classes over all tiles (for
+    class-balanced loss weights).
+    """
+
+    def __init__(self, raster: Raster, table: ClassTable, split: str, splits: dict[str, Sequence[int]],
+                 normalizer: Normalizer, dim: int, tile_size: Sequence[int], *, overlap: int = 0,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if table.level not in raster.labels:
+            raise InputError(f"{raster.path}: no labels/{table.level} volume for region training; rasterize with "
+                             f"--labels {table.level}")
+        self.split, self.dim = split, dim
+        zs = _split_z(splits, split)
+        self.size = _box(dim, tile_size)
+        self.reader = RasterReader(raster, normalizer, zs, table.level, table, cache_bytes=cache_bytes)
+        steps = [max(1, n - overlap) for n in self.size]
+        ny, nx = self.reader.shape[1:]
+        zstarts = list(zs) if dim == 2 else [s for a, b in z_blocks(zs) for s in _starts(a, b, self.size[0], steps[0])]
+        self.tiles: list[tuple[int, int, int]] = []
+        counts = np.zeros(len(table.names), dtype=np.int64)
+        for z0 in zstarts:
+            for y0 in _starts(0, ny, self.size[1], steps[1]):
+                for x0 in _starts(0, nx, self.size[2], steps[2]):
+                    t = self.reader.target_window((z0, y0, x0), self.size)
+                    t = t[t >= 0]
+                    if t.size:
+                        self.tiles.append((z0, y0, x0))
+                        counts += np.bincount(t, minlength=len(counts))
+        if not self.tiles:
+            raise InputError(f"{raster.path}: split {split!r} (z {zs}) has no voxel labelled with a "
+                             f"{table.level!r} class; choose other --split-fractions or --seed")
+        self.targets = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = self.tiles[i]
+        x, y = self.reader.window(lo, self.size), self.reader.target_window(lo, self.size)
+        if self.dim == 2:
+            x, y = x[:, 0], y[0]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def default_dim(raster: Raster) -> int:
+    """2 for ``section`` rasters (per-section images), 3 otherwise."""
+    return raster.grid.ndim_physical
+
+
+def model_spacing(raster: Raster, dim: int) -> tuple[float, ...]:
+    """Physical voxel size per model axis: (y, x) in 2D, (z, y, x) in 3D (mm)."""
+    if dim == 3 and raster.grid.space == "section":
+        raise InputError(f"{raster.path} is a section raster (2D per section); use --dim 2")
+    return tuple(raster.grid.voxel_size[3 - dim:])
+
+
+__all__ = ["CellPatchDataset", "ClassTable", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
+           "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
+           "z_blocks", "z_split_codes"]

@@ -1,0 +1,274 @@
+"""Dense prediction over a whole raster and per-cell sampling (``abc-pipeline predict``).
+
+The network of an atlas checkpoint (``abc-pipeline train``) runs fully convolutionally over the raster in
+tiles with halos: every tile core of ``tile_size`` voxels is read with a margin (zero outside the volume)
+and only the core is kept, so memory is bounded by the tile size, not the raster.
+
+- ``celltype`` (patch classifier): ``forward_dense`` with margin ``patch_size // 2 + halo`` (the receptive
+  field): each voxel's probabilities equal those of the patch classifier on the patch centred there.
+- ``region`` (U-Net): the tile is read with ``halo`` extra voxels per side (default 16 per axis in-plane)
+  and centre-cropped (stitching without seams as long as the halo covers the network's effective context).
+
+Each z-block of the checkpoint's split is predicted on its own (input outside the block is zero), exactly
+as the model saw its split in training (2D models: each z-plane on its own). Rasters other than the
+training one are predicted in one block, and their cells get split ``none``.
+
+Output ``predictions.zarr`` (OME-Zarr 0.4, opens in napari / ``ome-zarr``)::
+
+    0/                        (n_classes, z, y, x) float32 probabilities (0 in empty voxels); channels = classes
+    labels/pred_<task>/0      (z, y, x) uint16: class k + 1 of the argmax, 0 = no cells; colours + names
+    cells/pred                (n_cells,) int16 class index per cell (cells.zarr obs order), -1 = no voxel
+    cells/proba               (n_cells, n_classes) float32, NaN rows = no voxel
+    cells/split               (n_cells,) int8 code into ``attrs.split_categories``
+    .zattrs abc_pipeline.predictions: task, level, model, classes, colours, checkpoint, metrics, ...
+
+Per-cell values are sampled from the probability volume at each cell's voxel (``cells/voxel_index``), in
+chunks of cells with one vectorised gather each; no per-cell network evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import replace_tree
+from abc_pipeline.evaluate import classification_metrics
+from abc_pipeline.learn.checkpoint import load_model
+from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
+                                     z_blocks)
+from abc_pipeline.learn.train import pick_device
+from abc_pipeline.raster.ome import ATTRS_KEY, create_array, open_raster, write_image_metadata, write_labels_metadata
+from abc_pipeline.raster.source import CellSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILE = {2: (256, 256), 3: (16, 64, 64)}
+DEFAULT_HALO = 16
+_CELL_CHUNK = 1 << 16  # cells per gather
+_METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
+
+
+def atlas_config(ckpt: dict, path: str | Path) -> dict:
+    """The ``atlas`` section of a checkpoint written by ``abc-pipeline train``."""
+    atlas = ckpt.get("config", {}).get("config", {}).get("atlas")
+    if atlas is None:
+        raise InputError(f"{path}: not an atlas checkpoint (no config['atlas']; trained with train-npz?); "
+                         f"train one with `abc-pipeline train --raster ...`")
+    return atlas
+
+
+def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], checkpoint: str | Path) -> None:
+    """:class:`InputError` naming both channel lists when the raster's feature channels differ."""
+    want, have = list(atlas["channels"]), list(channels)
+    if want != have:
+        diff = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+        raise InputError(
+            f"{raster_path} has {len(have)} feature channels ({have[:5]}...) but the checkpoint {checkpoint} was "
+            f"trained on {len(want)} ({want[:5]}...), first difference at channel {diff}; rasterize with the "
+            f"training channels (same --genes/--pca) or use a checkpoint trained on this raster")
+
+
+def names_digest(names: zarr.Array, chunk: int = _CELL_CHUNK) -> str:
+    """SHA-1 (16 hex digits) of a cell-name array, read in chunks (identifies a cells.zarr's obs order)."""
+    h = hashlib.sha1()
+    for s in range(0, names.shape[0], chunk):
+        h.update("\n".join(str(v) for v in np.asarray(names[s : s + chunk]).tolist()).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+def _boxes(blocks: list[tuple[int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
+           ) -> Iterator[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """``(block, z, y, x)`` ranges of every tile core; 2D tiles are one z-plane each."""
+    for block in blocks:
+        zt = [(z, z + 1) for z in range(*block)] if dim == 2 else _tiles(*block, core[0])
+        for zr in zt:
+            for yr in _tiles(0, shape[1], core[1]):
+                for xr in _tiles(0, shape[2], core[2]):
+                    yield block, zr, yr, xr
+
+
+def _prediction_blocks(atlas: dict, raster, dim: int) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+    """Splits and z-blocks to predict: the checkpoint's when the raster is its training grid, else one block."""
+    grid = raster.grid
+    same = atlas["space"] == grid.space and list(atlas["grid_shape"]) == list(grid.shape)
+    if not same:
+        log.warning("%s is not the training raster's grid (%s %s); predicting it as one block, split 'none'",
+                    raster.path, atlas["space"], atlas["grid_shape"])
+        return {}, [(0, grid.shape[0])]
+    splits = {k: list(v) for k, v in atlas["splits"].items()}
+    covered = sorted(z for v in splits.values() for z in v)
+    blocks = [b for name in SPLITS for b in z_blocks(splits.get(name, []))]
+    blocks += z_blocks(sorted(set(range(grid.shape[0])) - set(covered)))
+    return splits, sorted(blocks)
+
+
+def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
+                   tile_size: int | Sequence[int] | None = None, halo: int | Sequence[int] | None = None,
+                   batch_size: int = 4, device: str = "auto", progress: bool = True,
+                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> Path:
+    """Predict every voxel of ``raster`` with the model of ``checkpoint`` and sample every cell; writes
+    ``out`` (see the module docstring) atomically and returns it.
+
+    ``cells``: the cells.zarr the raster was made from; when given, its obs order is checked against the
+    raster and the test-split cells are scored against their true labels (``metrics`` in the attributes).
+    ``tile_size``: tile core per model axis (default 256 x 256 in 2D, 16 x 64 x 64 in 3D); ``halo``:
+    U-Net context per side (patch classifiers always use their exact receptive field).
+    """
+    dev = pick_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    atlas = atlas_config(ckpt, checkpoint)
+    r = open_raster(raster)
+    check_channels(atlas, r.path, r.feature_channels, checkpoint)
+    dim, task = int(atlas["dim"]), atlas["task"]
+    if dim == 3 and r.grid.space == "section":
+        raise InputError(f"{r.path} is a section raster but the checkpoint's model is 3D; use a 3D raster")
+    table = ClassTable.from_dict(atlas["classes"])
+    normalizer = Normalizer.from_dict(atlas["normalizer"])
+    dense = atlas["task"] == "celltype"
+    core = tuple(int(v) for v in ((tile_size,) * dim if isinstance(tile_size, int) else tile_size or DEFAULT_TILE[dim]))
+    if dense:
+        margin = tuple(model.margin)
+    else:
+        margin = (DEFAULT_HALO,) * dim if halo is None else ((int(halo),) * dim if isinstance(halo, int)
+                                                             else tuple(int(h) for h in halo))
+    if len(core) != dim or len(margin) != dim or min(core) < 1 or min(margin) < 0:
+        raise InputError(f"tile_size and halo need {dim} positive sizes (one per model axis), got {core}, {margin}")
+    core3, margin3 = ((1, *core), (0, *margin)) if dim == 2 else (core, margin)
+    splits, blocks = _prediction_blocks(atlas, r, dim)
+    digest = None
+    if cells is not None:
+        src = CellSource(cells)
+        digest = names_digest(src.obs_names())
+        if digest != names_digest(r.cell_label):
+            raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
+                             f"cells.zarr the raster was made from")
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(tmp, model, r, table, normalizer, dense, dim, core3, margin3, blocks, splits, batch_size, dev,
+               progress, cache_bytes, task)
+        metrics = _score_cells(tmp, CellSource(cells), table) if cells is not None else {}
+        root = zarr.open_group(str(tmp), mode="a")
+        root.attrs[ATTRS_KEY] = {"predictions": {
+            "task": task, "level": table.level, "model": ckpt["model_name"], "checkpoint": str(Path(checkpoint).resolve()),
+            "config_hash": ckpt["config_hash"], "best_epoch": int(ckpt["best_epoch"]), "raster": str(r.path.resolve()),
+            "class_names": list(table.names), "colors": list(table.colors), "split_categories": [*SPLITS, "none"],
+            "splits": splits, "tile_size": list(core), "halo": list(margin), "dim": dim, "n_cells": int(r.voxel_index.shape[0]),
+            "cell_names_digest": digest or names_digest(r.cell_label), "metrics": metrics,
+            "val_metrics": ckpt.get("best_val", {}),
+        }}
+        replace_tree(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s predictions of %s to %s", task, r.path, out)
+    return out
+
+
+@torch.no_grad()
+def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: Normalizer, dense: bool, dim: int,
+           core: tuple[int, int, int], margin: tuple[int, int, int], blocks: list[tuple[int, int]],
+           splits: dict[str, list[int]], batch_size: int, dev: torch.device, progress: bool, cache_bytes: int,
+           task: str) -> None:
+    """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables."""
+    shape = r.grid.shape
+    k = len(table.names)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+    chunks = tuple(min(c, n) for c, n in zip(core, shape))
+    proba = create_array(root, "0", (k, *shape), (min(k, 16), *chunks), np.float32)
+    labels = root.require_group("labels")
+    name = f"pred_{task}"
+    label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
+    size = tuple(c + 2 * m for c, m in zip(core, margin))
+    amp = dev.type == "cuda"
+    readers: dict[tuple[int, int], RasterReader] = {}
+    boxes = list(_boxes(blocks, shape, dim, core))
+    bar = tqdm(total=len(boxes), desc=f"predict {task}", disable=not progress)
+    for start in range(0, len(boxes), batch_size):
+        batch = boxes[start : start + batch_size]
+        xs = []
+        for block, zr, yr, xr in batch:
+            if block not in readers:
+                readers.clear()  # one z-block at a time: its planes only in the cache
+                readers[block] = RasterReader(r, normalizer, list(range(*block)), cache_bytes=cache_bytes)
+            lo = (zr[0] - margin[0], yr[0] - margin[1], xr[0] - margin[2])
+            x = readers[block].window(lo, size)
+            xs.append(x[:, 0] if dim == 2 else x)
+        x = torch.from_numpy(np.stack(xs)).to(dev)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            logits = model.forward_dense(x) if dense else model(x)
+        p = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        tissue = x[:, -1].cpu().numpy() > 0
+        if dim == 2:
+            p, tissue = p[:, :, None], tissue[:, None]
+        for i, (_, zr, yr, xr) in enumerate(batch):
+            crop = tuple(slice(m, m + b - a) for m, (a, b) in zip(margin, (zr, yr, xr)))
+            t = tissue[i][crop]
+            pc = np.where(t, p[i][(slice(None), *crop)], np.float32(0))
+            region = (slice(*zr), slice(*yr), slice(*xr))
+            proba[(slice(None), *region)] = pc
+            label[region] = np.where(t, pc.argmax(0) + 1, 0).astype(np.uint16)
+        bar.update(len(batch))
+    bar.close()
+    write_image_metadata(root, r.grid, 1, list(table.names), [(0.0, 1.0)] * k, name=f"{name}_proba")
+    write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
+    _sample_cells(root, proba, r, splits, k)
+
+
+def _sample_cells(root: zarr.Group, proba: zarr.Array, r, splits: dict[str, list[int]], k: int) -> None:
+    """Per-cell class index, probabilities and split, gathered chunk by chunk at each cell's voxel."""
+    index = r.voxel_index
+    n = index.shape[0]
+    group = root.require_group("cells")
+    pred = create_array(group, "pred", (n,), (_CELL_CHUNK,), np.int16, fill_value=-1)
+    cell_proba = create_array(group, "proba", (n, k), (_CELL_CHUNK, k), np.float32, fill_value=np.nan)
+    split = create_array(group, "split", (n,), (_CELL_CHUNK,), np.int8)
+    split[:] = cell_splits(r, splits).codes if splits else np.full(n, len(SPLITS), np.int8)
+    classes = np.arange(k)[:, None]
+    for s in range(0, n, _CELL_CHUNK):
+        vox = np.asarray(index[s : s + _CELL_CHUNK]).astype(np.int64)
+        ok = vox[:, 0] >= 0
+        p = np.full((len(vox), k), np.nan, dtype=np.float32)
+        if ok.any():
+            v = vox[ok]
+            p[ok] = proba.vindex[classes, v[None, :, 0], v[None, :, 1], v[None, :, 2]].T
+        cell_proba[s : s + len(vox)] = p
+        pred[s : s + len(vox)] = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)
+
+
+def _score_cells(store: Path, src: CellSource, table: ClassTable) -> dict:
+    """Classification metrics of the test-split cells (at most ``_METRIC_CELLS``, evenly strided) against
+    their own ``table.level`` labels in cells.zarr; per split, the number of cells."""
+    group = zarr.open_group(str(store), mode="r")["cells"]
+    split = np.asarray(group["split"][:])
+    cat = src.categorical(table.level)
+    lut = table.lookup(cat.categories)
+    test = np.flatnonzero(split == SPLITS.index("test"))
+    counts = {name: int((split == i).sum()) for i, name in enumerate([*SPLITS, "none"])}
+    if not test.size:
+        return {"cells_per_split": counts}
+    test = test[:: max(1, -(-len(test) // _METRIC_CELLS))]
+    codes = np.asarray(cat.codes[test].compute()).astype(np.int64)
+    y = np.where(codes >= 0, lut[np.clip(codes, 0, None)], -1)
+    proba = np.asarray(group["proba"].get_orthogonal_selection((test, slice(None))))
+    keep = (y >= 0) & np.isfinite(proba).all(axis=1)
+    if not keep.any():
+        return {"cells_per_split": counts}
+    return {"cells_per_split": counts, "n_test_scored": int(keep.sum()),
+            "test_cells": classification_metrics(y[keep], proba[keep], table.names)}
