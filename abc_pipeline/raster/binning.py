@@ -115,21 +115,28 @@ _RANK_LOOP = 16  # group members summed rank by rank; longer groups finish with 
 def group_sums(values: np.ndarray, rows: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Sum ``values[rows]`` (n, C) over consecutive groups (``starts``, ``sizes``) -> (groups, C) float32.
 
-    Rank by rank (first member of every group, then the second of groups with two or more, ...): a
-    few vectorised gathers, ~10x faster than ``np.add.reduceat`` along axis 0 when most groups are
-    small (about one cell per voxel); members beyond ``_RANK_LOOP`` are added with ``reduceat``.
+    Rank by rank: the first member of every group, then the second member of groups with two or more,
+    ... With the groups ordered by decreasing size, the groups having an r-th member are a prefix, so
+    each rank is one gather plus an in-place add on a slice (several times faster than
+    ``np.add.reduceat`` along axis 0 when most groups are small, about one cell per voxel). Members
+    beyond ``_RANK_LOOP`` are added with ``reduceat``.
     """
-    out = values[rows[starts]].astype(np.float32)  # copy
-    for r in range(1, min(int(sizes.max(initial=0)), _RANK_LOOP)):
-        g = np.flatnonzero(sizes > r)
-        out[g] += values[rows[starts[g] + r]]
-    long = np.flatnonzero(sizes > _RANK_LOOP)
-    if long.size:
-        extra = sizes[long] - _RANK_LOOP
-        first = np.repeat(starts[long] + _RANK_LOOP, extra)
-        member = first + np.arange(extra.sum()) - np.repeat(np.cumsum(extra) - extra, extra)
-        out[long] += np.add.reduceat(values[rows[member]], np.cumsum(extra) - extra, axis=0)
-    return out
+    order = np.argsort(-sizes, kind="stable")
+    st, sz = starts[order], sizes[order]
+    out = np.asarray(values[rows[st]], dtype=np.float32)
+    neg = -sz
+    for r in range(1, min(int(sz[0]) if sz.size else 0, _RANK_LOOP)):
+        m = int(np.searchsorted(neg, -r, side="left"))  # groups with more than r members
+        out[:m] += values[rows[st[:m] + r]]
+    m = int(np.searchsorted(neg, -_RANK_LOOP, side="left"))  # groups longer than _RANK_LOOP
+    if m:
+        extra = sz[:m] - _RANK_LOOP
+        first = np.cumsum(extra) - extra
+        member = np.repeat(st[:m] + _RANK_LOOP - first, extra) + np.arange(extra.sum())
+        out[:m] += np.add.reduceat(values[rows[member]], first, axis=0)
+    result = np.empty_like(out)
+    result[order] = out
+    return result
 
 
 def _block_offsets(block_of: np.ndarray, n_blocks: int) -> np.ndarray:
