@@ -1,4 +1,5 @@
-"""Metrics for classification and segmentation, and scores under every grid symmetry.
+"""Metrics for classification and segmentation, scores under every grid symmetry, and the equivariance
+curve under arbitrary rotation angles.
 
 All metrics come from scikit-learn; values are fractions in [0, 1] (ARI in [-1, 1]); a per-class value is
 NaN when the class is absent from both the truth and the prediction (it is then left out of the mean).
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import (accuracy_score, adjusted_rand_score, balanced_accuracy_score, f1_score,
                              jaccard_score, normalized_mutual_info_score, roc_auc_score)
 
@@ -130,3 +132,96 @@ def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: to
     worst = min(scores, key=scores.get)
     return {"metric": metric, "per_symmetry": scores, "mean": float(np.mean(list(scores.values()))),
             "worst": scores[worst], "worst_symmetry": worst}
+
+
+def _spatial_plane(x: torch.Tensor, plane: Sequence[int]) -> tuple[int, int]:
+    """``plane`` (two tensor axes, negative allowed) as non-negative spatial axes of ``x`` ``(N, C, *spatial)``."""
+    if x.ndim not in (4, 5):
+        raise InputError(f"expected a batch of 2D or 3D images (N, C, *spatial), got shape {tuple(x.shape)}")
+    if len(plane) != 2:
+        raise InputError(f"plane must name two spatial axes, got {plane}")
+    a, b = (int(p) % x.ndim for p in plane)
+    if a == b or min(a, b) < 2:
+        raise InputError(f"plane {tuple(plane)} must name two different spatial axes of a tensor of shape "
+                         f"{tuple(x.shape)} (axes 2..{x.ndim - 1} or -{x.ndim - 2}..-1)")
+    return a, b
+
+
+def rotate(x: torch.Tensor, angle: float, plane: Sequence[int] = (-2, -1), mode: str = "bilinear") -> torch.Tensor:
+    """Rotate ``x`` ``(N, C, *spatial)`` (2D or 3D) by ``angle`` degrees about the grid centre in ``plane``.
+
+    ``plane``: two tensor axes (e.g. ``(-2, -1)`` = (y, x)); a positive angle turns axis ``plane[0]`` towards
+    ``plane[1]``, the direction of ``torch.rot90(x, 1, dims=plane)``. The output has the input's shape and
+    voxel grid: ``out[p] = x[R^-1 p]`` with ``p`` measured in voxels from the grid centre, sampled with
+    ``mode`` (``"bilinear"``, trilinear in 3D, or ``"nearest"`` for label maps), zero outside the input.
+    Multiples of 90° in a square plane are exact grid symmetries and use ``torch.rot90`` (no resampling).
+    Integer inputs (label maps) are resampled as floats and returned with their dtype.
+    """
+    a, b = _spatial_plane(x, plane)
+    quarter, rest = divmod(float(angle), 90.0)
+    if rest == 0.0 and x.shape[a] == x.shape[b]:
+        return torch.rot90(x, int(quarter) % 4, dims=(a, b))
+    spatial = x.shape[2:]
+    axes = [torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in spatial]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*spatial, dim), voxels from the centre
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    i, j = a - 2, b - 2
+    src = pos.clone()
+    src[..., i] = c * pos[..., i] + s * pos[..., j]  # R^-1 p
+    src[..., j] = -s * pos[..., i] + c * pos[..., j]
+    half = torch.tensor([(n - 1) / 2 if n > 1 else 1.0 for n in spatial], dtype=torch.float64)
+    work = x if x.is_floating_point() else x.float()
+    grid = (src / half).flip(-1).to(work.dtype).to(x.device)  # grid_sample wants (x, y[, z]) = reversed axes
+    out = F.grid_sample(work, grid.expand(x.shape[0], *grid.shape), mode=mode, padding_mode="zeros",
+                        align_corners=True)
+    return out if x.is_floating_point() else out.round().to(x.dtype)
+
+
+@torch.no_grad()
+def equivariance_curve(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       angles: Sequence[float] = range(0, 91, 15), plane: Sequence[int] = (-2, -1),
+                       task: str = "classify", mask: torch.Tensor | None = None) -> dict:
+    """Agreement between the prediction of the rotated input and the rotated prediction, per angle.
+
+    ``x``: inputs ``(N, C, *spatial)``; each angle (degrees) rotates them with :func:`rotate` (bilinear,
+    about the grid centre, in ``plane``, zero outside). ``predict_fn(x)`` returns class scores (logits or
+    probabilities; the argmax is used): ``(N, K)`` for ``task="classify"``, ``(N, K, *spatial)`` for
+    ``task="segment"``.
+
+    - classify: the fraction of samples whose predicted class is unchanged (an invariant classifier);
+    - segment: the fraction of voxels where the prediction on the rotated input equals the rotated
+      prediction (label map rotated with nearest-neighbour sampling), over voxels inside the rotated field
+      of view (whose source lies inside the input grid) and, when ``mask`` ``(N, *spatial)`` (bool, in the
+      frame of ``x``, e.g. voxels with cells) is given, inside the rotated mask.
+
+    An exactly equivariant model scores 1.0 at 0° and at multiples of 90° (exact grid rotations). Returns
+    ``{"task", "plane", "angles": [deg], "agreement": [fraction], "n": samples or voxels compared per
+    angle}``.
+    """
+    if task not in ("classify", "segment"):
+        raise InputError(f"task must be 'classify' or 'segment', got {task!r}")
+    plane = _spatial_plane(x, plane)
+    expected = 2 if task == "classify" else x.ndim
+    ref = predict_fn(x)
+    if ref.ndim != expected or ref.shape[0] != x.shape[0]:
+        raise InputError(f"predict_fn returned shape {tuple(ref.shape)}; for task={task!r} and inputs "
+                         f"{tuple(x.shape)} it must return {'(N, K)' if task == 'classify' else '(N, K, *spatial)'}")
+    ref = ref.argmax(1).cpu()
+    if mask is not None and tuple(mask.shape) != (x.shape[0], *x.shape[2:]):
+        raise InputError(f"mask must have shape (N, *spatial) = {(x.shape[0], *x.shape[2:])}, got "
+                         f"{tuple(mask.shape)}")
+    angles = [float(a) for a in angles]
+    agreement, counts = [], []
+    for angle in angles:
+        pred = predict_fn(rotate(x, angle, plane)).argmax(1).cpu()
+        if task == "classify":
+            same = pred == ref
+        else:
+            ref_rot = rotate(ref[:, None], angle, plane, mode="nearest")[:, 0]
+            valid = rotate(torch.ones_like(x[:, :1], dtype=torch.float32), angle, plane)[:, 0].cpu() > 1 - 1e-4
+            if mask is not None:
+                valid &= rotate(mask[:, None].float(), angle, plane, mode="nearest")[:, 0].cpu() > 0.5
+            same = (pred == ref_rot)[valid]
+        counts.append(int(same.numel()))
+        agreement.append(float(same.float().mean()) if same.numel() else float("nan"))
+    return {"task": task, "plane": list(plane), "angles": angles, "agreement": agreement, "n": counts}

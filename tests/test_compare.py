@@ -1,0 +1,86 @@
+"""bench-models: training-split subsets, one table with every column, cached re-runs, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from abc_pipeline.cli import main
+from abc_pipeline.errors import InputError
+from abc_pipeline.learn.compare import npz_task, subset_indices
+from abc_pipeline.learn.medmnist import write_synthetic_npz
+
+COLUMNS = ["model", "width", "first_layer_channels", "params", "accuracy", "balanced_accuracy", "auc",
+           "worst_accuracy", "equivariance_error", "agreement_45deg", "seconds_per_epoch", "epochs", "best_epoch",
+           "peak_memory_mb", "memory"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and several threads stall on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_subset_indices_stratified_and_deterministic() -> None:
+    labels = np.repeat([0, 1, 2], [50, 30, 3])
+    a = subset_indices(labels, 0.1, seed=0)
+    assert np.array_equal(a, subset_indices(labels, 0.1, seed=0))
+    assert not np.array_equal(a, subset_indices(labels, 0.1, seed=1))
+    assert np.array_equal(np.bincount(labels[a]), [5, 3, 1])  # every class kept, at least one sample
+    assert np.all(np.diff(a) > 0)
+    assert np.array_equal(subset_indices(labels, 1.0), np.arange(len(labels)))
+    with pytest.raises(InputError, match="fraction"):
+        subset_indices(labels, 0.0)
+
+
+def test_npz_task_keeps_a_fraction_of_training_data(tmp_path: Path) -> None:
+    npz = write_synthetic_npz(tmp_path / "s.npz", size=8, n_per_split=(60, 12, 12))
+    full, part = npz_task(npz), npz_task(npz, train_fraction=0.25)
+    assert len(full.train) == 60 and len(part.train) == 15 and len(part.val) == len(part.test) == 12
+    assert np.array_equal(np.bincount(part.train.targets.numpy()), [5, 5, 5])
+    again = npz_task(npz, train_fraction=0.25)
+    assert torch.equal(part.train.images, again.train.images)
+    assert part.config["data"]["train_fraction"] == 0.25 and "25%" in part.name
+
+
+def test_bench_models_writes_one_table_and_reuses_finished_runs(tmp_path: Path) -> None:
+    npz = write_synthetic_npz(tmp_path / "rings.npz", size=12, n_per_split=(48, 24, 24))
+    out = tmp_path / "bench"
+    argv = ["-q", "bench-models", "--npz", str(npz), "--out", str(out), "--models", "cnn", "moment-trivial",
+            "--target-params", "15000", "--epochs", "1", "--batch-size", "16", "--curve-samples", "8",
+            "--no-progress"]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "bench_models.tsv", sep="\t")
+    assert list(table.columns) == COLUMNS and list(table["model"]) == ["cnn", "moment-trivial"]
+    for col in ("accuracy", "balanced_accuracy", "auc", "worst_accuracy", "agreement_45deg"):
+        assert table[col].between(0, 1).all(), col
+    assert (table["worst_accuracy"] <= table["accuracy"] + 1e-9).all()
+    assert table["params"].between(10000, 20000).all() and (table["first_layer_channels"] >= 1).all()
+    assert (table["epochs"] == 1).all() and (table["seconds_per_epoch"] > 0).all()
+    assert (table["peak_memory_mb"] >= 0).all() and set(table["memory"]) == {"CPU RSS increase"}
+    errors = dict(zip(table["model"], table["equivariance_error"]))
+    assert errors["moment-trivial"] < 1e-4 < errors["cnn"]  # exact invariance vs none
+    md = (out / "bench_models.md").read_text()
+    assert "| moment-trivial |" in md and "worst-orientation accuracy" in md and "agreement at 45°" in md
+    for name in ("equivariance_curve.png", "orientation.png", "cnn/training_curves.png",
+                 "moment-trivial/confusion_matrix.png", "cnn/checkpoint.pt"):
+        assert (out / name).stat().st_size > 1000, name
+    record = json.loads((out / "moment-trivial" / "bench.json").read_text())
+    assert record["curve"]["angles"] == [0, 15, 30, 45, 60, 75, 90] and record["curve"]["agreement"][0] == 1.0
+    assert len(record["orientation"]["per_symmetry"]) == 8
+
+    # a re-run reuses the finished models (no retraining), and the table is the same
+    stamp = (out / "cnn" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "cnn" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(pd.read_csv(out / "bench_models.tsv", sep="\t"), table)
+
+    assert main(argv[:-1] + ["--angles", "0", "30", "--no-progress"]) == 2  # the 45° column needs 45°

@@ -1,0 +1,73 @@
+"""Evaluation figures: every function writes a non-empty PNG atomically and rejects bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from abc_pipeline import plots  # noqa: E402
+from abc_pipeline.errors import InputError  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]  # no temporary file left behind
+    return mpimg.imread(path)
+
+
+def test_confusion_matrix_and_training_curves(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    pred = np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))
+    out = plots.confusion_matrix_figure(y, pred, ["a", "b", "c", "d"], tmp_path / "cm.png")
+    assert out == tmp_path / "cm.png"
+    _check_png(out)
+    _check_png(plots.confusion_matrix_figure(y, pred, list("abcd"), tmp_path / "cm_counts.png", normalize=False))
+    with pytest.raises(InputError, match="0..3"):
+        plots.confusion_matrix_figure(y, pred - 1, list("abcd"), tmp_path / "bad.png")
+
+    history = pd.DataFrame({"epoch": range(6), "train_loss": np.linspace(1.2, 0.3, 6),
+                            "val_loss": np.linspace(1.1, 0.5, 6), "val_accuracy": np.linspace(0.4, 0.8, 6),
+                            "val_auc": np.linspace(0.6, 0.9, 6), "lr": 1e-3, "seconds": 1.0})
+    history.to_csv(tmp_path / "history.tsv", sep="\t", index=False)
+    _check_png(plots.training_curves_figure(tmp_path / "history.tsv", tmp_path / "curves.png"))
+    history[["epoch", "lr"]].to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="train_loss"):
+        plots.training_curves_figure(tmp_path / "bad.tsv", tmp_path / "x.png")
+
+
+def test_region_maps_use_the_label_colours(tmp_path: Path) -> None:
+    true = np.zeros((40, 50), dtype=np.int64)
+    true[5:20, 5:30], true[20:35, 10:45] = 1, 2
+    pred = true.copy()
+    pred[18:24] = 3
+    colors = ["#ff0000", "#00ff00", "#0000ff"]
+    path = plots.region_maps_figure([true, true], [pred, true], ["A", "B", "C"], colors, ["section 1", "section 2"],
+                                    tmp_path / "regions.png", spacing=10.0)
+    rgb = (_check_png(path)[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    found = {tuple(c) for c in np.unique(rgb, axis=0)}
+    assert {(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)} <= found  # regions + white background
+    with pytest.raises(InputError, match="0..3"):
+        plots.region_maps_figure([true], [pred + 1], ["A", "B", "C"], colors, ["s"], tmp_path / "bad.png")
+    with pytest.raises(InputError, match="one colour per name"):
+        plots.region_maps_figure([true], [pred], ["A", "B", "C"], colors[:2], ["s"], tmp_path / "bad.png")
+
+
+def test_equivariance_curve_and_orientation_bars(tmp_path: Path) -> None:
+    angles = [0, 15, 30, 45, 60, 75, 90]
+    curves = {"cnn": (angles, [1, 0.8, 0.7, 0.6, 0.7, 0.8, 0.9]), "moment-trivial": (angles, [1, 1, 0.95, 0.9, 0.95, 1, 1])}
+    img = _check_png(plots.equivariance_curve_figure(curves, tmp_path / "eq.png"))
+    assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 2  # lines, text: not a blank canvas
+    _check_png(plots.orientation_bar_figure({"cnn": (0.8, 0.6), "moment-trivial": (0.85, 0.85)}, tmp_path / "ob.png"))
+    with pytest.raises(InputError, match="angles"):
+        plots.equivariance_curve_figure({"cnn": ([0, 45], [1.0])}, tmp_path / "bad.png")
