@@ -193,8 +193,9 @@ def orientation_bar_figure(scores: Mapping[str, tuple[float, float]], path: str 
         bars = ax.bar(x + offset, values, width=0.4, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize="small")
     ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set(ylabel=f"{metric.replace('_', ' ')} (fraction)", ylim=(0.0, 1.1), title=title)
-    ax.legend(loc="lower right")
+    ax.set(ylabel=f"{metric.replace('_', ' ')} (fraction)", ylim=(0.0, 1.25), title=title)
+    ax.set_yticks(np.linspace(0.0, 1.0, 6))
+    ax.legend(loc="upper center", ncols=2)  # above the bars (scores <= 1)
     return _save(fig, path, dpi)
 
 

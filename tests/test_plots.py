@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from abc_pipeline import plots
+from abc_pipeline.errors import InputError
 
 matplotlib.use("Agg")
-
-import matplotlib.image as mpimg  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-
-from abc_pipeline import plots  # noqa: E402
-from abc_pipeline.errors import InputError  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

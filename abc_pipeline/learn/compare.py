@@ -52,8 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import (classification_metrics, equivariance_curve, orientation_scores,
-                                   segmentation_metrics)
+from abc_pipeline.evaluate import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
 from abc_pipeline.learn.checkpoint import config_hash, write_json
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
@@ -266,8 +265,8 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
                             spacing=task.spacing, names=[name])[0]
         model_kwargs = {"name": name, "dim": task.dim, "in_channels": task.in_channels, "n_classes": k,
                         "task": task.model_task, "width": model.width, "spacing": task.spacing, **task.model_options}
-        train_args = dict(class_names=task.class_names, epochs=epochs, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay, seed=seed, patience=patience)
+        train_args = {"class_names": task.class_names, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                      "weight_decay": weight_decay, "seed": seed, "patience": patience}
         eval_args = {"angles": angles, "curve_samples": curve_samples, "equivariance_samples": equivariance_samples}
         key = config_hash({"model_kwargs": model_kwargs, "train": train_args, "eval": eval_args,
                            "config": task.config, "target_params": target_params})
