@@ -9,15 +9,6 @@ import torch
 from abc_pipeline.errors import InputError
 from abc_pipeline.nn import fields as F
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.mark.parametrize("dim, spacing, rot_only, size", [
     (2, None, False, 8), (2, None, True, 4), (2, (2, 1), False, 4),

@@ -10,14 +10,6 @@ from abc_pipeline.nn.baselines import ConicConv2d, DFTTransition, GroupConv, con
 from abc_pipeline.nn.layers import (FieldBatchNorm, FieldNonlinearity, InvariantHead, SegmentationHead,
                                     downsample_axes, next_spacing, parity_downsample, upsample_to)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 F64 = torch.float64
 

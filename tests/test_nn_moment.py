@@ -11,15 +11,6 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.nn import MomentConv, fields
 from abc_pipeline.nn.moment import moment_basis, signatures
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _random_bias(conv: MomentConv) -> MomentConv:
     for b in (conv.bias, conv.bias_matrix):

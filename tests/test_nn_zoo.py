@@ -10,14 +10,6 @@ from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.nn import MODELS, build_model, fields, format_model_table, model_table
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 EQUIVARIANT = ["moment-trivial", "moment-trivial-irrep", "gcnn-regular"]
 C4 = [fields.rot90(2, (0, 1), k) for k in range(4)]
