@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/atlas.smk"
 include: "workflow/rules/raster.smk"
+include: "workflow/rules/learn.smk"
 
 
 rule all:

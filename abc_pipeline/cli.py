@@ -254,7 +254,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples-per-epoch", type=int, default=None, help="celltype: cap cells per split (fixed subset)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
+    restart = p.add_mutually_exclusive_group()
+    restart.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
+    restart.add_argument("--restart-if-changed", action="store_true",
+                         help="resume OUT/last.pt only if it has this run's configuration, else start over "
+                              "(default: refuse to mix runs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
@@ -266,7 +270,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             else a.patch_size, tile_size=a.tile_size[0] if len(a.tile_size) == 1 else a.tile_size, epochs=a.epochs,
             batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed,
             split_fractions=a.split_fractions, max_samples_per_epoch=a.max_samples_per_epoch, device=a.device,
-            num_workers=a.workers, progress=not a.no_progress, resume=not a.restart,
+            num_workers=a.workers, progress=not a.no_progress,
+            resume="if-unchanged" if a.restart_if_changed else not a.restart,
         )
 
     p.set_defaults(run=run)

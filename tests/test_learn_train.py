@@ -114,6 +114,18 @@ def test_checkpoint_mismatch_errors(data: NpzDatasets, tmp_path: Path) -> None:
     assert res.epochs_run == 1
 
 
+def test_resume_if_unchanged_starts_over_after_a_config_change(data: NpzDatasets, tmp_path: Path) -> None:
+    """The workflow's mode: a changed input (here lr) discards last.pt instead of failing; same config resumes."""
+    args = dict(epochs=2, seed=0, **FAST)
+    train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, **args)
+    train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, resume="if-unchanged", **{**args, "lr": 1e-4})
+    history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
+    assert list(history["epoch"]) == [0, 1] and history["lr"].iloc[0] == pytest.approx(1e-4)  # started over
+    mtime = (tmp_path / "last.pt").stat().st_mtime_ns
+    train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, resume="if-unchanged", **{**args, "lr": 1e-4})
+    assert (tmp_path / "last.pt").stat().st_mtime_ns == mtime  # same config: resumed, nothing left to train
+
+
 def test_early_stopping(data: NpzDatasets, tmp_path: Path) -> None:
     # lr = 0: nothing changes, so the validation score never improves after epoch 0
     res = train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, epochs=10, patience=2, seed=0,

@@ -164,7 +164,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
           weight_decay: float = 1e-4, seed: int = 0, patience: int = 10, metric: str | None = None,
           class_weights: str | Sequence[float] | None = "balanced", device: str | torch.device = "auto",
           num_workers: int = 0, progress: bool = True, config: Mapping[str, Any] | None = None,
-          model_kwargs: Mapping[str, Any] | None = None, resume: bool = True) -> TrainResult:
+          model_kwargs: Mapping[str, Any] | None = None, resume: bool | str = True) -> TrainResult:
     """Train ``model`` on ``train_ds``, early-stop on ``metric`` over ``val_ds``; ``model`` ends with the best
     weights.
 
@@ -176,7 +176,9 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     cosine schedule over ``epochs``. ``config``: free-form run description stored (with the training
     arguments) in the checkpoints; its hash identifies the run. ``model_kwargs``: the
     :func:`abc_pipeline.nn.build_model` arguments that rebuild ``model`` (for predict/evaluate).
-    ``resume``: continue from ``out_dir/last.pt`` when it exists (its config must match).
+    ``resume``: continue from ``out_dir/last.pt`` when it exists (its config must match, else InputError);
+    ``"if-unchanged"``: the same, but a ``last.pt`` of another configuration (e.g. after the inputs changed) is
+    discarded with a warning and training starts over; ``False``: always start over.
     """
     out_dir = Path(out_dir)
     task = getattr(model, "task", "classify")
@@ -223,14 +225,21 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
              "history": [], "best_val": {}}
 
     last = out_dir / "last.pt"
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        check_compatible(ckpt, last, model_name, task, class_names)
-        if ckpt["config_hash"] != chash:
-            diffs = config_differences(ckpt["config"], run_config)
-            raise InputError(f"{last}: this output directory holds a run with another configuration (differs in "
-                             f"{', '.join(diffs)}); use another output directory or pass resume=False "
-                             f"(--restart) to start over")
+    ckpt = load_checkpoint(last) if resume and last.is_file() else None
+    if ckpt is not None:
+        try:
+            check_compatible(ckpt, last, model_name, task, class_names)
+            if ckpt["config_hash"] != chash:
+                diffs = config_differences(ckpt["config"], run_config)
+                raise InputError(f"{last}: this output directory holds a run with another configuration (differs "
+                                 f"in {', '.join(diffs)}); use another output directory or pass resume=False "
+                                 f"(--restart) to start over")
+        except InputError as exc:
+            if resume != "if-unchanged":
+                raise
+            log.warning("%s; starting over", exc)
+            ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -11,6 +11,20 @@ CACHE = config["cache_dir"]
 SYNTHETIC = config["source"]["kind"] == "synthetic"
 SYNTH_ROOT = "resources/synthetic_release"
 RASTERS = {spec["name"]: spec for spec in config["rasters"]}
+TASKS = config["tasks"]
+MODELS = config["models"]
+for _task, _spec in TASKS.items():
+    if _spec["raster"] not in RASTERS:
+        raise ValueError(
+            f"config: tasks.{_task}.raster is {_spec['raster']!r}, which is not the name of a grid in `rasters` "
+            f"(defined: {', '.join(RASTERS) or 'none'})"
+        )
+
+
+wildcard_constraints:
+    task="|".join(TASKS) or "none",
+    model="|".join(MODELS) or "none",
+    grid="|".join(RASTERS) or "none",
 
 
 def base_url():
@@ -21,9 +35,11 @@ def base_url():
 
 
 def final_outputs():
-    return [f"results/{DATASET}/cells.zarr"] + [
-        f"results/{DATASET}/raster/{grid}.ome.zarr" for grid in RASTERS
-    ]
+    outputs = [f"results/{DATASET}/cells.zarr"]
+    outputs += [f"results/{DATASET}/raster/{grid}.ome.zarr" for grid in RASTERS]
+    if TASKS:
+        outputs.append(f"results/{DATASET}/cells_annotated.h5ad")
+    return outputs
 
 
 def raster_args(wildcards):
@@ -45,3 +61,29 @@ def raster_args(wildcards):
     else:
         args.append(f"--scheduler {dask_cfg['scheduler']}")
     return " ".join(args)
+
+
+def task_raster(wildcards):
+    """The raster a task trains and predicts on."""
+    return f"results/{DATASET}/raster/{TASKS[wildcards.task]['raster']}.ome.zarr"
+
+
+def train_args(wildcards):
+    """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training']."""
+    spec, training = TASKS[wildcards.task], config["training"]
+    args = [f"--level {spec['level']}"]
+    size_key = "patch_size" if wildcards.task == "celltype" else "tile_size"
+    if spec.get(size_key):
+        args.append(f"--{size_key.replace('_', '-')} " + " ".join(str(v) for v in spec[size_key]))
+    if training.get("target_params"):
+        args.append(f"--target-params {training['target_params']}")
+    for key in ("epochs", "batch_size", "lr", "patience", "seed", "device", "max_samples_per_epoch"):
+        if training.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {training[key]}")
+    return " ".join(args)
+
+
+def prediction_stores():
+    """Every task x model prediction store; the primary model's come first (they become obs['pred_<task>'])."""
+    models = sorted(MODELS, key=lambda m: m != config["primary_model"])
+    return [f"results/{DATASET}/models/{task}/{model}/predictions.zarr" for task in TASKS for model in models]
