@@ -20,15 +20,6 @@ COLUMNS = ["model", "width", "first_layer_channels", "params", "accuracy", "bala
            "peak_memory_mb", "memory"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and several threads stall on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_subset_indices_stratified_and_deterministic() -> None:
     labels = np.repeat([0, 1, 2], [50, 30, 3])
     a = subset_indices(labels, 0.1, seed=0)

@@ -12,15 +12,6 @@ from abc_pipeline.nn import build_model
 ANGLES = [0, 15, 45, 90, 180, 270]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and several threads stall on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rotate_matches_rot90_direction_and_zero_fill() -> None:
     torch.manual_seed(0)
     x = torch.rand(3, 2, 9, 9)
