@@ -2,7 +2,8 @@
 
 The network of an atlas checkpoint (``abc-pipeline train``) runs fully convolutionally over the raster in
 tiles with halos: every tile core of ``tile_size`` voxels is read with a margin (zero outside the volume)
-and only the core is kept, so memory is bounded by the tile size, not the raster.
+and only the core is kept, so memory is bounded by the tile size, not the raster. Tiles whose core holds no
+cells are skipped (their output stays 0).
 
 - ``celltype`` (patch classifier): ``forward_dense`` with margin ``patch_size // 2 + halo`` (the receptive
   field): each voxel's probabilities equal those of the patch classifier on the patch centred there.
@@ -29,6 +30,7 @@ chunks of cells with one vectorised gather each; no per-cell network evaluation.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import shutil
 import uuid
@@ -52,7 +54,7 @@ from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE = {2: (256, 256), 3: (16, 64, 64)}
+DEFAULT_TILE = {2: (128, 128), 3: (16, 64, 64)}
 DEFAULT_HALO = 16
 _CELL_CHUNK = 1 << 16  # cells per gather
 _METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
@@ -88,7 +90,14 @@ def names_digest(names: zarr.Array, chunk: int = _CELL_CHUNK) -> str:
 
 
 def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
-    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+    """Cores of ``size`` covering ``[lo, hi)``, the last one ending at ``hi`` (overlapping its neighbour), so
+    no core reaches past ``hi``; one shorter core when the range is shorter than ``size``."""
+    if hi - lo <= size:
+        return [(lo, hi)]
+    starts = list(range(lo, hi - size + 1, size))
+    if starts[-1] + size < hi:
+        starts.append(hi - size)
+    return [(a, a + size) for a in starts]
 
 
 def _boxes(blocks: list[tuple[int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
@@ -126,7 +135,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
 
     ``cells``: the cells.zarr the raster was made from; when given, its obs order is checked against the
     raster and the test-split cells are scored against their true labels (``metrics`` in the attributes).
-    ``tile_size``: tile core per model axis (default 256 x 256 in 2D, 16 x 64 x 64 in 3D); ``halo``:
+    ``tile_size``: tile core per model axis (default 128 x 128 in 2D, 16 x 64 x 64 in 3D); ``halo``:
     U-Net context per side (patch classifiers always use their exact receptive field).
     """
     dev = pick_device(device)
@@ -149,6 +158,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     if len(core) != dim or len(margin) != dim or min(core) < 1 or min(margin) < 0:
         raise InputError(f"tile_size and halo need {dim} positive sizes (one per model axis), got {core}, {margin}")
     core3, margin3 = ((1, *core), (0, *margin)) if dim == 2 else (core, margin)
+    core3 = (core3[0], *(min(c, n) for c, n in zip(core3[1:], r.grid.shape[1:])))
     splits, blocks = _prediction_blocks(atlas, r, dim)
     digest = None
     if cells is not None:
@@ -197,34 +207,34 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
     label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
     size = tuple(c + 2 * m for c, m in zip(core, margin))
     amp = dev.type == "cuda"
-    readers: dict[tuple[int, int], RasterReader] = {}
     boxes = list(_boxes(blocks, shape, dim, core))
     bar = tqdm(total=len(boxes), desc=f"predict {task}", disable=not progress)
-    for start in range(0, len(boxes), batch_size):
-        batch = boxes[start : start + batch_size]
-        xs = []
-        for block, zr, yr, xr in batch:
-            if block not in readers:
-                readers.clear()  # one z-block at a time: its planes only in the cache
-                readers[block] = RasterReader(r, normalizer, list(range(*block)), cache_bytes=cache_bytes)
-            lo = (zr[0] - margin[0], yr[0] - margin[1], xr[0] - margin[2])
-            x = readers[block].window(lo, size)
-            xs.append(x[:, 0] if dim == 2 else x)
-        x = torch.from_numpy(np.stack(xs)).to(dev)
+
+    def windows() -> Iterator[tuple[tuple, tuple, np.ndarray]]:
+        """(region, crop, input window) of every tile whose core holds tissue (the rest stays 0)."""
+        reader, current = None, None
+        for block, zr, yr, xr in boxes:
+            if block != current:  # one z-block at a time: only its planes in the cache
+                reader, current = RasterReader(r, normalizer, list(range(*block)), cache_bytes=cache_bytes), block
+            x = reader.window((zr[0] - margin[0], yr[0] - margin[1], xr[0] - margin[2]), size)
+            crop = tuple(slice(m, m + b - a) for m, (a, b) in zip(margin, (zr, yr, xr)))
+            bar.update(1)
+            if x[(-1, *crop)].any():
+                yield (slice(*zr), slice(*yr), slice(*xr)), crop, x
+
+    tiles = windows()
+    while batch := list(itertools.islice(tiles, batch_size)):
+        x = torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for _, _, w in batch])).to(dev)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
             logits = model.forward_dense(x) if dense else model(x)
         p = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        tissue = x[:, -1].cpu().numpy() > 0
         if dim == 2:
-            p, tissue = p[:, :, None], tissue[:, None]
-        for i, (_, zr, yr, xr) in enumerate(batch):
-            crop = tuple(slice(m, m + b - a) for m, (a, b) in zip(margin, (zr, yr, xr)))
-            t = tissue[i][crop]
+            p = p[:, :, None]
+        for i, (region, crop, w) in enumerate(batch):
+            t = w[(-1, *crop)] > 0
             pc = np.where(t, p[i][(slice(None), *crop)], np.float32(0))
-            region = (slice(*zr), slice(*yr), slice(*xr))
             proba[(slice(None), *region)] = pc
             label[region] = np.where(t, pc.argmax(0) + 1, 0).astype(np.uint16)
-        bar.update(len(batch))
     bar.close()
     write_image_metadata(root, r.grid, 1, list(table.names), [(0.0, 1.0)] * k, name=f"{name}_proba")
     write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
