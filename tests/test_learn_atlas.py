@@ -29,7 +29,7 @@ from abc_pipeline.raster.source import CellSource
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models run faster on one thread (and do not spin against other processes on a busy CI box)."""
+    """One torch thread for the module-scoped training fixture too (conftest's is function-scoped)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
