@@ -19,7 +19,7 @@ from abc_pipeline.raster.source import CellSource
 def rasters(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("learn_data")
     genes = CellSource(assembled).gene_symbols[:240:40]
-    kw = dict(genes=genes, labels=["class", "parcellation_division"], progress=False)
+    kw = {"genes": genes, "labels": ["class", "parcellation_division"], "progress": False}
     return {"section": open_raster(rasterize(assembled, out / "s.ome.zarr", space="section", voxel_size=0.1, **kw)),
             "3d": open_raster(rasterize(assembled, out / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), **kw)),
             "cells": CellSource(assembled)}

@@ -23,7 +23,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -56,7 +57,7 @@ def _copy(src: zarr.Group | zarr.Array, dst: h5py.Group, name: str) -> None:
     """Copy a Zarr node (recursively) into ``dst[name]``: arrays in blocks of rows, attributes converted."""
     if isinstance(src, zarr.Group):
         node = dst.create_group(name)
-        for key in src.keys():
+        for key in src:
             _copy(src[key], node, key)
     else:
         strings = src.dtype.kind in "OUT" or str(src.dtype).startswith("StringDType")
@@ -130,7 +131,7 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
-            for key in src.group.keys():
+            for key in src.group:
                 _copy(src.group[key], f, key)
             for key, value in src.group.attrs.items():
                 f.attrs[key] = _h5_attr(value)
@@ -145,7 +146,7 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
             write_elem(f["obs"], "split", split)
             f["obs"].attrs["column-order"] = _h5_attr(order + ["split"])
             uns = f["uns"] if "uns" in f else f.create_group("uns")
-            ours = uns["abc_pipeline"] if "abc_pipeline" in uns else None
+            ours = uns.get("abc_pipeline")
             entries = {col: _plain({k: v for k, v in meta.items() if k not in ("split_categories",)} |
                                    {"predictions": str(path.resolve())}) for col, path, _, meta in columns}
             if ours is None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import dask.array as da
 import numpy as np

@@ -35,7 +35,7 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import replace_tree
 from abc_pipeline.evaluate import classification_metrics
+from abc_pipeline.fileio import replace_tree
 from abc_pipeline.learn.checkpoint import load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
                                      z_blocks)
@@ -111,7 +111,7 @@ def _boxes(blocks: list[tuple[int, int]], shape: Sequence[int], dim: int, core: 
                     yield block, zr, yr, xr
 
 
-def _prediction_blocks(atlas: dict, raster, dim: int) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+def _prediction_blocks(atlas: dict, raster) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
     """Splits and z-blocks to predict: the checkpoint's when the raster is its training grid, else one block."""
     grid = raster.grid
     same = atlas["space"] == grid.space and list(atlas["grid_shape"]) == list(grid.shape)
@@ -159,7 +159,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
         raise InputError(f"tile_size and halo need {dim} positive sizes (one per model axis), got {core}, {margin}")
     core3, margin3 = ((1, *core), (0, *margin)) if dim == 2 else (core, margin)
     core3 = (core3[0], *(min(c, n) for c, n in zip(core3[1:], r.grid.shape[1:])))
-    splits, blocks = _prediction_blocks(atlas, r, dim)
+    splits, blocks = _prediction_blocks(atlas, r)
     digest = None
     if cells is not None:
         src = CellSource(cells)

@@ -22,7 +22,7 @@ invariant and the dense logits equivariant under :func:`abc_pipeline.nn.fields.g
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
