@@ -68,7 +68,8 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     ``P`` (odd; one per model axis or one for all) of the cell-type classifier; ``tile_size``: region
     tiles (voxels per model axis). ``max_samples_per_epoch``: cap the cells of the training (and
     validation) split to a fixed seeded subset. ``width`` / ``target_params`` / ``depth``: see
-    :func:`abc_pipeline.nn.build_model`. The rest: :func:`abc_pipeline.learn.train.train`.
+    :func:`abc_pipeline.nn.build_model`. ``cache_bytes``: z-plane cache of each dataset's raster reader.
+    The rest: :func:`abc_pipeline.learn.train.train`.
     """
     if task not in ARCHITECTURES:
         raise InputError(f"task must be one of {', '.join(ARCHITECTURES)}, got {task!r}")
