@@ -8,8 +8,9 @@ block. A two-stage reduction keeps memory bounded whatever the number or order o
    its cells per voxel (sort + ``group_sums``; no ``np.add.at``). ``spill_partial`` writes the sorted
    partial sums to raw files, with offsets telling where each block starts; for local threaded runs
    whose dense grid fits a memory budget, ``BlockAccumulator.add`` adds them to in-memory blocks instead.
-2. ``reduce_block`` (run by one task per run of consecutive blocks) reads those slices back from
-   every chunk and adds them into a dense block of sums and counts. The caller derives every pyramid
+2. One task per run of consecutive blocks gets each block's dense sums and counts, from
+   ``BlockAccumulator.pop`` or from ``reduce_block`` (which reads the block's slices back from every
+   chunk's spill and adds them up). The caller derives every pyramid
    level of the block from it (``window_sum``, ``coarsen_labels``: blocks are multiples of the
    downsampling factors, so a block's coarse voxels never need another block), divides by the counts
    and writes the block's chunks of every level.
@@ -315,7 +316,7 @@ def plan_block_tasks(
         b0, b1 = run[0], run[-1] + 1
         chunks, offsets = [], {k: [] for k in kinds}
         for i, offs in enumerate(chunk_offsets):
-            if offs[CELL_KIND][b1] > offs[CELL_KIND][b0] or any(offs[k][b1] > offs[k][b0] for k in kinds):
+            if offs[CELL_KIND][b1] > offs[CELL_KIND][b0]:  # label votes only come with cells
                 chunks.append(i)
                 for k in kinds:
                     offsets[k].append(offs[k][b0 : b1 + 1].copy())
@@ -331,7 +332,7 @@ def plan_block_tasks(
     return tasks
 
 
-class _SpillReader:
+class SpillReader:
     """Reads one task's slices of the spill files, preloaded when they fit the task budget."""
 
     def __init__(self, spill: Path, task: BlockTask, n_channels: int, preload: bool) -> None:
@@ -360,7 +361,7 @@ class _SpillReader:
 
 
 def reduce_block(
-    reader: _SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]
+    reader: SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Stage 2 for one block: dense ``(C + 1, *block)`` float32 per-voxel channel *sums* with the cell
     count last, and per label the majority label block ``(*block,)`` int64 (0 = no vote; k = category

@@ -177,7 +177,7 @@ def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np
     """
     C = ctx.n_channels
     if ctx.accumulator is None:
-        reader = binning._SpillReader(ctx.spill, task, C, preload=task.nbytes <= _STAGE2_BUDGET)
+        reader = binning.SpillReader(ctx.spill, task, C, preload=task.nbytes <= _STAGE2_BUDGET)
         blocks = task.blocks
     else:
         blocks = task
