@@ -54,7 +54,7 @@ from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE = {2: (128, 128), 3: (16, 64, 64)}
+DEFAULT_TILE = {2: (256, 256), 3: (16, 64, 64)}
 DEFAULT_HALO = 16
 _CELL_CHUNK = 1 << 16  # cells per gather
 _METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
@@ -135,7 +135,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
 
     ``cells``: the cells.zarr the raster was made from; when given, its obs order is checked against the
     raster and the test-split cells are scored against their true labels (``metrics`` in the attributes).
-    ``tile_size``: tile core per model axis (default 128 x 128 in 2D, 16 x 64 x 64 in 3D); ``halo``:
+    ``tile_size``: tile core per model axis (default 256 x 256 in 2D, 16 x 64 x 64 in 3D); ``halo``:
     U-Net context per side (patch classifiers always use their exact receptive field).
     """
     dev = pick_device(device)
