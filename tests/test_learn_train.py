@@ -126,6 +126,21 @@ def test_resume_if_unchanged_starts_over_after_a_config_change(data: NpzDatasets
     assert (tmp_path / "last.pt").stat().st_mtime_ns == mtime  # same config: resumed, nothing left to train
 
 
+def test_rerun_rewrites_a_removed_best_checkpoint(data: NpzDatasets, tmp_path: Path) -> None:
+    """Snakemake deletes a job's outputs before re-running it: checkpoint.pt must come back, with the best weights."""
+    args = dict(epochs=3, seed=0, **FAST)
+    train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, **args)
+    best = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / "metrics.json").unlink()
+    train(_model(seed=1), data.train, data.val, tmp_path, class_names=CLASSES, **args)
+    again = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert again["best_epoch"] == best["best_epoch"]
+    for key, value in best["model"].items():
+        torch.testing.assert_close(again["model"][key], value)
+    assert (tmp_path / "metrics.json").is_file()
+
+
 def test_early_stopping(data: NpzDatasets, tmp_path: Path) -> None:
     # lr = 0: nothing changes, so the validation score never improves after epoch 0
     res = train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, epochs=10, patience=2, seed=0,

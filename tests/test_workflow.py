@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -25,6 +27,18 @@ TINY_CONFIG = {
         {"name": "reconstructed_3d", "space": "reconstructed", "voxel_size": [0.2, 0.2, 0.2],
          "labels": ["class", "parcellation_division"]},
     ],
+}
+
+# The full chain with learning: both tasks, two models, one short epoch each.
+FULL_CONFIG = {
+    **TINY_CONFIG,
+    "rasters": [{**spec, "pca": 8} for spec in TINY_CONFIG["rasters"]],
+    "tasks": {
+        "celltype": {"raster": "section_2d", "level": "class", "patch_size": [3]},
+        "region": {"raster": "reconstructed_3d", "level": "parcellation_division", "tile_size": [4, 16, 16]},
+    },
+    "models": ["cnn", "moment-trivial-irrep"],
+    "training": {"target_params": 2000, "epochs": 1, "batch_size": 64, "max_samples_per_epoch": 300},
 }
 
 pytestmark = pytest.mark.slow
@@ -59,7 +73,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir on which the whole tiny workflow has run once."""
-    workdir = _workdir(tmp_path_factory.mktemp("workflow"), TINY_CONFIG)
+    workdir = _workdir(tmp_path_factory.mktemp("workflow"), FULL_CONFIG)
     snakemake(workdir)
     return workdir
 
@@ -74,18 +88,36 @@ def _jobs_planned(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return {rule: int(count) for rule, count in rows}
 
 
-def test_outputs_open_in_anndata_and_ome_zarr(finished: Path) -> None:
-    import anndata
+def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+    import squidpy as sq
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    adata = anndata.read_zarr(finished / "results" / DATASET / "cells.zarr")
-    assert adata.n_obs > 3000 and "class_colors" in adata.uns
-    for grid, ndim in [("section_2d", 4), ("reconstructed_3d", 4)]:
-        nodes = list(Reader(parse_url(str(finished / "results" / DATASET / "raster" / f"{grid}.ome.zarr")))())
-        image = nodes[0]
-        assert [a["name"] for a in image.metadata["axes"]] == ["c", "z", "y", "x"]
-        assert image.data[0].ndim == ndim and len(image.data) >= 2
+    results = finished / "results" / DATASET
+    adata = sc.read_h5ad(results / "cells_annotated.h5ad")
+    assert adata.n_obs > 3000
+    for task in ("celltype", "region"):
+        col = adata.obs[f"pred_{task}"]
+        assert isinstance(col.dtype, pd.CategoricalDtype)
+        assert len(adata.uns[f"pred_{task}_colors"]) == len(col.cat.categories)
+        proba = adata.obsm[f"pred_{task}_proba"]
+        assert list(proba.columns) == list(col.cat.categories) and proba.index.equals(adata.obs_names)
+        has = proba.notna().all(axis=1)
+        np.testing.assert_allclose(proba[has].sum(axis=1), 1.0, atol=1e-4)
+        assert f"pred_{task}__cnn" in adata.obs  # the second model's predictions are kept beside the primary's
+    assert set(adata.obs["split"].unique()) <= {"train", "val", "test", "none"}
+    sq.pl.spatial_scatter(adata, shape=None, library_key="brain_section_label", color="pred_region")
+    matplotlib.pyplot.close("all")
+    for grid in ("section_2d", "reconstructed_3d"):
+        image = list(Reader(parse_url(str(results / "raster" / f"{grid}.ome.zarr")))())[0]
+        assert [a["name"] for a in image.metadata["axes"]] == ["c", "z", "y", "x"] and len(image.data) >= 2
+    for model in ("cnn", "moment-trivial-irrep"):
+        history = pd.read_csv(results / "models" / "region" / model / "history.tsv", sep="\t")
+        assert len(history) == 1
     for bench in (finished / "logs" / "benchmarks").glob("*.tsv"):
         assert "max_rss" in bench.read_text().splitlines()[0]
 
@@ -97,7 +129,7 @@ def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:
 def test_deleting_an_intermediate_reruns_only_its_dependents(finished: Path) -> None:
     shutil.rmtree(finished / "results" / DATASET / "raster" / "section_2d.ome.zarr")
     planned = _jobs_planned(snakemake(finished, "-n"))
-    assert planned == {"rasterize": 1, "all": 1}
+    assert planned == {"rasterize": 1, "train": 2, "predict": 2, "annotate": 1, "all": 1}
     snakemake(finished)
     assert _jobs_planned(snakemake(finished, "-n")) == {}
 

@@ -248,15 +248,17 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         if amp and ckpt["rng_cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         state = {key: ckpt[key] for key in state}
+        best_model = ckpt["best_model"]
         log.info("resuming %s from epoch %d (best %s %.4f at epoch %d)", out_dir, state["epoch"] + 1, metric,
                  state["best_score"], state["best_epoch"])
     else:
         torch.manual_seed(seed)
+        best_model = None
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def snapshot() -> dict:
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model.state_dict(), "best_model": best_model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if amp else [], **state,
             "config": run_config, "config_hash": chash, "class_names": class_names, "model_name": model_name,
@@ -301,12 +303,13 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         improved = score > state["best_score"]
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0, best_val=val_metrics)
+            best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
             state["stopped_early"] = state["bad_epochs"] >= patience
         ckpt = snapshot()
         if improved:
-            save_checkpoint(ckpt, out_dir / "checkpoint.pt")
+            save_checkpoint(_best_checkpoint(ckpt), out_dir / "checkpoint.pt")
         save_checkpoint(ckpt, last)
         _write_history(state["history"], out_dir / "history.tsv")
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{metric: f"{val_metrics[metric]:.3f}"})
@@ -316,7 +319,9 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
 
     if state["best_epoch"] < 0:
         raise InputError(f"no epoch reached a defined validation {metric}; check the validation labels")
-    model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt")["model"])
+    model.load_state_dict(best_model)
+    if not (out_dir / "checkpoint.pt").is_file():  # removed after the run (e.g. by Snakemake before a re-run)
+        save_checkpoint(_best_checkpoint(snapshot()), out_dir / "checkpoint.pt")
     result = TrainResult(out_dir=out_dir, best_epoch=state["best_epoch"], best_score=state["best_score"],
                          metric=metric, epochs_run=state["epoch"] + 1, stopped_early=state["stopped_early"],
                          config_hash=chash, val_metrics=state["best_val"], history=state["history"])
@@ -325,6 +330,14 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
                 "stopped_early": result.stopped_early, "config_hash": chash, "device": str(device),
                 "n_params": sum(p.numel() for p in model.parameters())}, out_dir / "metrics.json")
     return result
+
+
+def _best_checkpoint(snapshot: dict) -> dict:
+    """``checkpoint.pt`` content: the run state with the best epoch's weights as ``model``.
+
+    ``last.pt`` keeps the best weights too (``best_model``), so ``checkpoint.pt`` can always be rewritten.
+    """
+    return {**{k: v for k, v in snapshot.items() if k != "best_model"}, "model": snapshot["best_model"]}
 
 
 def _write_history(history: list[dict], path: Path) -> None:
