@@ -19,9 +19,7 @@ The store is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from abc_pipeline.atlas.manifest import (
     manifest_relative_path,
 )
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import replace_tree
+from abc_pipeline.fileio import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -260,20 +258,17 @@ def assemble_dataset(
     n_buckets = max(1, -(-expression.n_obs // chunk_cells))
     counts = JoinCounts(expression_cells=expression.n_obs)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        tables = _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_cells, counts, progress)
-        by_position = _join(tables, profile, scratch, n_buckets, chunk_cells, counts, progress)
-        shutil.rmtree(staging, ignore_errors=True)
-        _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_cells, counts, progress,
-               uns_meta={"dataset": dataset, "release": manifest.version,
-                         "files": {role: str(p.relative_to(cache_dir)) for role, p in paths.items()}})
-        replace_tree(staging, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_output(out) as staging:
+        scratch = staging.with_name(staging.name + "-scratch")
+        try:
+            tables = _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_cells, counts,
+                                progress)
+            by_position = _join(tables, profile, scratch, n_buckets, chunk_cells, counts, progress)
+            _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_cells, counts, progress,
+                   uns_meta={"dataset": dataset, "release": manifest.version,
+                             "files": {role: str(p.relative_to(cache_dir)) for role, p in paths.items()}})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     log.info(
         "assembled %s: %d cells x %d genes in %.1f s -> %s", dataset, counts.cells, len(var), time.perf_counter() - t0, out
     )

@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -53,7 +51,7 @@ from abc_pipeline.atlas.synthetic_model import (
     CellBlock,
 )
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import file_md5, replace_tree
+from abc_pipeline.fileio import file_md5, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -381,16 +379,9 @@ def write_synthetic_release(
     if not 1 <= n_sections <= len(SECTION_NUMBERS):
         raise InputError(f"synthetic release: n_sections must be in 1..{len(SECTION_NUMBERS)} (got {n_sections})")
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("synthetic release %s: %d cells in %d sections, seed %d -> %s", release, n_cells, n_sections, seed, out)
-    try:
+    with staged_output(out) as tmp:
         manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, progress)
-        replace_tree(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("synthetic release written: %s", out / manifest_path)
     return out / manifest_path
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
-import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import zarr
 
 from abc_pipeline import __version__
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import staged_output
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, plan_channels
 from abc_pipeline.raster.grid import COORDINATE_KEYS, Grid
@@ -231,17 +230,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise InputError(f"output {out} exists and is not a Zarr store; refusing to replace it, remove it yourself")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary store onto ``out`` (an older store is moved away, then deleted)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def _resolve_labels(source: CellSource, labels: Sequence[str] | None) -> list[str]:
     if labels is None:
         present = set(source.obs_columns())
@@ -272,16 +260,6 @@ def _bounds_zyx(space: str, bounds: Sequence[Sequence[float]]) -> tuple[list[flo
     if space == "section":
         pairs = [(0.0, 1.0), *pairs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-@contextlib.contextmanager
-def _temporary_store(out: Path) -> Iterator[Path]:
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------- main entry
@@ -337,10 +315,9 @@ def rasterize(
     plan = plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed)
     runner = _Runner(scheduler, num_workers, address, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary_store(out) as tmp, runner:
+    with staged_output(out) as tmp, runner:
         _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan,
                label_names, int(levels), _row_chunk(source, chunk_cells), max_accumulator_gb)
-        _swap_into_place(tmp, out)
     log.info("wrote raster %s", out)
     return out
 
