@@ -1,0 +1,95 @@
+"""Dense per-cell inference vs a per-cell patch loop (docs/benchmarks.md, "Dense prediction (issue 5)").
+
+    python benchmarks/bench_dense.py [--cells 100000] [--genes 32] [--voxel 0.05] [--model moment-trivial-irrep]
+                                     [--target-params 100000] [--threads 2] [--workdir /tmp/bench_dense]
+
+Builds a synthetic atlas (release -> cells.zarr -> section raster of ``--genes`` channels at ``--voxel`` mm),
+trains a cell-type patch classifier for one short epoch (a real checkpoint; speed does not depend on the
+weights), then times, in the same process:
+
+1. dense: ``predict_raster`` (tiled ``forward_dense`` over every voxel + one vectorised gather per chunk
+   of cells), writing predictions.zarr;
+2. patch loop: the same model's ``forward`` on every cell's patch (``CellPatchDataset`` over all
+   splits, batches of 256) - the per-cell evaluation that dense inference replaces.
+
+Prints one JSON record: cells, voxels, seconds of each, the ratio, and the largest difference between the
+two per-cell probability tables (they are the same function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", type=int, default=100_000)
+    ap.add_argument("--genes", type=int, default=32)
+    ap.add_argument("--voxel", type=float, default=0.05, help="section raster voxel (mm)")
+    ap.add_argument("--model", default="moment-trivial-irrep")
+    ap.add_argument("--target-params", type=int, default=100_000)
+    ap.add_argument("--patch-size", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_dense"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from abc_pipeline.atlas.assemble import assemble_dataset
+    from abc_pipeline.atlas.synthetic import write_synthetic_release
+    from abc_pipeline.learn.atlas import train_atlas_task
+    from abc_pipeline.learn.checkpoint import load_model
+    from abc_pipeline.learn.data import SPLITS, CellPatchDataset, ClassTable, Normalizer
+    from abc_pipeline.learn.predict import predict_raster
+    from abc_pipeline.learn.train import predict_proba
+    from abc_pipeline.raster import open_raster, rasterize
+    from abc_pipeline.raster.source import CellSource
+
+    w = a.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    cells = w / "cells.zarr"
+    if not cells.exists():
+        write_synthetic_release(w / "release", n_cells=a.cells, seed=0, progress=False)
+        assemble_dataset("MERFISH-C57BL6J-638850", cache_dir=w / "release", out=cells, progress=False)
+    raster = w / "section.ome.zarr"
+    if not raster.exists():
+        genes = [g for g, b in zip(CellSource(cells).gene_symbols, CellSource(cells).blank) if not b][: a.genes]
+        rasterize(cells, raster, space="section", voxel_size=a.voxel, genes=genes, labels=["class"], progress=False)
+    run = w / "celltype"
+    if not (run / "checkpoint.pt").exists():
+        train_atlas_task(raster, cells, "celltype", a.model, run, target_params=a.target_params,
+                         patch_size=a.patch_size, epochs=1, max_samples_per_epoch=2000, batch_size=128, progress=False)
+
+    t0 = time.perf_counter()
+    out = predict_raster(run / "checkpoint.pt", raster, w / "predictions.zarr", progress=False)
+    dense_s = time.perf_counter() - t0
+    dense = np.asarray(zarr.open_group(str(out), mode="r")["cells/proba"][:])
+
+    model, ckpt = load_model(run / "checkpoint.pt")
+    atlas = ckpt["config"]["config"]["atlas"]
+    r, src = open_raster(raster), CellSource(cells)
+    table, norm = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
+    t0 = time.perf_counter()
+    parts = []
+    for split in SPLITS:
+        ds = CellPatchDataset(r, src, table, split, atlas["splits"], norm, 2, model.patch_size, model.halo)
+        parts.append((ds.cells, predict_proba(model, ds, batch_size=256, device="cpu").numpy()))
+    loop_s = time.perf_counter() - t0
+    idx = np.concatenate([c for c, _ in parts])
+    loop = np.concatenate([p for _, p in parts])
+    print(json.dumps({
+        "cells": int(r.voxel_index.shape[0]), "cells_in_loop": len(idx), "voxels": int(np.prod(r.grid.shape)),
+        "grid": list(r.grid.shape), "model": a.model, "params": int(model.n_params), "patch_input": list(model.input_size),
+        "threads": a.threads, "dense_s": round(dense_s, 2), "patch_loop_s": round(loop_s, 2),
+        "speedup": round(loop_s / dense_s, 1), "max_abs_diff": float(np.abs(dense[idx] - loop).max()),
+    }))
+
+
+if __name__ == "__main__":
+    main()
