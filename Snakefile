@@ -8,10 +8,14 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/atlas.smk"
 include: "workflow/rules/raster.smk"
 include: "workflow/rules/learn.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -314,8 +314,51 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="metrics table over all trained models and an overview figure of the predictions")
+    p.add_argument("--annotated", type=Path, required=True, help="cells_annotated.h5ad (abc-pipeline annotate)")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run directories models/<task>/<model>/")
+    p.add_argument("--out", type=Path, required=True, help="report folder, e.g. results/<dataset>/report")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.report import write_report
+
+        write_report(a.annotated, a.runs, a.out)
+
+    p.set_defaults(run=run)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="test metrics, grid-symmetry scores, equivariance curve and figures of a model")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of abc-pipeline train")
+    p.add_argument("--raster", type=Path, required=True, help="the raster the model was trained on")
+    p.add_argument("--predictions", type=Path, required=True, help="predictions.zarr of this checkpoint (abc-pipeline predict)")
+    p.add_argument("--cells", type=Path, default=None, help="cells.zarr of the raster (celltype: required, the true labels)")
+    p.add_argument("--out", type=Path, required=True, help="output directory, e.g. results/<d>/models/<task>/<model>/evaluation/")
+    p.add_argument("--windows", type=int, default=2, help="test windows (sections / z-slabs) the model runs on")
+    p.add_argument("--window-size", type=int, default=None, help="window side in voxels, in-plane (default 128 in 2D, 64 in 3D)")
+    p.add_argument("--window-depth", type=int, default=8, help="3D: z indices per window")
+    p.add_argument("--halo", type=int, default=16, help="region: U-Net context read around each window (voxels per side)")
+    p.add_argument("--angles", type=float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
+                   help="equivariance-curve rotation angles in degrees (in-plane)")
+    p.add_argument("--map-sections", type=int, default=3, help="test sections / z-slices in maps.png")
+    p.add_argument("--max-test-cells", type=int, default=500_000, help="celltype: test cells scored (evenly strided)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.evaluate_run import evaluate_run
+
+        evaluate_run(a.checkpoint, a.raster, a.predictions, a.out, cells=a.cells, windows=a.windows,
+                     window_size=a.window_size, window_depth=a.window_depth, halo=a.halo, angles=a.angles,
+                     map_sections=a.map_sections, max_test_cells=a.max_test_cells, batch_size=a.batch_size,
+                     device=a.device)
+
+    p.set_defaults(run=run)
+
+
 _REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models, _add_train_npz, _add_train,
-               _add_predict, _add_annotate, _add_bench_models]
+               _add_predict, _add_annotate, _add_evaluate, _add_bench_models, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

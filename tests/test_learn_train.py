@@ -131,14 +131,14 @@ def test_rerun_rewrites_a_removed_best_checkpoint(data: NpzDatasets, tmp_path: P
     args = dict(epochs=3, seed=0, **FAST)
     train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, **args)
     best = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    (tmp_path / "checkpoint.pt").unlink()
-    (tmp_path / "metrics.json").unlink()
+    for output in ("checkpoint.pt", "metrics.json", "history.tsv"):  # the outputs Snakemake declares
+        (tmp_path / output).unlink()
     train(_model(seed=1), data.train, data.val, tmp_path, class_names=CLASSES, **args)
     again = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert again["best_epoch"] == best["best_epoch"]
     for key, value in best["model"].items():
         torch.testing.assert_close(again["model"][key], value)
-    assert (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "metrics.json").is_file() and len(pd.read_csv(tmp_path / "history.tsv", sep="\t")) == 3
 
 
 def test_early_stopping(data: NpzDatasets, tmp_path: Path) -> None:

@@ -122,6 +122,16 @@ def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
         assert "max_rss" in bench.read_text().splitlines()[0]
 
 
+def test_report_builds(finished: Path) -> None:
+    table = pd.read_csv(finished / "results" / DATASET / "report" / "metrics.tsv", sep="\t")
+    assert sorted(zip(table["task"], table["model"])) == [
+        ("celltype", "cnn"), ("celltype", "moment-trivial-irrep"), ("region", "cnn"), ("region", "moment-trivial-irrep")
+    ]
+    snakemake(finished, "--report", "report.html")
+    html = (finished / "report.html").read_text(errors="replace")
+    assert "metrics.tsv" in html and "predictions_overview.png" in html
+
+
 def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:
     assert _jobs_planned(snakemake(finished, "-n")) == {}
 
@@ -129,7 +139,7 @@ def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:
 def test_deleting_an_intermediate_reruns_only_its_dependents(finished: Path) -> None:
     shutil.rmtree(finished / "results" / DATASET / "raster" / "section_2d.ome.zarr")
     planned = _jobs_planned(snakemake(finished, "-n"))
-    assert planned == {"rasterize": 1, "train": 2, "predict": 2, "annotate": 1, "all": 1}
+    assert planned == {"rasterize": 1, "train": 2, "predict": 2, "annotate": 1, "report": 1, "all": 1}
     snakemake(finished)
     assert _jobs_planned(snakemake(finished, "-n")) == {}
 

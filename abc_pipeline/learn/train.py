@@ -322,6 +322,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     model.load_state_dict(best_model)
     if not (out_dir / "checkpoint.pt").is_file():  # removed after the run (e.g. by Snakemake before a re-run)
         save_checkpoint(_best_checkpoint(snapshot()), out_dir / "checkpoint.pt")
+    _write_history(state["history"], out_dir / "history.tsv")
     result = TrainResult(out_dir=out_dir, best_epoch=state["best_epoch"], best_score=state["best_score"],
                          metric=metric, epochs_run=state["epoch"] + 1, stopped_early=state["stopped_early"],
                          config_hash=chash, val_metrics=state["best_val"], history=state["history"])

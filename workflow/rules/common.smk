@@ -39,6 +39,7 @@ def final_outputs():
     outputs += [f"results/{DATASET}/raster/{grid}.ome.zarr" for grid in RASTERS]
     if TASKS:
         outputs.append(f"results/{DATASET}/cells_annotated.h5ad")
+        outputs.append(f"results/{DATASET}/report/metrics.tsv")
     return outputs
 
 

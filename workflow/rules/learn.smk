@@ -16,7 +16,7 @@ rule train:
     params:
         outdir=lambda wildcards, output: Path(output.checkpoint).parent,
         args=train_args,
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=720,
@@ -39,7 +39,7 @@ rule predict:
         f"logs/benchmarks/predict_{DATASET}_{{task}}_{{model}}.tsv"
     params:
         device=config["training"]["device"],
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=240,

@@ -12,7 +12,7 @@ rule rasterize:
         f"logs/benchmarks/rasterize_{DATASET}_{{grid}}.tsv"
     params:
         args=raster_args,
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=6000,
         runtime=240,

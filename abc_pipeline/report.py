@@ -1,0 +1,101 @@
+"""Workflow report: one metrics table over every trained model and an overview figure of the predictions.
+
+``abc-pipeline report`` reads each run directory (``results/<dataset>/models/<task>/<model>/``: ``metrics.json``
+of training, ``evaluation/metrics.json`` of ``abc-pipeline evaluate`` when present) and the annotated AnnData, and
+writes ``metrics.tsv`` and ``predictions_overview.png``; Snakemake's ``--report`` embeds them with the per-model
+evaluation figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import anndata
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from abc_pipeline.errors import InputError  # noqa: E402
+from abc_pipeline.fileio import atomic_write_text, staged_output  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "mean_dice", "mean_iou", "ari", "nmi")
+
+
+def _flat_scores(prefix: str, metrics: dict) -> dict[str, float]:
+    """The headline scalar metrics of a metrics mapping, prefixed (``val_accuracy``, ``test_mean_dice``...)."""
+    return {f"{prefix}_{k}": float(v) for k, v in metrics.items() if k in _HEADLINE and v is not None}
+
+
+def metrics_table(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """One row per run directory: task, model, parameters, best epoch, validation/test and orientation scores."""
+    rows = []
+    for run in map(Path, run_dirs):
+        path = run / "metrics.json"
+        if not path.is_file():
+            raise InputError(f"{path} does not exist; train the model first (abc-pipeline train --out {run})")
+        metrics = json.loads(path.read_text())
+        row = {"task": run.parent.name, "model": run.name, "parameters": metrics.get("n_params"),
+               "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
+               **_flat_scores("val", metrics.get("val", {})), **_flat_scores("test", metrics.get("test", {}))}
+        evaluation = run / "evaluation" / "metrics.json"
+        if evaluation.is_file():
+            ev = json.loads(evaluation.read_text())
+            row.update(_flat_scores("test", ev.get("test", {})))
+            for key in ("orientation_mean", "orientation_worst"):
+                if isinstance(ev.get(key), (int, float)):
+                    row[key] = float(ev[key])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_sections: int = 2) -> Path:
+    """True vs predicted labels per cell on the largest test sections (squidpy scatter), one row per section."""
+    import squidpy as sq
+
+    adata = anndata.read_h5ad(annotated, backed="r")
+    obs = adata.obs
+    truth = {"celltype": None, "region": None}
+    meta = adata.uns.get("abc_pipeline", {}).get("predict", {})
+    for col, info in meta.items():
+        task = col.removeprefix("pred_")
+        if task in truth and "level" in info:
+            truth[task] = info["level"]
+    pairs = [(truth[t], f"pred_{t}") for t in tasks if f"pred_{t}" in obs and truth.get(t) in obs]
+    if not pairs:
+        raise InputError(f"{annotated}: no pred_<task> column with its true level; run abc-pipeline annotate first")
+    test = obs[obs["split"] == "test"] if "split" in obs else obs
+    sections = test["brain_section_label"].value_counts().index[:max_sections]
+    colors = [c for pair in pairs for c in pair]
+    fig, axes = plt.subplots(len(sections), len(colors), figsize=(4.2 * len(colors), 3.6 * len(sections)),
+                             squeeze=False)
+    for i, section in enumerate(sections):
+        sub = adata[adata.obs["brain_section_label"] == section].to_memory()
+        for col in colors:
+            sub.obs[col] = sub.obs[col].cat.remove_unused_categories() if col in truth.values() else sub.obs[col]
+        for j, col in enumerate(colors):
+            sq.pl.spatial_scatter(sub, shape=None, color=col, size=4, ax=axes[i, j], legend_loc=None,
+                                  title=f"{section}: {col}")
+    fig.tight_layout()
+    with staged_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(annotated: Path, run_dirs: Sequence[Path], out_dir: Path) -> Path:
+    """Write ``metrics.tsv`` and ``predictions_overview.png`` into ``out_dir``; returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = metrics_table(run_dirs)
+    atomic_write_text(out_dir / "metrics.tsv", table.to_csv(sep="\t", index=False, float_format="%.4f"))
+    tasks = sorted(table["task"].unique())
+    overview_figure(Path(annotated), out_dir / "predictions_overview.png", tasks)
+    log.info("report: %d runs -> %s", len(table), out_dir)
+    return out_dir

@@ -1,0 +1,29 @@
+# Report: metrics table and overview figure; `snakemake --report report.html` embeds them.
+
+
+rule report:
+    input:
+        annotated=f"results/{DATASET}/cells_annotated.h5ad",
+        metrics=expand(f"results/{DATASET}/models/{{task}}/{{model}}/metrics.json", task=TASKS, model=MODELS),
+    output:
+        metrics=report(
+            f"results/{DATASET}/report/metrics.tsv", caption="../report/metrics.rst", category="Metrics"
+        ),
+        overview=report(
+            f"results/{DATASET}/report/predictions_overview.png",
+            caption="../report/overview.rst",
+            category="Predictions",
+        ),
+    log:
+        f"logs/report_{DATASET}.log",
+    benchmark:
+        f"logs/benchmarks/report_{DATASET}.tsv"
+    params:
+        runs=lambda wildcards, input: [str(Path(m).parent) for m in input.metrics],
+        outdir=lambda wildcards, output: Path(output.metrics).parent,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "abc-pipeline report --annotated {input.annotated} --runs {params.runs} --out {params.outdir} > {log} 2>&1"
