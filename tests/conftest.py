@@ -45,3 +45,30 @@ def assembled(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory)
 
     out = tmp_path_factory.mktemp("results") / "cells.zarr"
     return assemble_dataset("MERFISH-C57BL6J-638850", cache_dir=synthetic_release, out=out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def atlas(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Section and anisotropic 3D rasters (12 genes) of ``assembled``, a 2D celltype run (moment-trivial-irrep)
+    and a 3D region run (moment-trivial) in ``out/models/{ct,rg}``. Do not modify them in tests."""
+    from abc_pipeline.learn.atlas import train_atlas_task
+    from abc_pipeline.raster import rasterize
+    from abc_pipeline.raster.source import CellSource
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread (the function-scoped fixture is not active yet)
+    try:
+        out = tmp_path_factory.mktemp("learn_atlas")
+        genes = CellSource(assembled).gene_symbols[:480:40]
+        kw = {"genes": genes, "labels": ["class", "parcellation_division"], "progress": False}
+        section = rasterize(assembled, out / "raster" / "s.ome.zarr", space="section", voxel_size=0.1, **kw)
+        recon = rasterize(assembled, out / "raster" / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), **kw)
+        celltype = train_atlas_task(section, assembled, "celltype", "moment-trivial-irrep", out / "models" / "ct",
+                                    width=6, depth=2, patch_size=3, epochs=4, batch_size=64, lr=5e-3,
+                                    max_samples_per_epoch=800, progress=False)
+        region = train_atlas_task(recon, assembled, "region", "moment-trivial", out / "models" / "rg", width=4,
+                                  depth=2, tile_size=(2, 32, 32), epochs=4, batch_size=4, lr=1e-2, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    return {"out": out, "cells": assembled, "section": section, "recon": recon, "celltype": celltype,
+            "region": region}

@@ -27,32 +27,6 @@ from abc_pipeline.raster import open_raster, rasterize
 from abc_pipeline.raster.source import CellSource
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for the module-scoped training fixture too (conftest's is function-scoped)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def atlas(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Section and anisotropic 3D rasters (12 genes), a 2D celltype run and a 3D region run."""
-    out = tmp_path_factory.mktemp("learn_atlas")
-    genes = CellSource(assembled).gene_symbols[:480:40]
-    kw = {"genes": genes, "labels": ["class", "parcellation_division"], "progress": False}
-    section = rasterize(assembled, out / "raster" / "s.ome.zarr", space="section", voxel_size=0.1, **kw)
-    recon = rasterize(assembled, out / "raster" / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), **kw)
-    celltype = train_atlas_task(section, assembled, "celltype", "moment-trivial-irrep", out / "models" / "ct", width=6,
-                                depth=2, patch_size=3, epochs=4, batch_size=64, lr=5e-3, max_samples_per_epoch=800,
-                                progress=False)
-    region = train_atlas_task(recon, assembled, "region", "moment-trivial", out / "models" / "rg", width=4, depth=2,
-                              tile_size=(2, 32, 32), epochs=4, batch_size=4, lr=1e-2, progress=False)
-    return {"out": out, "cells": assembled, "section": section, "recon": recon, "celltype": celltype,
-            "region": region}
-
-
 def _losses(run: Path) -> list[float]:
     return pd.read_csv(run / "history.tsv", sep="\t")["train_loss"].tolist()
 

@@ -1,0 +1,470 @@
+"""Evaluate a trained atlas model (``abc-pipeline evaluate``): test metrics, grid-symmetry scores, the
+equivariance curve and figures.
+
+Inputs: the checkpoint of ``abc-pipeline train``, its raster, the ``predictions.zarr`` that
+``abc-pipeline predict`` wrote with that checkpoint, and (``celltype``: required) the cells.zarr.
+Everything is read lazily, plane by plane / cell chunk by cell chunk; the model runs on bounded samples.
+
+1. **Test split as is** (``test``), from the stored predictions:
+   ``celltype``: the test-split cells' predicted probabilities (``cells/proba``) against their own labels
+   in cells.zarr (:func:`abc_pipeline.evaluate.classification_metrics`: accuracy, balanced accuracy,
+   macro-F1, per-class F1, AUC; at most ``max_test_cells`` cells, evenly strided); ``region``: the voxel
+   label volume ``labels/pred_region`` against ``labels/<level>`` of the raster over the labelled voxels of
+   the test z indices (:func:`abc_pipeline.evaluate.segmentation_metrics`: per-region Dice and IoU, mean
+   Dice, ARI, NMI), read in z-slabs.
+The model itself runs only on ``windows`` test windows (bounded): test sections (2D) or slabs of
+``window_depth`` test z indices (3D), evenly spaced along z, each cropped to a square of at most
+``window_size`` voxels in-plane around its tissue and read with the model's context (the patch classifier's
+exact receptive field; ``halo`` voxels for the U-Net), zero outside the test split.
+
+2. **Grid symmetries** (``symmetry``): for every element ``g`` of :func:`abc_pipeline.nn.fields.grid_group`
+   (model dimension and voxel spacing) each window is transformed by ``g``, predicted densely, and the
+   class scores transformed back by ``g^-1``; then scored as in 1. on the window cores: the test cells in
+   them (``celltype``; the identity reproduces ``predictions.zarr`` there) or their labelled voxels
+   (``region``). Per scalar metric: the identity's value, the mean and the worst case over the group, and
+   which symmetry is worst. An exactly invariant / equivariant model scores the same under every ``g``.
+3. **Equivariance curve** (``equivariance_curve``): :func:`abc_pipeline.evaluate.equivariance_curve` over
+   ``angles`` (default 0-90° in 15° steps), in-plane (y, x) rotations about each window's centre: the
+   fraction of tissue voxels whose predicted class (dense cell-type map or region map) on the rotated input
+   equals the rotated prediction, pooled over the windows.
+
+Outputs in ``out`` (written to a temporary directory, then renamed): ``metrics.json`` (everything above
+plus the inputs, caps and sample sizes), ``metrics.tsv`` (one row per metric: ``scope``, ``metric``,
+``value``, ``detail``), and PNG figures (:mod:`abc_pipeline.plots`): ``confusion_matrix.png`` (test
+cells / test voxels), ``maps.png`` (true vs predicted label maps of ``map_sections`` test sections or
+z-slices; needs ``labels/<level>`` in the raster), ``training_curves.png`` (the ``history.tsv`` next to
+the checkpoint), ``equivariance_curve.png`` and ``orientation.png`` (the sample's headline metric as is
+vs its worst grid orientation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from abc_pipeline import plots
+from abc_pipeline.errors import InputError
+from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
+from abc_pipeline.fileio import replace_tree
+from abc_pipeline.learn.checkpoint import load_model, write_json
+from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, z_blocks
+from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels, names_digest
+from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
+from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
+from abc_pipeline.raster.ome import ATTRS_KEY, Raster, open_raster
+from abc_pipeline.raster.source import CellSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ANGLES = tuple(range(0, 91, 15))
+DEFAULT_WINDOW = {2: 128, 3: 64}
+#: scalar metrics scored under every grid symmetry; the first is the headline (orientation figure)
+SYMMETRY_METRICS = {"celltype": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
+                    "region": ("mean_dice", "mean_iou", "accuracy", "ari", "nmi")}
+_CELL_CHUNK = 1 << 16  # cells per read of the per-cell predictions
+
+
+def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | Path, out: str | Path, *,
+                 cells: str | Path | None = None, windows: int = 2, window_size: int | None = None,
+                 window_depth: int = 8, halo: int = DEFAULT_HALO, angles: Sequence[float] = DEFAULT_ANGLES,
+                 map_sections: int = 3, max_test_cells: int | None = 500_000, batch_size: int = 8,
+                 device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
+    """Evaluate the model of ``checkpoint`` on the test split of ``raster``; write ``out`` (see the module
+    docstring) and return the contents of ``metrics.json``.
+
+    ``predictions``: the ``predictions.zarr`` of this checkpoint on this raster. ``cells``: the cells.zarr
+    the raster was made from (required for ``celltype``). Caps of the model runs: ``windows`` test windows
+    of at most ``window_size`` voxels in-plane (default 128 in 2D, 64 in 3D) and ``window_depth`` z indices
+    (3D), read with the model's context (``celltype``: its receptive field; ``region``: ``halo`` voxels per
+    side); ``angles``: the curve's rotation angles in degrees; ``map_sections`` sections / z-slices in
+    ``maps.png``; ``max_test_cells`` test cells scored (evenly strided; ``None`` = all); ``batch_size``:
+    windows per forward pass.
+    """
+    start = time.perf_counter()
+    checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
+    for value, what in ((windows, "windows"), (window_size or 1, "window_size"), (window_depth, "window_depth"),
+                        (halo + 1, "halo + 1"), (batch_size, "batch_size"), (map_sections, "map_sections")):
+        if value < 1:
+            raise InputError(f"{what} must be >= 1, got {value}")
+    dev = pick_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    atlas = atlas_config(ckpt, checkpoint)
+    r = open_raster(raster)
+    _check_raster(atlas, r, checkpoint)
+    digest = names_digest(r.cell_label)
+    store = _open_predictions(predictions, ckpt, atlas, r, digest, checkpoint)
+    task, dim = atlas["task"], int(atlas["dim"])
+    src = _cells(cells, r, digest, task)
+    table, normalizer = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
+    splits = {k: [int(z) for z in v] for k, v in atlas["splits"].items()}
+    if not splits.get("test"):
+        raise InputError(f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
+                         f"third --split-fractions value to evaluate")
+    spacing = tuple(float(s) for s in ckpt["model_kwargs"]["spacing"])
+    names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
+
+    if task == "celltype":
+        test_cells, y_true, proba = _test_cells(store, predictions, src, table, max_test_cells)
+        test = classification_metrics(y_true, proba, names)
+        y_pred, unit, margin = proba.argmax(1), "cells", tuple(model.margin)
+        net = model.forward_dense
+    else:
+        y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"])
+        test = segmentation_metrics(y_true, y_pred, names, ignore=IGNORE_INDEX)
+        unit, margin, net = "voxels", (halo,) * dim, model
+    boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin,
+                     windows)
+    reader = RasterReader(r, normalizer, splits["test"], table.level if task == "region" else None,
+                          table if task == "region" else None, cache_bytes=cache_bytes)
+    x = torch.from_numpy(np.stack([reader.window(w.lo, w.size)[:, 0] if dim == 2 else reader.window(w.lo, w.size)
+                                   for w in boxes]))  # (n, C, *box)
+    if task == "celltype":
+        targets = _window_cells(r, boxes, test_cells, y_true, dim)
+    else:
+        targets = [reader.target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
+    logits = _on_device(net, dev, batch_size)
+    symmetry = _symmetry_scores(logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim,
+                                batch_size)
+    symmetry.update(spacing=list(spacing), windows=[w.describe() for w in boxes])
+    curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
+    curve["windows"] = len(boxes)
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        figures = [plots.confusion_matrix_figure(y_true, y_pred, names, tmp / "confusion_matrix.png",
+                                                 title=f"{title}: test {unit}")]
+        if table.level in r.labels:
+            figures.append(_maps_figure(store, r, table, task, splits["test"], dim, map_sections, tmp / "maps.png"))
+        else:
+            log.warning("%s has no labels/%s volume: no true vs predicted maps", r.path, table.level)
+        history = checkpoint.parent / "history.tsv"
+        if history.is_file():
+            figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
+        else:
+            log.warning("no %s next to the checkpoint: no training curves", history)
+        figures.append(plots.equivariance_curve_figure({ckpt["model_name"]: (curve["angles"], curve["agreement"])},
+                                                       tmp / "equivariance_curve.png", title=f"Equivariance: {title}"))
+        head = symmetry["metrics"][SYMMETRY_METRICS[task][0]]
+        figures.append(plots.orientation_bar_figure(
+            {ckpt["model_name"]: (head["identity"], head["worst"])}, tmp / "orientation.png",
+            metric=SYMMETRY_METRICS[task][0],
+            title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation"))
+        result = {
+            "task": task, "level": table.level, "model": ckpt["model_name"], "dim": dim,
+            "checkpoint": str(checkpoint.resolve()), "config_hash": ckpt["config_hash"],
+            "raster": str(r.path.resolve()), "predictions": str(predictions.resolve()), "splits": splits,
+            "n_test": len(y_true), "test_unit": unit, "test": test, "symmetry": symmetry,
+            "equivariance_curve": curve,
+            "caps": {"windows": windows, "window_size": window_size or DEFAULT_WINDOW[dim],
+                     "window_depth": window_depth, "margin": list(margin), "map_sections": map_sections,
+                     "max_test_cells": max_test_cells},
+            "figures": [p.name for p in figures], "seconds": time.perf_counter() - start,
+        }
+        write_json(result, tmp / "metrics.json")
+        _metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+        replace_tree(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s", title,
+             {k: round(v, 3) for k, v in test.items() if isinstance(v, float)}, SYMMETRY_METRICS[task][0],
+             head["worst"], head["worst_symmetry"], curve["angles"], [round(a, 3) for a in curve["agreement"]],
+             result["seconds"], out)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
+    """:class:`InputError` unless ``r`` is the checkpoint's training grid with its feature channels."""
+    want = (atlas["space"], [int(n) for n in atlas["grid_shape"]])
+    have = (r.grid.space, [int(n) for n in r.grid.shape])
+    if want != have:
+        raise InputError(f"{r.path} ({have[0]} grid {have[1]}) is not the raster {checkpoint} was trained on "
+                         f"({want[0]} grid {want[1]}, {atlas['raster']}); give --raster the training raster")
+    check_channels(atlas, r.path, r.feature_channels, checkpoint)
+
+
+def _open_predictions(path: Path, ckpt: dict, atlas: dict, r: Raster, digest: str, checkpoint: Path) -> zarr.Group:
+    """The predictions store; :class:`InputError` unless this checkpoint wrote it on ``r`` (whose cell names
+    have the digest ``digest``)."""
+    try:
+        store = zarr.open_group(str(path), mode="r")
+        meta = dict(store.attrs[ATTRS_KEY]["predictions"])
+    except Exception as exc:
+        raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc}); give the "
+                         f"predictions.zarr written with {checkpoint}") from exc
+    diffs = []
+    if meta["task"] != atlas["task"]:
+        diffs.append(f"task {meta['task']!r} (checkpoint: {atlas['task']!r})")
+    if meta["model"] != ckpt["model_name"] or meta["config_hash"] != ckpt["config_hash"]:
+        diffs.append(f"model {meta['model']!r} with config hash {meta['config_hash']} (checkpoint: "
+                     f"{ckpt['model_name']!r}, {ckpt['config_hash']})")
+    if list(meta["class_names"]) != list(atlas["classes"]["names"]):
+        diffs.append(f"{len(meta['class_names'])} {meta['level']!r} classes (checkpoint: "
+                     f"{len(atlas['classes']['names'])} {atlas['classes']['level']!r})")
+    shape = [int(n) for n in store["0"].shape[1:]]
+    if shape != [int(n) for n in r.grid.shape] or meta["cell_names_digest"] != digest:
+        diffs.append(f"raster {meta['raster']} (grid {shape}; --raster: {r.path}, grid {list(r.grid.shape)})")
+    if diffs:
+        raise InputError(f"{path} was not predicted by {checkpoint} on {r.path}: {'; '.join(diffs)}. Run "
+                         f"`abc-pipeline predict --checkpoint {checkpoint} --raster {r.path}` and evaluate its output")
+    return store
+
+
+def _cells(cells: str | Path | None, r: Raster, digest: str, task: str) -> CellSource | None:
+    """The cells.zarr (required for ``celltype``), checked to be the one ``r`` was rasterized from (cell-name
+    digest ``digest``)."""
+    if cells is None:
+        if task == "celltype":
+            raise InputError("evaluating a celltype model needs --cells (the cells.zarr the raster was made from: "
+                             "the true cell labels)")
+        return None
+    src = CellSource(cells)
+    if names_digest(src.obs_names()) != digest:
+        raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
+                         f"cells.zarr the raster was made from")
+    return src
+
+
+# ----------------------------------------------------------------------------------------------- test split
+def _test_cells(store: zarr.Group, where: Path, src: CellSource, table: ClassTable, cap: int | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row numbers ``(N,)`` in cells.zarr, labels ``(N,)`` and stored probabilities ``(N, K)`` of the test
+    cells with a voxel and a class (at most ``cap``, evenly strided), read in chunks of cells."""
+    split = store["cells/split"]
+    test = np.concatenate([np.flatnonzero(np.asarray(split[s : s + _CELL_CHUNK]) == SPLITS.index("test")) + s
+                           for s in range(0, split.shape[0], _CELL_CHUNK)])
+    if cap is not None and len(test) > cap:
+        test = test[:: -(-len(test) // cap)]
+    cat = src.categorical(table.level)
+    lut = table.lookup(cat.categories)
+    rows, ys, ps = [], [], []
+    for s in range(0, len(test), _CELL_CHUNK):
+        idx = test[s : s + _CELL_CHUNK]
+        codes = np.asarray(cat.codes[idx].compute()).astype(np.int64)
+        y = np.where(codes >= 0, lut[np.clip(codes, 0, None)], -1)
+        p = np.asarray(store["cells/proba"].get_orthogonal_selection((idx, slice(None))))
+        keep = (y >= 0) & np.isfinite(p).all(axis=1)
+        rows.append(idx[keep])
+        ys.append(y[keep])
+        ps.append(p[keep])
+    y_true = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    if not y_true.size:
+        raise InputError(f"{where}: no test-split cell has a voxel and a {table.level!r} class; nothing to "
+                         f"evaluate (choose other --split-fractions or --seed when training)")
+    return np.concatenate(rows), y_true, np.concatenate(ps)
+
+
+def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted classes ``(N,)`` int16 of the labelled voxels of the test z indices, read in
+    z-slabs of the prediction chunks."""
+    if table.level not in r.labels:
+        raise InputError(f"{r.path}: no labels/{table.level} volume to score regions against; rasterize with "
+                         f"--labels {table.level}")
+    truth = r.labels[table.level].data
+    pred = store["labels/pred_region/0"]
+    lut = table.label_lookup()
+    depth = pred.chunks[0]
+    ys, ps = [], []
+    for a, b in z_blocks(test_z):
+        for z0 in range(a, b, depth):
+            z1 = min(z0 + depth, b)
+            t = lut[np.asarray(truth[z0:z1]).astype(np.int64)]
+            p = np.asarray(pred[z0:z1]).astype(np.int64) - 1
+            keep = t >= 0
+            if (p[keep] < 0).any():
+                raise InputError(f"{where}: {int((p[keep] < 0).sum())} labelled voxels of z {z0}..{z1 - 1} "
+                                 f"have no prediction; predict the whole raster again")
+            ys.append(t[keep].astype(np.int16))
+            ps.append(p[keep].astype(np.int16))
+    y_true = np.concatenate(ys)
+    if not y_true.size:
+        raise InputError(f"{r.path}: the test z indices {list(test_z)} hold no voxel labelled with a "
+                         f"{table.level!r} class; nothing to evaluate")
+    return y_true, np.concatenate(ps)
+
+
+# ----------------------------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class _Window:
+    """A test window: the input box of ``size`` voxels read at ``lo`` (z, y, x; zero outside the volume and
+    the test split) and the evaluated core of ``core`` voxels at ``core_lo`` (volume frame) inside it."""
+
+    lo: tuple[int, int, int]
+    size: tuple[int, int, int]
+    core_lo: tuple[int, int, int]
+    core: tuple[int, int, int]
+
+    def crop(self, dim: int) -> tuple[slice, ...]:
+        """The core within the box, over the ``dim`` model axes."""
+        out = tuple(slice(c - b, c - b + n) for c, b, n in zip(self.core_lo, self.lo, self.core))
+        return out[3 - dim:]
+
+    def describe(self) -> dict:
+        return {"box_lo": list(self.lo), "box_size": list(self.size), "core_lo": list(self.core_lo),
+                "core_size": list(self.core)}
+
+
+def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float], size: int, depth: int,
+             margin: Sequence[int], n: int) -> list[_Window]:
+    """Up to ``n`` test windows of one common box size, evenly spaced along z among the test slabs that hold
+    cells (2D: the test z-planes; 3D: runs of ``depth`` test z indices, at most the shortest test block).
+
+    Cores are square in-plane, as wide as the largest tissue bounding box of the chosen slabs up to
+    ``size``, each centred on its slab's tissue; axes the grid group permutes (equal spacing) get equal
+    sizes. The box adds ``margin`` voxels per side (model axes); along a 3D z axis the group does not
+    permute, the box stays inside the test block (reads outside it are zero anyway)."""
+    blocks = z_blocks(test_z)
+    d = 1 if dim == 2 else min(depth, *(b - a for a, b in blocks))
+    slabs = [(z, z + d, a, b) for a, b in blocks for z in sorted({*range(a, b - d + 1, d), b - d})]
+    per_z = dict(zip((int(z) for z in test_z), np.asarray((r.n_cells[list(test_z)] > 0).sum(axis=(1, 2)).compute())))
+    slabs = [s for s in slabs if sum(per_z[z] for z in range(s[0], s[1])) > 0]
+    if not slabs:
+        raise InputError(f"{r.path}: the test z indices {list(test_z)} hold no cells; nothing to evaluate")
+    chosen = [slabs[i] for i in np.unique(np.linspace(0, len(slabs) - 1, min(n, len(slabs))).round().astype(int))]
+    boxes = []
+    for a, b, _, _ in chosen:
+        yy, xx = np.nonzero(np.asarray((r.n_cells[a:b] > 0).any(axis=0).compute()))
+        boxes.append((int(yy.min()), int(yy.max()), int(xx.min()), int(xx.max())))
+    side = int(min(size, max(max(y1 - y0, x1 - x0) + 1 for y0, y1, x0, x1 in boxes)))
+    z_turns = dim == 3 and spacing[0] in spacing[1:]
+    m = (0, *margin) if dim == 2 else tuple(margin)
+    core = (side if z_turns else d, side, side)
+    box_z = core[0] + 2 * m[0] if dim == 2 or z_turns else min(d + 2 * m[0], *(b - a for a, b in blocks))
+    out = []
+    for (a, b, block_lo, block_hi), (y0, y1, x0, x1) in zip(chosen, boxes):
+        core_lo = ((a + b - 1) // 2 - side // 2 if z_turns else a, (y0 + y1) // 2 - side // 2, (x0 + x1) // 2 - side // 2)
+        z_lo = core_lo[0] - m[0] if dim == 2 or z_turns else min(max(a - (box_z - d) // 2, block_lo), block_hi - box_z)
+        lo = (z_lo, core_lo[1] - m[1], core_lo[2] - m[2])
+        out.append(_Window(lo, (box_z, side + 2 * m[1], side + 2 * m[2]), core_lo, core))
+    return out
+
+
+def _window_cells(r: Raster, boxes: Sequence[_Window], rows: np.ndarray, labels: np.ndarray, dim: int
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window: the box coordinates ``(n, dim)`` (model axes) and labels ``(n,)`` of the scored test cells
+    whose voxel lies in the core."""
+    voxels = np.concatenate([np.asarray(r.voxel_index.get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
+                             for s in range(0, len(rows), _CELL_CHUNK)]).astype(np.int64)
+    out = []
+    for w in boxes:
+        lo, hi = np.asarray(w.core_lo), np.asarray(w.core_lo) + np.asarray(w.core)
+        inside = ((voxels >= lo) & (voxels < hi)).all(axis=1)
+        local = voxels[inside] - np.asarray(w.lo)
+        out.append((local[:, 3 - dim:], labels[inside]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- symmetries
+def _on_device(net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, batch_size: int
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> net(x)`` in batches without gradients on ``dev``; float32 on the CPU (class scores per voxel)."""
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(x), batch_size):
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+                out.append(net(x[i : i + batch_size].to(dev)).float().cpu())
+        return torch.cat(out)
+    return run
+
+
+def _symmetry_scores(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, boxes: Sequence[_Window],
+                     targets: Sequence, group: Sequence[GridSymmetry], names: Sequence[str], task: str,
+                     dim: int, batch_size: int) -> dict:
+    """Every scalar metric of ``SYMMETRY_METRICS[task]`` for each ``g`` in ``group`` (identity first): the
+    windows ``x`` ``(n, C, *box)`` are transformed by ``g``, predicted, and the class scores transformed
+    back by ``g^-1``, then scored on the windows' test cells (``celltype``: ``targets`` = (box coordinates,
+    labels) per window) or on the labelled voxels of the cores (``region``: ``targets`` = core label maps).
+    Per metric: ``identity``, ``mean``, ``worst``, ``worst_symmetry`` and ``per_symmetry``. Several group
+    elements share a forward pass of at most ``batch_size`` windows."""
+    if task == "celltype":
+        y = np.concatenate([t for _, t in targets])
+    else:
+        y = np.concatenate([t.ravel() for t in targets])
+    n = int(len(y) if task == "celltype" else (y >= 0).sum())
+    if not n:
+        raise InputError("the test windows hold no labelled cell/voxel; give more --windows or a larger --window-size")
+    per: dict[str, dict[str, float]] = {m: {} for m in SYMMETRY_METRICS[task]}
+    step = max(1, batch_size // len(x))  # group elements per forward pass
+    for i in range(0, len(group), step):
+        gs = group[i : i + step]
+        out = logits(torch.cat([transform(x, g) for g in gs])).split(len(x))
+        for g, back in zip(gs, out):
+            _score_symmetry(transform(back, g.inverse()), g, y, boxes, targets, names, task, dim, per)
+    metrics = {}
+    for m, values in per.items():
+        worst = min(values, key=lambda k: -math.inf if math.isnan(values[k]) else values[k])
+        metrics[m] = {"identity": values[str(group[0])], "mean": float(np.mean(list(values.values()))),
+                      "worst": values[worst], "worst_symmetry": worst, "per_symmetry": values}
+    return {"metrics": metrics, "n": n, "unit": "cells" if task == "celltype" else "voxels", "group_size": len(group)}
+
+
+def _score_symmetry(back: torch.Tensor, g: GridSymmetry, y: np.ndarray, boxes: Sequence[_Window], targets: Sequence,
+                    names: Sequence[str], task: str, dim: int, per: dict[str, dict[str, float]]) -> None:
+    """Score the class scores ``back`` ``(n, K, *box)`` predicted on ``g.x`` and mapped back to the frame of
+    ``x``; record each metric of ``per`` under ``str(g)``. ``y``: the labels of all windows' cells (celltype)
+    or core voxels (region), in window order."""
+    if task == "celltype":
+        proba = torch.cat([torch.softmax(b[(slice(None), *c.T)].T, dim=1) for b, (c, _) in zip(back, targets)])
+        scores = classification_metrics(y, proba.numpy(), names)
+    else:
+        pred = np.concatenate([b.argmax(0)[w.crop(dim)].numpy().ravel() for b, w in zip(back, boxes)])
+        scores = segmentation_metrics(y, pred, names, ignore=IGNORE_INDEX)
+    for m, values in per.items():
+        values[str(g)] = float(scores[m])
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _maps_figure(store: zarr.Group, r: Raster, table: ClassTable, task: str, test_z: Sequence[int], dim: int,
+                 n: int, path: Path) -> Path:
+    """True vs predicted label maps (value = class + 1, 0 = none) of ``n`` test z-planes with cells, evenly
+    spaced (the sections of a 2D raster, z-slices of a 3D one)."""
+    counts = np.asarray((r.n_cells[list(test_z)] > 0).sum(axis=(1, 2)).compute())
+    zs = [int(z) for z, c in zip(test_z, counts) if c > 0]
+    zs = [zs[i] for i in np.unique(np.linspace(0, len(zs) - 1, min(max(n, 1), len(zs))).round().astype(int))]
+    lut = table.label_lookup() + 1
+    truth = r.labels[table.level].data
+    pred = store[f"labels/pred_{task}/0"]
+    true_maps = [lut[np.asarray(truth[z]).astype(np.int64)] for z in zs]
+    pred_maps = [np.asarray(pred[z]).astype(np.int64) for z in zs]
+    kind = "section" if dim == 2 else "z-slice"
+    return plots.region_maps_figure(true_maps, pred_maps, table.names, table.colors,
+                                    [f"test {kind} z={z}" for z in zs], path,
+                                    spacing=float(r.grid.voxel_size[-1]) * 1000.0)
+
+
+# ----------------------------------------------------------------------------------------------- table
+def _metrics_table(result: dict) -> pd.DataFrame:
+    """One row per metric: ``scope`` (``test``, ``symmetry_identity`` / ``_mean`` / ``_worst``,
+    ``equivariance_curve``), ``metric`` (per-class values as ``<metric>/<class>``), ``value``, ``detail``
+    (worst symmetry; voxels compared per angle)."""
+    rows = []
+    for key, value in result["test"].items():
+        if isinstance(value, dict):
+            rows += [("test", f"{key}/{name}", v, "") for name, v in value.items()]
+        else:
+            rows.append(("test", key, value, f"{result['n_test']} {result['test_unit']}"))
+    for metric, s in result["symmetry"]["metrics"].items():
+        rows += [("symmetry_identity", metric, s["identity"], ""), ("symmetry_mean", metric, s["mean"], ""),
+                 ("symmetry_worst", metric, s["worst"], s["worst_symmetry"])]
+    curve = result["equivariance_curve"]
+    rows += [("equivariance_curve", f"agreement_{a:g}deg", v, f"{n} voxels")
+             for a, v, n in zip(curve["angles"], curve["agreement"], curve["n"])]
+    return pd.DataFrame(rows, columns=["scope", "metric", "value", "detail"])
+
+
+__all__ = ["DEFAULT_ANGLES", "SYMMETRY_METRICS", "evaluate_run"]
