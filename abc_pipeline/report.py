@@ -45,12 +45,16 @@ def metrics_table(run_dirs: Sequence[Path]) -> pd.DataFrame:
                "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
                **_flat_scores("val", metrics.get("val", {})), **_flat_scores("test", metrics.get("test", {}))}
         evaluation = run / "evaluation" / "metrics.json"
-        if evaluation.is_file():
+        if evaluation.is_file():  # abc-pipeline evaluate: test split as is, and under every grid symmetry
             ev = json.loads(evaluation.read_text())
             row.update(_flat_scores("test", ev.get("test", {})))
-            for key in ("orientation_mean", "orientation_worst"):
-                if isinstance(ev.get(key), (int, float)):
-                    row[key] = float(ev[key])
+            symmetry = ev.get("symmetry", {}).get("metrics", {})
+            if symmetry:
+                name, scores = next(iter(symmetry.items()))  # accuracy (cell type) or mean Dice (region)
+                row.update({f"orientation_mean_{name}": scores["mean"], f"orientation_worst_{name}": scores["worst"]})
+            curve = ev.get("equivariance_curve", {})
+            if 45 in curve.get("angles", []):
+                row["equivariance_agreement_45deg"] = curve["agreement"][curve["angles"].index(45)]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -129,7 +129,7 @@ def test_report_builds(finished: Path) -> None:
     ]
     snakemake(finished, "--report", "report.html")
     html = (finished / "report.html").read_text(errors="replace")
-    assert "metrics.tsv" in html and "predictions_overview.png" in html
+    assert "metrics.tsv" in html and "predictions_overview.png" in html and "equivariance_curve.png" in html
 
 
 def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:
@@ -139,7 +139,7 @@ def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:
 def test_deleting_an_intermediate_reruns_only_its_dependents(finished: Path) -> None:
     shutil.rmtree(finished / "results" / DATASET / "raster" / "section_2d.ome.zarr")
     planned = _jobs_planned(snakemake(finished, "-n"))
-    assert planned == {"rasterize": 1, "train": 2, "predict": 2, "annotate": 1, "report": 1, "all": 1}
+    assert planned == {"rasterize": 1, "train": 2, "predict": 2, "evaluate": 2, "annotate": 1, "report": 1, "all": 1}
     snakemake(finished)
     assert _jobs_planned(snakemake(finished, "-n")) == {}
 

@@ -65,3 +65,34 @@ rule annotate:
         runtime=120,
     shell:
         "abc-pipeline annotate --cells {input.cells} --predictions {input.predictions} --out {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        predictions=rules.predict.output[0],
+        raster=task_raster,
+        cells=f"results/{DATASET}/cells.zarr",
+    output:
+        report(
+            directory(f"results/{DATASET}/models/{{task}}/{{model}}/evaluation"),
+            patterns=["{figure}.png"],
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            subcategory="{task} / {model}",
+        ),
+    log:
+        f"logs/evaluate_{DATASET}_{{task}}_{{model}}.log",
+    benchmark:
+        f"logs/benchmarks/evaluate_{DATASET}_{{task}}_{{model}}.tsv"
+    params:
+        device=config["training"]["device"],
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=config["training"]["gpus"],
+    shell:
+        "abc-pipeline evaluate --checkpoint {input.checkpoint} --raster {input.raster} "
+        "--predictions {input.predictions} --cells {input.cells} --out {output} --device {params.device} "
+        "> {log} 2>&1"

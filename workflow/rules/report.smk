@@ -5,6 +5,7 @@ rule report:
     input:
         annotated=f"results/{DATASET}/cells_annotated.h5ad",
         metrics=expand(f"results/{DATASET}/models/{{task}}/{{model}}/metrics.json", task=TASKS, model=MODELS),
+        evaluations=expand(f"results/{DATASET}/models/{{task}}/{{model}}/evaluation", task=TASKS, model=MODELS),
     output:
         metrics=report(
             f"results/{DATASET}/report/metrics.tsv", caption="../report/metrics.rst", category="Metrics"
