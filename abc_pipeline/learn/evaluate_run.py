@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +54,7 @@ import zarr
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
-from abc_pipeline.fileio import replace_tree
+from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.checkpoint import load_model, write_json
 from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, z_blocks
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels, names_digest
@@ -140,9 +138,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out) as tmp:
+        tmp.mkdir()
         figures = [plots.confusion_matrix_figure(y_true, y_pred, names, tmp / "confusion_matrix.png",
                                                  title=f"{title}: test {unit}")]
         if table.level in r.labels:
@@ -174,10 +171,6 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         }
         write_json(result, tmp / "metrics.json")
         _metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
-        replace_tree(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s", title,
              {k: round(v, 3) for k, v in test.items() if isinstance(v, float)}, SYMMETRY_METRICS[task][0],
              head["worst"], head["worst_symmetry"], curve["angles"], [round(a, 3) for a in curve["agreement"]],

@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import shutil
-import uuid
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 
@@ -44,7 +42,7 @@ from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
-from abc_pipeline.fileio import replace_tree
+from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.checkpoint import load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
                                      z_blocks)
@@ -168,9 +166,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
             raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
                              f"cells.zarr the raster was made from")
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with staged_output(out) as tmp:
         _write(tmp, model, r, table, normalizer, dense, dim, core3, margin3, blocks, splits, batch_size, dev,
                progress, cache_bytes, task)
         metrics = _score_cells(tmp, CellSource(cells), table) if cells is not None else {}
@@ -183,10 +179,6 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
             "cell_names_digest": digest or names_digest(r.cell_label), "metrics": metrics,
             "val_metrics": ckpt.get("best_val", {}),
         }}
-        replace_tree(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s predictions of %s to %s", task, r.path, out)
     return out
 
