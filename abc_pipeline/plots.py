@@ -10,7 +10,6 @@ matplotlib colour map is used.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,6 +21,7 @@ from matplotlib.patches import Patch
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import staged_output
 
 DPI = 150
 _BACKGROUND = "#ffffff"
@@ -31,10 +31,8 @@ _MAX_LEGEND = 30  # region maps: legend entries shown (the most frequent regions
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Write ``fig`` as PNG to a temporary name next to ``path`` and rename it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    with staged_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +32,7 @@ import zarr
 from anndata.io import write_elem
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.predict import names_digest
 from abc_pipeline.raster.ome import ATTRS_KEY
 from abc_pipeline.raster.source import CellSource
@@ -127,9 +127,7 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
         raise InputError(f"{src.path}: obs already has {clash}; annotate the cells.zarr of `assemble`, not an "
                          f"annotated one")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with staged_output(out) as tmp:
         with h5py.File(tmp, "w") as f:
             for key in src.group:
                 _copy(src.group[key], f, key)
@@ -153,10 +151,6 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
                 write_elem(uns, "abc_pipeline", {"predict": entries})
             else:
                 write_elem(ours, "predict", entries)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%d cells; %s)", out, n, ", ".join(c for c, *_ in columns))
     return out
 

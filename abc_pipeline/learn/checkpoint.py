@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import staged_output
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -29,10 +29,8 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    with staged_output(path) as tmp:
+        write(tmp)
     return path
 
 

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import atomic_write_text
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
 from abc_pipeline.learn.checkpoint import config_hash, write_json
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
@@ -339,16 +340,10 @@ def format_table(table: pd.DataFrame) -> str:
 
 def _write_table(table: pd.DataFrame, out_dir: Path, task: BenchTask) -> None:
     """``bench_models.tsv`` and ``bench_models.md`` (a title line, the table, the memory note), atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tsv, md = out_dir / "bench_models.tsv", out_dir / "bench_models.md"
-    tmp = tsv.with_name(f".{tsv.name}.tmp")
-    table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    tmp.replace(tsv)
+    atomic_write_text(out_dir / "bench_models.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g"))
     kinds = ", ".join(sorted(set(table["memory"])))
-    text = f"Models on {task.name} ({task.task}); peak memory: {kinds}.\n\n{format_table(table)}\n"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(md)
+    atomic_write_text(out_dir / "bench_models.md",
+                      f"Models on {task.name} ({task.task}); peak memory: {kinds}.\n\n{format_table(table)}\n")
 
 
 def bench_models_npz(npz: str | Path, out_dir: str | Path, models: Sequence[str] = DEFAULT_MODELS, *,

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import atomic_write_text
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
 from abc_pipeline.learn.checkpoint import (check_compatible, config_differences, config_hash, load_checkpoint,
                                            save_checkpoint, write_json)
@@ -342,9 +343,7 @@ def _best_checkpoint(snapshot: dict) -> dict:
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(history).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    tmp.replace(path)
+    atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
 __all__ = ["IGNORE_INDEX", "METRICS", "TrainResult", "balanced_weights", "class_counts", "pick_device",
