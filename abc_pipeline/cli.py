@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from abc_pipeline import __version__
-from abc_pipeline.errors import AbcPipelineError
+from abc_pipeline.errors import AbcPipelineError, InputError
 from abc_pipeline.logs import setup_logging
 
 log = logging.getLogger("abc_pipeline")
@@ -124,8 +124,6 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
         if a.genes_file is not None:
             genes = [g.strip() for g in a.genes_file.read_text().splitlines() if g.strip() and not g.startswith("#")]
         if a.bounds is not None and len(a.bounds) % 2:
-            from abc_pipeline.errors import InputError
-
             raise InputError(f"--bounds needs pairs of values (lo hi per axis), got {len(a.bounds)} values")
         bounds = None if a.bounds is None else list(zip(a.bounds[0::2], a.bounds[1::2]))
         rasterize(
@@ -191,21 +189,56 @@ def _add_train_npz(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
+    """Options that pick an atlas task's data (``train`` and ``bench-models --raster``)."""
+    p.add_argument("--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)")
+    p.add_argument("--level", default=None, help="label level (default: class for celltype, parcellation_division for region)")
+    p.add_argument("--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)")
+    p.add_argument("--dim", default="auto", choices=("auto", "2", "3"), help="auto: 2 for section rasters, else 3")
+    p.add_argument("--patch-size", type=int, nargs="+", default=[5], help="celltype window P (odd; one or per axis z y x)")
+    p.add_argument("--tile-size", type=int, nargs="+", default=[64], help="region tile (voxels; one or per axis z y x)")
+    p.add_argument("--split-fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the sections per split (default 0.7 0.15 0.15)")
+    p.add_argument("--split-blocks", type=int, default=None,
+                   help="contiguous blocks of sections per split, interleaved along z so that every split spans "
+                        "the brain (default 3)")
+
+
+def _atlas_data_kwargs(a: argparse.Namespace) -> dict:
+    """:func:`abc_pipeline.learn.atlas.atlas_data` keywords from :func:`_add_atlas_data_options` options."""
+    def one_or_all(sizes: list[int]) -> int | list[int]:
+        return sizes[0] if len(sizes) == 1 else sizes
+
+    kwargs = {"level": a.level, "dim": a.dim if a.dim == "auto" else int(a.dim), "patch_size": one_or_all(a.patch_size),
+              "tile_size": one_or_all(a.tile_size), "seed": a.seed}
+    for key in ("split_fractions", "split_blocks"):  # None: the library's defaults
+        if getattr(a, key) is not None:
+            kwargs[key] = getattr(a, key)
+    return kwargs
+
+
 def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-models", help="train zoo models parameter-matched on one dataset; one comparison table")
-    p.add_argument("--npz", required=True, help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--npz", help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
+    data.add_argument("--raster", type=Path, help="an atlas raster (OME-Zarr from `rasterize`); needs --task")
+    p.add_argument("--task", choices=("celltype", "region"), help="atlas task (with --raster)")
+    _add_atlas_data_options(p)
     p.add_argument("--out", type=Path, required=True, help="output directory (table, figures, one run folder per model)")
-    p.add_argument("--models", nargs="+", default=["cnn", "gcnn-regular", "moment-trivial", "moment-trivial-irrep"],
-                   help="zoo models to compare")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="zoo models to compare (default cnn gcnn-regular moment-trivial moment-trivial-irrep)")
     p.add_argument("--target-params", type=int, default=50_000, help="parameters per model (width solved per model)")
-    p.add_argument("--train-fraction", type=float, default=1.0, help="keep this stratified fraction of the training split")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed of the training-split subset")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="keep this fraction of the training data: a stratified subset of the samples (--npz) or "
+                        "evenly spaced training sections (--raster)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the training-split subset (--npz)")
+    p.add_argument("--max-samples", type=int, default=None, help="celltype: cap the cells of every split (fixed subset)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (and, with --raster, the split seed)")
     p.add_argument("--angles", type=float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
                    help="equivariance-curve rotation angles in degrees (must include 45)")
     p.add_argument("--curve-samples", type=int, default=256, help="test samples in the equivariance curve")
@@ -216,15 +249,24 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
-        from abc_pipeline.learn.compare import bench_models_npz
+        from abc_pipeline.learn.compare import DEFAULT_MODELS, bench_models, format_table, npz_task
 
-        bench_models_npz(
-            a.npz, a.out, a.models, train_fraction=a.train_fraction, subset_seed=a.subset_seed,
-            download_root=a.download_root, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
+        if a.npz is not None:
+            task = npz_task(a.npz, train_fraction=a.train_fraction, seed=a.subset_seed, download_root=a.download_root)
+        else:
+            from abc_pipeline.learn.atlas import atlas_task
+
+            if a.task is None:
+                raise InputError("bench-models --raster needs --task celltype or --task region")
+            task = atlas_task(a.raster, a.cells, a.task, depth=a.depth, max_samples=a.max_samples,
+                              train_sections=a.train_fraction, **_atlas_data_kwargs(a))
+        table = bench_models(
+            task, a.out, a.models or DEFAULT_MODELS, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
             lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed, device=a.device,
             num_workers=a.workers, angles=a.angles, curve_samples=a.curve_samples, progress=not a.no_progress,
             resume=not a.restart,
         )
+        print(format_table(table))
 
     p.set_defaults(run=run)
 
@@ -232,25 +274,18 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a zoo model on a raster: cell types (patch classifier) or regions (U-Net)")
     p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster (abc-pipeline rasterize)")
-    p.add_argument("--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)")
     p.add_argument("--task", choices=("celltype", "region"), required=True)
-    p.add_argument("--level", default=None, help="label level (default: class for celltype, parcellation_division for region)")
+    _add_atlas_data_options(p)
     p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. results/<dataset>/models/<task>/<model>/")
     p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
-    p.add_argument("--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)")
-    p.add_argument("--dim", default="auto", choices=("auto", "2", "3"), help="auto: 2 for section rasters, else 3")
-    p.add_argument("--patch-size", type=int, nargs="+", default=[5], help="celltype window P (odd; one or per axis z y x)")
-    p.add_argument("--tile-size", type=int, nargs="+", default=[64], help="region tile (voxels; one or per axis z y x)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"),
-                   help="fractions of the sections per split (contiguous blocks)")
     p.add_argument("--max-samples-per-epoch", type=int, default=None, help="celltype: cap cells per split (fixed subset)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
@@ -265,13 +300,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from abc_pipeline.learn.atlas import train_atlas_task
 
         train_atlas_task(
-            a.raster, a.cells, a.task, a.model, a.out, level=a.level, width=a.width, target_params=a.target_params,
-            dim=a.dim if a.dim == "auto" else int(a.dim), depth=a.depth, patch_size=a.patch_size[0] if len(a.patch_size) == 1
-            else a.patch_size, tile_size=a.tile_size[0] if len(a.tile_size) == 1 else a.tile_size, epochs=a.epochs,
-            batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed,
-            split_fractions=a.split_fractions, max_samples_per_epoch=a.max_samples_per_epoch, device=a.device,
-            num_workers=a.workers, progress=not a.no_progress,
-            resume="if-unchanged" if a.restart_if_changed else not a.restart,
+            a.raster, a.cells, a.task, a.model, a.out, width=a.width, target_params=a.target_params, depth=a.depth,
+            epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, patience=a.patience,
+            max_samples_per_epoch=a.max_samples_per_epoch, device=a.device, num_workers=a.workers,
+            progress=not a.no_progress, resume="if-unchanged" if a.restart_if_changed else not a.restart,
+            **_atlas_data_kwargs(a),
         )
 
     p.set_defaults(run=run)

@@ -75,3 +75,39 @@ def test_bench_models_writes_one_table_and_reuses_finished_runs(tmp_path: Path) 
     pd.testing.assert_frame_equal(pd.read_csv(out / "bench_models.tsv", sep="\t"), table)
 
     assert main(argv[:-1] + ["--angles", "0", "30", "--no-progress"]) == 2  # the 45° column needs 45°
+
+
+def test_atlas_task_thins_training_sections(atlas: dict) -> None:
+    from abc_pipeline.learn.atlas import atlas_task
+
+    kw = {"tile_size": (2, 32, 32), "depth": 2}
+    full = atlas_task(atlas["recon"], atlas["cells"], "region", **kw)
+    part = atlas_task(atlas["recon"], atlas["cells"], "region", train_sections=0.3, **kw)
+    z_full, z_part = full.config["atlas"]["splits"]["train"], part.config["atlas"]["splits"]["train"]
+    assert set(z_part) < set(z_full) and len(z_part) >= 1
+    assert part.config["atlas"]["splits"]["test"] == full.config["atlas"]["splits"]["test"]  # same test split
+    assert len(part.train.targets) < len(full.train.targets) and "30% of training sections" in part.name
+    assert (full.task, full.model_task, full.dim) == ("segment", "segment", 3)
+    with pytest.raises(InputError, match="train_sections"):
+        atlas_task(atlas["recon"], atlas["cells"], "region", train_sections=0.0, **kw)
+
+
+@pytest.mark.parametrize("task", ["celltype", "region"])
+def test_bench_models_on_an_atlas_raster(atlas: dict, tmp_path: Path, task: str) -> None:
+    raster, size = (atlas["section"], ["--patch-size", "3", "--max-samples", "200"]) if task == "celltype" \
+        else (atlas["recon"], ["--tile-size", "2", "32", "32", "--batch-size", "4"])
+    out = tmp_path / task
+    argv = ["-q", "bench-models", "--raster", str(raster), "--cells", str(atlas["cells"]), "--task", task,
+            "--out", str(out), "--models", "cnn", "moment-trivial", "--target-params", "3000", "--depth", "2",
+            "--epochs", "1", "--train-fraction", "0.5", "--curve-samples", "8", "--no-progress", *size]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "bench_models.tsv", sep="\t")
+    assert list(table["model"]) == ["cnn", "moment-trivial"]
+    score = "accuracy" if task == "celltype" else "mean_dice"
+    assert table[score].between(0, 1).all() and (table[f"worst_{score}"] <= table[score] + 1e-9).all()
+    errors = dict(zip(table["model"], table["equivariance_error"]))
+    assert errors["moment-trivial"] < 1e-4 < errors["cnn"]
+    record = json.loads((out / "cnn" / "bench.json").read_text())
+    assert len(record["orientation"]["per_symmetry"]) == (8 if task == "celltype" else 16)  # 2D / anisotropic 3D
+    assert "50% of training sections" in (out / "bench_models.md").read_text()
+    assert main(argv[:6] + argv[8:]) == 2  # --raster without --task: a clear error

@@ -10,7 +10,8 @@ import pytest
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import (CellPatchDataset, Normalizer, RasterReader, TileDataset, cell_splits,
-                                     channel_stats, class_table, raster_splits, section_splits)
+                                     channel_stats, class_table, raster_splits, section_splits,
+                                     z_blocks)
 from abc_pipeline.raster import open_raster, rasterize
 from abc_pipeline.raster.source import CellSource
 
@@ -25,19 +26,33 @@ def rasters(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "cells": CellSource(assembled)}
 
 
-@pytest.mark.parametrize("n", [3, 4, 7, 20, 59])
-def test_section_splits_contiguous_disjoint_covering(n):
+@pytest.mark.parametrize("n", [3, 4, 7, 12, 20, 59])
+def test_section_splits_interleaved_blocks_disjoint_covering(n):
     for seed in range(4):
         s = section_splits(n, (0.7, 0.15, 0.15), seed)
         assert s == section_splits(n, (0.7, 0.15, 0.15), seed)  # deterministic
         assert sorted(z for v in s.values() for z in v) == list(range(n))
-        for z in s.values():
-            assert z and z == list(range(z[0], z[-1] + 1))  # one contiguous, non-empty block
+        sizes = {name: len(z) for name, z in s.items()}
+        assert min(sizes.values()) >= 1
         if n >= 20:
-            assert abs(len(s["train"]) - 0.7 * n) <= 1
+            assert abs(sizes["train"] - 0.7 * n) <= 1
+        runs = {name: z_blocks(z) for name, z in s.items()}
+        k = min(3, *sizes.values())  # blocks per split: 3, fewer when a split has fewer sections
+        assert {len(r) for r in runs.values()} == {k}
+        lengths = [b - a for a, b in runs["test"]]
+        assert max(lengths) - min(lengths) <= 1  # a split's blocks are as even as possible
+        for j in range(k - 1):  # segment j holds block j of every split: the splits all span z
+            assert max(r[j][1] for r in runs.values()) <= min(r[j + 1][0] for r in runs.values())
     orders = {tuple(sorted(section_splits(20, seed=k), key=lambda name: section_splits(20, seed=k)[name][0]))
               for k in range(10)}
-    assert len(orders) > 1  # the seed changes the block order
+    assert len(orders) > 1  # the seed changes the order of the splits
+
+
+def test_section_splits_one_block_per_split():
+    s = section_splits(20, (0.7, 0.15, 0.15), seed=0, blocks=1)
+    assert all(len(z_blocks(z)) == 1 for z in s.values())
+    assert s["test"] == list(range(0, 3)) and s["train"] == list(range(3, 17))  # seed 0: test, train, val
+    assert section_splits(59, seed=0)["test"] == [0, 1, 2, 20, 21, 22, 40, 41, 42]
 
 
 def test_section_splits_bad_input():
@@ -45,6 +60,8 @@ def test_section_splits_bad_input():
         section_splits(2)
     with pytest.raises(InputError, match="fractions"):
         section_splits(10, (0.5, -0.1, 0.6))
+    with pytest.raises(InputError, match="split blocks"):
+        section_splits(10, blocks=0)
     assert section_splits(2, (0.5, 0.5, 0.0))["test"] == []
 
 

@@ -21,22 +21,25 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
 from abc_pipeline.learn.checkpoint import write_json
-from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, CellPatchDataset, TileDataset, channel_stats, class_table,
-                                     default_dim, model_spacing, raster_splits)
+from abc_pipeline.learn.compare import BenchTask
+from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, CellPatchDataset,
+                                     ClassTable, Normalizer, TileDataset, channel_stats, class_table, default_dim,
+                                     model_spacing, raster_splits)
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
-from abc_pipeline.raster.ome import open_raster
+from abc_pipeline.raster.ome import Raster, open_raster
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
@@ -53,23 +56,69 @@ def _sizes(value: int | Sequence[int], dim: int, what: str) -> tuple[int, ...]:
     return size
 
 
-def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, model_name: str,
-                     out_dir: str | Path, *, level: str | None = None, width: int | None = None,
-                     target_params: int | None = None, dim: int | str = "auto", depth: int | None = None,
-                     patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64, epochs: int = 30,
-                     batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, patience: int = 10,
-                     seed: int = 0, split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                     max_samples_per_epoch: int | None = None, device: str = "auto", num_workers: int = 0,
-                     progress: bool = True, resume: bool | str = True, cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
-    """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
+@dataclass(frozen=True)
+class AtlasData:
+    """One atlas task's data on one raster: splits, classes, input normalisation and the datasets.
+
+    ``splits``: z indices per split (:func:`abc_pipeline.learn.data.raster_splits`, the training split
+    possibly thinned to ``train_sections``); ``patch`` (celltype) / ``tile`` (region): window sizes per
+    model axis; ``spacing``: physical voxel size per model axis (mm).
+    """
+
+    raster: Raster
+    cells: CellSource | None
+    task: str
+    level: str
+    dim: int
+    spacing: tuple[float, ...]
+    splits: dict[str, list[int]]
+    split_fractions: tuple[float, float, float]
+    table: ClassTable
+    normalizer: Normalizer
+    patch: tuple[int, ...]
+    tile: tuple[int, ...]
+    seed: int
+    cache_bytes: int
+
+    @property
+    def architecture(self) -> str:
+        """The :func:`abc_pipeline.nn.build_model` task."""
+        return ARCHITECTURES[self.task]
+
+    def dataset(self, split: str, halo: Sequence[int] = (), max_samples: int | None = None) -> Dataset:
+        """Samples of ``split``: cell patches of ``patch + 2 * halo`` voxels (celltype; ``halo`` = the
+        model's, ``max_samples`` caps the cells to a fixed seeded subset) or label tiles (region)."""
+        if self.architecture == "patch":
+            return CellPatchDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
+                                    self.dim, self.patch, halo, max_samples=max_samples, seed=self.seed,
+                                    cache_bytes=self.cache_bytes)
+        return TileDataset(self.raster, self.table, split, self.splits, self.normalizer, self.dim, self.tile,
+                           cache_bytes=self.cache_bytes)
+
+    def describe(self, halo: Sequence[int] = ()) -> dict:
+        """What a run on this data records (``config["atlas"]`` of the checkpoint; what predict needs)."""
+        r = self.raster
+        sizes = ({"patch_size": list(self.patch), "halo": list(halo)} if self.architecture == "patch"
+                 else {"tile_size": list(self.tile)})
+        return {"task": self.task, "raster": str(Path(r.path).resolve()), "channels": list(r.feature_channels),
+                "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
+                "classes": self.table.to_dict(), "splits": self.splits,
+                "split_fractions": list(self.split_fractions), "normalizer": self.normalizer.to_dict(),
+                "dim": self.dim, **sizes}
+
+
+def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level: str | None = None,
+               dim: int | str = "auto", patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64,
+               seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+               split_blocks: int = DEFAULT_SPLIT_BLOCKS, train_sections: float = 1.0,
+               cache_bytes: int = DEFAULT_CACHE_BYTES) -> AtlasData:
+    """Open ``raster`` for ``task`` (``celltype`` | ``region``): splits, classes, normalisation.
 
     ``cells``: the cells.zarr the raster was made from (required for ``celltype``: the per-cell labels).
-    ``dim``: ``"auto"`` (2 for section rasters, else 3), 2 (per z-plane) or 3. ``patch_size``: window
-    ``P`` (odd; one per model axis or one for all) of the cell-type classifier; ``tile_size``: region
-    tiles (voxels per model axis). ``max_samples_per_epoch``: cap the cells of the training (and
-    validation) split to a fixed seeded subset. ``width`` / ``target_params`` / ``depth``: see
-    :func:`abc_pipeline.nn.build_model`. ``cache_bytes``: z-plane cache of each dataset's raster reader.
-    The rest: :func:`abc_pipeline.learn.train.train`.
+    ``dim``: ``"auto"`` (2 for section rasters, else 3), 2 (per z-plane) or 3. ``split_fractions`` /
+    ``split_blocks`` / ``seed``: :func:`abc_pipeline.learn.data.raster_splits`. ``train_sections``: keep
+    this fraction of the training split's occupied z indices (evenly spaced along z, at least one), to
+    measure learning from little data; the input normalisation uses the kept ones only.
     """
     if task not in ARCHITECTURES:
         raise InputError(f"task must be one of {', '.join(ARCHITECTURES)}, got {task!r}")
@@ -81,58 +130,105 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     dim = default_dim(r) if dim == "auto" else int(dim)
     if dim not in (2, 3):
         raise InputError(f"dim must be 'auto', 2 or 3, got {dim}")
-    spacing = model_spacing(r, dim)
-    splits = raster_splits(r, split_fractions, seed)
-    table = class_table(r, src, level)
-    normalizer = channel_stats(r, splits["train"])
-    arch = ARCHITECTURES[task]
-    patch = check_patch_size(patch_size, dim)
-    torch.manual_seed(seed)
-    model = build_model(model_name, dim, normalizer.in_channels, len(table.names), arch, width=width,
-                        target_params=target_params, spacing=spacing, depth=depth, patch_size=patch)
-    log.info("%s: %s %dD, %d input channels, %d %s classes, width %d, %d parameters; splits (z) %s", task,
-             model_name, dim, normalizer.in_channels, len(table.names), level, model.width, model.n_params, splits)
-    if arch == "patch":
-        def make(split: str, cap: int | None):
-            return CellPatchDataset(r, src, table, split, splits, normalizer, dim, patch, model.halo,
-                                    max_samples=cap, seed=seed, cache_bytes=cache_bytes)
-        sizes = {"patch_size": list(patch), "halo": list(model.halo)}
-    else:
-        tile = _sizes(tile_size, dim, "tile_size")
+    splits = raster_splits(r, split_fractions, seed, split_blocks)
+    if train_sections != 1.0:
+        splits["train"] = _thin_sections(r, splits["train"], train_sections)
+    return AtlasData(raster=r, cells=src, task=task, level=level, dim=dim, spacing=model_spacing(r, dim),
+                     splits=splits, split_fractions=tuple(float(f) for f in split_fractions),
+                     table=class_table(r, src, level), normalizer=channel_stats(r, splits["train"]),
+                     patch=check_patch_size(patch_size, dim), tile=_sizes(tile_size, dim, "tile_size"), seed=seed,
+                     cache_bytes=cache_bytes)
 
-        def make(split: str, cap: int | None):
-            return TileDataset(r, table, split, splits, normalizer, dim, tile, cache_bytes=cache_bytes)
-        sizes = {"tile_size": list(tile)}
-    train_ds, val_ds = make("train", max_samples_per_epoch), make("val", max_samples_per_epoch)
-    model_kwargs = {"name": model_name, "dim": dim, "in_channels": normalizer.in_channels,
-                    "n_classes": len(table.names), "task": arch, "width": model.width, "spacing": list(spacing),
-                    "depth": depth, "patch_size": list(patch)}
-    atlas = {"task": task, "raster": str(Path(raster).resolve()), "channels": list(r.feature_channels),
-             "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
-             "classes": table.to_dict(), "splits": splits, "split_fractions": [float(f) for f in split_fractions],
-             "normalizer": normalizer.to_dict(), "dim": dim, "max_samples_per_epoch": max_samples_per_epoch,
-             **sizes}
-    result = train(model, train_ds, val_ds, out_dir, class_names=table.names, epochs=epochs, batch_size=batch_size,
-                   lr=lr, weight_decay=weight_decay, seed=seed, patience=patience, device=device,
-                   num_workers=num_workers, progress=progress, config={"atlas": atlas}, model_kwargs=model_kwargs,
-                   resume=resume)
+
+def _thin_sections(raster: Raster, z_indices: Sequence[int], fraction: float) -> list[int]:
+    """``fraction`` of the occupied z indices among ``z_indices``, evenly spaced, at least one."""
+    if not 0.0 < fraction <= 1.0:
+        raise InputError(f"train_sections must lie in (0, 1], got {fraction}")
+    z = np.asarray(sorted(z_indices), dtype=np.int64)
+    occupied = np.asarray((raster.n_cells[z] > 0).any(axis=(1, 2)).compute())
+    z = z[occupied]
+    keep = max(1, round(fraction * len(z)))
+    return z[np.unique(np.round(np.linspace(0, len(z) - 1, keep)).astype(np.int64))].tolist()
+
+
+def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, model_name: str,
+                     out_dir: str | Path, *, level: str | None = None, width: int | None = None,
+                     target_params: int | None = None, dim: int | str = "auto", depth: int | None = None,
+                     patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64, epochs: int = 30,
+                     batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, patience: int = 10,
+                     seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                     split_blocks: int = DEFAULT_SPLIT_BLOCKS, max_samples_per_epoch: int | None = None,
+                     device: str = "auto", num_workers: int = 0, progress: bool = True, resume: bool | str = True,
+                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
+    """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
+
+    Data arguments: :func:`atlas_data` (``patch_size``: window ``P`` of the cell-type classifier, odd;
+    ``tile_size``: region tiles, voxels per model axis). ``max_samples_per_epoch``: cap the cells of the
+    training (and validation) split to a fixed seeded subset. ``width`` / ``target_params`` / ``depth``:
+    see :func:`abc_pipeline.nn.build_model`. The rest: :func:`abc_pipeline.learn.train.train`.
+    """
+    data = atlas_data(raster, cells, task, level=level, dim=dim, patch_size=patch_size, tile_size=tile_size,
+                      seed=seed, split_fractions=split_fractions, split_blocks=split_blocks, cache_bytes=cache_bytes)
+    n_classes = len(data.table.names)
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.dim, data.normalizer.in_channels, n_classes, data.architecture,
+                        width=width, target_params=target_params, spacing=data.spacing, depth=depth,
+                        patch_size=data.patch)
+    log.info("%s: %s %dD, %d input channels, %d %s classes, width %d, %d parameters; splits (z) %s", task,
+             model_name, data.dim, data.normalizer.in_channels, n_classes, data.level, model.width, model.n_params,
+             data.splits)
+    halo = getattr(model, "halo", ())
+    train_ds = data.dataset("train", halo, max_samples_per_epoch)
+    val_ds = data.dataset("val", halo, max_samples_per_epoch)
+    model_kwargs = {"name": model_name, "dim": data.dim, "in_channels": data.normalizer.in_channels,
+                    "n_classes": n_classes, "task": data.architecture, "width": model.width,
+                    "spacing": list(data.spacing), "depth": depth, "patch_size": list(data.patch)}
+    atlas = {**data.describe(halo), "split_blocks": split_blocks, "max_samples_per_epoch": max_samples_per_epoch}
+    result = train(model, train_ds, val_ds, out_dir, class_names=data.table.names, epochs=epochs,
+                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, patience=patience,
+                   device=device, num_workers=num_workers, progress=progress, config={"atlas": atlas},
+                   model_kwargs=model_kwargs, resume=resume)
     test, n_test = {}, 0
-    if splits["test"]:
-        test_ds = make("test", None)
+    if data.splits["test"]:
+        test_ds = data.dataset("test", halo)
         dev = pick_device(device)
         n_test = len(test_ds)
-        if arch == "patch":
+        if data.architecture == "patch":
             proba = predict_proba(model, test_ds, batch_size=batch_size, device=dev)
-            test = classification_metrics(test_ds.targets.numpy(), proba.numpy(), table.names)
+            test = classification_metrics(test_ds.targets.numpy(), proba.numpy(), data.table.names)
         else:
-            test = _segment_test(model, test_ds, table.names, batch_size, dev)
+            test = _segment_test(model, test_ds, data.table.names, batch_size, dev)
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    metrics.update(atlas_task=task, level=level, width=model.width, splits=splits, n_test=n_test, test=test)
+    metrics.update(atlas_task=task, level=data.level, width=model.width, splits=data.splits, n_test=n_test, test=test)
     write_json(metrics, out_dir / "metrics.json")
     log.info("%s %s: best epoch %d, validation %s %.3f; test %s", task, model_name, result.best_epoch,
              result.metric, result.best_score, {k: round(v, 3) for k, v in test.items() if isinstance(v, float)})
     return metrics
+
+
+def atlas_task(raster: str | Path, cells: str | Path | None, task: str, *, depth: int | None = None,
+               max_samples: int | None = None, **data_kwargs) -> BenchTask:
+    """A :class:`abc_pipeline.learn.compare.BenchTask` (``abc-pipeline bench-models --raster``) for an atlas
+    task; ``data_kwargs``: :func:`atlas_data` (``train_sections`` thins the training split). ``max_samples``
+    caps the cells of every split (celltype) to a fixed seeded subset. The patch halo is the zoo's (every
+    zoo model has the same receptive field for a given ``depth``)."""
+    data = atlas_data(raster, cells, task, **data_kwargs)
+    probe = build_model("cnn", data.dim, data.normalizer.in_channels, len(data.table.names), data.architecture,
+                        width=1, spacing=data.spacing, depth=depth, patch_size=data.patch)
+    halo = getattr(probe, "halo", ())
+    options = {"depth": depth, **({"patch_size": data.patch} if data.architecture == "patch" else {})}
+    name = f"{data.task} ({data.level}) on {Path(data.raster.path).name}"
+    train_sections = data_kwargs.get("train_sections", 1.0)
+    if train_sections != 1.0:
+        name += f", {train_sections:.0%} of training sections"
+    return BenchTask(
+        name=name, train=data.dataset("train", halo, max_samples), val=data.dataset("val", halo, max_samples),
+        test=data.dataset("test", halo, max_samples), class_names=list(data.table.names), dim=data.dim,
+        in_channels=data.normalizer.in_channels,
+        task="classify" if data.architecture == "patch" else "segment", model_task=data.architecture,
+        spacing=tuple(data.spacing), model_options=options,
+        config={"atlas": {**data.describe(halo), "train_sections": train_sections, "max_samples": max_samples}})
 
 
 @torch.no_grad()

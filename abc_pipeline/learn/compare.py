@@ -4,7 +4,8 @@ write one table.
 A task is a :class:`BenchTask` adapter: train/val/test datasets of ``(input, target)`` pairs plus what a
 model needs (input channels, class names, spatial dimensions, voxel spacing, which :func:`build_model` task).
 :func:`npz_task` builds one from a MedMNIST-format ``.npz`` file (optionally keeping a stratified fraction of
-the training split); an atlas task (raster tiles or cell patches) plugs in the same way.
+the training split); :func:`abc_pipeline.learn.atlas.atlas_task` one from an atlas raster (cell patches or
+region tiles, optionally with a fraction of the training sections).
 
 For each model :func:`bench_models` builds the network with the width whose parameter count is closest to
 ``target_params``, trains it with :func:`abc_pipeline.learn.train.train` into ``out_dir/<model>/`` (so a
@@ -346,16 +347,5 @@ def _write_table(table: pd.DataFrame, out_dir: Path, task: BenchTask) -> None:
                       f"Models on {task.name} ({task.task}); peak memory: {kinds}.\n\n{format_table(table)}\n")
 
 
-def bench_models_npz(npz: str | Path, out_dir: str | Path, models: Sequence[str] = DEFAULT_MODELS, *,
-                     train_fraction: float = 1.0, subset_seed: int = 0,
-                     download_root: str | Path = "data/medmnist", **kwargs: Any) -> pd.DataFrame:
-    """:func:`bench_models` on a MedMNIST-format file (``abc-pipeline bench-models --npz``); ``kwargs`` are
-    those of :func:`bench_models`. Prints the Markdown table."""
-    task = npz_task(npz, train_fraction=train_fraction, seed=subset_seed, download_root=download_root)
-    table = bench_models(task, out_dir, models, **kwargs)
-    print(format_table(table))
-    return table
-
-
-__all__ = ["DEFAULT_MODELS", "BenchTask", "PeakMemory", "bench_models", "bench_models_npz", "format_table",
+__all__ = ["DEFAULT_MODELS", "BenchTask", "PeakMemory", "bench_models", "format_table",
            "npz_task", "subset_indices"]

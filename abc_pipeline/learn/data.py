@@ -4,7 +4,8 @@ Everything is read lazily from the raster's level 0 (``c, z, y, x``; the last ch
 one z-plane at a time through a small LRU cache (``cache_bytes``), never the whole volume.
 
 - Splits (:func:`section_splits`) are contiguous blocks of z indices (sections of a ``section`` raster, z
-  slabs of a 3D one), one block per split; the seed only chooses the order of the blocks along z. A cell
+  slabs of a 3D one), never random voxels; each split gets a few blocks interleaved along z (default 3) so
+  that every split spans the anterior-posterior axis; the seed chooses the order of the splits. A cell
   belongs to the split of its voxel's z (:func:`cell_splits`; ``"none"`` without a voxel).
 - Model input (:class:`Normalizer`): the feature channels standardised with the per-channel mean/std over
   the tissue voxels (``n_cells > 0``) of the training split, 0 in empty voxels, plus one ``tissue``
@@ -46,19 +47,28 @@ NO_SPLIT = "none"
 IGNORE_CATEGORIES = ("unassigned",)
 DEFAULT_CACHE_BYTES = 1 << 30
 _CELL_CHUNK = 1 << 20  # cells per read of the per-cell tables
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test
+DEFAULT_SPLIT_BLOCKS = 3  # contiguous blocks per split along z
 
 
 # ----------------------------------------------------------------------------------------------- splits
-def section_splits(n_sections: int, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-                   ) -> dict[str, list[int]]:
-    """Contiguous blocks of z indices ``0..n_sections-1`` for ``train``, ``val``, ``test``.
+def section_splits(n_sections: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                   blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict[str, list[int]]:
+    """Interleaved contiguous blocks of z indices ``0..n_sections-1`` for ``train``, ``val``, ``test``.
 
-    Block sizes are the fractions (normalised) rounded by largest remainder, each split with a positive
-    fraction getting at least one section; ``seed`` picks the order of the three blocks along z.
+    Split sizes are the fractions (normalised) rounded by largest remainder, each split with a positive
+    fraction getting at least one section. The z axis is then cut into ``k = min(blocks, smallest
+    non-empty split size)`` consecutive segments, each holding one contiguous block of every non-empty
+    split (a split's size spread over the segments as evenly as possible), so that every split samples
+    the whole anterior-posterior extent: with one block per split (``blocks=1``) the test block holds
+    regions that training never saw. ``seed`` picks the order of the splits within a segment (the same
+    in every segment).
     """
     f = np.asarray(fractions, dtype=float)
     if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
         raise InputError(f"split fractions must be 3 non-negative numbers (train val test), got {list(fractions)}")
+    if int(blocks) < 1:
+        raise InputError(f"split blocks must be >= 1 (blocks per split along z), got {blocks}")
     wanted = int((f > 0).sum())
     if n_sections < wanted:
         raise InputError(f"{n_sections} sections cannot be split into {wanted} non-empty blocks "
@@ -70,32 +80,35 @@ def section_splits(n_sections: int, fractions: Sequence[float] = (0.7, 0.15, 0.1
     for i in np.flatnonzero((f > 0) & (sizes == 0)):
         sizes[np.argmax(sizes)] -= 1
         sizes[i] = 1
+    k = int(min(int(blocks), sizes[sizes > 0].min()))
+    per_segment = sizes[:, None] // k + (np.arange(k)[None, :] < (sizes % k)[:, None])  # (split, segment)
     order = np.random.default_rng(seed).permutation(3)
-    out, start = {}, 0
-    for i in order:
-        out[SPLITS[i]] = list(range(start, start + int(sizes[i])))
-        start += int(sizes[i])
-    return {name: out[name] for name in SPLITS}
+    out: dict[str, list[int]] = {name: [] for name in SPLITS}
+    start = 0
+    for segment in range(k):
+        for i in order:
+            size = int(per_segment[i, segment])
+            out[SPLITS[i]] += range(start, start + size)
+            start += size
+    return out
 
 
-def raster_splits(raster: Raster, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-                  ) -> dict[str, list[int]]:
+def raster_splits(raster: Raster, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                  blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict[str, list[int]]:
     """:func:`section_splits` of the z indices that hold cells, widened to cover every z index.
 
-    Empty z indices (margins, gaps) join the block below them (those before the first occupied index, the
-    first block), so the blocks stay contiguous and a split's size counts occupied sections only.
+    Empty z indices (margins, gaps) join the split of the occupied index below them (those before the
+    first occupied index, that of the first), so blocks stay contiguous and a split's size counts
+    occupied sections only.
     """
     nz = raster.grid.shape[0]
     occupied = np.flatnonzero(np.asarray((raster.n_cells > 0).any(axis=(1, 2)).compute()))
     if not occupied.size:
         raise InputError(f"{raster.path}: the raster holds no cells")
-    blocks = section_splits(len(occupied), fractions, seed)
-    firsts = sorted((int(occupied[z[0]]), name) for name, z in blocks.items() if z)
-    out = {name: [] for name in SPLITS}
-    for k, (start, name) in enumerate(firsts):
-        stop = firsts[k + 1][0] if k + 1 < len(firsts) else nz
-        out[name] = list(range(0 if k == 0 else start, stop))
-    return out
+    occupied_code = z_split_codes(section_splits(len(occupied), fractions, seed, blocks), len(occupied))
+    below = np.clip(np.searchsorted(occupied, np.arange(nz), side="right") - 1, 0, None)
+    code = occupied_code[below]
+    return {name: np.flatnonzero(code == k).tolist() for k, name in enumerate(SPLITS)}
 
 
 def z_split_codes(splits: dict[str, Sequence[int]], n_z: int) -> np.ndarray:
@@ -453,6 +466,6 @@ def model_spacing(raster: Raster, dim: int) -> tuple[float, ...]:
     return tuple(raster.grid.voxel_size[3 - dim:])
 
 
-__all__ = ["CellPatchDataset", "ClassTable", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
+__all__ = ["CellPatchDataset", "ClassTable", "DEFAULT_FRACTIONS", "DEFAULT_SPLIT_BLOCKS", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
            "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
            "z_blocks", "z_split_codes"]
