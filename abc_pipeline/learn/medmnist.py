@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,6 @@ def write_synthetic_npz(path: str | Path, dim: int = 2, size: int = 16, n_classe
         arrays[f"{split}_images"] = (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
         arrays[f"{split}_labels"] = y[:, None].astype(np.uint8)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    with staged_output(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
     return path
