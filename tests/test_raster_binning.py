@@ -27,7 +27,7 @@ def test_majority_ties_go_to_the_smaller_code() -> None:
     # voxel 0: codes 3,3,1 -> 3; voxel 1: 4 vs 2 tie (votes split over two pairs) -> 2; voxel 3: code 0
     keys = np.array([0 * n_cat + 3, 0 * n_cat + 1, 1 * n_cat + 4, 1 * n_cat + 2, 1 * n_cat + 2, 3 * n_cat + 0])
     votes = np.array([2, 1, 2, 1, 1, 7])
-    np.testing.assert_array_equal(binning.majority(keys, votes, n_cat, key0=0, n_vox=4), [4, 3, 0, 1])
+    np.testing.assert_array_equal(binning.majority(keys, votes, n_cat, n_vox=4), [4, 3, 0, 1])
 
 
 def test_block_layout_keys_are_block_major() -> None:
@@ -52,9 +52,10 @@ def test_choose_block_fits_budget_and_pyramid() -> None:
 
 
 def test_window_sum_and_label_modes() -> None:
-    a = np.arange(2 * 3 * 5 * 7, dtype=np.float32).reshape(2, 3, 5, 7)
-    want = np.pad(a, ((0, 0), (0, 1), (0, 1), (0, 1))).reshape(2, 2, 2, 3, 2, 4, 2).sum(axis=(2, 4, 6))
+    a = np.arange(3 * 5 * 7 * 2, dtype=np.float32).reshape(3, 5, 7, 2)  # (z, y, x, channels)
+    want = np.pad(a, ((0, 1), (0, 1), (0, 1), (0, 0))).reshape(2, 2, 3, 2, 4, 2, 2).sum(axis=(1, 3, 5))
     np.testing.assert_array_equal(binning.window_sum(a, (2, 2, 2)), want)
+    np.testing.assert_array_equal(binning.window_sum(a[..., 0], (2, 2, 2)), want[..., 0])
     lab = np.array([[[0, 0, 3, 3, 5], [0, 2, 3, 1, 5]], [[4, 4, 0, 0, 0], [2, 2, 0, 0, 7]]], dtype=np.uint16)
     down = binning.coarsen_labels(lab, (1, 2, 2))
     # windows: [0,0,0,2] -> 2 (0 = empty is ignored); [3,3,3,1] -> 3; [5,5] + padding -> 5;

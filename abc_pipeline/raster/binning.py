@@ -5,25 +5,30 @@ The output grid is cut into blocks (the Zarr chunks of level 0, all channels). E
 block. A two-stage reduction keeps memory bounded whatever the number or order of cells:
 
 1. ``partial_sums`` (one task per chunk of cells) sums the channel values, counts and label votes of
-   its cells per voxel (sort + ``group_sums``; no ``np.add.at``). ``spill_partial`` writes the sorted
-   partial sums to raw files, with offsets telling where each block starts; for local threaded runs
+   its cells per voxel, block by block (sort + ``group_sums``; no ``np.add.at``). ``spill_partials``
+   writes them to raw files, with offsets telling where each block starts; for local threaded runs
    whose dense grid fits a memory budget, ``BlockAccumulator.add`` adds them to in-memory blocks instead.
-2. One task per run of consecutive blocks gets each block's dense sums and counts, from
+2. One task per block (or run of blocks) gets each block's sums and counts as ``BlockSums``, from
    ``BlockAccumulator.pop`` or from ``reduce_block`` (which reads the block's slices back from every
-   chunk's spill and adds them up). The caller derives every pyramid
-   level of the block from it (``window_sum``, ``coarsen_labels``: blocks are multiples of the
-   downsampling factors, so a block's coarse voxels never need another block), divides by the counts
-   and writes the block's chunks of every level.
+   chunk's spill and adds them up). ``BlockSums.coarsen`` derives every pyramid level of the block
+   (``window_sum``, ``coarsen_labels``: blocks are multiples of the downsampling factors, so a block's
+   coarse voxels never need another block) and ``BlockSums.means`` gives the image values to write.
+
+Sums stay voxel-major ((voxels, channels): a voxel's channels are contiguous) until ``means``
+transposes them to the image's channel-major layout. Temporaries are kept well under 32 MiB where
+possible: glibc serves larger ones with fresh ``mmap`` pages, whose page faults cost about as much as
+the arithmetic here.
 
 Memory: stage 1 ~ 3x a chunk of X; stage 2 ~ the spill bytes of its blocks (capped) + ~3 dense blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,13 +150,14 @@ def _block_offsets(block_of: np.ndarray, n_blocks: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ChunkPartial:
-    """Per-voxel partial results of one chunk of cells, sorted by block-major voxel key.
+class BlockPartial:
+    """Per-voxel partial results of one chunk of cells inside one block, sorted by voxel.
 
-    keys (u,) int64, counts (u,) int32, sums (u, C) float32; votes: label -> (keys * n_cat + code
-    (v,) int64 ascending, votes (v,) int32).
+    block: block id; keys (u,) int64 voxel offsets in the block, ascending; counts (u,) int32;
+    sums (u, C) float32; votes: label -> (key * n_cat + code (v,) int64 ascending, votes (v,) int32).
     """
 
+    block: int
     keys: np.ndarray
     counts: np.ndarray
     sums: np.ndarray
@@ -160,45 +166,103 @@ class ChunkPartial:
 
 def partial_sums(
     values: np.ndarray, index: np.ndarray, labels: dict[str, tuple[np.ndarray, int]], layout: BlockLayout
-) -> ChunkPartial:
-    """Stage 1: sum one chunk's channel values, counts and label votes per voxel.
+) -> Iterator[BlockPartial]:
+    """Stage 1: sum one chunk's channel values, counts and label votes per voxel, block by block
+    (ascending block ids; only blocks with cells).
 
     values: (n, C) float32 channel values; index: (n, 3) int voxel index (-1 rows skipped);
     labels: name -> ((n,) int category codes, -1 = missing; number of categories).
+    Working one block at a time keeps every temporary a fraction of the chunk: large temporaries
+    would be fresh memory (page faults) for every chunk.
     """
-    ok = index[:, 0] >= 0
-    rows = np.flatnonzero(ok)
+    rows = np.flatnonzero(index[:, 0] >= 0)
     keys = layout.keys(index[rows])
     order = np.argsort(keys, kind="stable")
     rows, keys = rows[order], keys[order]
-    starts = _group_starts(keys)
-    counts = np.diff(np.append(starts, keys.size)).astype(np.int32)
-    sums = group_sums(values, rows, starts, counts)
-    votes = {}
-    for name, (codes, n_cat) in labels.items():
-        c = codes[rows].astype(np.int64)
-        valid = c >= 0
-        lk, lc = np.unique(keys[valid] * n_cat + c[valid], return_counts=True)
-        votes[name] = (lk, lc.astype(np.int32))
-    return ChunkPartial(keys[starts], counts, sums, votes)
+    codes = {name: (np.asarray(c)[rows].astype(np.int64), n_cat) for name, (c, n_cat) in labels.items()}
+    bv = layout.block_voxels
+    offs = _block_offsets(keys // bv, layout.n_blocks)
+    for b in np.flatnonzero(np.diff(offs)).tolist():
+        part = slice(offs[b], offs[b + 1])
+        local = keys[part] - b * bv
+        starts = _group_starts(local)
+        counts = np.diff(np.append(starts, local.size)).astype(np.int32)
+        votes = {}
+        for name, (c, n_cat) in codes.items():
+            c = c[part]
+            valid = c >= 0
+            lk, lc = np.unique(local[valid] * n_cat + c[valid], return_counts=True)
+            votes[name] = (lk, lc.astype(np.int32))
+        yield BlockPartial(b, local[starts], counts, group_sums(values, rows[part], starts, counts), votes)
 
 
-def spill_partial(partial: ChunkPartial, labels: dict[str, int], layout: BlockLayout, spill: Path, chunk: int) -> dict[str, np.ndarray]:
-    """Write a partial to ``spill``: ``<chunk>.cells.{keys,counts,sums}`` and ``<chunk>.label_<name>.{keys,counts}``.
+def spill_partials(
+    parts: Iterable[BlockPartial], labels: dict[str, int], layout: BlockLayout, spill: Path, chunk: int
+) -> dict[str, np.ndarray]:
+    """Write one chunk's partials (ascending blocks) to ``spill``: ``<chunk>.cells.{keys,counts,sums}``
+    and ``<chunk>.label_<name>.{keys,counts}``.
 
     Returns, per kind, the (n_blocks + 1,) offsets of each block's rows in those files.
     """
-    bv = layout.block_voxels
-    partial.keys.tofile(_spill_path(spill, chunk, CELL_KIND, "keys"))
-    partial.counts.tofile(_spill_path(spill, chunk, CELL_KIND, "counts"))
-    np.ascontiguousarray(partial.sums).tofile(_spill_path(spill, chunk, CELL_KIND, "sums"))
-    offsets = {CELL_KIND: _block_offsets(partial.keys // bv, layout.n_blocks)}
-    for name, (lk, lc) in partial.votes.items():
-        kind = label_kind(name)
-        lk.tofile(_spill_path(spill, chunk, kind, "keys"))
-        lc.tofile(_spill_path(spill, chunk, kind, "counts"))
-        offsets[kind] = _block_offsets(lk // labels[name] // bv, layout.n_blocks)
-    return offsets
+    kinds = [CELL_KIND, *(label_kind(name) for name in labels)]
+    rows = {kind: np.zeros(layout.n_blocks, dtype=np.int64) for kind in kinds}
+    with contextlib.ExitStack() as stack:
+        files = {(kind, part): stack.enter_context(open(_spill_path(spill, chunk, kind, part), "wb"))
+                 for kind in kinds for part in (("keys", "counts", "sums") if kind == CELL_KIND else ("keys", "counts"))}
+        for p in parts:
+            p.keys.tofile(files[CELL_KIND, "keys"])
+            p.counts.tofile(files[CELL_KIND, "counts"])
+            p.sums.tofile(files[CELL_KIND, "sums"])
+            rows[CELL_KIND][p.block] = p.keys.size
+            for name, (lk, lc) in p.votes.items():
+                kind = label_kind(name)
+                lk.tofile(files[kind, "keys"])
+                lc.tofile(files[kind, "counts"])
+                rows[kind][p.block] = lk.size
+    return {kind: np.concatenate([[0], np.cumsum(r)]) for kind, r in rows.items()}
+
+
+_TILE = 256  # voxels per tile of the channel-major transpose in ``BlockSums.means``
+
+
+@dataclass(frozen=True)
+class BlockSums:
+    """Stage-2 reduction of one block on one pyramid level, voxel-major (whole channel rows per voxel).
+
+    sums (z, y, x, C) float32 per-voxel channel sums; counts (z, y, x) float32 cells per voxel;
+    labels: name -> (z, y, x) int64 majority label (0 = no vote; k = category k - 1).
+    """
+
+    sums: np.ndarray
+    counts: np.ndarray
+    labels: dict[str, np.ndarray]
+
+    def coarsen(self, factors: Sequence[int]) -> BlockSums:
+        """The next pyramid level of the block (voxels ``factors`` (z, y, x) times larger)."""
+        return BlockSums(window_sum(self.sums, factors), window_sum(self.counts, factors),
+                         {name: coarsen_labels(lab, factors) for name, lab in self.labels.items()})
+
+    def means(self) -> np.ndarray:
+        """(C + 1, z, y, x) float32 in the image's channel-major layout: channel means (0 in empty
+        voxels), the count last."""
+        *spatial, C = self.sums.shape
+        sums = self.sums.reshape(-1, C)
+        counts = self.counts.reshape(-1)
+        divisor = np.maximum(counts, 1)  # empty voxels have zero sums: 0 / 1 = 0
+        out = np.empty((C + 1, counts.size), dtype=np.float32)
+        for i in range(0, counts.size, _TILE):  # divide and transpose tile by tile: stays in cache
+            out[:C, i : i + _TILE] = (sums[i : i + _TILE] / divisor[i : i + _TILE, None]).T
+        out[C] = counts
+        return out.reshape(C + 1, *spatial)
+
+    def value_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C + 1,) minimum and maximum of ``means()`` over non-empty voxels (+inf / -inf if none)."""
+        occupied = self.counts > 0
+        if not occupied.any():
+            return np.full(self.sums.shape[-1] + 1, np.inf), np.full(self.sums.shape[-1] + 1, -np.inf)
+        counts = self.counts[occupied]
+        means = self.sums[occupied] / counts[:, None]
+        return np.append(means.min(axis=0), counts.min()), np.append(means.max(axis=0), counts.max())
 
 
 class BlockAccumulator:
@@ -224,42 +288,33 @@ class BlockAccumulator:
         """Upper bound of the accumulator's memory (every block occupied)."""
         return layout.n_blocks * layout.block_voxels * (n_channels + 1) * 4
 
-    def add(self, partial: ChunkPartial) -> None:
-        bv = self.layout.block_voxels
-        offs = _block_offsets(partial.keys // bv, self.layout.n_blocks)
-        for b in np.flatnonzero(np.diff(offs)).tolist():
-            lo, hi = offs[b], offs[b + 1]
-            local = partial.keys[lo:hi] - b * bv
-            with self._locks[b % len(self._locks)]:
-                if b not in self._sums:
-                    self._sums[b] = np.zeros((bv, self.C), dtype=np.float32)
-                    self._counts[b] = np.zeros(bv, dtype=np.float32)
-                self._sums[b][local] += partial.sums[lo:hi]
-                self._counts[b][local] += partial.counts[lo:hi]
-        for name, (lk, lc) in partial.votes.items():
-            voffs = _block_offsets(lk // self.labels[name] // bv, self.layout.n_blocks)
-            for b in np.flatnonzero(np.diff(voffs)).tolist():
-                part = (lk[voffs[b] : voffs[b + 1]].copy(), lc[voffs[b] : voffs[b + 1]].copy())
-                with self._locks[b % len(self._locks)]:
-                    pending = self._votes.setdefault((name, b), [])
-                    pending.append(part)
-                    if len(pending) >= 8:  # keep memory bounded by distinct (voxel, category) pairs
-                        pending[:] = [_merge_votes(pending)]
+    def add(self, part: BlockPartial) -> None:
+        """Add one chunk's partial of one block."""
+        b, bv = part.block, self.layout.block_voxels
+        with self._locks[b % len(self._locks)]:
+            if b not in self._sums:
+                self._sums[b] = np.zeros((bv, self.C), dtype=np.float32)
+                self._counts[b] = np.zeros(bv, dtype=np.float32)
+            self._sums[b][part.keys] += part.sums  # keys are unique within a partial
+            self._counts[b][part.keys] += part.counts
+            for name, votes in part.votes.items():
+                pending = self._votes.setdefault((name, b), [])
+                pending.append(votes)
+                if len(pending) >= 8:  # keep memory bounded by distinct (voxel, category) pairs
+                    pending[:] = [_merge_votes(pending)]
 
     def blocks(self) -> list[int]:
         return sorted(self._sums)
 
-    def pop(self, b: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Dense (C + 1, *block) sums with the count last and majority labels of block ``b``; frees it."""
+    def pop(self, b: int) -> BlockSums:
+        """Sums, counts and majority labels of block ``b`` (level 0); frees the block."""
         bv = self.layout.block_voxels
-        dense = np.empty((self.C + 1, bv), dtype=np.float32)
-        dense[: self.C] = self._sums.pop(b).T
-        dense[self.C] = self._counts.pop(b)
-        out = {}
+        labels = {}
         for name, n_cat in self.labels.items():
             keys, votes = _merge_votes(self._votes.pop((name, b), []))
-            out[name] = majority(keys, votes, n_cat, b * bv, bv).reshape(self.layout.block)
-        return dense.reshape((self.C + 1, *self.layout.block)), out
+            labels[name] = majority(keys, votes, n_cat, bv).reshape(self.layout.block)
+        sums = self._sums.pop(b).reshape(*self.layout.block, self.C)
+        return BlockSums(sums, self._counts.pop(b).reshape(self.layout.block), labels)
 
 
 def _merge_votes(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -360,13 +415,8 @@ class SpillReader:
         return self.cache[key][lo - int(offs[0]) : hi - int(offs[0])]
 
 
-def reduce_block(
-    reader: SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Stage 2 for one block: dense ``(C + 1, *block)`` float32 per-voxel channel *sums* with the cell
-    count last, and per label the majority label block ``(*block,)`` int64 (0 = no vote; k = category
-    k - 1; ties go to the smaller category code)."""
-    b = reader.task.blocks[i]
+def reduce_block(reader: SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]) -> BlockSums:
+    """Stage 2 for one spilled block: add up its partial sums, counts and label votes from every chunk."""
     bv = layout.block_voxels
     acc = np.zeros((bv, n_channels), dtype=np.float32)  # voxel-major: parts add whole rows
     cnt = np.zeros(bv, dtype=np.float32)
@@ -374,34 +424,22 @@ def reduce_block(
         keys = reader.get(j, CELL_KIND, "keys", i)
         if keys.size == 0:
             continue
-        local = keys - b * bv  # unique within a chunk, so fancy-index += is exact
-        acc[local] += reader.get(j, CELL_KIND, "sums", i)
-        cnt[local] += reader.get(j, CELL_KIND, "counts", i)
-    dense = np.empty((n_channels + 1, bv), dtype=np.float32)
-    dense[:n_channels] = acc.T
-    dense[n_channels] = cnt
+        acc[keys] += reader.get(j, CELL_KIND, "sums", i)  # unique within a chunk, so fancy-index += is exact
+        cnt[keys] += reader.get(j, CELL_KIND, "counts", i)
     out_labels = {}
     for name, n_cat in labels.items():
         kind = label_kind(name)
         keys = np.concatenate([reader.get(j, kind, "keys", i) for j in range(len(reader.task.chunks))])
         votes = np.concatenate([reader.get(j, kind, "counts", i) for j in range(len(reader.task.chunks))])
-        out_labels[name] = majority(keys, votes, n_cat, b * bv, bv).reshape(layout.block)
-    return dense.reshape((n_channels + 1, *layout.block)), out_labels
+        out_labels[name] = majority(keys, votes, n_cat, bv).reshape(layout.block)
+    return BlockSums(acc.reshape(*layout.block, n_channels), cnt.reshape(layout.block), out_labels)
 
 
-def means(dense: np.ndarray) -> np.ndarray:
-    """(C + 1, ...) sums with the count last -> the same layout with means (0 where the count is 0)."""
-    out = np.zeros_like(dense)
-    np.divide(dense[:-1], dense[-1], out=out[:-1], where=dense[-1] > 0)
-    out[-1] = dense[-1]
-    return out
+def majority(keys: np.ndarray, votes: np.ndarray, n_cat: int, n_vox: int) -> np.ndarray:
+    """Majority label per voxel from (voxel * n_cat + code, votes) pairs (duplicates allowed).
 
-
-def majority(keys: np.ndarray, votes: np.ndarray, n_cat: int, key0: int, n_vox: int) -> np.ndarray:
-    """Majority label per voxel from (voxel_key * n_cat + code, votes) pairs (duplicates allowed).
-
-    Returns (n_vox,) int64 with ``code + 1`` of the most voted category at voxel ``key - key0``
-    (ties: smallest code) and 0 where no cell voted.
+    Returns (n_vox,) int64 with ``code + 1`` of the most voted category at each voxel (ties: smallest
+    code) and 0 where no cell voted.
     """
     out = np.zeros(n_vox, dtype=np.int64)
     if keys.size == 0:
@@ -416,7 +454,7 @@ def majority(keys: np.ndarray, votes: np.ndarray, n_cat: int, key0: int, n_vox: 
     best = np.lexsort((-total, vox))
     vox_sorted = vox[best]
     first = best[_group_starts(vox_sorted)]
-    out[vox[first] - key0] = code[first] + 1
+    out[vox[first]] = code[first] + 1
     return out
 
 
@@ -429,17 +467,18 @@ def _pad_to(a: np.ndarray, factors: Sequence[int], axes: Sequence[int]) -> np.nd
 
 
 def window_sum(a: np.ndarray, factors: Sequence[int]) -> np.ndarray:
-    """Sum over non-overlapping (fz, fy, fx) windows of the last three axes (zero-padded at the end).
+    """Sum over non-overlapping (fz, fy, fx) windows of the leading three axes (z, y, x; zero-padded at
+    the end); trailing axes (channels) are carried along.
 
     Applied to per-voxel sums and counts this gives the coarse level's sums and counts, hence its exact
     cell means (count-weighted means of the children)."""
-    a = _pad_to(a, factors, (-3, -2, -1))
+    a = _pad_to(a, factors, (0, 1, 2))
     fz, fy, fx = factors
     out = None
-    for dz in range(fz):  # strided adds: much faster than a reshape + multi-axis sum
+    for dz in range(fz):  # strided adds of whole channel rows: much faster than a reshape + multi-axis sum
         for dy in range(fy):
             for dx in range(fx):
-                part = a[..., dz::fz, dy::fy, dx::fx]
+                part = a[dz::fz, dy::fy, dx::fx]
                 out = part.copy() if out is None else np.add(out, part, out=out)
     return out
 

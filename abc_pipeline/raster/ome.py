@@ -38,8 +38,15 @@ COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSH
 
 
 # ----------------------------------------------------------------------------------- writing
-def create_array(group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype, fill_value=0) -> zarr.Array:
-    """A Zarr v2 array with '/' chunk keys (required by NGFF 0.4) and ``COMPRESSOR``."""
+def create_array(
+    group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype, fill_value=0, write_empty_chunks: bool = False
+) -> zarr.Array:
+    """A Zarr v2 array with '/' chunk keys (required by NGFF 0.4) and ``COMPRESSOR``.
+
+    ``write_empty_chunks``: store chunks that hold only ``fill_value`` too (the returned handle only;
+    nothing is recorded in the store). Zarr otherwise compares every written chunk with the fill value,
+    a full extra pass over the data; worth skipping where chunks are almost never empty.
+    """
     return group.create_array(
         name,
         shape=tuple(int(s) for s in shape),
@@ -48,6 +55,7 @@ def create_array(group: zarr.Group, name: str, shape: Sequence[int], chunks: Seq
         fill_value=fill_value,
         compressors=COMPRESSOR,
         chunk_key_encoding={"name": "v2", "separator": "/"},
+        config={"write_empty_chunks": write_empty_chunks},
     )
 
 

@@ -47,7 +47,7 @@ from abc_pipeline.raster.ome import (
     write_image_metadata,
     write_labels_metadata,
 )
-from abc_pipeline.raster.source import CellSource
+from abc_pipeline.raster.source import Categorical, CellSource
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class _Stage1:
     plan: ChannelPlan
     code_to_z: np.ndarray | None  # section space: category code -> z index (-1 = section not rasterized)
     label_ncat: dict[str, int]
-    voxel_index: zarr.Array
+    voxel_index: zarr.Array  # output (n_cells, 3)
+    obs_names: zarr.Array  # input (n_cells,) str, copied to ...
+    cell_label: zarr.Array  # ... this output
     spill: Path | None  # partial sums go to disk here ...
     accumulator: binning.BlockAccumulator | None  # ... or into memory
 
@@ -151,20 +153,24 @@ def _to_zyx(raw: np.ndarray, section_codes: np.ndarray | None, code_to_z: np.nda
 
 
 def _stage1(x, raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: int) -> dict:
-    """Bin one chunk of cells; returns spill offsets and counts of skipped cells."""
+    """Bin one chunk of cells and write its rows of the per-cell tables; returns spill offsets and counts
+    of skipped cells."""
     coords = _to_zyx(raw, section_codes, ctx.code_to_z)
     index = ctx.grid.to_index(coords)
-    ctx.voxel_index[start : start + len(index)] = index
+    rows = slice(start, start + len(index))
+    ctx.voxel_index[rows] = index
+    ctx.cell_label[rows] = ctx.obs_names[rows]
     missing = np.isnan(coords).any(axis=1)
     outside = (index[:, 0] < 0) & ~missing
     values = ctx.plan.apply(np.asarray(x, dtype=np.float32))
     labels = {name: (np.asarray(codes), ctx.label_ncat[name]) for name, codes in zip(ctx.label_ncat, label_codes)}
-    partial = binning.partial_sums(values, index, labels, ctx.layout)
+    parts = binning.partial_sums(values, index, labels, ctx.layout)
     offsets = None
     if ctx.accumulator is not None:
-        ctx.accumulator.add(partial)
+        for part in parts:
+            ctx.accumulator.add(part)
     else:
-        offsets = binning.spill_partial(partial, ctx.label_ncat, ctx.layout, ctx.spill, chunk)
+        offsets = binning.spill_partials(parts, ctx.label_ncat, ctx.layout, ctx.spill, chunk)
     return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index)}
 
 
@@ -183,25 +189,18 @@ def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np
     lo = np.full(C + 1, np.inf)
     hi = np.full(C + 1, -np.inf)
     for i, b in enumerate(blocks):
-        if ctx.accumulator is None:
-            sums, labels = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
-        else:
-            sums, labels = ctx.accumulator.pop(b)
+        level = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat) if ctx.accumulator is None \
+            else ctx.accumulator.pop(b)
+        block_lo, block_hi = level.value_range()
+        lo, hi = np.minimum(lo, block_lo), np.maximum(hi, block_hi)
         for k, image in enumerate(ctx.images):
             if k:
-                sums = binning.window_sum(sums, ctx.factor)
-                labels = {name: binning.coarsen_labels(lab, ctx.factor) for name, lab in labels.items()}
-            fk = tuple(f**k for f in ctx.factor)
-            region = ctx.layout.region(b, fk)
+                level = level.coarsen(ctx.factor)
+            region = ctx.layout.region(b, tuple(f**k for f in ctx.factor))
             crop = tuple(slice(0, r.stop - r.start) for r in region)
-            values = binning.means(sums[(slice(None), *crop)])
-            image[(slice(None), *region)] = values
+            image[(slice(None), *region)] = level.means()[(slice(None), *crop)]
             for name, arrays in ctx.labels.items():
-                arrays[k][region] = labels[name][crop].astype(arrays[k].dtype)
-            if k == 0:
-                occupied = values[C] > 0
-                lo = np.minimum(lo, values.min(axis=(1, 2, 3), where=occupied, initial=np.inf))
-                hi = np.maximum(hi, values.max(axis=(1, 2, 3), where=occupied, initial=-np.inf))
+                arrays[k][region] = level.labels[name][crop].astype(arrays[k].dtype)
     return lo, hi
 
 
@@ -260,6 +259,47 @@ def _bounds_zyx(space: str, bounds: Sequence[Sequence[float]]) -> tuple[list[flo
     if space == "section":
         pairs = [(0.0, 1.0), *pairs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _find_grid(source: CellSource, runner: _Runner, space: str, voxel_size, bounds, margin: int, raw: da.Array,
+               section: Categorical | None, section_codes: da.Array | None) -> tuple[Grid, np.ndarray | None]:
+    """Step 0: the grid and, in section space, the section order (category code -> z index, -1 = absent).
+
+    One Dask pass over the coordinates (extent) and section codes (order); none when ``bounds`` are
+    given in a 3D space.
+    """
+    row_chunks = raw.chunks[0]
+    todo = {}
+    if bounds is None:
+        zyx = da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,))) \
+            if section is not None else raw[:, 2::-1]
+        todo["lower"], todo["upper"] = da.nanmin(zyx, axis=0), da.nanmax(zyx, axis=0)
+    if section is not None:
+        k = len(section.categories)
+        zsec = da.from_zarr(source.group["obs"]["z_section"]).rechunk((row_chunks,)) if "z_section" in source.group["obs"] \
+            else da.full(source.n_cells, np.nan, chunks=(row_chunks,))
+        todo["present"] = da.bincount(section_codes + 1, minlength=k + 1)
+        todo["zsum"] = da.bincount(section_codes + 1, weights=zsec, minlength=k + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are reported below
+        found = dict(zip(todo, runner.compute(list(todo.values()), "bounds")))
+    sections, section_z, code_to_z = (), (), None
+    if section is not None:
+        present, zsum = found["present"][1:], found["zsum"][1:]
+        used = np.flatnonzero(present > 0)
+        sections = tuple(section.categories[i] for i in used)
+        section_z = tuple((zsum[used] / present[used]).tolist())
+        code_to_z = np.full(len(section.categories), -1, dtype=np.int64)
+        code_to_z[used] = np.arange(used.size)
+        if not sections:
+            raise InputError(f"empty grid: no cell of {source.path} has a brain_section_label")
+    if bounds is not None:
+        lo, hi = _bounds_zyx(space, bounds)
+        return Grid.from_bounds(space, lo, hi, voxel_size, sections, section_z), code_to_z
+    lower, upper = found["lower"].tolist(), found["upper"].tolist()
+    if not all(math.isfinite(v) for v in lower + upper):
+        raise InputError(f"empty grid: no cell of {source.path} has coordinates in obsm['{COORDINATE_KEYS[space]}']")
+    return Grid.around(space, lower, upper, voxel_size, margin, sections, section_z), code_to_z
 
 
 # ----------------------------------------------------------------------------------- main entry
@@ -341,35 +381,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     label_codes = [cats[name].codes.rechunk((row_chunks,)) for name in label_names]
 
     # ---- step 0: bounds and section order (coordinates only)
-    zyx = da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,))) if section is not None \
-        else raw[:, 2::-1]
-    todo = [da.nanmin(zyx, axis=0), da.nanmax(zyx, axis=0)]
-    if section is not None:
-        k = len(section.categories)
-        zsec = da.from_zarr(source.group["obs"]["z_section"]).rechunk((row_chunks,)) if "z_section" in source.group["obs"] \
-            else da.full(n, np.nan, chunks=(row_chunks,))
-        todo += [da.bincount(section_codes + 1, minlength=k + 1), da.bincount(section_codes + 1, weights=zsec, minlength=k + 1)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are reported below
-        found = runner.compute(todo, "bounds")
-    lower, upper = found[0].tolist(), found[1].tolist()
-    sections, section_z, code_to_z = (), (), None
-    if section is not None:
-        present, zsum = found[2][1:], found[3][1:]
-        used = np.flatnonzero(present > 0)
-        sections = tuple(section.categories[i] for i in used)
-        section_z = tuple((zsum[used] / present[used]).tolist())
-        code_to_z = np.full(len(section.categories), -1, dtype=np.int64)
-        code_to_z[used] = np.arange(used.size)
-        if not sections:
-            raise InputError(f"empty grid: no cell of {source.path} has a brain_section_label")
-    if bounds is not None:
-        lo, hi = _bounds_zyx(space, bounds)
-        grid = Grid.from_bounds(space, lo, hi, voxel_size, sections, section_z)
-    else:
-        if not all(math.isfinite(v) for v in lower + upper):
-            raise InputError(f"empty grid: no cell of {source.path} has coordinates in obsm['{COORDINATE_KEYS[space]}']")
-        grid = Grid.around(space, lower, upper, voxel_size, margin, sections, section_z)
+    grid, code_to_z = _find_grid(source, runner, space, voxel_size, bounds, margin, raw, section, section_codes)
     log.info("grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin)
 
     # ---- output store
@@ -382,8 +394,9 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     level_chunks = [layout.level_chunks(tuple(f**k for f in factor)) for k in range(n_levels)]
     # coarser levels hold more channels per chunk, so every level's chunks have about the same bytes
     level_cc = [min(n_ch + 1, cc * int(np.prod(factor)) ** k) for k in range(n_levels)]
-    images = [create_array(root, str(k), (n_ch + 1, *grid.level(k).shape), (level_cc[k], *level_chunks[k]), np.float32)
-              for k in range(n_levels)]
+    # only blocks with cells are written, and their image chunks are practically never all zero
+    images = [create_array(root, str(k), (n_ch + 1, *grid.level(k).shape), (level_cc[k], *level_chunks[k]), np.float32,
+                           write_empty_chunks=True) for k in range(n_levels)]
     label_group = root.require_group("labels") if label_names else None
     label_arrays, label_ncat = {}, {}
     for name in label_names:
@@ -394,6 +407,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
                               for k in range(n_levels)]
     cells = root.require_group("cells")
     voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
+    cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
     dense_bytes = binning.BlockAccumulator.nbytes(layout, n_ch)
     if runner.local_threads and dense_bytes <= max_accumulator_gb * 2**30:
         accumulator, spill = binning.BlockAccumulator(layout, n_ch, label_ncat), None
@@ -405,7 +419,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
                  spill, dense_bytes / 2**30, max_accumulator_gb)
 
     # ---- step 1: bin chunks of cells
-    ctx1 = _Stage1(grid, layout, plan, code_to_z, label_ncat, voxel_index, spill, accumulator)
+    ctx1 = _Stage1(grid, layout, plan, code_to_z, label_ncat, voxel_index, source.obs_names(), cell_label, spill, accumulator)
     starts = np.concatenate([[0], np.cumsum(row_chunks)[:-1]]).tolist()
     xb, rb = x.to_delayed().ravel(), raw.to_delayed().ravel()
     sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(xb)
@@ -426,8 +440,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     if accumulator is None:
         block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
     else:
-        occupied = accumulator.blocks()
-        block_tasks = [tuple(occupied[i : i + 4]) for i in range(0, len(occupied), 4)]
+        block_tasks = [(b,) for b in accumulator.blocks()]  # one block per task: balanced over threads
     ctx2 = _Stage2(layout, n_ch, label_ncat, spill, accumulator, factor, images, label_arrays)
     ranges = runner.compute([dask.delayed(_stage2)(t, ctx2) for t in block_tasks], "writing voxels")
     lo = np.min([r[0] for r in ranges], axis=0)
@@ -444,7 +457,6 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         if c.colors is None:
             log.warning("%s: no uns['%s_colors']; label colours generated", source.path, name)
         write_labels_metadata(label_group, name, grid, n_levels, c.categories, colors)
-    _copy_cell_labels(source, cells, rows)
     if plan.pca is not None:
         p = root.require_group("pca")
         for key, arr in (("components", plan.pca.components), ("mean", plan.pca.mean),
@@ -473,13 +485,3 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         "cell_label": "cells/cell_label",
         "counts": {"cells": n, "rasterized": n_binned, "missing_coordinates": n_missing, "outside_grid": n_outside},
     }}
-
-
-def _copy_cell_labels(source: CellSource, cells: zarr.Group, rows: int) -> None:
-    """Copy ``obs_names`` to ``cells/cell_label`` in steps aligned to both stores' chunks."""
-    src = source.obs_names()
-    n = src.shape[0]
-    dst = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
-    step = rows * max(1, math.ceil(src.chunks[0] / rows))
-    for s in range(0, n, step):
-        dst[s : s + step] = np.asarray(src[s : s + step])
