@@ -16,6 +16,7 @@ include: "workflow/rules/atlas.smk"
 include: "workflow/rules/raster.smk"
 include: "workflow/rules/learn.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/bench.smk"
 
 
 rule all:

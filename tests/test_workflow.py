@@ -39,6 +39,7 @@ FULL_CONFIG = {
     },
     "models": ["cnn", "moment-trivial-irrep"],
     "training": {"target_params": 2000, "epochs": 1, "batch_size": 64, "max_samples_per_epoch": 300},
+    "bench": {"models": ["cnn", "moment-trivial"], "train_fractions": [1.0, 0.5]},
 }
 
 pytestmark = pytest.mark.slow
@@ -130,6 +131,23 @@ def test_report_builds(finished: Path) -> None:
     snakemake(finished, "--report", "report.html")
     html = (finished / "report.html").read_text(errors="replace")
     assert "metrics.tsv" in html and "predictions_overview.png" in html and "equivariance_curve.png" in html
+
+
+def test_bench_compares_models_on_every_task_and_fraction(finished: Path) -> None:
+    planned = _jobs_planned(snakemake(finished, "bench", "-n"))
+    assert planned == {"bench_models": 4, "bench": 1}  # 2 tasks x 2 training fractions; nothing else is rerun
+    snakemake(finished, "bench")
+    for task in ("celltype", "region"):
+        for percent in (100, 50):
+            out = finished / "results" / DATASET / "bench" / task / f"train_{percent}pct"
+            table = pd.read_csv(out / "bench_models.tsv", sep="\t")
+            assert list(table["model"]) == ["cnn", "moment-trivial"]
+            errors = dict(zip(table["model"], table["equivariance_error"]))
+            assert errors["moment-trivial"] < 1e-4 < errors["cnn"]
+            assert (out / "orientation.png").stat().st_size > 1000
+            named = "50% of training sections" in (out / "bench_models.md").read_text()
+            assert named == (percent == 50)
+    assert _jobs_planned(snakemake(finished, "bench", "-n")) == {}
 
 
 def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:

@@ -25,6 +25,7 @@ wildcard_constraints:
     task="|".join(TASKS) or "none",
     model="|".join(MODELS) or "none",
     grid="|".join(RASTERS) or "none",
+    percent="[0-9]+",
 
 
 def base_url():
@@ -69,19 +70,51 @@ def task_raster(wildcards):
     return f"results/{DATASET}/raster/{TASKS[wildcards.task]['raster']}.ome.zarr"
 
 
-def train_args(wildcards):
-    """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training']."""
-    spec, training = TASKS[wildcards.task], config["training"]
+def task_data_args(task):
+    """CLI options that pick a task's data (`train`, `bench-models --raster`): level, window, splits."""
+    spec, training = TASKS[task], config["training"]
     args = [f"--level {spec['level']}"]
-    size_key = "patch_size" if wildcards.task == "celltype" else "tile_size"
+    size_key = "patch_size" if task == "celltype" else "tile_size"
     if spec.get(size_key):
         args.append(f"--{size_key.replace('_', '-')} " + " ".join(str(v) for v in spec[size_key]))
-    if training.get("target_params"):
-        args.append(f"--target-params {training['target_params']}")
-    for key in ("epochs", "batch_size", "lr", "patience", "seed", "device", "max_samples_per_epoch"):
+    args.append("--split-fractions " + " ".join(str(v) for v in training["split_fractions"]))
+    args.append(f"--split-blocks {training['split_blocks']}")
+    return args
+
+
+def training_args(**overrides):
+    """CLI options shared by `train` and `bench-models` from config['training'] (``overrides`` win)."""
+    training = {**config["training"], **{k: v for k, v in overrides.items() if v is not None}}
+    args = []
+    for key in ("target_params", "epochs", "batch_size", "lr", "patience", "seed", "device"):
         if training.get(key) is not None:
             args.append(f"--{key.replace('_', '-')} {training[key]}")
+    return args
+
+
+def train_args(wildcards):
+    """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training']."""
+    args = task_data_args(wildcards.task) + training_args()
+    if config["training"].get("max_samples_per_epoch") is not None:
+        args.append(f"--max-samples-per-epoch {config['training']['max_samples_per_epoch']}")
     return " ".join(args)
+
+
+def bench_args(wildcards):
+    """CLI options of `abc-pipeline bench-models --raster` for one task and training fraction (config['bench'])."""
+    bench = config["bench"]
+    args = task_data_args(wildcards.task) + training_args(target_params=bench["target_params"], epochs=bench["epochs"])
+    args.append(f"--train-fraction {int(wildcards.percent) / 100}")
+    args.append("--models " + " ".join(bench["models"]))
+    if config["training"].get("max_samples_per_epoch") is not None:
+        args.append(f"--max-samples {config['training']['max_samples_per_epoch']}")
+    return " ".join(args)
+
+
+def bench_tables():
+    """One bench-models table per task and training fraction (`snakemake bench`)."""
+    return [f"results/{DATASET}/bench/{task}/train_{round(100 * f)}pct/bench_models.tsv"
+            for task in TASKS for f in config["bench"]["train_fractions"]]
 
 
 def prediction_stores():
