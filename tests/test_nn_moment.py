@@ -138,6 +138,37 @@ def test_gradcheck(dim):
     assert torch.autograd.gradcheck(f, (w.detach().clone().requires_grad_(True),))
 
 
+def test_inference_kernel_cache_follows_the_parameters():
+    """Eval mode without autograd reuses the assembled kernel until a parameter changes (in place, by
+    load_state_dict, by a dtype change) or train() is called; results always equal the uncached layer."""
+    torch.manual_seed(0)
+    conv = _random_bias(MomentConv([2, 1], [1, 2], 2)).eval()
+    x = torch.randn(2, 4, 6, 6)
+
+    def fresh() -> torch.Tensor:
+        with torch.no_grad():
+            return tF.conv2d(x.to(conv.bias.dtype), conv.kernel(), conv.full_bias(), padding=1)
+
+    with torch.inference_mode():
+        y = conv(x)
+        assert conv._frozen is not None and torch.equal(y, fresh())
+        kernel = conv._frozen[2]
+        conv(x)
+        assert conv._frozen[2] is kernel  # reused
+    with torch.no_grad():
+        conv.weights["11"].mul_(2)  # an optimiser-style in-place update
+        torch.testing.assert_close(conv(x), fresh(), rtol=0, atol=0)
+        conv.load_state_dict({k: v + 1 for k, v in conv.state_dict().items()})
+        torch.testing.assert_close(conv(x), fresh(), rtol=0, atol=0)
+        conv.double()
+        assert conv(x.double()).dtype == torch.float64
+        torch.testing.assert_close(conv(x.double()), fresh(), rtol=0, atol=0)
+    conv.train()
+    assert conv._frozen is None
+    y = conv(x.double())  # training mode: built every call, with a graph
+    assert y.requires_grad and conv._frozen is None
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(InputError, match="odd"):
         MomentConv([1], [1], 2, kernel_size=4)

@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TILE = {2: (256, 256), 3: (16, 64, 64)}
 DEFAULT_HALO = 16
+# input voxels per forward pass when batch_size is not given: on the CPU a whole 2D section tile (or one 3D
+# tile) per pass runs fastest, as activations of ~30 MB (150 channels) are reused by the allocator while
+# larger ones are mapped and page-faulted anew on every op (docs/benchmarks.md, dense prediction)
+_PASS_VOXELS = {"cuda": 1 << 20}
+_PASS_VOXELS_DEFAULT = 1 << 16
 _CELL_CHUNK = 1 << 16  # cells per gather
 _METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
 
@@ -126,7 +131,7 @@ def _prediction_blocks(atlas: dict, raster) -> tuple[dict[str, list[int]], list[
 
 def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
                    tile_size: int | Sequence[int] | None = None, halo: int | Sequence[int] | None = None,
-                   batch_size: int = 4, device: str = "auto", progress: bool = True,
+                   batch_size: int | None = None, device: str = "auto", progress: bool = True,
                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> Path:
     """Predict every voxel of ``raster`` with the model of ``checkpoint`` and sample every cell; writes
     ``out`` (see the module docstring) atomically and returns it.
@@ -134,7 +139,8 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     ``cells``: the cells.zarr the raster was made from; when given, its obs order is checked against the
     raster and the test-split cells are scored against their true labels (``metrics`` in the attributes).
     ``tile_size``: tile core per model axis (default 256 x 256 in 2D, 16 x 64 x 64 in 3D); ``halo``:
-    U-Net context per side (patch classifiers always use their exact receptive field).
+    U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
+    tiles per forward pass (default: as many as fit 65,536 input voxels, at least one; 2**20 on CUDA).
     """
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
@@ -183,11 +189,11 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: Normalizer, dense: bool, dim: int,
            core: tuple[int, int, int], margin: tuple[int, int, int], blocks: list[tuple[int, int]],
-           splits: dict[str, list[int]], batch_size: int, dev: torch.device, progress: bool, cache_bytes: int,
-           task: str) -> None:
+           splits: dict[str, list[int]], batch_size: int | None, dev: torch.device, progress: bool,
+           cache_bytes: int, task: str) -> None:
     """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables."""
     shape = r.grid.shape
     k = len(table.names)
@@ -198,6 +204,7 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
     name = f"pred_{task}"
     label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
     size = tuple(c + 2 * m for c, m in zip(core, margin))
+    batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))
     amp = dev.type == "cuda"
     boxes = list(_boxes(blocks, shape, dim, core))
     bar = tqdm(total=len(boxes), desc=f"predict {task}", disable=not progress)

@@ -172,6 +172,7 @@ class MomentConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out[0])) if bias and n_out[0] else None
         self.bias_matrix = nn.Parameter(torch.zeros(n_out[2])) if bias and n_out[2] else None
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._frozen: tuple | None = None  # (key, pinned weights, kernel, bias) of the last inference call
 
     def extra_repr(self) -> str:
         s = (f"in_fields={list(self.in_fields)}, out_fields={list(self.out_fields)}, dim={self.dim}, "
@@ -234,4 +235,29 @@ class MomentConv(nn.Module):
         if self.padding_mode == "circular" and p:
             x = F.pad(x, (p,) * (2 * self.dim), mode="circular")
             p = 0
-        return _CONV[self.dim](x, self.kernel(x.dtype, x.device), self.full_bias(), padding=p)
+        if self.training or torch.is_grad_enabled():
+            kernel, bias = self.kernel(x.dtype, x.device), self.full_bias()
+        else:
+            kernel, bias = self._inference_weights(x.dtype, x.device)
+        return _CONV[self.dim](x, kernel, bias, padding=p)
+
+    def _inference_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`kernel` and :meth:`full_bias`, assembled once and reused while the parameters are unchanged.
+
+        Only for eval mode without autograd (no graph to keep). The cache key holds each parameter's storage
+        address and in-place version counter (bumped by optimiser steps, ``load_state_dict``, ``copy_``),
+        and the cache pins those storages, so an address cannot be reused by new values; ``.to()``,
+        ``.double()`` and friends give new storages. :meth:`train` drops the cache. The kernel is built in
+        full precision (outside autocast), as ``conv`` casts it anyway.
+        """
+        params = [p.detach() for p in self.parameters()]
+        key = (dtype, device, tuple((p.data_ptr(), p._version) for p in params))
+        if self._frozen is None or self._frozen[0] != key:
+            with torch.autocast(device.type, enabled=False):
+                self._frozen = (key, params, self.kernel(dtype, device), self.full_bias())
+        return self._frozen[2], self._frozen[3]
+
+    def train(self, mode: bool = True) -> MomentConv:
+        """Set the training mode (see :class:`torch.nn.Module`) and drop the inference-weight cache."""
+        self._frozen = None
+        return super().train(mode)

@@ -9,8 +9,9 @@ No downsampling, so the same weights run in two modes:
   :attr:`PatchClassifier.halo`, the receptive-field radius of the trunk, per axis) -> trunk (``same`` zero
   padding) -> crop the centred ``P`` window -> mean -> linear -> logits ``(B, n_classes)``. Larger inputs
   work as long as every axis exceeds ``P`` by an even number (the window stays centred).
-- ``forward_dense(x)``: ``x`` ``(B, C, *spatial)`` a tile -> trunk -> stride-1 average pooling with window
-  ``P`` (zero padded, ``same`` size) -> the linear layer per voxel -> logits ``(B, n_classes, *spatial)``.
+- ``forward_dense(x)``: ``x`` ``(B, C, *spatial)`` a tile -> trunk -> the linear layer per voxel ->
+  stride-1 average pooling with window ``P`` (zero padded, ``same`` size; the mean commutes with the linear
+  map) -> logits ``(B, n_classes, *spatial)``.
 
 For every voxel whose ``P + 2*halo`` neighbourhood lies inside the tile, the dense logits equal the patch
 logits of that neighbourhood (same arithmetic, up to float summation order); a tile read with a margin of
@@ -93,8 +94,12 @@ class PatchClassifier(nn.Module):
         return self.linear(h.flatten(2).mean(dim=2))
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """Tile ``(B, C, *spatial)`` -> per-voxel logits ``(B, n_classes, *spatial)`` (same size)."""
-        h = _AVG_POOL[self.dim](self.features(x), self.patch_size, stride=1,
-                                padding=tuple(p // 2 for p in self.patch_size), count_include_pad=True)
-        return torch.einsum("bc...,kc->bk...", h, self.linear.weight) + \
-            self.linear.bias.view(1, -1, *(1,) * self.dim)
+        """Tile ``(B, C, *spatial)`` -> per-voxel logits ``(B, n_classes, *spatial)`` (same size).
+
+        The window mean and the linear map commute, so the linear weights are applied per voxel first and
+        the ``n_classes`` (not ``n_scalars``) channels are pooled; the bias is added after pooling.
+        """
+        z = torch.einsum("bc...,kc->bk...", self.features(x), self.linear.weight)
+        z = _AVG_POOL[self.dim](z, self.patch_size, stride=1, padding=tuple(p // 2 for p in self.patch_size),
+                                count_include_pad=True)
+        return z + self.linear.bias.view(1, -1, *(1,) * self.dim)
