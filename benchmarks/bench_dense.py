@@ -10,17 +10,24 @@ weights), then times, in the same process:
 1. dense: ``predict_raster`` (tiled ``forward_dense`` over every voxel + one vectorised gather per chunk
    of cells), writing predictions.zarr;
 2. patch loop: the same model's ``forward`` on every cell's patch (``CellPatchDataset`` over all
-   splits, batches of 256) - the per-cell evaluation that dense inference replaces.
+   splits, batches of 256) - the per-cell evaluation that dense inference replaces;
+3. dense again (same as 1, after the loop).
 
-Prints one JSON record: cells, voxels, seconds of each, the ratio, and the largest difference between the
-two per-cell probability tables (they are the same function).
+Prints one JSON record: cells, voxels, wall seconds of each and their ratio (``speedup``), the process CPU
+seconds (user + system, all threads) of each and their ratio (``cpu_speedup``; less sensitive to the other
+jobs of a shared machine), the 1-minute load average before and after each, the wall seconds of a second
+dense run after the loop (warm process, later load), and the largest difference between the two per-cell
+probability tables (they are the same function).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,29 +73,45 @@ def main() -> None:
         train_atlas_task(raster, cells, "celltype", a.model, run, target_params=a.target_params,
                          patch_size=a.patch_size, epochs=1, max_samples_per_epoch=2000, batch_size=128, progress=False)
 
-    t0 = time.perf_counter()
-    out = predict_raster(run / "checkpoint.pt", raster, w / "predictions.zarr", progress=False)
-    dense_s = time.perf_counter() - t0
+    def dense_pass() -> tuple[Path, dict]:
+        with timed() as t:
+            out = predict_raster(run / "checkpoint.pt", raster, w / "predictions.zarr", progress=False)
+        return out, t
+
+    out, dense_t = dense_pass()
     dense = np.asarray(zarr.open_group(str(out), mode="r")["cells/proba"][:])
 
     model, ckpt = load_model(run / "checkpoint.pt")
     atlas = ckpt["config"]["config"]["atlas"]
     r, src = open_raster(raster), CellSource(cells)
     table, norm = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
-    t0 = time.perf_counter()
     parts = []
-    for split in SPLITS:
-        ds = CellPatchDataset(r, src, table, split, atlas["splits"], norm, 2, model.patch_size, model.halo)
-        parts.append((ds.cells, predict_proba(model, ds, batch_size=256, device="cpu").numpy()))
-    loop_s = time.perf_counter() - t0
+    with timed() as loop_t:
+        for split in SPLITS:
+            ds = CellPatchDataset(r, src, table, split, atlas["splits"], norm, 2, model.patch_size, model.halo)
+            parts.append((ds.cells, predict_proba(model, ds, batch_size=256, device="cpu").numpy()))
+    _, again_t = dense_pass()
     idx = np.concatenate([c for c, _ in parts])
     loop = np.concatenate([p for _, p in parts])
     print(json.dumps({
         "cells": int(r.voxel_index.shape[0]), "cells_in_loop": len(idx), "voxels": int(np.prod(r.grid.shape)),
         "grid": list(r.grid.shape), "model": a.model, "params": int(model.n_params), "patch_input": list(model.input_size),
-        "threads": a.threads, "dense_s": round(dense_s, 2), "patch_loop_s": round(loop_s, 2),
-        "speedup": round(loop_s / dense_s, 1), "max_abs_diff": float(np.abs(dense[idx] - loop).max()),
+        "threads": a.threads, "dense_s": round(dense_t["s"], 2), "patch_loop_s": round(loop_t["s"], 2),
+        "speedup": round(loop_t["s"] / dense_t["s"], 1), "dense_cpu_s": round(dense_t["cpu_s"], 2),
+        "patch_loop_cpu_s": round(loop_t["cpu_s"], 2), "cpu_speedup": round(loop_t["cpu_s"] / dense_t["cpu_s"], 1),
+        "load_dense": dense_t["load"], "load_loop": loop_t["load"], "dense_again_s": round(again_t["s"], 2),
+        "max_abs_diff": float(np.abs(dense[idx] - loop).max()),
     }))
+
+
+@contextmanager
+def timed() -> Iterator[dict]:
+    """Fills the yielded dict on exit: ``s`` wall seconds, ``cpu_s`` process CPU seconds (user + system,
+    all threads), ``load`` the 1-minute load average before and after."""
+    t, load, a, t0 = {}, os.getloadavg()[0], os.times(), time.perf_counter()
+    yield t
+    s, b = time.perf_counter() - t0, os.times()
+    t.update(s=s, cpu_s=b.user - a.user + b.system - a.system, load=[round(load, 2), round(os.getloadavg()[0], 2)])
 
 
 if __name__ == "__main__":
