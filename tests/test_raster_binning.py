@@ -74,3 +74,22 @@ def test_plan_block_tasks_respects_the_budget() -> None:
     assert all(t.nbytes <= 4 * per_row or len(t.blocks) == 1 for t in tasks)
     assert all(len(t.offsets[binning.CELL_KIND][j]) == len(t.blocks) + 1 for t in tasks for j in range(len(t.chunks)))
     assert n_blocks == len(offs[0][binning.CELL_KIND]) - 1
+
+
+def test_block_sums_means_range_and_coarsening() -> None:
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 3, (3, 5, 300)).astype(np.float32)  # > one transpose tile of voxels
+    sums = (rng.integers(0, 9, (3, 5, 300, 4)) * (counts > 0)[..., None]).astype(np.float32)
+    block = binning.BlockSums(sums, counts, {})
+    means = block.means()
+    assert means.shape == (5, 3, 5, 300)
+    want = np.divide(np.moveaxis(sums, -1, 0), counts, out=np.zeros((4, 3, 5, 300), np.float32), where=counts > 0)
+    np.testing.assert_array_equal(means[:4], want)
+    np.testing.assert_array_equal(means[4], counts)
+    lo, hi = block.value_range()
+    occupied = counts > 0
+    np.testing.assert_array_equal(lo, [m[occupied].min() for m in means])
+    np.testing.assert_array_equal(hi, [m[occupied].max() for m in means])
+    coarse = block.coarsen((1, 2, 2))
+    np.testing.assert_array_equal(coarse.counts, binning.window_sum(counts, (1, 2, 2)))
+    assert coarse.sums.shape == (3, 3, 150, 4)

@@ -62,13 +62,15 @@ class BlockLayout:
         return int(np.prod(self.block))
 
     def keys(self, index: np.ndarray) -> np.ndarray:
-        """Block-major keys (n,) int64 of valid voxel indices (n, 3)."""
+        """Block-major keys (n,) int64 of valid voxel indices (n, 3): ``block_id * block_voxels`` + the
+        voxel's C-order offset in its block's region (the block clipped at the grid edge)."""
         index = index.astype(np.int64, copy=False)
         blk = np.asarray(self.block, dtype=np.int64)
         q, r = np.divmod(index, blk)
         gb = self.grid_blocks
         block_id = (q[:, 0] * gb[1] + q[:, 1]) * gb[2] + q[:, 2]
-        local = (r[:, 0] * blk[1] + r[:, 1]) * blk[2] + r[:, 2]
+        rs = np.minimum(blk, np.asarray(self.shape) - q * blk)  # region shape of each voxel's block
+        local = (r[:, 0] * rs[:, 1] + r[:, 1]) * rs[:, 2] + r[:, 2]
         return block_id * self.block_voxels + local
 
     def region(self, block_id: int, factor: Sequence[int] = (1, 1, 1)) -> tuple[slice, slice, slice]:
@@ -78,6 +80,10 @@ class BlockLayout:
             slice(int(i) * b // f, math.ceil(min((int(i) + 1) * b, n) / f))
             for i, b, n, f in zip(q, self.block, self.shape, factor)
         )
+
+    def region_shape(self, block_id: int) -> tuple[int, int, int]:
+        """Shape (z, y, x) of a block's level-0 region (the block clipped at the grid edge)."""
+        return tuple(r.stop - r.start for r in self.region(block_id))
 
     def level_chunks(self, factor: Sequence[int]) -> tuple[int, int, int]:
         """Chunk shape (z, y, x) of the level downsampled by ``factor``: one chunk per block."""
@@ -153,7 +159,7 @@ def _block_offsets(block_of: np.ndarray, n_blocks: int) -> np.ndarray:
 class BlockPartial:
     """Per-voxel partial results of one chunk of cells inside one block, sorted by voxel.
 
-    block: block id; keys (u,) int64 voxel offsets in the block, ascending; counts (u,) int32;
+    block: block id; keys (u,) int64 voxel offsets in the block's region, ascending; counts (u,) int32;
     sums (u, C) float32; votes: label -> (key * n_cat + code (v,) int64 ascending, votes (v,) int32).
     """
 
@@ -227,7 +233,8 @@ _TILE = 256  # voxels per tile of the channel-major transpose in ``BlockSums.mea
 
 @dataclass(frozen=True)
 class BlockSums:
-    """Stage-2 reduction of one block on one pyramid level, voxel-major (whole channel rows per voxel).
+    """Stage-2 reduction of one block's region (the block clipped at the grid edge) on one pyramid
+    level, voxel-major (whole channel rows per voxel).
 
     sums (z, y, x, C) float32 per-voxel channel sums; counts (z, y, x) float32 cells per voxel;
     labels: name -> (z, y, x) int64 majority label (0 = no vote; k = category k - 1).
@@ -266,16 +273,23 @@ class BlockSums:
 
 
 class BlockAccumulator:
-    """In-memory alternative to the spill for local threaded runs: dense per-block sums and counts,
-    allocated for blocks that receive cells, plus compacted label votes; thread-safe (striped locks).
+    """In-memory alternative to the spill for local threaded runs: per-voxel sums and counts of the
+    occupied voxels only (those that will receive cells, known in advance), grouped by block, plus
+    compacted label votes; thread-safe (striped locks).
 
-    Memory: (occupied blocks) x block_voxels x (C + 1) x 4 bytes, independent of the number of cells.
+    keys: (u,) int64 ascending block-major keys of the occupied voxels.
+    Memory: u x (C + 1) x 4 bytes (``nbytes``) plus the votes, independent of the number of cells.
     """
 
-    def __init__(self, layout: BlockLayout, n_channels: int, labels: dict[str, int]) -> None:
+    def __init__(self, layout: BlockLayout, n_channels: int, labels: dict[str, int], keys: np.ndarray) -> None:
         self.layout, self.C, self.labels = layout, n_channels, labels
-        self._sums: dict[int, np.ndarray] = {}
-        self._counts: dict[int, np.ndarray] = {}
+        bv = layout.block_voxels
+        offs = _block_offsets(keys // bv, layout.n_blocks)
+        occupied = np.flatnonzero(np.diff(offs)).tolist()
+        # per block: offsets of its occupied voxels, ascending, and their sums and counts (rows alike)
+        self._voxels = {b: keys[offs[b] : offs[b + 1]] - b * bv for b in occupied}
+        self._sums = {b: np.zeros((offs[b + 1] - offs[b], n_channels), dtype=np.float32) for b in occupied}
+        self._counts = {b: np.zeros(offs[b + 1] - offs[b], dtype=np.float32) for b in occupied}
         self._votes: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self._locks = [threading.Lock() for _ in range(64)]
         self._token = uuid.uuid4().hex
@@ -284,19 +298,17 @@ class BlockAccumulator:
         return self._token
 
     @staticmethod
-    def nbytes(layout: BlockLayout, n_channels: int) -> int:
-        """Upper bound of the accumulator's memory (every block occupied)."""
-        return layout.n_blocks * layout.block_voxels * (n_channels + 1) * 4
+    def nbytes(n_voxels: int, n_channels: int) -> int:
+        """Memory of the sums and counts of ``n_voxels`` occupied voxels."""
+        return n_voxels * (n_channels + 1) * 4
 
     def add(self, part: BlockPartial) -> None:
-        """Add one chunk's partial of one block."""
-        b, bv = part.block, self.layout.block_voxels
+        """Add one chunk's partial of one block (its voxels must be among the occupied ones)."""
+        b = part.block
+        rows = np.searchsorted(self._voxels[b], part.keys)  # unique within a partial: fancy += is exact
         with self._locks[b % len(self._locks)]:
-            if b not in self._sums:
-                self._sums[b] = np.zeros((bv, self.C), dtype=np.float32)
-                self._counts[b] = np.zeros(bv, dtype=np.float32)
-            self._sums[b][part.keys] += part.sums  # keys are unique within a partial
-            self._counts[b][part.keys] += part.counts
+            self._sums[b][rows] += part.sums
+            self._counts[b][rows] += part.counts
             for name, votes in part.votes.items():
                 pending = self._votes.setdefault((name, b), [])
                 pending.append(votes)
@@ -304,17 +316,23 @@ class BlockAccumulator:
                     pending[:] = [_merge_votes(pending)]
 
     def blocks(self) -> list[int]:
+        """Occupied blocks, ascending."""
         return sorted(self._sums)
 
     def pop(self, b: int) -> BlockSums:
-        """Sums, counts and majority labels of block ``b`` (level 0); frees the block."""
-        bv = self.layout.block_voxels
+        """Dense sums, counts and majority labels of block ``b``'s level-0 region; frees the block."""
+        shape = self.layout.region_shape(b)
+        n = math.prod(shape)
+        voxels = self._voxels.pop(b)
+        sums = np.zeros((n, self.C), dtype=np.float32)
+        sums[voxels] = self._sums.pop(b)
+        counts = np.zeros(n, dtype=np.float32)
+        counts[voxels] = self._counts.pop(b)
         labels = {}
         for name, n_cat in self.labels.items():
             keys, votes = _merge_votes(self._votes.pop((name, b), []))
-            labels[name] = majority(keys, votes, n_cat, bv).reshape(self.layout.block)
-        sums = self._sums.pop(b).reshape(*self.layout.block, self.C)
-        return BlockSums(sums, self._counts.pop(b).reshape(self.layout.block), labels)
+            labels[name] = majority(keys, votes, n_cat, n).reshape(shape)
+        return BlockSums(sums.reshape(*shape, self.C), counts.reshape(shape), labels)
 
 
 def _merge_votes(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -417,9 +435,10 @@ class SpillReader:
 
 def reduce_block(reader: SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]) -> BlockSums:
     """Stage 2 for one spilled block: add up its partial sums, counts and label votes from every chunk."""
-    bv = layout.block_voxels
-    acc = np.zeros((bv, n_channels), dtype=np.float32)  # voxel-major: parts add whole rows
-    cnt = np.zeros(bv, dtype=np.float32)
+    shape = layout.region_shape(reader.task.blocks[i])
+    n = math.prod(shape)
+    acc = np.zeros((n, n_channels), dtype=np.float32)  # voxel-major: parts add whole rows
+    cnt = np.zeros(n, dtype=np.float32)
     for j in range(len(reader.task.chunks)):
         keys = reader.get(j, CELL_KIND, "keys", i)
         if keys.size == 0:
@@ -431,8 +450,8 @@ def reduce_block(reader: SpillReader, i: int, layout: BlockLayout, n_channels: i
         kind = label_kind(name)
         keys = np.concatenate([reader.get(j, kind, "keys", i) for j in range(len(reader.task.chunks))])
         votes = np.concatenate([reader.get(j, kind, "counts", i) for j in range(len(reader.task.chunks))])
-        out_labels[name] = majority(keys, votes, n_cat, bv).reshape(layout.block)
-    return BlockSums(acc.reshape(*layout.block, n_channels), cnt.reshape(layout.block), out_labels)
+        out_labels[name] = majority(keys, votes, n_cat, n).reshape(shape)
+    return BlockSums(acc.reshape(*shape, n_channels), cnt.reshape(shape), out_labels)
 
 
 def majority(keys: np.ndarray, votes: np.ndarray, n_cat: int, n_vox: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -108,11 +109,32 @@ class _Runner:
         return out
 
 
+class _ThreadBuffers:
+    """One reusable array per thread and name: chunk-sized arrays allocated for every task would be
+    fresh memory each time, whose page faults cost about as much as decoding the chunk."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __reduce__(self) -> tuple:  # pickled (dask.distributed): an empty set in each worker
+        return (_ThreadBuffers, ())
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """A C-contiguous ``shape`` array (contents undefined) owned by the calling thread."""
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = np.empty(shape, dtype=dtype)
+            setattr(self._local, name, buf)
+        return buf[: shape[0]]
+
+
 # ----------------------------------------------------------------------------------- stage contexts
 @dataclass(frozen=True)
 class _Stage1:
     grid: Grid
     layout: binning.BlockLayout
+    source: CellSource  # X is read in the task, into a per-thread buffer
+    buffers: _ThreadBuffers
     plan: ChannelPlan
     code_to_z: np.ndarray | None  # section space: category code -> z index (-1 = section not rasterized)
     label_ncat: dict[str, int]
@@ -152,9 +174,29 @@ def _to_zyx(raw: np.ndarray, section_codes: np.ndarray | None, code_to_z: np.nda
     return np.column_stack([z, raw[:, 1], raw[:, 0]])
 
 
-def _stage1(x, raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: int) -> dict:
-    """Bin one chunk of cells and write its rows of the per-cell tables; returns spill offsets and counts
-    of skipped cells."""
+def _occupied_voxels(raw, section_codes, code_to_z: np.ndarray | None, grid: Grid, layout: binning.BlockLayout) -> np.ndarray:
+    """Block-major keys (ascending, unique) of the voxels that one chunk of cells falls into."""
+    index = grid.to_index(_to_zyx(raw, section_codes, code_to_z))
+    return np.unique(layout.keys(index[index[:, 0] >= 0]))
+
+
+def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.ndarray | None, grid: Grid,
+                 layout: binning.BlockLayout, n_channels: int, label_ncat: dict[str, int], max_gb: float) -> binning.BlockAccumulator | None:
+    """The in-memory accumulator of a local threaded run whose occupied voxels' sums fit ``max_gb``, else
+    None (spill). One pass over the coordinates (``raw``, ``section_codes``: Dask blocks) finds the
+    occupied voxels."""
+    if not runner.local_threads:
+        return None
+    tasks = [dask.delayed(_occupied_voxels)(r, s, code_to_z, grid, layout) for r, s in zip(raw, section_codes)]
+    keys = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *runner.compute(tasks, "occupied voxels")]))
+    nbytes = binning.BlockAccumulator.nbytes(keys.size, n_channels)
+    log.info("%d occupied voxels: %.2f GB of sums (in-memory budget %.2f GB)", keys.size, nbytes / 2**30, max_gb)
+    return binning.BlockAccumulator(layout, n_channels, label_ncat, keys) if nbytes <= max_gb * 2**30 else None
+
+
+def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: int) -> dict:
+    """Bin one chunk of cells (rows ``start:`` as many as ``raw``) and write its rows of the per-cell
+    tables; returns spill offsets and counts of skipped cells."""
     coords = _to_zyx(raw, section_codes, ctx.code_to_z)
     index = ctx.grid.to_index(coords)
     rows = slice(start, start + len(index))
@@ -162,7 +204,8 @@ def _stage1(x, raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start:
     ctx.cell_label[rows] = ctx.obs_names[rows]
     missing = np.isnan(coords).any(axis=1)
     outside = (index[:, 0] < 0) & ~missing
-    values = ctx.plan.apply(np.asarray(x, dtype=np.float32))
+    x = ctx.source.read_X(rows.start, rows.stop, out=ctx.buffers.get("X", (len(index), ctx.source.n_genes), np.float32))
+    values = ctx.plan.apply(x)
     labels = {name: (np.asarray(codes), ctx.label_ncat[name]) for name, codes in zip(ctx.label_ncat, label_codes)}
     parts = binning.partial_sums(values, index, labels, ctx.layout)
     offsets = None
@@ -196,11 +239,10 @@ def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np
         for k, image in enumerate(ctx.images):
             if k:
                 level = level.coarsen(ctx.factor)
-            region = ctx.layout.region(b, tuple(f**k for f in ctx.factor))
-            crop = tuple(slice(0, r.stop - r.start) for r in region)
-            image[(slice(None), *region)] = level.means()[(slice(None), *crop)]
+            region = ctx.layout.region(b, tuple(f**k for f in ctx.factor))  # = the shape of ``level``
+            image[(slice(None), *region)] = level.means()
             for name, arrays in ctx.labels.items():
-                arrays[k][region] = level.labels[name][crop].astype(arrays[k].dtype)
+                arrays[k][region] = level.labels[name].astype(arrays[k].dtype)
     return lo, hi
 
 
@@ -369,9 +411,8 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
     n = source.n_cells
 
-    # ---- per-cell Dask inputs, all chunked like X
-    x = source.X(rows)
-    row_chunks = x.chunks[0]
+    # ---- per-cell Dask inputs, all chunked like X (X itself is read by the stage-1 tasks)
+    row_chunks = tuple(min(rows, n - start) for start in range(0, n, rows))
     raw = source.coordinates(COORDINATE_KEYS[space]).rechunk((row_chunks, -1))
     if space != "section" and raw.shape[1] < 3:
         raise InputError(f"{source.path}: obsm['{COORDINATE_KEYS[space]}'] needs x, y, z columns for space {space!r}")
@@ -408,24 +449,21 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     cells = root.require_group("cells")
     voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
     cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
-    dense_bytes = binning.BlockAccumulator.nbytes(layout, n_ch)
-    if runner.local_threads and dense_bytes <= max_accumulator_gb * 2**30:
-        accumulator, spill = binning.BlockAccumulator(layout, n_ch, label_ncat), None
-        log.info("accumulating in memory (dense grid %.2f GB <= %.2f GB)", dense_bytes / 2**30, max_accumulator_gb)
-    else:
-        accumulator, spill = None, tmp / "_spill"
+    rb = raw.to_delayed().ravel()
+    sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(rb)
+    accumulator = _accumulator(runner, rb, sb, code_to_z, grid, layout, n_ch, label_ncat, max_accumulator_gb)
+    spill = None if accumulator is not None else tmp / "_spill"
+    if spill is not None:
         spill.mkdir()
-        log.info("spilling partial sums to %s (dense grid %.2f GB > %.2f GB, or not a local threaded run)",
-                 spill, dense_bytes / 2**30, max_accumulator_gb)
+        log.info("spilling partial sums to %s", spill)
 
     # ---- step 1: bin chunks of cells
-    ctx1 = _Stage1(grid, layout, plan, code_to_z, label_ncat, voxel_index, source.obs_names(), cell_label, spill, accumulator)
-    starts = np.concatenate([[0], np.cumsum(row_chunks)[:-1]]).tolist()
-    xb, rb = x.to_delayed().ravel(), raw.to_delayed().ravel()
-    sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(xb)
+    ctx1 = _Stage1(grid, layout, source, _ThreadBuffers(), plan, code_to_z, label_ncat, voxel_index, source.obs_names(),
+                   cell_label, spill, accumulator)
     lb = [c.to_delayed().ravel() for c in label_codes]
-    tasks = [dask.delayed(_stage1)(xb[i], rb[i], sb[i], [col[i] for col in lb], ctx1, i, starts[i]) for i in range(len(xb))]
+    tasks = [dask.delayed(_stage1)(rb[i], sb[i], [col[i] for col in lb], ctx1, i, i * rows) for i in range(len(rb))]
     results = runner.compute(tasks, "binning cells")
+    del tasks, ctx1  # frees the per-thread X buffers
     n_missing = sum(r["missing"] for r in results)
     n_outside = sum(r["outside"] for r in results)
     n_binned = n - n_missing - n_outside

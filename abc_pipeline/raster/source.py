@@ -1,8 +1,8 @@
 """Read-only, chunked access to an assembled ``cells.zarr`` (AnnData on Zarr, docs/architecture.md).
 
-Only small tables (var, categories, colours) are loaded eagerly; per-cell arrays (X, coordinates,
-categorical codes) are exposed as Dask arrays chunked along cells, so nothing scales with the number
-of cells in memory.
+Only small tables (var, categories, colours) are loaded eagerly; per-cell arrays are read by row
+ranges (X) or exposed as Dask arrays chunked along cells (coordinates, categorical codes), so nothing
+scales with the number of cells in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
+from zarr.buffer.cpu import NDBuffer
 
 from abc_pipeline.errors import InputError
 
@@ -111,11 +112,14 @@ class CellSource:
         return np.array([g.startswith("Blank") or s.startswith("Blank") for g, s in zip(self.gene_ids, self.gene_symbols)])
 
     # ------------------------------------------------------------------ per-cell arrays
-    def X(self, row_chunk: int | None = None) -> da.Array:
-        """X as Dask (n_cells, n_genes) float32, one block per ``row_chunk`` rows (a multiple of the Zarr chunk)."""
-        rows = row_chunk or self.row_chunk
-        arr = da.from_zarr(self._x, chunks=(rows, self.n_genes))
-        return arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    def read_X(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of X as (rows, n_genes) float32, decoded into ``out`` when given (a
+        C-contiguous array of that shape and dtype, reused by the caller: fresh chunk-sized arrays
+        cost page faults on every read) and X is float32."""
+        if out is None or self._x.dtype != np.float32:
+            return np.asarray(self._x[start:stop], dtype=np.float32)
+        self._x.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+        return out
 
     def coordinates(self, key: str) -> da.Array:
         """``obsm[key]`` as Dask (n_cells, d) float64 in mm, column order as stored (x, y[, z])."""
