@@ -258,7 +258,8 @@ class BlockSums:
         divisor = np.maximum(counts, 1)  # empty voxels have zero sums: 0 / 1 = 0
         out = np.empty((C + 1, counts.size), dtype=np.float32)
         for i in range(0, counts.size, _TILE):  # divide and transpose tile by tile: stays in cache
-            out[:C, i : i + _TILE] = (sums[i : i + _TILE] / divisor[i : i + _TILE, None]).T
+            tile = slice(i, i + _TILE)
+            out[:C, tile] = (sums[tile] / divisor[tile, None]).T if counts[tile].any() else 0
         out[C] = counts
         return out.reshape(C + 1, *spatial)
 
