@@ -1,13 +1,13 @@
 """NumPy kernels of the rasterizer: per-chunk binning, per-block reduction and pyramid coarsening.
 
 The output grid is cut into blocks (the Zarr chunks of level 0, all channels). Each voxel gets a
-*block-major key* ``block_id * block_voxels + offset_in_block``, so sorting by key groups voxels by
-block. A two-stage reduction keeps memory bounded whatever the number or order of cells:
+*block-major key* ``block_id * block_voxels + offset``, the offset counted in C order within the
+block's region (the block clipped at the grid edge), so sorting by key groups voxels by block. A two-stage reduction keeps memory bounded whatever the number or order of cells:
 
 1. ``partial_sums`` (one task per chunk of cells) sums the channel values, counts and label votes of
    its cells per voxel, block by block (sort + ``group_sums``; no ``np.add.at``). ``spill_partials``
    writes them to raw files, with offsets telling where each block starts; for local threaded runs
-   whose dense grid fits a memory budget, ``BlockAccumulator.add`` adds them to in-memory blocks instead.
+   whose occupied voxels' sums fit a memory budget, ``BlockAccumulator.add`` adds them in memory instead.
 2. One task per block (or run of blocks) gets each block's sums and counts as ``BlockSums``, from
    ``BlockAccumulator.pop`` or from ``reduce_block`` (which reads the block's slices back from every
    chunk's spill and adds them up). ``BlockSums.coarsen`` derives every pyramid level of the block
@@ -19,7 +19,8 @@ transposes them to the image's channel-major layout. Temporaries are kept well u
 possible: glibc serves larger ones with fresh ``mmap`` pages, whose page faults cost about as much as
 the arithmetic here.
 
-Memory: stage 1 ~ 3x a chunk of X; stage 2 ~ the spill bytes of its blocks (capped) + ~3 dense blocks.
+Memory: stage 1 ~ 3x a chunk of X; stage 2 ~ the spill bytes of its blocks (capped) + ~3 dense blocks
+(plus, in memory, the sums of the occupied voxels).
 """
 
 from __future__ import annotations

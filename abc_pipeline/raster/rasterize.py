@@ -2,17 +2,20 @@
 
 Pipeline (each step one Dask computation, threaded by default or on a ``dask.distributed`` cluster):
 
-0. bounds (and section order) from the coordinates only;
-1. one task per chunk of cells: channel values, voxel index (written to ``cells/voxel_index``),
-   per-voxel partial sums / counts / label votes (``binning.partial_sums``), added to in-memory
-   blocks when the dense grid fits ``max_accumulator_gb`` on a local threaded run, else spilled to disk;
-2. one task per run of output blocks: add the partials and write the blocks' image and label chunks
-   of every pyramid level (window sums of sums and counts = exact cell means of the coarse voxels;
-   label modes), so no level is read back;
+0. bounds (and section order) from the coordinates only; skipped when bounds are given in 3D; on
+   local threaded runs, the occupied voxels (coordinates only again);
+1. one task per chunk of cells: X decoded into a per-thread buffer, channel values, voxel index and
+   cell labels (written to ``cells/``), per-voxel partial sums / counts / label votes block by block
+   (``binning.partial_sums``), added to in-memory sums of the occupied voxels when those fit
+   ``max_accumulator_gb`` on a local threaded run, else spilled to disk;
+2. one task per output block (spill: per run of blocks): add the partials and write the block's image
+   and label chunks of every pyramid level (window sums of sums and counts = exact cell means of the
+   coarse voxels; label modes), so no level is read back;
 3. metadata, then the temporary store is renamed onto the output path.
 
-Memory is bounded by the chunk and block sizes, not by the number of cells. The spill needs up to
-(cells with coordinates) x (channels + 3) x 4 bytes of temporary disk next to the output.
+Memory is bounded by the chunk and block sizes and by the occupied voxels, not by the number of cells.
+The spill needs up to (cells with coordinates) x (channels + 3) x 4 bytes of temporary disk next to
+the output.
 """
 
 from __future__ import annotations
@@ -389,9 +392,9 @@ def rasterize(
     scheduler / num_workers: local Dask scheduler; ``address``: a ``dask.distributed`` scheduler
         address (``tcp://host:8786``), which then runs every step (needs a filesystem shared with the workers).
     overwrite: replace an existing raster (atomically); otherwise an existing path is an error.
-    max_accumulator_gb: on local threaded runs, per-voxel sums are accumulated in memory when the dense
-        grid (voxels x (channels + 1) x 4 bytes) fits this budget; otherwise (and on clusters) partial
-        sums are spilled to disk next to the output and reduced block by block.
+    max_accumulator_gb: on local threaded runs, per-voxel sums are accumulated in memory when those of
+        the occupied voxels (occupied voxels x (channels + 1) x 4 bytes) fit this budget; otherwise (and
+        on clusters) partial sums are spilled to disk next to the output and reduced block by block.
     """
     out = Path(out_path)
     _check_target(out, overwrite)
