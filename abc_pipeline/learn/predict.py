@@ -1,9 +1,10 @@
 """Dense prediction over a whole raster and per-cell sampling (``abc-pipeline predict``).
 
 The network of an atlas checkpoint (``abc-pipeline train``) runs fully convolutionally over the raster in
-tiles with halos: every tile core of ``tile_size`` voxels is read with a margin (zero outside the volume)
-and only the core is kept, so memory is bounded by the tile size, not the raster. Tiles whose core holds no
-cells are skipped (their output stays 0).
+tiles with halos: every axis is split into equal cores of at most ``tile_size`` voxels (lengths differing by
+at most one), every core is read with a margin (zero outside the volume) and only the core is kept, so
+memory is bounded by the tile size, not the raster. Tiles whose core holds no cells are skipped (their
+output stays 0).
 
 - ``celltype`` (patch classifier): ``forward_dense`` with margin ``patch_size // 2 + halo`` (the receptive
   field): each voxel's probabilities equal those of the patch classifier on the patch centred there.
@@ -52,13 +53,15 @@ from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE = {2: (256, 256), 3: (16, 64, 64)}
+# 2D: a section plane of up to 192 x 192 voxels is one tile, larger ones are split into equal cores
+DEFAULT_TILE = {2: (192, 192), 3: (16, 64, 64)}
 DEFAULT_HALO = 16
-# input voxels per forward pass when batch_size is not given: on the CPU a whole 2D section tile (or one 3D
-# tile) per pass runs fastest, as activations of ~30 MB (150 channels) are reused by the allocator while
-# larger ones are mapped and page-faulted anew on every op (docs/benchmarks.md, dense prediction)
+# input voxels per forward pass when batch_size is not given: on the CPU passes of ~10-40 k voxels (one 2D
+# tile) run fastest, their activations (<= ~25 MB at 150 channels) stay cache-friendly and are reused by the
+# allocator, while larger ones are mapped and page-faulted anew by every op (docs/benchmarks.md, dense
+# prediction)
 _PASS_VOXELS = {"cuda": 1 << 20}
-_PASS_VOXELS_DEFAULT = 1 << 16
+_PASS_VOXELS_DEFAULT = 1 << 15
 _CELL_CHUNK = 1 << 16  # cells per gather
 _METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
 
@@ -93,14 +96,14 @@ def names_digest(names: zarr.Array, chunk: int = _CELL_CHUNK) -> str:
 
 
 def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
-    """Cores of ``size`` covering ``[lo, hi)``, the last one ending at ``hi`` (overlapping its neighbour), so
-    no core reaches past ``hi``; one shorter core when the range is shorter than ``size``."""
-    if hi - lo <= size:
-        return [(lo, hi)]
-    starts = list(range(lo, hi - size + 1, size))
-    if starts[-1] + size < hi:
-        starts.append(hi - size)
-    return [(a, a + size) for a in starts]
+    """The fewest cores of at most ``size`` partitioning ``[lo, hi)``: equal lengths up to one voxel."""
+    n = -(-(hi - lo) // size)
+    return [(lo + i * (hi - lo) // n, lo + (i + 1) * (hi - lo) // n) for i in range(n)]
+
+
+def _core_length(n: int, size: int) -> int:
+    """Longest core of :func:`_tiles` over ``n`` voxels with cores of at most ``size``."""
+    return -(-n // -(-n // size))
 
 
 def _boxes(blocks: list[tuple[int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
@@ -138,9 +141,9 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
 
     ``cells``: the cells.zarr the raster was made from; when given, its obs order is checked against the
     raster and the test-split cells are scored against their true labels (``metrics`` in the attributes).
-    ``tile_size``: tile core per model axis (default 256 x 256 in 2D, 16 x 64 x 64 in 3D); ``halo``:
+    ``tile_size``: largest tile core per model axis (default 192 x 192 in 2D, 16 x 64 x 64 in 3D); ``halo``:
     U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
-    tiles per forward pass (default: as many as fit 65,536 input voxels, at least one; 2**20 on CUDA).
+    tiles per forward pass (default: as many as fit 32,768 input voxels, at least one; 2**20 on CUDA).
     """
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
@@ -162,7 +165,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     if len(core) != dim or len(margin) != dim or min(core) < 1 or min(margin) < 0:
         raise InputError(f"tile_size and halo need {dim} positive sizes (one per model axis), got {core}, {margin}")
     core3, margin3 = ((1, *core), (0, *margin)) if dim == 2 else (core, margin)
-    core3 = (core3[0], *(min(c, n) for c, n in zip(core3[1:], r.grid.shape[1:])))
+    core3 = (core3[0], *(_core_length(n, c) for c, n in zip(core3[1:], r.grid.shape[1:])))
     splits, blocks = _prediction_blocks(atlas, r)
     digest = None
     if cells is not None:
