@@ -114,7 +114,7 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing raster (atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed of the PCA sample")
     p.add_argument("--max-accumulator-gb", type=float, default=1.5,
-                   help="local threaded runs sum voxels in memory when the dense grid fits this; else spill to disk")
+                   help="local threaded runs sum voxels in memory when the occupied voxels' sums fit this (GB); else spill to disk")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:

@@ -82,9 +82,11 @@ def task_data_args(task):
     return args
 
 
-def training_args(**overrides):
-    """CLI options shared by `train` and `bench-models` from config['training'] (``overrides`` win)."""
-    training = {**config["training"], **{k: v for k, v in overrides.items() if v is not None}}
+def training_args(task, **overrides):
+    """CLI options shared by `train` and `bench-models` from config['training'], then ``overrides``, then the
+    task's own `batch_size` / `epochs` (each later one wins where it is set)."""
+    task_keys = {k: TASKS[task].get(k) for k in ("batch_size", "epochs")}
+    training = {**config["training"], **{k: v for k, v in {**overrides, **task_keys}.items() if v is not None}}
     args = []
     for key in ("target_params", "epochs", "batch_size", "lr", "patience", "seed", "device"):
         if training.get(key) is not None:
@@ -94,7 +96,7 @@ def training_args(**overrides):
 
 def train_args(wildcards):
     """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training']."""
-    args = task_data_args(wildcards.task) + training_args()
+    args = task_data_args(wildcards.task) + training_args(wildcards.task)
     if config["training"].get("max_samples_per_epoch") is not None:
         args.append(f"--max-samples-per-epoch {config['training']['max_samples_per_epoch']}")
     return " ".join(args)
@@ -103,7 +105,9 @@ def train_args(wildcards):
 def bench_args(wildcards):
     """CLI options of `abc-pipeline bench-models --raster` for one task and training fraction (config['bench'])."""
     bench = config["bench"]
-    args = task_data_args(wildcards.task) + training_args(target_params=bench["target_params"], epochs=bench["epochs"])
+    args = task_data_args(wildcards.task) + training_args(
+        wildcards.task, target_params=bench["target_params"], epochs=bench["epochs"]
+    )
     args.append(f"--train-fraction {int(wildcards.percent) / 100}")
     args.append("--models " + " ".join(bench["models"]))
     if config["training"].get("max_samples_per_epoch") is not None:
