@@ -318,7 +318,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="predictions.zarr to write (replaced atomically)")
     p.add_argument("--tile-size", type=int, nargs="+", default=None, help="tile core (default 256 in 2D, 16 64 64 in 3D)")
     p.add_argument("--halo", type=int, nargs="+", default=None, help="region U-Net context per side (default 16)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per forward pass (default: as many as a voxel budget allows, 32k voxels on CPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
