@@ -316,7 +316,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster with the training channels")
     p.add_argument("--cells", type=Path, default=None, help="cells.zarr of the raster (checks cell order, scores test cells)")
     p.add_argument("--out", type=Path, required=True, help="predictions.zarr to write (replaced atomically)")
-    p.add_argument("--tile-size", type=int, nargs="+", default=None, help="tile core (default 256 in 2D, 16 64 64 in 3D)")
+    p.add_argument("--tile-size", type=int, nargs="+", default=None, help="tile core (default 192 in 2D, 16 64 64 in 3D; axes are split into equal cores)")
     p.add_argument("--halo", type=int, nargs="+", default=None, help="region U-Net context per side (default 16)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per forward pass (default: as many as a voxel budget allows, 32k voxels on CPU)")
