@@ -84,8 +84,8 @@ def task_data_args(task):
 
 def training_args(task, **overrides):
     """CLI options shared by `train` and `bench-models` from config['training'], then ``overrides``, then the
-    task's own `batch_size` / `epochs` (each later one wins where it is set)."""
-    task_keys = {k: TASKS[task].get(k) for k in ("batch_size", "epochs")}
+    task's own `target_params` / `batch_size` / `epochs` (each later one wins where it is set)."""
+    task_keys = {k: TASKS[task].get(k) for k in ("target_params", "batch_size", "epochs")}
     training = {**config["training"], **{k: v for k, v in {**overrides, **task_keys}.items() if v is not None}}
     args = []
     for key in ("target_params", "epochs", "batch_size", "lr", "patience", "seed", "device"):
