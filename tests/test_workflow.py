@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,27 @@ def test_killed_run_restarts_and_completes(tmp_path: Path, sig: int) -> None:
     assert _jobs_planned(snakemake(workdir, "-n")) == {}
     leftovers = [p.name for p in cells.parent.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_task_overrides_win_over_training_and_bench_settings(tmp_path: Path) -> None:
+    config = {**FULL_CONFIG, "bench": {**FULL_CONFIG["bench"], "target_params": 2500, "epochs": 3}}
+    config["tasks"] = {**FULL_CONFIG["tasks"],
+                       "region": {**FULL_CONFIG["tasks"]["region"], "target_params": 3000, "batch_size": 4, "epochs": 2}}
+    workdir = _workdir(tmp_path, config)
+    proc = snakemake(workdir, "-n", "-p", "all", "bench")
+    commands = re.findall(r"abc-pipeline (?:train|bench-models) .*", proc.stdout + proc.stderr)
+
+    def options(command: str) -> tuple[str, str, str]:
+        words = command.split()
+        return tuple(words[words.index(flag) + 1] for flag in ("--target-params", "--epochs", "--batch-size"))
+
+    by_kind = {(c.split()[1], c.split()[c.split().index("--task") + 1]): options(c) for c in commands}
+    assert by_kind == {
+        ("train", "celltype"): ("2000", "1", "64"),
+        ("train", "region"): ("3000", "2", "4"),
+        ("bench-models", "celltype"): ("2500", "3", "64"),
+        ("bench-models", "region"): ("3000", "2", "4"),
+    }
 
 
 def test_real_atlas_config_dry_runs_offline(tmp_path: Path) -> None:

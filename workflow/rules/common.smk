@@ -86,7 +86,9 @@ def training_args(task, **overrides):
     """CLI options shared by `train` and `bench-models` from config['training'], then ``overrides``, then the
     task's own `target_params` / `batch_size` / `epochs` (each later one wins where it is set)."""
     task_keys = {k: TASKS[task].get(k) for k in ("target_params", "batch_size", "epochs")}
-    training = {**config["training"], **{k: v for k, v in {**overrides, **task_keys}.items() if v is not None}}
+    training = dict(config["training"])
+    for layer in (overrides, task_keys):
+        training.update({k: v for k, v in layer.items() if v is not None})
     args = []
     for key in ("target_params", "epochs", "batch_size", "lr", "patience", "seed", "device"):
         if training.get(key) is not None:
