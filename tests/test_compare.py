@@ -74,6 +74,11 @@ def test_bench_models_writes_one_table_and_reuses_finished_runs(tmp_path: Path) 
     assert (out / "cnn" / "checkpoint.pt").stat().st_mtime_ns == stamp
     pd.testing.assert_frame_equal(pd.read_csv(out / "bench_models.tsv", sep="\t"), table)
 
+    # changed settings retrain from scratch instead of resuming a run made with other settings
+    assert main(argv[:-1] + ["--patience", "3", "--no-progress"]) == 0
+    assert (out / "cnn" / "checkpoint.pt").stat().st_mtime_ns != stamp
+    assert json.loads((out / "cnn" / "bench.json").read_text())["row"]["epochs"] == 1
+
     assert main(argv[:-1] + ["--angles", "0", "30", "--no-progress"]) == 2  # the 45° column needs 45°
 
 

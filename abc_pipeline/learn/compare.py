@@ -9,7 +9,8 @@ region tiles, optionally with a fraction of the training sections).
 
 For each model :func:`bench_models` builds the network with the width whose parameter count is closest to
 ``target_params``, trains it with :func:`abc_pipeline.learn.train.train` into ``out_dir/<model>/`` (so a
-re-run resumes unfinished models and skips finished ones, whose results are cached in ``bench.json``),
+re-run resumes unfinished models and skips finished ones, whose results are cached in ``bench.json``;
+a model whose settings changed is trained again from scratch),
 tests the best checkpoint and measures:
 
 - test scores: accuracy, balanced accuracy and AUC (classification) or voxel accuracy, mean Dice and mean
@@ -245,7 +246,8 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
     Training arguments are those of :func:`abc_pipeline.learn.train.train` (early stopping on balanced
     accuracy / mean Dice). ``angles`` (degrees, must include 45) and ``curve_samples`` (first test samples)
     set the equivariance curve, ``equivariance_samples`` the test batch of the equivariance error.
-    ``resume=False`` retrains every model from scratch. Writes the outputs listed in the module docstring
+    ``resume=True``: a model finished earlier with the same settings is reused, an unfinished one resumed,
+    one whose settings changed retrained from scratch; ``resume=False`` retrains every model. Writes the outputs listed in the module docstring
     and returns the table (one row per model, columns as in ``bench_models.tsv``).
     """
     angles = [float(a) for a in angles]
@@ -282,7 +284,7 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
         with PeakMemory(dev) as memory:
             result = train(model, task.train, task.val, run_dir, metric=None, device=dev, num_workers=num_workers,
                            progress=progress, config={**task.config, "target_params": target_params},
-                           model_kwargs=model_kwargs, resume=resume, **train_args)
+                           model_kwargs=model_kwargs, resume="if-unchanged" if resume else False, **train_args)
         ev = _evaluate(model, task, x_test, y_test, dev, batch_size, angles, curve_samples, equivariance_samples)
         worst = WORST_METRIC[task.task]
         row = {"model": name, "width": model.width, "first_layer_channels": first["first_layer_channels"],
