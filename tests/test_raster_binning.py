@@ -19,7 +19,20 @@ def test_group_sums_match_reduceat(n: int, n_keys: int) -> None:
     got = binning.group_sums(values, rows, starts, sizes)
     want = np.add.reduceat(values[rows], starts, axis=0) if n else np.zeros((0, 5))
     np.testing.assert_array_equal(got, want)
-    assert n == 0 or sizes.max() > binning._RANK_LOOP or n_keys > n  # the long-group path is exercised
+
+
+@pytest.mark.parametrize("n, n_rows", [(2000, 40), (3000, 10**4), (0, 5)])
+def test_scatter_add_matches_add_at(n: int, n_rows: int) -> None:
+    rng = np.random.default_rng(n_rows)
+    values = rng.integers(0, 9, (n, 5)).astype(np.float32)  # integers: exact in any summation order
+    rows = rng.integers(-1, n_rows, n)  # -1: skipped
+    out = rng.integers(0, 9, (n_rows, 5)).astype(np.float32)
+    want = out.copy()
+    np.add.at(want, rows[rows >= 0], values[rows >= 0])
+    binning.scatter_add(out, rows, values)
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        binning.scatter_add(out[:, ::2], rows, values[:, ::2])
 
 
 def test_majority_ties_go_to_the_smaller_code() -> None:

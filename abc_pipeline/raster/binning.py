@@ -2,12 +2,18 @@
 
 The output grid is cut into blocks (the Zarr chunks of level 0, all channels). Each voxel gets a
 *block-major key* ``block_id * block_voxels + offset``, the offset counted in C order within the
-block's region (the block clipped at the grid edge), so sorting by key groups voxels by block. A two-stage reduction keeps memory bounded whatever the number or order of cells:
+block's region (the block clipped at the grid edge), so sorting by key groups voxels by block. A
+two-stage reduction keeps memory bounded whatever the number or order of cells:
 
-1. ``partial_sums`` (one task per chunk of cells) sums the channel values, counts and label votes of
-   its cells per voxel, block by block (sort + ``group_sums``; no ``np.add.at``). ``spill_partials``
-   writes them to raw files, with offsets telling where each block starts; for local threaded runs
-   whose occupied voxels' sums fit a memory budget, ``BlockAccumulator.add`` adds them in memory instead.
+1. One task per chunk of cells sums its channel values, counts and label votes per voxel. Values are
+   summed in one pass over the chunk with scipy's sparse-times-dense kernel (a matrix of ones mapping
+   cells to voxels; no sort + gather copy of the values, no ``np.add.at``):
+   * in memory (local threaded runs whose occupied voxels' sums fit a memory budget):
+     ``BlockAccumulator.add`` adds the chunk straight into the sums of the occupied voxels
+     (``scatter_add``), which are rows ordered by key, so each block's voxels are consecutive rows;
+   * spilled: ``partial_sums`` sorts the cells by key and sums them per voxel block by block
+     (``group_sums``); ``spill_partials`` writes them to raw files, with offsets telling where each
+     block starts.
 2. One task per block (or run of blocks) gets each block's sums and counts as ``BlockSums``, from
    ``BlockAccumulator.pop`` or from ``reduce_block`` (which reads the block's slices back from every
    chunk's spill and adds them up). ``BlockSums.coarsen`` derives every pyramid level of the block
@@ -19,8 +25,8 @@ transposes them to the image's channel-major layout. Temporaries are kept well u
 possible: glibc serves larger ones with fresh ``mmap`` pages, whose page faults cost about as much as
 the arithmetic here.
 
-Memory: stage 1 ~ 3x a chunk of X; stage 2 ~ the spill bytes of its blocks (capped) + ~3 dense blocks
-(plus, in memory, the sums of the occupied voxels).
+Memory: stage 1 ~ 1-2x a chunk of X (spill: ~3x); stage 2 ~ the spill bytes of its blocks (capped) +
+~3 dense blocks (plus, in memory, the sums of the occupied voxels).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import _sparsetools
 
 CELL_KIND = "cells"
 
@@ -122,34 +129,47 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
 
 
-_RANK_LOOP = 16  # group members summed rank by rank; longer groups finish with reduceat
+def _one_entry_matvecs(kind: str, n_out: int, n_in: int, ptr: np.ndarray, idx: np.ndarray, values: np.ndarray,
+                       out: np.ndarray) -> None:
+    """``out += A @ values`` for a sparse (n_out, n_in) matrix ``A`` of ones in CSR (``kind="csr"``:
+    ``ptr`` (n_out + 1,) row pointers, ``idx`` the column of each entry) or CSC (``"csc"``: ``ptr``
+    (n_in + 1,) column pointers, ``idx`` the row of each entry) form. values: (n_in, C), out: (n_out, C).
+
+    scipy's sparse-times-dense kernel, called directly because it adds into ``out`` in place (and
+    releases the GIL): one pass over the rows of ``values``, no gathered copy.
+    """
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array (it is updated in place)")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    kernel = _sparsetools.csr_matvecs if kind == "csr" else _sparsetools.csc_matvecs
+    kernel(n_out, n_in, out.shape[1], ptr.astype(np.int64, copy=False), idx.astype(np.int64, copy=False),
+           np.ones(idx.size, dtype=np.float32), values.reshape(-1), out.reshape(-1))
+
+
+def scatter_add(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """In place: ``out[rows[i]] += values[i]`` for every ``i`` with ``rows[i] >= 0`` (repeated rows add up).
+
+    out: (u, C) float32, C-contiguous; rows: (n,) int; values: (n, C) float32. One pass over ``values``
+    in row order (a CSC matrix whose column ``i`` holds one entry at row ``rows[i]``).
+    """
+    valid = rows >= 0
+    ptr = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(valid, out=ptr[1:])
+    _one_entry_matvecs("csc", out.shape[0], rows.size, ptr, rows[valid], values, out)
 
 
 def group_sums(values: np.ndarray, rows: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Sum ``values[rows]`` (n, C) over consecutive groups (``starts``, ``sizes``) -> (groups, C) float32.
+    """Sum ``values[rows]`` (n, C) over consecutive groups (``starts``, ``sizes``: group ``g`` is
+    ``rows[starts[g] : starts[g] + sizes[g]]``, each starting where the previous ends) -> (groups, C) float32.
 
-    Rank by rank: the first member of every group, then the second member of groups with two or more,
-    ... With the groups ordered by decreasing size, the groups having an r-th member are a prefix, so
-    each rank is one gather plus an in-place add on a slice (several times faster than
-    ``np.add.reduceat`` along axis 0 when most groups are small, about one cell per voxel). Members
-    beyond ``_RANK_LOOP`` are added with ``reduceat``.
+    One pass over the members (a CSR matrix of ones, one row per group), no gathered copy.
     """
-    order = np.argsort(-sizes, kind="stable")
-    st, sz = starts[order], sizes[order]
-    out = np.asarray(values[rows[st]], dtype=np.float32)
-    neg = -sz
-    for r in range(1, min(int(sz[0]) if sz.size else 0, _RANK_LOOP)):
-        m = int(np.searchsorted(neg, -r, side="left"))  # groups with more than r members
-        out[:m] += values[rows[st[:m] + r]]
-    m = int(np.searchsorted(neg, -_RANK_LOOP, side="left"))  # groups longer than _RANK_LOOP
-    if m:
-        extra = sz[:m] - _RANK_LOOP
-        first = np.cumsum(extra) - extra
-        member = np.repeat(st[:m] + _RANK_LOOP - first, extra) + np.arange(extra.sum())
-        out[:m] += np.add.reduceat(values[rows[member]], first, axis=0)
-    result = np.empty_like(out)
-    result[order] = out
-    return result
+    out = np.zeros((starts.size, values.shape[1]), dtype=np.float32)
+    if starts.size:
+        first, stop = int(starts[0]), int(starts[-1] + sizes[-1])
+        ptr = np.append(starts, stop) - first
+        _one_entry_matvecs("csr", starts.size, values.shape[0], ptr, rows[first:stop], values, out)
+    return out
 
 
 def _block_offsets(block_of: np.ndarray, n_blocks: int) -> np.ndarray:
@@ -182,6 +202,7 @@ def partial_sums(
     Working one block at a time keeps every temporary a fraction of the chunk: large temporaries
     would be fresh memory (page faults) for every chunk.
     """
+    values = np.ascontiguousarray(values, dtype=np.float32)  # once here, not in every group_sums
     rows = np.flatnonzero(index[:, 0] >= 0)
     keys = layout.keys(index[rows])
     order = np.argsort(keys, kind="stable")
@@ -276,65 +297,92 @@ class BlockSums:
 
 class BlockAccumulator:
     """In-memory alternative to the spill for local threaded runs: per-voxel sums and counts of the
-    occupied voxels only (those that will receive cells, known in advance), grouped by block, plus
-    compacted label votes; thread-safe (striped locks).
+    occupied voxels only (those that will receive cells, known in advance), plus compacted label votes
+    per block; thread-safe.
 
-    keys: (u,) int64 ascending block-major keys of the occupied voxels.
-    Memory: u x (C + 1) x 4 bytes (``nbytes``) plus the votes, independent of the number of cells.
+    keys: (u,) int64 ascending block-major keys of the occupied voxels (rows of the sums, so each
+    block's voxels are consecutive rows). columns: the channels among the columns of the values given
+    to ``add`` (a slice or index array; ``slice(None)``: all). Passing whole rows of X and selecting
+    the channels once per voxel in ``pop`` spares copying every chunk's channel columns.
+    Memory: u x (W + 1) x 4 bytes (``nbytes``; W columns of values) plus the votes, independent of
+    the number of cells.
     """
 
-    def __init__(self, layout: BlockLayout, n_channels: int, labels: dict[str, int], keys: np.ndarray) -> None:
-        self.layout, self.C, self.labels = layout, n_channels, labels
-        bv = layout.block_voxels
-        offs = _block_offsets(keys // bv, layout.n_blocks)
-        occupied = np.flatnonzero(np.diff(offs)).tolist()
-        # per block: offsets of its occupied voxels, ascending, and their sums and counts (rows alike)
-        self._voxels = {b: keys[offs[b] : offs[b + 1]] - b * bv for b in occupied}
-        self._sums = {b: np.zeros((offs[b + 1] - offs[b], n_channels), dtype=np.float32) for b in occupied}
-        self._counts = {b: np.zeros(offs[b + 1] - offs[b], dtype=np.float32) for b in occupied}
+    def __init__(self, layout: BlockLayout, width: int, labels: dict[str, int], keys: np.ndarray,
+                 columns: slice | np.ndarray = slice(None)) -> None:
+        self.layout, self.labels, self.columns = layout, labels, columns
+        self._keys = keys
+        self._offs = _block_offsets(keys // layout.block_voxels, layout.n_blocks)  # block b: rows offs[b]:offs[b+1]
+        self._sums = np.zeros((keys.size, width), dtype=np.float32)
+        self._counts = np.zeros(keys.size, dtype=np.float32)
+        # (label, block) -> pending (row * n_cat + code (v,) int64 ascending, votes (v,) int32) pairs
         self._votes: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-        self._locks = [threading.Lock() for _ in range(64)]
+        self._lock = threading.Lock()
         self._token = uuid.uuid4().hex
 
     def __dask_tokenize__(self) -> str:  # never hash (or pickle) the arrays when building graphs
         return self._token
 
     @staticmethod
-    def nbytes(n_voxels: int, n_channels: int) -> int:
-        """Memory of the sums and counts of ``n_voxels`` occupied voxels."""
-        return n_voxels * (n_channels + 1) * 4
+    def nbytes(n_voxels: int, width: int) -> int:
+        """Memory of the sums (``width`` columns) and counts of ``n_voxels`` occupied voxels."""
+        return n_voxels * (width + 1) * 4
 
-    def add(self, part: BlockPartial) -> None:
-        """Add one chunk's partial of one block (its voxels must be among the occupied ones)."""
-        b = part.block
-        rows = np.searchsorted(self._voxels[b], part.keys)  # unique within a partial: fancy += is exact
-        with self._locks[b % len(self._locks)]:
-            self._sums[b][rows] += part.sums
-            self._counts[b][rows] += part.counts
-            for name, votes in part.votes.items():
-                pending = self._votes.setdefault((name, b), [])
-                pending.append(votes)
+    def add(self, values: np.ndarray, index: np.ndarray, labels: dict[str, tuple[np.ndarray, int]]) -> None:
+        """Add one chunk of cells: values (n, W) float32 (C-contiguous: no copy), index (n, 3) int voxel
+        index (-1 rows skipped; the others must be occupied voxels), labels: name -> ((n,) int category
+        codes, -1 = missing; number of categories).
+
+        The values are added in one pass (``scatter_add``); the label votes of the chunk are compacted
+        per (voxel, category) and kept per block (merged every 8 chunks).
+        """
+        cells = np.flatnonzero(index[:, 0] >= 0)
+        keys = self.layout.keys(index[cells])
+        found = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
+        if not np.array_equal(self._keys[found], keys):
+            raise ValueError("cells fall into voxels that are not among the occupied ones")
+        rows = np.full(len(index), -1, dtype=np.int64)
+        rows[cells] = found
+        counts = np.bincount(found, minlength=self._keys.size).astype(np.float32)
+        votes = []
+        for name, (codes, n_cat) in labels.items():
+            c = np.asarray(codes)[cells]
+            valid = c >= 0
+            vk, vc = np.unique(found[valid] * n_cat + c[valid], return_counts=True)
+            bounds = np.searchsorted(vk, self._offs * n_cat)
+            votes += [((name, b), vk[bounds[b] : bounds[b + 1]], vc[bounds[b] : bounds[b + 1]].astype(np.int32))
+                      for b in np.flatnonzero(np.diff(bounds)).tolist()]
+        with self._lock:
+            scatter_add(self._sums, rows, values)
+            self._counts += counts
+            for key, vk, vc in votes:
+                pending = self._votes.setdefault(key, [])
+                pending.append((vk, vc))
                 if len(pending) >= 8:  # keep memory bounded by distinct (voxel, category) pairs
                     pending[:] = [_merge_votes(pending)]
 
     def blocks(self) -> list[int]:
         """Occupied blocks, ascending."""
-        return sorted(self._sums)
+        return np.flatnonzero(np.diff(self._offs)).tolist()
 
     def pop(self, b: int) -> BlockSums:
-        """Dense sums, counts and majority labels of block ``b``'s level-0 region; frees the block."""
+        """Dense sums (the channels), counts and majority labels of block ``b``'s level-0 region; frees
+        its votes."""
         shape = self.layout.region_shape(b)
         n = math.prod(shape)
-        voxels = self._voxels.pop(b)
-        sums = np.zeros((n, self.C), dtype=np.float32)
-        sums[voxels] = self._sums.pop(b)
+        rows = slice(self._offs[b], self._offs[b + 1])
+        voxels = self._keys[rows] - b * self.layout.block_voxels
+        channels = self._sums[rows][:, self.columns]
+        sums = np.zeros((n, channels.shape[1]), dtype=np.float32)
+        sums[voxels] = channels
         counts = np.zeros(n, dtype=np.float32)
-        counts[voxels] = self._counts.pop(b)
+        counts[voxels] = self._counts[rows]
         labels = {}
         for name, n_cat in self.labels.items():
             keys, votes = _merge_votes(self._votes.pop((name, b), []))
-            labels[name] = majority(keys, votes, n_cat, n).reshape(shape)
-        return BlockSums(sums.reshape(*shape, self.C), counts.reshape(shape), labels)
+            row, code = np.divmod(keys, n_cat)
+            labels[name] = majority(voxels[row - rows.start] * n_cat + code, votes, n_cat, n).reshape(shape)
+        return BlockSums(sums.reshape(*shape, -1), counts.reshape(shape), labels)
 
 
 def _merge_votes(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,10 +4,12 @@ Pipeline (each step one Dask computation, threaded by default or on a ``dask.dis
 
 0. bounds (and section order) from the coordinates only; skipped when bounds are given in 3D; on
    local threaded runs, the occupied voxels (coordinates only again);
-1. one task per chunk of cells: X decoded into a per-thread buffer, channel values, voxel index and
-   cell labels (written to ``cells/``), per-voxel partial sums / counts / label votes block by block
-   (``binning.partial_sums``), added to in-memory sums of the occupied voxels when those fit
-   ``max_accumulator_gb`` on a local threaded run, else spilled to disk;
+1. one task per chunk of cells: X decoded into a per-thread buffer, voxel index and cell labels
+   (written to ``cells/``), then the chunk's values, counts and label votes are added to in-memory
+   sums of the occupied voxels when those fit ``max_accumulator_gb`` on a local threaded run
+   (``binning.BlockAccumulator.add``: one pass over the chunk, whole rows of X when the channels are
+   most of its genes), else summed per voxel block by block and spilled to disk
+   (``binning.partial_sums``);
 2. one task per output block (spill: per run of blocks): add the partials and write the block's image
    and label chunks of every pyramid level (window sums of sums and counts = exact cell means of the
    coarse voxels; label modes), so no level is read back;
@@ -159,6 +161,7 @@ class _Stage1:
     cell_label: zarr.Array  # ... this output
     spill: Path | None  # partial sums go to disk here ...
     accumulator: binning.BlockAccumulator | None  # ... or into memory
+    whole_rows: bool  # the accumulator takes whole rows of X (and selects the channel columns itself)
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,16 @@ def _occupied_voxels(raw, section_codes, code_to_z: np.ndarray | None, grid: Gri
     return np.unique(layout.keys(index[index[:, 0] >= 0]))
 
 
+def _whole_rows(plan: ChannelPlan, n_genes: int) -> bool:
+    """Whether to accumulate whole rows of X rather than the channels: for gene channels that are a
+    contiguous run of at least half of X's columns (copying them out of every chunk costs more than
+    summing the few other columns)."""
+    return plan.pca is None and isinstance(plan.gene_index, slice) and 2 * len(plan.names) >= n_genes
+
+
 def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.ndarray | None, grid: Grid,
-                 layout: binning.BlockLayout, n_channels: int, label_ncat: dict[str, int], max_gb: float) -> binning.BlockAccumulator | None:
+                 layout: binning.BlockLayout, plan: ChannelPlan, n_genes: int, label_ncat: dict[str, int],
+                 max_gb: float) -> binning.BlockAccumulator | None:
     """The in-memory accumulator of a local threaded run whose occupied voxels' sums fit ``max_gb``, else
     None (spill). One pass over the coordinates (``raw``, ``section_codes``: Dask blocks) finds the
     occupied voxels."""
@@ -205,9 +216,10 @@ def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.
         return None
     tasks = [dask.delayed(_occupied_voxels)(r, s, code_to_z, grid, layout) for r, s in zip(raw, section_codes)]
     keys = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *runner.compute(tasks, "occupied voxels")]))
-    nbytes = binning.BlockAccumulator.nbytes(keys.size, n_channels)
+    width, columns = (n_genes, plan.gene_index) if _whole_rows(plan, n_genes) else (len(plan.names), slice(None))
+    nbytes = binning.BlockAccumulator.nbytes(keys.size, width)
     log.info("%d occupied voxels: %.2f GB of sums (in-memory budget %.2f GB)", keys.size, nbytes / 2**30, max_gb)
-    return binning.BlockAccumulator(layout, n_channels, label_ncat, keys) if nbytes <= max_gb * 2**30 else None
+    return binning.BlockAccumulator(layout, width, label_ncat, keys, columns) if nbytes <= max_gb * 2**30 else None
 
 
 def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: int) -> dict:
@@ -221,15 +233,14 @@ def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: in
     missing = np.isnan(coords).any(axis=1)
     outside = (index[:, 0] < 0) & ~missing
     x = ctx.source.read_X(rows.start, rows.stop, out=ctx.buffers.get("X", (len(index), ctx.source.n_genes), np.float32))
-    values = ctx.plan.apply(x)
+    values = x if ctx.whole_rows else ctx.plan.apply(x)
     labels = {name: (np.asarray(codes), ctx.label_ncat[name]) for name, codes in zip(ctx.label_ncat, label_codes)}
-    parts = binning.partial_sums(values, index, labels, ctx.layout)
     offsets = None
     if ctx.accumulator is not None:
-        for part in parts:
-            ctx.accumulator.add(part)
+        ctx.accumulator.add(values, index, labels)
     else:
-        offsets = binning.spill_partials(parts, ctx.label_ncat, ctx.layout, ctx.spill, chunk)
+        offsets = binning.spill_partials(binning.partial_sums(values, index, labels, ctx.layout), ctx.label_ncat,
+                                         ctx.layout, ctx.spill, chunk)
     return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index)}
 
 
@@ -467,7 +478,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
     rb = raw.to_delayed().ravel()
     sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(rb)
-    accumulator = _accumulator(runner, rb, sb, code_to_z, grid, layout, n_ch, label_ncat, max_accumulator_gb)
+    accumulator = _accumulator(runner, rb, sb, code_to_z, grid, layout, plan, source.n_genes, label_ncat, max_accumulator_gb)
     spill = None if accumulator is not None else tmp / "_spill"
     if spill is not None:
         spill.mkdir()
@@ -475,7 +486,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
 
     # ---- step 1: bin chunks of cells
     ctx1 = _Stage1(grid, layout, source, _ThreadBuffers(), plan, code_to_z, label_ncat, voxel_index, source.obs_names(),
-                   cell_label, spill, accumulator)
+                   cell_label, spill, accumulator, accumulator is not None and _whole_rows(plan, source.n_genes))
     lb = [c.to_delayed().ravel() for c in label_codes]
     ctx = _shared(ctx1, "stage1-context")
     tasks = [dask.delayed(_stage1)(rb[i], sb[i], [col[i] for col in lb], ctx, i, i * rows) for i in range(len(rb))]
