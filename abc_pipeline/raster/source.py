@@ -17,6 +17,9 @@ import dask.array as da
 import numpy as np
 import zarr
 from zarr.buffer.cpu import NDBuffer
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.metadata import ArrayV2Metadata
+from zarr.core.sync import sync
 
 from abc_pipeline.errors import InputError
 
@@ -112,14 +115,43 @@ class CellSource:
         return np.array([g.startswith("Blank") or s.startswith("Blank") for g, s in zip(self.gene_ids, self.gene_symbols)])
 
     # ------------------------------------------------------------------ per-cell arrays
+    @cached_property
+    def _direct_decode(self) -> bool:
+        """Whether whole chunks of X can be decoded straight into a caller's array: Zarr v2, float32
+        (native order), C order, chunks spanning all genes, a compressor and no filters."""
+        md = self._x.metadata
+        return (isinstance(md, ArrayV2Metadata) and self._x.dtype == np.dtype(np.float32) and md.order == "C"
+                and not md.filters and md.compressor is not None and md.chunks[1] == self.n_genes)
+
     def read_X(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``start:stop`` of X as (rows, n_genes) float32, decoded into ``out`` when given (a
-        C-contiguous array of that shape and dtype, reused by the caller: fresh chunk-sized arrays
-        cost page faults on every read) and X is float32."""
+        C-contiguous array of that shape and dtype, reused by the caller) and X is float32.
+
+        Complete chunks of X are decoded by its compressor straight into ``out`` when possible
+        (``_direct_decode``): zarr-python decodes every chunk into fresh memory and copies it, and the
+        page faults of that fresh memory cost about as much as the decompression itself.
+        """
         if out is None or self._x.dtype != np.float32:
             return np.asarray(self._x[start:stop], dtype=np.float32)
-        self._x.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+        step, lo = self.row_chunk, start
+        while lo < stop:  # chunk by chunk
+            hi = min(stop, (lo // step + 1) * step)
+            if self._direct_decode and lo % step == 0 and hi - lo == step:
+                self._decode_chunk(lo // step, out[lo - start : hi - start])
+            else:
+                self._x.get_basic_selection(slice(lo, hi), out=NDBuffer.from_numpy_array(out[lo - start : hi - start]))
+            lo = hi
         return out
+
+    def _decode_chunk(self, i: int, out: np.ndarray) -> None:
+        """Decode chunk row ``i`` of X (all genes) into ``out`` (row_chunk, n_genes) float32."""
+        md = self._x.metadata
+        key = f"{self._x.store_path.path}/{md.encode_chunk_key((i, 0))}".lstrip("/")
+        raw = sync(self._x.store_path.store.get(key, prototype=default_buffer_prototype()))
+        if raw is None:  # chunk never written
+            out[...] = md.fill_value or 0
+        else:
+            md.compressor.decode(raw.as_numpy_array(), out=out)
 
     def coordinates(self, key: str) -> da.Array:
         """``obsm[key]`` as Dask (n_cells, d) float64 in mm, column order as stored (x, y[, z])."""
