@@ -54,6 +54,7 @@ from abc_pipeline.raster.ome import (
     create_array,
     default_colors,
     write_image_metadata,
+    write_chunks,
     write_labels_metadata,
 )
 from abc_pipeline.raster.source import Categorical, CellSource
@@ -267,9 +268,9 @@ def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np
             if k:
                 level = level.coarsen(ctx.factor)
             region = ctx.layout.region(b, tuple(f**k for f in ctx.factor))  # = the shape of ``level``
-            image[(slice(None), *region)] = level.means()
+            write_chunks(image, (slice(0, image.shape[0]), *region), level.means())
             for name, arrays in ctx.labels.items():
-                arrays[k][region] = level.labels[name].astype(arrays[k].dtype)
+                write_chunks(arrays[k], region, level.labels[name])
     return lo, hi
 
 
