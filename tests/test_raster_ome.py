@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from abc_pipeline.raster.ome import create_array, write_chunks
+from abc_pipeline.raster.ome import copy_array, create_array, write_chunks
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -44,3 +44,18 @@ def test_write_chunks_matches_setitem(tmp_path: Path) -> None:
     write_chunks(back_rw := zarr.open_group(str(stores["direct"]), mode="r+")["0"], (slice(1, 2), slice(0, 1), slice(0, 3), slice(0, 2)),
                  np.zeros((1, 1, 3, 2), np.float32))
     assert back_rw[1, 0, :3, :2].sum() == 0 and back_rw[0, 0, 0, 0] == image[0, 0, 0, 0]
+
+
+def test_copy_array_copies_string_chunks_verbatim(tmp_path: Path) -> None:
+    src_root = zarr.open_group(str(tmp_path / "in.zarr"), mode="w", zarr_format=2)
+    names = src_root.create_array("names", shape=(7,), chunks=(3,), dtype=str, fill_value="")
+    names[:6] = [f"cell-{i}" for i in range(6)]  # the last chunk holds only the fill value
+    numbers = src_root.create_array("numbers", shape=(7,), chunks=(3,), dtype=np.float32)
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="w", zarr_format=2)
+    assert copy_array(numbers, out, "numbers") is None and "numbers" not in out
+    copy = copy_array(names, out, "names")
+    np.testing.assert_array_equal(copy[:], names[:])
+    assert copy.chunks == names.chunks and copy.metadata.compressor == names.metadata.compressor
+    src_files = {k: v for k, v in _files(tmp_path / "in.zarr" / "names").items() if k.isdigit()}
+    assert sorted(src_files) == ["0", "1"]
+    assert src_files == {k: v for k, v in _files(tmp_path / "out.zarr" / "names").items() if k.isdigit()}

@@ -17,6 +17,7 @@ from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.raster import Grid, open_raster, rasterize
 from abc_pipeline.raster import binning
+from abc_pipeline.raster.source import CellSource
 
 rasterize_module = importlib.import_module("abc_pipeline.raster.rasterize")  # the package re-exports the function
 
@@ -146,6 +147,19 @@ def test_shuffled_cells_give_the_same_raster(atlas, tmp_path: Path) -> None:
     np.testing.assert_array_equal(a.image.compute(), b.image.compute())  # quarter-integer values: exact sums
     np.testing.assert_array_equal(a.labels["class"].data.compute(), b.labels["class"].data.compute())
     np.testing.assert_array_equal(a.voxel_index[:][perm], b.voxel_index[:])
+
+
+@pytest.mark.parametrize("verbatim", [True, False], ids=["chunk-files", "tasks"])
+def test_cell_labels_are_the_obs_names(atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verbatim: bool) -> None:
+    path = atlas[0]
+    if not verbatim:  # a store whose chunk files cannot be copied: the stage-1 tasks copy their rows
+        monkeypatch.setattr(rasterize_module, "copy_array", lambda *args: None)
+    r = open_raster(rasterize(path, tmp_path / "c.ome.zarr", voxel_size=(0.2, 0.25, 0.25), labels=[], chunk_cells=100,
+                              progress=False))
+    names = CellSource(path).obs_names()
+    np.testing.assert_array_equal(r.cell_label[:], names[:])
+    task_rows = r.voxel_index.chunks[:1]  # cells per stage-1 task
+    assert r.cell_label.chunks == (names.chunks if verbatim else task_rows) and names.chunks != task_rows
 
 
 # ----------------------------------------------------------------------------------- OME-Zarr

@@ -51,6 +51,7 @@ from abc_pipeline.raster.ome import (
     ATTRS_KEY,
     COUNT_CHANNEL,
     NGFF_VERSION,
+    copy_array,
     create_array,
     default_colors,
     write_image_metadata,
@@ -158,7 +159,7 @@ class _Stage1:
     code_to_z: np.ndarray | None  # section space: category code -> z index (-1 = section not rasterized)
     label_ncat: dict[str, int]
     voxel_index: zarr.Array  # output (n_cells, 3)
-    obs_names: zarr.Array  # input (n_cells,) str, copied to ...
+    obs_names: zarr.Array | None  # input (n_cells,) str, copied by the tasks to ... (None: copied already)
     cell_label: zarr.Array  # ... this output
     spill: Path | None  # partial sums go to disk here ...
     accumulator: binning.BlockAccumulator | None  # ... or into memory
@@ -230,7 +231,8 @@ def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: in
     index = ctx.grid.to_index(coords)
     rows = slice(start, start + len(index))
     ctx.voxel_index[rows] = index
-    ctx.cell_label[rows] = ctx.obs_names[rows]
+    if ctx.obs_names is not None:
+        ctx.cell_label[rows] = ctx.obs_names[rows]
     missing = np.isnan(coords).any(axis=1)
     outside = (index[:, 0] < 0) & ~missing
     x = ctx.source.read_X(rows.start, rows.stop, out=ctx.buffers.get("X", (len(index), ctx.source.n_genes), np.float32))
@@ -476,7 +478,11 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
                               for k in range(n_levels)]
     cells = root.require_group("cells")
     voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
-    cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
+    obs_names = source.obs_names()
+    cell_label = copy_array(obs_names, cells, "cell_label")  # chunk files copied verbatim where possible ...
+    copied = cell_label is not None
+    if not copied:  # ... else the stage-1 tasks copy their rows
+        cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
     rb = raw.to_delayed().ravel()
     sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(rb)
     accumulator = _accumulator(runner, rb, sb, code_to_z, grid, layout, plan, source.n_genes, label_ncat, max_accumulator_gb)
@@ -486,8 +492,8 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         log.info("spilling partial sums to %s", spill)
 
     # ---- step 1: bin chunks of cells
-    ctx1 = _Stage1(grid, layout, source, _ThreadBuffers(), plan, code_to_z, label_ncat, voxel_index, source.obs_names(),
-                   cell_label, spill, accumulator, accumulator is not None and _whole_rows(plan, source.n_genes))
+    ctx1 = _Stage1(grid, layout, source, _ThreadBuffers(), plan, code_to_z, label_ncat, voxel_index,
+                   None if copied else obs_names, cell_label, spill, accumulator, accumulator is not None and _whole_rows(plan, source.n_genes))
     lb = [c.to_delayed().ravel() for c in label_codes]
     ctx = _shared(ctx1, "stage1-context")
     tasks = [dask.delayed(_stage1)(rb[i], sb[i], [col[i] for col in lb], ctx, i, i * rows) for i in range(len(rb))]
