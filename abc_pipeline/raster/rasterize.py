@@ -198,7 +198,7 @@ def _to_zyx(raw: np.ndarray, section_codes: np.ndarray | None, code_to_z: np.nda
 def _occupied_voxels(raw, section_codes, code_to_z: np.ndarray | None, grid: Grid, layout: binning.BlockLayout) -> np.ndarray:
     """Block-major keys (ascending, unique) of the voxels that one chunk of cells falls into."""
     index = grid.to_index(_to_zyx(raw, section_codes, code_to_z))
-    return np.unique(layout.keys(index[index[:, 0] >= 0]))
+    return binning.unique_keys(layout.keys(index[index[:, 0] >= 0]))
 
 
 def _whole_rows(plan: ChannelPlan, n_genes: int) -> bool:
@@ -217,7 +217,7 @@ def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.
     if not runner.local_threads:
         return None
     tasks = [dask.delayed(_occupied_voxels)(r, s, code_to_z, grid, layout) for r, s in zip(raw, section_codes)]
-    keys = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *runner.compute(tasks, "occupied voxels")]))
+    keys = binning.unique_keys(np.concatenate([np.zeros(0, dtype=np.int64), *runner.compute(tasks, "occupied voxels")]))
     width, columns = (n_genes, plan.gene_index) if _whole_rows(plan, n_genes) else (len(plan.names), slice(None))
     nbytes = binning.BlockAccumulator.nbytes(keys.size, width)
     log.info("%d occupied voxels: %.2f GB of sums (in-memory budget %.2f GB)", keys.size, nbytes / 2**30, max_gb)
