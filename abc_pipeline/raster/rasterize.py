@@ -415,8 +415,9 @@ def rasterize(
         address (``tcp://host:8786``), which then runs every step (needs a filesystem shared with the workers).
     overwrite: replace an existing raster (atomically); otherwise an existing path is an error.
     max_accumulator_gb: on local threaded runs, per-voxel sums are accumulated in memory when those of
-        the occupied voxels (occupied voxels x (channels + 1) x 4 bytes) fit this budget; otherwise (and
-        on clusters) partial sums are spilled to disk next to the output and reduced block by block.
+        the occupied voxels (occupied voxels x (channels + 1) x 4 bytes; genes + 1 when whole rows of X
+        are summed) fit this budget; otherwise (and on clusters) partial sums are spilled to disk next to
+        the output and reduced block by block.
     """
     out = Path(out_path)
     _check_target(out, overwrite)
