@@ -1,8 +1,8 @@
 """Training loop: loss falls, kill-and-resume equals an uninterrupted run, checkpoint checks, segmentation."""
-
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -114,11 +114,16 @@ def test_checkpoint_mismatch_errors(data: NpzDatasets, tmp_path: Path) -> None:
     assert res.epochs_run == 1
 
 
-def test_resume_if_unchanged_starts_over_after_a_config_change(data: NpzDatasets, tmp_path: Path) -> None:
+def test_resume_if_unchanged_starts_over_after_a_config_change(data: NpzDatasets, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     """The workflow's mode: a changed input (here lr) discards last.pt instead of failing; same config resumes."""
     args = dict(epochs=2, seed=0, **FAST)
     train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, **args)
-    train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, resume="if-unchanged", **{**args, "lr": 1e-4})
+    with caplog.at_level(logging.WARNING, logger="abc_pipeline"):
+        train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, resume="if-unchanged",
+              **{**args, "lr": 1e-4})
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "configuration differs in lr; starting over" in warning and "--restart" not in warning
     history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert list(history["epoch"]) == [0, 1] and history["lr"].iloc[0] == pytest.approx(1e-4)  # started over
     mtime = (tmp_path / "last.pt").stat().st_mtime_ns

@@ -58,9 +58,9 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def check_compatible(ckpt: Mapping[str, Any], path: str | Path, model_name: str, task: str,
-                     class_names: Sequence[str]) -> None:
-    """Raise :class:`InputError` naming every difference between ``ckpt`` and the model/task/classes at hand."""
+def checkpoint_mismatches(ckpt: Mapping[str, Any], model_name: str, task: str,
+                          class_names: Sequence[str]) -> list[str]:
+    """Every difference between ``ckpt`` and the model/task/classes at hand, one phrase each (empty: compatible)."""
     diffs = []
     if ckpt["model_name"] != model_name:
         diffs.append(f"model {ckpt['model_name']!r} != {model_name!r}")
@@ -71,9 +71,7 @@ def check_compatible(ckpt: Mapping[str, Any], path: str | Path, model_name: str,
         detail = (f"{len(old)} vs {len(new)} classes" if len(old) != len(new)
                   else f"first difference at index {next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)}")
         diffs.append(f"class list differs ({detail}: {old[:5]}... vs {new[:5]}...)")
-    if diffs:
-        raise InputError(f"{path}: checkpoint does not match: {'; '.join(diffs)}. Use the matching model, task "
-                         f"and class level, or train a new model into another output directory")
+    return diffs
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import atomic_write_text
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
-from abc_pipeline.learn.checkpoint import (check_compatible, config_differences, config_hash, load_checkpoint,
+from abc_pipeline.learn.checkpoint import (checkpoint_mismatches, config_differences, config_hash, load_checkpoint,
                                            save_checkpoint, write_json)
 
 log = logging.getLogger(__name__)
@@ -228,17 +228,15 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     last = out_dir / "last.pt"
     ckpt = load_checkpoint(last) if resume and last.is_file() else None
     if ckpt is not None:
-        try:
-            check_compatible(ckpt, last, model_name, task, class_names)
-            if ckpt["config_hash"] != chash:
-                diffs = config_differences(ckpt["config"], run_config)
-                raise InputError(f"{last}: this output directory holds a run with another configuration (differs "
-                                 f"in {', '.join(diffs)}); use another output directory or pass resume=False "
-                                 f"(--restart) to start over")
-        except InputError as exc:
+        mismatches = checkpoint_mismatches(ckpt, model_name, task, class_names)
+        if not mismatches and ckpt["config_hash"] != chash:
+            mismatches = [f"configuration differs in {', '.join(config_differences(ckpt['config'], run_config))}"]
+        if mismatches:
+            reason = f"{last} holds another run: {'; '.join(mismatches)}"
             if resume != "if-unchanged":
-                raise
-            log.warning("%s; starting over", exc)
+                raise InputError(f"{reason}. Use another output directory for this model, task and class level, "
+                                 f"or pass resume=False (--restart) to start over")
+            log.warning("%s; starting over", reason)
             ckpt = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
