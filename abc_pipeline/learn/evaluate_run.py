@@ -23,6 +23,8 @@ exact receptive field; ``halo`` voxels for the U-Net), zero outside the test spl
    them (``celltype``; the identity reproduces ``predictions.zarr`` there) or their labelled voxels
    (``region``). Per scalar metric: the identity's value, the mean and the worst case over the group, and
    which symmetry is worst. An exactly invariant / equivariant model scores the same under every ``g``.
+   ``identity_agreement``: how often the identity's classes equal those of ``predictions.zarr`` there (a
+   check that the windows see what prediction saw).
 3. **Equivariance curve** (``equivariance_curve``): :func:`abc_pipeline.evaluate.equivariance_curve` over
    ``angles`` (default 0-90° in 15° steps), in-plane (y, x) rotations about each window's centre: the
    fraction of tissue voxels whose predicted class (dense cell-type map or region map) on the rotated input
@@ -123,17 +125,21 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         unit, margin, net = "voxels", (halo,) * dim, model
     boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin,
                      windows)
-    reader = RasterReader(r, normalizer, splits["test"], table.level if task == "region" else None,
-                          table if task == "region" else None, cache_bytes=cache_bytes)
-    x = torch.from_numpy(np.stack([reader.window(w.lo, w.size)[:, 0] if dim == 2 else reader.window(w.lo, w.size)
-                                   for w in boxes]))  # (n, C, *box)
+    readers = {w.block: RasterReader(r, normalizer, list(range(*w.block)), table.level if task == "region" else None,
+                                     table if task == "region" else None, cache_bytes=cache_bytes) for w in boxes}
+    x = torch.from_numpy(np.stack([readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2
+                                   else readers[w.block].window(w.lo, w.size) for w in boxes]))  # (n, C, *box)
     if task == "celltype":
         targets = _window_cells(r, boxes, test_cells, y_true, dim)
+        stored = np.concatenate([t for _, t in _window_cells(r, boxes, test_cells, y_pred, dim)])
     else:
-        targets = [reader.target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
+        targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
+        pred_volume = store["labels/pred_region/0"]
+        stored = np.concatenate([np.asarray(pred_volume[tuple(slice(c, c + n) for c, n in zip(w.core_lo, w.core))]
+                                            ).astype(np.int64).ravel() - 1 for w in boxes])
     logits = _on_device(net, dev, batch_size)
     symmetry = _symmetry_scores(logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim,
-                                batch_size)
+                                batch_size, stored)
     symmetry.update(spacing=list(spacing), windows=[w.describe() for w in boxes])
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
@@ -294,12 +300,15 @@ def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, t
 @dataclass(frozen=True)
 class _Window:
     """A test window: the input box of ``size`` voxels read at ``lo`` (z, y, x; zero outside the volume and
-    the test split) and the evaluated core of ``core`` voxels at ``core_lo`` (volume frame) inside it."""
+    outside the z range ``block``), and the evaluated core of ``core`` voxels at ``core_lo`` (volume frame)
+    inside it. ``block``: the test z-block the window lies in (2D: its z-plane), read on its own exactly as
+    ``abc-pipeline predict`` reads it."""
 
     lo: tuple[int, int, int]
     size: tuple[int, int, int]
     core_lo: tuple[int, int, int]
     core: tuple[int, int, int]
+    block: tuple[int, int]
 
     def crop(self, dim: int) -> tuple[slice, ...]:
         """The core within the box, over the ``dim`` model axes."""
@@ -308,7 +317,7 @@ class _Window:
 
     def describe(self) -> dict:
         return {"box_lo": list(self.lo), "box_size": list(self.size), "core_lo": list(self.core_lo),
-                "core_size": list(self.core)}
+                "core_size": list(self.core), "block": list(self.block)}
 
 
 def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float], size: int, depth: int,
@@ -318,8 +327,9 @@ def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float
 
     Cores are square in-plane, as wide as the largest tissue bounding box of the chosen slabs up to
     ``size``, each centred on its slab's tissue; axes the grid group permutes (equal spacing) get equal
-    sizes. The box adds ``margin`` voxels per side (model axes); along a 3D z axis the group does not
-    permute, the box stays inside the test block (reads outside it are zero anyway)."""
+    sizes. The box adds ``margin`` voxels per side (model axes), also along z in 3D: the network sees the
+    zero planes around its test block as in prediction and training, which a box cut at the block's edge
+    would not reproduce (convolution padding inside the network is not the same as zero input planes)."""
     blocks = z_blocks(test_z)
     d = 1 if dim == 2 else min(depth, *(b - a for a, b in blocks))
     slabs = [(z, z + d, a, b) for a, b in blocks for z in sorted({*range(a, b - d + 1, d), b - d})]
@@ -336,13 +346,12 @@ def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float
     z_turns = dim == 3 and spacing[0] in spacing[1:]
     m = (0, *margin) if dim == 2 else tuple(margin)
     core = (side if z_turns else d, side, side)
-    box_z = core[0] + 2 * m[0] if dim == 2 or z_turns else min(d + 2 * m[0], *(b - a for a, b in blocks))
     out = []
     for (a, b, block_lo, block_hi), (y0, y1, x0, x1) in zip(chosen, boxes):
         core_lo = ((a + b - 1) // 2 - side // 2 if z_turns else a, (y0 + y1) // 2 - side // 2, (x0 + x1) // 2 - side // 2)
-        z_lo = core_lo[0] - m[0] if dim == 2 or z_turns else min(max(a - (box_z - d) // 2, block_lo), block_hi - box_z)
-        lo = (z_lo, core_lo[1] - m[1], core_lo[2] - m[2])
-        out.append(_Window(lo, (box_z, side + 2 * m[1], side + 2 * m[2]), core_lo, core))
+        lo = tuple(c - k for c, k in zip(core_lo, m))
+        block = (a, b) if dim == 2 else (block_lo, block_hi)
+        out.append(_Window(lo, tuple(c + 2 * k for c, k in zip(core, m)), core_lo, core, block))
     return out
 
 
@@ -377,13 +386,18 @@ def _on_device(net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, b
 
 def _symmetry_scores(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, boxes: Sequence[_Window],
                      targets: Sequence, group: Sequence[GridSymmetry], names: Sequence[str], task: str,
-                     dim: int, batch_size: int) -> dict:
+                     dim: int, batch_size: int, stored: np.ndarray) -> dict:
     """Every scalar metric of ``SYMMETRY_METRICS[task]`` for each ``g`` in ``group`` (identity first): the
     windows ``x`` ``(n, C, *box)`` are transformed by ``g``, predicted, and the class scores transformed
     back by ``g^-1``, then scored on the windows' test cells (``celltype``: ``targets`` = (box coordinates,
     labels) per window) or on the labelled voxels of the cores (``region``: ``targets`` = core label maps).
     Per metric: ``identity``, ``mean``, ``worst``, ``worst_symmetry`` and ``per_symmetry``. Several group
-    elements share a forward pass of at most ``batch_size`` windows."""
+    elements share a forward pass of at most ``batch_size`` windows.
+
+    ``stored``: the classes ``predictions.zarr`` holds for the same cells / core voxels (in ``targets``
+    order); ``identity_agreement`` is the fraction of the scored ones where the windows' identity prediction
+    equals it (1 for the patch classifier; close to 1 for a U-Net, whose output also depends on where the
+    tile starts relative to its pooling grid). A low value means the windows do not reproduce prediction."""
     if task == "celltype":
         y = np.concatenate([t for _, t in targets])
     else:
@@ -393,32 +407,39 @@ def _symmetry_scores(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
         raise InputError("the test windows hold no labelled cell/voxel; give more --windows or a larger --window-size")
     per: dict[str, dict[str, float]] = {m: {} for m in SYMMETRY_METRICS[task]}
     step = max(1, batch_size // len(x))  # group elements per forward pass
+    agreement = math.nan
     for i in range(0, len(group), step):
         gs = group[i : i + step]
         out = logits(torch.cat([transform(x, g) for g in gs])).split(len(x))
         for g, back in zip(gs, out):
-            _score_symmetry(transform(back, g.inverse()), g, y, boxes, targets, names, task, dim, per)
+            pred = _score_symmetry(transform(back, g.inverse()), g, y, boxes, targets, names, task, dim, per)
+            if g is group[0]:
+                scored = y >= 0
+                agreement = float((pred[scored] == stored[scored]).mean())
     metrics = {}
     for m, values in per.items():
         worst = min(values, key=lambda k: -math.inf if math.isnan(values[k]) else values[k])
         metrics[m] = {"identity": values[str(group[0])], "mean": float(np.mean(list(values.values()))),
                       "worst": values[worst], "worst_symmetry": worst, "per_symmetry": values}
-    return {"metrics": metrics, "n": n, "unit": "cells" if task == "celltype" else "voxels", "group_size": len(group)}
+    return {"metrics": metrics, "n": n, "unit": "cells" if task == "celltype" else "voxels", "group_size": len(group),
+            "identity_agreement": agreement}
 
 
 def _score_symmetry(back: torch.Tensor, g: GridSymmetry, y: np.ndarray, boxes: Sequence[_Window], targets: Sequence,
-                    names: Sequence[str], task: str, dim: int, per: dict[str, dict[str, float]]) -> None:
+                    names: Sequence[str], task: str, dim: int, per: dict[str, dict[str, float]]) -> np.ndarray:
     """Score the class scores ``back`` ``(n, K, *box)`` predicted on ``g.x`` and mapped back to the frame of
     ``x``; record each metric of ``per`` under ``str(g)``. ``y``: the labels of all windows' cells (celltype)
-    or core voxels (region), in window order."""
+    or core voxels (region), in window order. Returns the predicted classes, aligned with ``y``."""
     if task == "celltype":
         proba = torch.cat([torch.softmax(b[(slice(None), *c.T)].T, dim=1) for b, (c, _) in zip(back, targets)])
+        pred = proba.argmax(1).numpy()
         scores = classification_metrics(y, proba.numpy(), names)
     else:
         pred = np.concatenate([b.argmax(0)[w.crop(dim)].numpy().ravel() for b, w in zip(back, boxes)])
         scores = segmentation_metrics(y, pred, names, ignore=IGNORE_INDEX)
     for m, values in per.items():
         values[str(g)] = float(scores[m])
+    return pred
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -454,6 +475,8 @@ def _metrics_table(result: dict) -> pd.DataFrame:
     for metric, s in result["symmetry"]["metrics"].items():
         rows += [("symmetry_identity", metric, s["identity"], ""), ("symmetry_mean", metric, s["mean"], ""),
                  ("symmetry_worst", metric, s["worst"], s["worst_symmetry"])]
+    rows.append(("symmetry_identity", "agreement_with_predictions", result["symmetry"]["identity_agreement"],
+                 f"{result['symmetry']['n']} {result['symmetry']['unit']}"))
     curve = result["equivariance_curve"]
     rows += [("equivariance_curve", f"agreement_{a:g}deg", v, f"{n} voxels")
              for a, v, n in zip(curve["angles"], curve["agreement"], curve["n"])]
