@@ -14,7 +14,7 @@ import zarr
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.atlas import train_atlas_task
-from abc_pipeline.learn.evaluate_run import SYMMETRY_METRICS, evaluate_run
+from abc_pipeline.learn.evaluate_run import SYMMETRY_METRICS, _read_box, evaluate_run
 from abc_pipeline.learn.predict import predict_raster
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -124,3 +124,11 @@ def test_bad_inputs(runs, atlas, tmp_path):
     with pytest.raises(InputError, match="not a predictions store"):
         evaluate_run(ct, runs["raster"]["ct"], atlas["section"], out, cells=runs["cells"])
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_read_box_fills_outside_the_volume(tmp_path):
+    volume = zarr.open_array(str(tmp_path / "v.zarr"), mode="w", shape=(2, 3, 4), chunks=(1, 3, 4), dtype="u2")
+    volume[:] = 1 + torch.arange(24).reshape(2, 3, 4).numpy()
+    box = _read_box(volume, (-1, 1, 2), (4, 3, 3))
+    assert box.shape == (4, 3, 3) and (box[0] == 0).all() and (box[3] == 0).all() and (box[:, 2] == 0).all()
+    assert (box[1:3, :2, :2] == volume[:, 1:, 2:]).all() and (box[:, :, 2] == 0).all()

@@ -134,9 +134,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         stored = np.concatenate([t for _, t in _window_cells(r, boxes, test_cells, y_pred, dim)])
     else:
         targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
-        pred_volume = store["labels/pred_region/0"]
-        stored = np.concatenate([np.asarray(pred_volume[tuple(slice(c, c + n) for c, n in zip(w.core_lo, w.core))]
-                                            ).astype(np.int64).ravel() - 1 for w in boxes])
+        stored = np.concatenate([_read_box(store["labels/pred_region/0"], w.core_lo, w.core).ravel() - 1
+                                 for w in boxes])
     logits = _on_device(net, dev, batch_size)
     symmetry = _symmetry_scores(logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim,
                                 batch_size, stored)
@@ -352,6 +351,15 @@ def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float
         lo = tuple(c - k for c, k in zip(core_lo, m))
         block = (a, b) if dim == 2 else (block_lo, block_hi)
         out.append(_Window(lo, tuple(c + 2 * k for c, k in zip(core, m)), core_lo, core, block))
+    return out
+
+
+def _read_box(volume: zarr.Array, lo: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """The box ``lo .. lo + size`` (z, y, x; may reach outside) of a label volume as int64, 0 outside it."""
+    out = np.zeros(tuple(size), dtype=np.int64)
+    src = tuple(slice(max(a, 0), min(a + n, lim)) for a, n, lim in zip(lo, size, volume.shape))
+    if all(s.stop > s.start for s in src):
+        out[tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))] = volume[src]
     return out
 
 
