@@ -106,7 +106,6 @@ def test_region_3d_moment_via_cli(runs, tmp_path):
     assert window["core_size"][1:] == [32, 32] and window["box_size"] == [window["core_size"][0] + 8, 40, 40]
     # the windows see their test block with zero planes around it, as in prediction: the identity's classes
     # match predictions.zarr up to the U-Net's dependence on the tile start (pooling grid)
-    print("region identity agreement", result["symmetry"]["identity_agreement"])
     assert result["symmetry"]["identity_agreement"] > 0.8
 
 

@@ -1,4 +1,5 @@
 """Training loop: loss falls, kill-and-resume equals an uninterrupted run, checkpoint checks, segmentation."""
+
 from __future__ import annotations
 
 import json

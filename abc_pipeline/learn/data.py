@@ -298,18 +298,14 @@ class RasterReader:
 
     def _window(self, lo: Sequence[int], size: Sequence[int], out: np.ndarray, get) -> np.ndarray:
         """Fill ``out[..., z, y, x]`` from planes ``get(z)`` over the box ``lo .. lo + size`` (z, y, x)."""
-        src, dst = [], []
-        for axis in (1, 2):
-            a, n, lim = lo[axis], size[axis], self.shape[axis]
-            s0, s1 = max(a, 0), min(a + n, lim)
-            if s1 <= s0:
-                return out
-            src.append(slice(s0, s1))
-            dst.append(slice(s0 - a, s1 - a))
+        overlap = clip_box(lo[1:], size[1:], self.shape[1:])
+        if overlap is None:
+            return out
+        src, dst = overlap
         for k in range(size[0]):
             z = lo[0] + k
             if 0 <= z < self.shape[0] and self.allowed[z]:
-                out[..., k, dst[0], dst[1]] = get(z)[..., src[0], src[1]]
+                out[(..., k, *dst)] = get(z)[(..., *src)]
         return out
 
     def window(self, lo: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -322,6 +318,16 @@ class RasterReader:
         """Class indices over the box: ``(*size)`` int64, -1 outside the volume/allowed z or unlabelled."""
         out = np.full(tuple(size), -1, dtype=np.int64)
         return self._window(lo, size, out, self.label_plane)
+
+
+def clip_box(lo: Sequence[int], size: Sequence[int], shape: Sequence[int]
+             ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """The part of the box ``lo .. lo + size`` (may reach outside) that lies in an array of ``shape``: its
+    slices in the array and in the box, per axis; ``None`` when they do not overlap."""
+    src = tuple(slice(max(a, 0), min(a + n, lim)) for a, n, lim in zip(lo, size, shape))
+    if any(s.stop <= s.start for s in src):
+        return None
+    return src, tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
 
 
 def _box(dim: int, size: Sequence[int]) -> tuple[int, int, int]:

@@ -58,7 +58,8 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
 from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.checkpoint import load_model, write_json
-from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, z_blocks
+from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
+                                     z_blocks)
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels, names_digest
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
@@ -130,8 +131,9 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     x = torch.from_numpy(np.stack([readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2
                                    else readers[w.block].window(w.lo, w.size) for w in boxes]))  # (n, C, *box)
     if task == "celltype":
-        targets = _window_cells(r, boxes, test_cells, y_true, dim)
-        stored = np.concatenate([t for _, t in _window_cells(r, boxes, test_cells, y_pred, dim)])
+        cells_in = _window_cells(r, boxes, test_cells, np.stack([y_true, y_pred], axis=1), dim)
+        targets = [(coords, labels[:, 0]) for coords, labels in cells_in]
+        stored = np.concatenate([labels[:, 1] for _, labels in cells_in])
     else:
         targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
         stored = np.concatenate([_read_box(store["labels/pred_region/0"], w.core_lo, w.core).ravel() - 1
@@ -357,16 +359,16 @@ def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float
 def _read_box(volume: zarr.Array, lo: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """The box ``lo .. lo + size`` (z, y, x; may reach outside) of a label volume as int64, 0 outside it."""
     out = np.zeros(tuple(size), dtype=np.int64)
-    src = tuple(slice(max(a, 0), min(a + n, lim)) for a, n, lim in zip(lo, size, volume.shape))
-    if all(s.stop > s.start for s in src):
-        out[tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))] = volume[src]
+    overlap = clip_box(lo, size, volume.shape)
+    if overlap is not None:
+        out[overlap[1]] = volume[overlap[0]]
     return out
 
 
 def _window_cells(r: Raster, boxes: Sequence[_Window], rows: np.ndarray, labels: np.ndarray, dim: int
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per window: the box coordinates ``(n, dim)`` (model axes) and labels ``(n,)`` of the scored test cells
-    whose voxel lies in the core."""
+    """Per window: the box coordinates ``(n, dim)`` (model axes) and the rows of ``labels`` (``(N,)`` or
+    ``(N, k)``, aligned with ``rows``) of the scored test cells whose voxel lies in the core."""
     voxels = np.concatenate([np.asarray(r.voxel_index.get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
                              for s in range(0, len(rows), _CELL_CHUNK)]).astype(np.int64)
     out = []
