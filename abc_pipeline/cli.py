@@ -8,7 +8,9 @@ and calls exactly one library function.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -19,6 +21,25 @@ from abc_pipeline.logs import setup_logging
 log = logging.getLogger("abc_pipeline")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan / inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+_OVERWRITE_HELP = "replace an abc-pipeline output of another kind at --out (never a file or folder of your own)"
+
+
 # --------------------------------------------------------------------------------------------- atlas
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic ABC release tree (manifest, CSVs, h5ad) for demos and tests")
@@ -26,7 +47,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cells", type=int, default=20000, help="number of cells in the expression file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--release", default="20250531", help="release version written into the manifest")
-    p.add_argument("--chunk-cells", type=int, default=200_000, help="cells generated per chunk (sets peak memory)")
+    p.add_argument("--chunk-cells", type=_positive_int, default=200_000, help="cells generated per chunk (sets peak memory)")
     p.add_argument("--sections", type=int, default=None,
                    help="sections, 0.2 mm apart (1-59; default: about one per 10,000 cells, at least 4)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -48,8 +69,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--release", default="latest", help="release version (YYYYMMDD) or 'latest' (needs network)")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="bucket root URL (https://, http:// or file://)")
     p.add_argument("--cache", type=Path, required=True, help="local mirror root (files land at <cache>/<relative_path>)")
-    p.add_argument("--jobs", type=int, default=4, help="files downloaded in parallel")
-    p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
+    p.add_argument("--jobs", type=_positive_int, default=4, help="files downloaded in parallel")
+    p.add_argument("--retries", type=_positive_int, default=5, help="attempts per file before giving up")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--summary", type=Path, default=None, help="write a JSON record of the run (files, fetched, skipped)")
 
@@ -72,7 +93,8 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--release", default=None, help="release version; default: the newest manifest in the cache")
     p.add_argument("--cache", type=Path, required=True, help="local mirror root written by `download`")
     p.add_argument("--out", type=Path, required=True, help="output AnnData store, e.g. results/<dataset>/cells.zarr")
-    p.add_argument("--chunk-cells", type=int, default=100_000, help="cells per chunk (sets peak memory)")
+    p.add_argument("--chunk-cells", type=_positive_int, default=100_000, help="cells per chunk (sets peak memory)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
@@ -80,7 +102,7 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
 
         assemble_dataset(
             a.dataset, cache_dir=a.cache, out=a.out, release=a.release, chunk_cells=a.chunk_cells,
-            progress=not a.no_progress,
+            progress=not a.no_progress, overwrite=a.overwrite,
         )
 
     p.set_defaults(run=run)
@@ -107,11 +129,16 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
                    help="categorical obs columns to rasterize as majority labels (default: class subclass "
                         "parcellation_division parcellation_structure, those present; --labels alone: none)")
     p.add_argument("--levels", type=int, default=3, help="pyramid levels (>= 2)")
-    p.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask task (sets peak memory; default 50000)")
+    p.add_argument("--chunk-cells", type=_positive_int, default=None, help="cells per Dask task (sets peak memory; default 50000)")
     p.add_argument("--scheduler", choices=["threads", "processes", "synchronous"], default="threads", help="local Dask scheduler")
     p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: all cores)")
     p.add_argument("--address", default=None, help="dask.distributed scheduler address (e.g. tcp://node:8786); overrides --scheduler")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing raster (atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing raster or other abc-pipeline output (atomically; never your own files)")
+    p.add_argument("--max-voxels", type=_positive_int, default=None,
+                   help="largest grid accepted, in voxels (default 2**31; a larger grid is almost always a wrong voxel size)")
+    p.add_argument("--drop-nonfinite", action="store_true",
+                   help="skip cells with NaN or inf in X (counted and logged) instead of failing")
     p.add_argument("--seed", type=int, default=0, help="seed of the PCA sample")
     p.add_argument("--max-accumulator-gb", type=float, default=1.5,
                    help="local threaded runs sum voxels in memory when the occupied voxels' sums fit this (GB); else spill to disk")
@@ -123,6 +150,9 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
         genes = a.genes
         if a.genes_file is not None:
             genes = [g.strip() for g in a.genes_file.read_text().splitlines() if g.strip() and not g.startswith("#")]
+            if not genes:
+                raise InputError(f"--genes-file {a.genes_file} names no gene (one symbol or id per line, # comments); "
+                                 "fill it or drop the option to use all genes")
         if a.bounds is not None and len(a.bounds) % 2:
             raise InputError(f"--bounds needs pairs of values (lo hi per axis), got {len(a.bounds)} values")
         bounds = None if a.bounds is None else list(zip(a.bounds[0::2], a.bounds[1::2]))
@@ -131,6 +161,7 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
             genes=genes, pca=a.pca, pca_sample=a.pca_sample, labels=a.labels, levels=a.levels,
             chunk_cells=a.chunk_cells, scheduler=a.scheduler, num_workers=a.workers, address=a.address,
             overwrite=a.overwrite, progress=not a.no_progress, seed=a.seed, max_accumulator_gb=a.max_accumulator_gb,
+            drop_nonfinite=a.drop_nonfinite, **({"max_voxels": a.max_voxels} if a.max_voxels else {}),
         )
 
     p.set_defaults(run=run)
@@ -239,7 +270,7 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
     p.add_argument("--seed", type=int, default=0, help="training seed (and, with --raster, the split seed)")
-    p.add_argument("--angles", type=float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
+    p.add_argument("--angles", type=_finite_float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
                    help="equivariance-curve rotation angles in degrees (must include 45)")
     p.add_argument("--curve-samples", type=int, default=256, help="test samples in the equivariance curve")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -321,6 +352,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per forward pass (default: as many as a voxel budget allows, 32k voxels on CPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
@@ -328,7 +360,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
         one = lambda v: v[0] if v is not None and len(v) == 1 else v  # noqa: E731
         predict_raster(a.checkpoint, a.raster, a.out, cells=a.cells, tile_size=one(a.tile_size), halo=one(a.halo),
-                       batch_size=a.batch_size, device=a.device, progress=not a.no_progress)
+                       batch_size=a.batch_size, device=a.device, progress=not a.no_progress, overwrite=a.overwrite)
 
     p.set_defaults(run=run)
 
@@ -339,11 +371,12 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictions", type=Path, nargs="+", required=True,
                    help="predictions.zarr stores (the first per task becomes pred_<task>)")
     p.add_argument("--out", type=Path, required=True, help="h5ad to write, e.g. results/<dataset>/cells_annotated.h5ad")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.annotate import annotate_cells
 
-        annotate_cells(a.cells, a.predictions, a.out)
+        annotate_cells(a.cells, a.predictions, a.out, overwrite=a.overwrite)
 
     p.set_defaults(run=run)
 
@@ -373,12 +406,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window-size", type=int, default=None, help="window side in voxels, in-plane (default 128 in 2D, 64 in 3D)")
     p.add_argument("--window-depth", type=int, default=8, help="3D: z indices per window")
     p.add_argument("--halo", type=int, default=16, help="region: U-Net context read around each window (voxels per side)")
-    p.add_argument("--angles", type=float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
+    p.add_argument("--angles", type=_finite_float, nargs="+", default=[0, 15, 30, 45, 60, 75, 90],
                    help="equivariance-curve rotation angles in degrees (in-plane)")
     p.add_argument("--map-sections", type=int, default=3, help="test sections / z-slices in maps.png")
     p.add_argument("--max-test-cells", type=int, default=500_000, help="celltype: test cells scored (evenly strided)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.evaluate_run import evaluate_run
@@ -386,7 +420,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         evaluate_run(a.checkpoint, a.raster, a.predictions, a.out, cells=a.cells, windows=a.windows,
                      window_size=a.window_size, window_depth=a.window_depth, halo=a.halo, angles=a.angles,
                      map_sections=a.map_sections, max_test_cells=a.max_test_cells, batch_size=a.batch_size,
-                     device=a.device)
+                     device=a.device, overwrite=a.overwrite)
 
     p.set_defaults(run=run)
 
@@ -409,15 +443,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What to do about a failed file operation, by errno.
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there or write the output to a larger file system",
+    errno.EDQUOT: "the disk quota is exhausted: free space or write the output elsewhere",
+    errno.EACCES: "permission denied: check the permissions of that path (and its folders) or choose another path",
+    errno.EPERM: "operation not permitted: check the permissions of that path or choose another path",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: fix the path or move the file away",
+    errno.EISDIR: "that path is a folder where a file is expected: fix the path",
+    errno.ELOOP: "that path is a symbolic link where a file is expected: remove the link",
+}
+
+
+def describe_error(exc: BaseException, paths: list[Path]) -> str | None:
+    """One line for a failure the user can act on (the path and the fix), or None for a bug (traceback).
+
+    ``paths``: the command's path arguments, named when the failure does not carry its own path."""
+    if isinstance(exc, AbcPipelineError):
+        return str(exc)  # library messages name the file, the field and the fix
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename or exc}: no such file or folder; check the path" if exc.filename else str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename or ", ".join(map(str, paths)) or "?"
+        fix = _OS_FIXES.get(exc.errno, "check that the path is what the option asks for")
+        return (f"{where}: {exc.strerror or exc}; {fix}. Outputs are renamed into place only when complete, so "
+                "nothing half-written was kept; run the command again afterwards")
+    if isinstance(exc, RuntimeError) and "decompress" in str(exc).lower():
+        return (f"a Zarr chunk of one of the inputs ({', '.join(map(str, paths))}) cannot be decoded ({exc}); the "
+                "store is damaged: re-run the step that wrote it")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``abc-pipeline`` console script; returns the exit status."""
+    """Entry point of the ``abc-pipeline`` console script; returns the exit status.
+
+    Failures the user can fix (bad input, a full disk, missing permissions, a damaged store) end with one
+    line naming the path and the fix and exit status 2 (``-v``: with the traceback); others are bugs and
+    raise."""
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     try:
         args.run(args)
-    except (AbcPipelineError, FileNotFoundError) as exc:
-        # Library code raises these with messages naming the file, field and fix.
-        log.error("%s", exc)
+    except Exception as exc:
+        paths = [v for v in vars(args).values() if isinstance(v, Path)]
+        message = describe_error(exc, paths)
+        if message is None:
+            raise
+        log.error("%s", message)
         if args.verbose:
             raise
         return 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from abc_pipeline.fileio import atomic_write_text, file_md5, staged_output
+from abc_pipeline.fileio import atomic_write_text, file_md5, staged_output, temporary_path
 
 
 def test_staged_output_replaces_only_on_success(tmp_path: Path) -> None:
@@ -25,9 +28,12 @@ def test_staged_output_replaces_only_on_success(tmp_path: Path) -> None:
 
 def test_staged_output_removes_leftovers_of_killed_runs(tmp_path: Path) -> None:
     out = tmp_path / "cells.zarr"
-    (tmp_path / ".cells.zarr.tmp-dead").mkdir()
-    (tmp_path / ".cells.zarr.tmp-dead-scratch").mkdir()
-    (tmp_path / ".cells.zarr.old-dead").write_text("x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    stale = temporary_path(out).name.replace(f"-{os.getpid()}-", f"-{dead}-")
+    (tmp_path / stale).mkdir()
+    (tmp_path / f"{stale}-scratch").mkdir()
+    (tmp_path / stale.replace(".tmp-", ".old-")).write_text("x")
     (tmp_path / ".other.zarr.tmp-alive").mkdir()  # another output's temporary store is left alone
     with staged_output(out) as tmp:
         tmp.write_text("file outputs work too")

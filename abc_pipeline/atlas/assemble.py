@@ -39,6 +39,7 @@ from abc_pipeline.atlas.manifest import (
 )
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
+from abc_pipeline.integrity import check_shape
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,30 @@ class ExpressionFile:
 
     @classmethod
     def open(cls, path: Path) -> "ExpressionFile":
+        """Open and check the layout: X's stated shape against the obs and var indexes, and for CSR the
+        lengths of ``indptr``, ``indices`` and ``data`` (a forged shape never sizes a loop)."""
+        fix = "The file is not the release's expression matrix: delete it and download it again"
         try:
             with h5py.File(path, "r") as f:
                 x = f["X"]
-                shape = tuple(x.attrs["shape"]) if isinstance(x, h5py.Group) else x.shape
+                shape = tuple(int(n) for n in (x.attrs["shape"] if isinstance(x, h5py.Group) else x.shape))
                 var_index = f["var"].attrs.get("_index", "gene_identifier")
                 genes = pd.Index(f["var"][var_index].asstr()[:], name="gene_identifier")
+                obs = f["obs"]
+                n_names = obs[obs.attrs.get("_index", "cell_label")].shape[0]
+                if len(shape) != 2:
+                    raise InputError(f"{path}: X has shape {shape}; a 2D cells x genes matrix is expected. {fix}")
+                check_shape(path, "X (cells x genes)", shape, (n_names, len(genes)), fix)
+                if isinstance(x, h5py.Group):
+                    check_shape(path, "X/indptr", x["indptr"].shape, (shape[0] + 1,), fix)
+                    nnz = int(x["indptr"][-1])
+                    check_shape(path, "X/indices", x["indices"].shape, (nnz,), fix)
+                    check_shape(path, "X/data", x["data"].shape, (nnz,), fix)
         except (OSError, KeyError) as exc:
             raise InputError(
                 f"{path} is not a readable AnnData h5ad ({exc}); it is probably truncated: delete it and download again"
             ) from None
-        return cls(path=path, n_obs=int(shape[0]), gene_ids=genes)
+        return cls(path=path, n_obs=shape[0], gene_ids=genes)
 
     def iter_cell_labels(self, chunk_rows: int):
         """Yield (start_row, labels ndarray[str]) blocks of the obs index."""
@@ -225,22 +239,27 @@ def assemble_dataset(
     release: str | None = None,
     chunk_cells: int = 100_000,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Assemble ``dataset`` from a download cache into an AnnData Zarr store at ``out``.
 
     Args:
         dataset: profile name, e.g. ``MERFISH-C57BL6J-638850``.
         cache_dir: download cache (files at ``<cache_dir>/<relative_path>``).
-        out: output ``.zarr`` directory; replaced atomically if it exists.
+        out: output ``.zarr`` directory; an earlier cells.zarr there is replaced atomically (another abc-pipeline
+            artifact only with ``overwrite``; anything else never: :func:`abc_pipeline.fileio.check_output`).
         release: release whose cached manifest to use; default the newest cached one.
         chunk_cells: cells per chunk; sets peak memory (about 3 x chunk_cells x n_genes x 4 bytes plus tables).
         progress: show progress bars.
+        overwrite: allow replacing an abc-pipeline artifact of another kind at ``out``.
 
     Returns:
         ``out``.
     """
     t0 = time.perf_counter()
     cache_dir, out = Path(cache_dir), Path(out)
+    if chunk_cells < 1:
+        raise InputError(f"chunk_cells (--chunk-cells) must be >= 1, got {chunk_cells}")
     profile = get_profile(dataset)
     manifest = _cached_manifest(cache_dir, release)
     paths = {role: entry.local_path(cache_dir) for role, entry in profile.entries(manifest).items()}
@@ -258,7 +277,7 @@ def assemble_dataset(
     n_buckets = max(1, -(-expression.n_obs // chunk_cells))
     counts = JoinCounts(expression_cells=expression.n_obs)
 
-    with staged_output(out) as staging:
+    with staged_output(out, "cells", inputs=paths.values(), overwrite=overwrite) as staging:
         scratch = staging.with_name(staging.name + "-scratch")
         try:
             tables = _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_cells, counts,

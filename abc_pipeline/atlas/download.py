@@ -17,6 +17,9 @@ Guarantees:
   without a record is verified by hashing it (no transfer when it matches).
 * Several runs may share one cache (threads or processes, e.g. two datasets needing the same taxonomy files): each
   file is fetched under an exclusive lock ``<cache>/.locks/<relative_path with / as __>.lock``.
+* Nothing is written through a link: partial files and lock files are opened with ``O_NOFOLLOW``; one that is a
+  symbolic link (or anything but a regular file) is removed first, with a warning. Files are created with the
+  permissions the umask allows, so a group can share a cache.
 
 Release choice: an explicit release uses the cached manifest when present (works offline), otherwise fetches it.
 ``"latest"`` lists ``releases/`` (S3 ListObjectsV2 for http(s), the folder for ``file://``) and takes the newest;
@@ -36,6 +39,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import threading
 import time
 import urllib.parse
@@ -62,7 +66,7 @@ from abc_pipeline.atlas.manifest import (
     manifest_relative_path,
 )
 from abc_pipeline.errors import DownloadError, InputError
-from abc_pipeline.fileio import atomic_write_text, file_md5
+from abc_pipeline.fileio import MARKER_KEY, atomic_write_text, check_output, file_md5
 
 try:  # POSIX advisory lock so that concurrent processes merge their records of verified files
     import fcntl
@@ -134,7 +138,8 @@ class DownloadSummary:
     def write_json(self, path: Path) -> None:
         """Record the run (files by role, what was fetched or skipped) as JSON, atomically."""
         record = {**dataclasses.asdict(self), "manifest_path": str(self.manifest_path),
-                  "files": {role: str(p) for role, p in self.files.items()}}
+                  "files": {role: str(p) for role, p in self.files.items()}, MARKER_KEY: "download-summary"}
+        check_output(Path(path), "download-summary", inputs=[self.manifest_path, *self.files.values()])
         atomic_write_text(Path(path), json.dumps(record, indent=1))
 
 
@@ -265,7 +270,7 @@ class _HashingWriter:
         self._thread = threading.Thread(target=self._hash_loop, name=f"md5-{path.name}", daemon=True)
         self._thread.start()
         self.size = 0
-        self._file = open(path, "r+b" if keep and path.exists() else "wb")
+        self._file = open_no_follow(path, truncate=not keep)
         try:
             while self.size < keep:
                 chunk = self._file.read(min(chunk_size, keep - self.size))
@@ -359,14 +364,42 @@ class VerifiedRegistry:
             self._update(lambda records: records.pop(relative_path, None))
 
 
+def discard_non_regular(path: Path) -> None:
+    """Remove ``path`` when it is a symbolic link or anything else but a regular file (never followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise DownloadError(f"{path} is a folder where the download keeps a file; remove it and run again")
+    log.warning("%s is not a regular file (a link or special file); removing it, never writing through it", path)
+    os.unlink(path)
+
+
+def open_no_follow(path: Path, truncate: bool = False):
+    """``path`` opened for reading and writing (``r+b``), created if absent (umask permissions), never through a
+    link: a link or other non-regular file there is removed first, and one put there meanwhile fails the open
+    (``ELOOP``)."""
+    discard_non_regular(path)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | (os.O_TRUNC if truncate else 0)
+    fd = os.open(path, flags, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DownloadError(f"{path} is not a regular file; remove it and run again")
+    return os.fdopen(fd, "r+b")
+
+
 @contextlib.contextmanager
 def _process_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if needed) between processes; a no-op without ``fcntl``."""
+    """Exclusive advisory lock on ``path`` (created if needed, never through a link) between processes; a no-op
+    without ``fcntl``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    with open(path, "a") as handle:
+    with open_no_follow(path) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -517,6 +550,7 @@ class _FileTask:
     def _attempt(self) -> None:
         """One transfer attempt into ``.part`` followed by verification and the rename."""
         size, expected = self.entry.size, self.entry.md5
+        discard_non_regular(self.part)
         offset = self.part.stat().st_size if self.part.exists() else 0
         if offset > size:
             log.warning("%s is longer than the manifest size; starting again", self.part)
@@ -725,7 +759,7 @@ def _check_free_space(pending: list[FileEntry], cache_dir: Path) -> None:
     needed = 0
     for entry in pending:
         part = _part_path(entry.local_path(cache_dir))
-        needed += max(0, entry.size - (part.stat().st_size if part.exists() else 0))
+        needed += max(0, entry.size - (part.lstat().st_size if part.is_file() and not part.is_symlink() else 0))
     probe = cache_dir
     while not probe.exists():
         probe = probe.parent

@@ -312,21 +312,6 @@ def build_manifest(release: str, files: dict[str, tuple[int, str]]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- tree
-def _check_out(out: Path) -> None:
-    """``out`` must be absent, empty, or an earlier release tree (replaced on success)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"synthetic release output {out} exists and is not a directory; choose another --out")
-    allowed = {"releases", "metadata", "expression_matrices", "image_volumes"}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed)
-    if foreign:
-        raise InputError(
-            f"synthetic release output {out} already holds files that are not a release tree ({', '.join(foreign[:5])}); "
-            "remove them or choose another --out"
-        )
-
-
 def _write_static_tables(model: BrainModel, root: Path, files: dict[str, tuple[int, str]]) -> None:
     """gene.csv and the taxonomy / parcellation views (small, written whole)."""
     tables = {
@@ -378,9 +363,8 @@ def write_synthetic_release(
     n_sections = default_n_sections(n_cells) if n_sections is None else n_sections
     if not 1 <= n_sections <= len(SECTION_NUMBERS):
         raise InputError(f"synthetic release: n_sections must be in 1..{len(SECTION_NUMBERS)} (got {n_sections})")
-    _check_out(out)
     log.info("synthetic release %s: %d cells in %d sections, seed %d -> %s", release, n_cells, n_sections, seed, out)
-    with staged_output(out) as tmp:
+    with staged_output(out, "synthetic-release") as tmp:
         manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, progress)
     log.info("synthetic release written: %s", out / manifest_path)
     return out / manifest_path

@@ -32,7 +32,8 @@ import zarr
 from anndata.io import write_elem
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import staged_output
+from abc_pipeline.fileio import MARKER_KEY, staged_output
+from abc_pipeline.integrity import check_shape, verify_store
 from abc_pipeline.learn.predict import names_digest
 from abc_pipeline.raster.ome import ATTRS_KEY
 from abc_pipeline.raster.source import CellSource
@@ -102,11 +103,22 @@ def _open_predictions(path: Path, n_cells: int, digest: str, cells: Path) -> tup
     if meta["n_cells"] != n_cells or meta["cell_names_digest"] != digest:
         raise InputError(f"{path} predicts {meta['n_cells']} cells of another cells.zarr than {cells} "
                          f"({n_cells} cells); predict with the raster made from {cells}")
+    fix = "Re-run `abc-pipeline predict` to rebuild it"
+    verify_store(path, fix)
+    for key, shape in (("cells/pred", (n_cells,)), ("cells/proba", (n_cells, len(meta["class_names"]))),
+                       ("cells/split", (n_cells,))):
+        if not isinstance(group.get(key), zarr.Array):
+            raise InputError(f"{path}: {key} is missing; the store is damaged. {fix}")
+        check_shape(path, key, group[key].shape, shape, fix)
     return group, meta
 
 
-def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: str | Path) -> Path:
-    """Write ``out`` (h5ad): ``cells`` plus the predictions of every store in ``predictions``."""
+def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: str | Path, *,
+                   overwrite: bool = False) -> Path:
+    """Write ``out`` (h5ad): ``cells`` plus the predictions of every store in ``predictions``.
+
+    ``overwrite``: replace an existing abc-pipeline artifact of another kind at ``out``
+    (:func:`abc_pipeline.fileio.check_output`)."""
     if not predictions:
         raise InputError("give at least one predictions.zarr (abc-pipeline predict) to annotate")
     src = CellSource(cells)
@@ -127,12 +139,13 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
         raise InputError(f"{src.path}: obs already has {clash}; annotate the cells.zarr of `assemble`, not an "
                          f"annotated one")
     out = Path(out)
-    with staged_output(out) as tmp:
+    with staged_output(out, "annotated", inputs=[src.path, *(p for p, *_ in stores)], overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             for key in src.group:
                 _copy(src.group[key], f, key)
             for key, value in src.group.attrs.items():
                 f.attrs[key] = _h5_attr(value)
+            f.attrs[MARKER_KEY] = "annotated"
             index_key = f["obs"].attrs["_index"]
             order = list(src.obs_columns())
             for col, path, group, meta in columns:

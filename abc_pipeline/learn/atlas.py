@@ -36,6 +36,7 @@ from abc_pipeline.learn.compare import BenchTask
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, CellPatchDataset,
                                      ClassTable, Normalizer, TileDataset, channel_stats, class_table, default_dim,
                                      model_spacing, raster_splits)
+from abc_pipeline.learn.predict import names_digest
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
@@ -62,7 +63,9 @@ class AtlasData:
 
     ``splits``: z indices per split (:func:`abc_pipeline.learn.data.raster_splits`, the training split
     possibly thinned to ``train_sections``); ``patch`` (celltype) / ``tile`` (region): window sizes per
-    model axis; ``spacing``: physical voxel size per model axis (mm).
+    model axis (tiles at most the volume); ``spacing``: physical voxel size per model axis (mm);
+    ``cell_names_digest``: :func:`abc_pipeline.learn.predict.names_digest` of the raster's cell names (equal to
+    that of ``cells`` when given).
     """
 
     raster: Raster
@@ -79,6 +82,7 @@ class AtlasData:
     tile: tuple[int, ...]
     seed: int
     cache_bytes: int
+    cell_names_digest: str
 
     @property
     def architecture(self) -> str:
@@ -104,7 +108,7 @@ class AtlasData:
                 "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
                 "classes": self.table.to_dict(), "splits": self.splits,
                 "split_fractions": list(self.split_fractions), "normalizer": self.normalizer.to_dict(),
-                "dim": self.dim, **sizes}
+                "dim": self.dim, "cell_names_digest": self.cell_names_digest, **sizes}
 
 
 def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level: str | None = None,
@@ -127,6 +131,11 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
     if task == "celltype" and cells is None:
         raise InputError("the celltype task needs --cells (the cells.zarr the raster was made from)")
     src = CellSource(cells) if cells is not None else None
+    digest = names_digest(r.cell_label)
+    if src is not None and names_digest(src.obs_names()) != digest:
+        raise InputError(f"{r.path} was not rasterized from {src.path}: the cell names or their order differ, so "
+                         f"the labels would not match the voxels. Give the cells.zarr the raster was made from, or "
+                         f"rasterize {src.path} again")
     dim = default_dim(r) if dim == "auto" else int(dim)
     if dim not in (2, 3):
         raise InputError(f"dim must be 'auto', 2 or 3, got {dim}")
@@ -136,8 +145,16 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
     return AtlasData(raster=r, cells=src, task=task, level=level, dim=dim, spacing=model_spacing(r, dim),
                      splits=splits, split_fractions=tuple(float(f) for f in split_fractions),
                      table=class_table(r, src, level), normalizer=channel_stats(r, splits["train"]),
-                     patch=check_patch_size(patch_size, dim), tile=_sizes(tile_size, dim, "tile_size"), seed=seed,
-                     cache_bytes=cache_bytes)
+                     patch=check_patch_size(patch_size, dim), tile=_clamp_tile(r, _sizes(tile_size, dim, "tile_size")),
+                     seed=seed, cache_bytes=cache_bytes, cell_names_digest=digest)
+
+
+def _clamp_tile(raster: Raster, tile: tuple[int, ...]) -> tuple[int, ...]:
+    """``tile`` (per model axis) cut to the volume's extent: a larger tile only adds padding (and memory)."""
+    clamped = tuple(min(t, n) for t, n in zip(tile, raster.grid.shape[-len(tile):]))
+    if clamped != tile:
+        log.info("tile %s is larger than the volume %s; using %s", tile, tuple(raster.grid.shape), clamped)
+    return clamped
 
 
 def _thin_sections(raster: Raster, z_indices: Sequence[int], fraction: float) -> list[int]:
@@ -187,7 +204,7 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     result = train(model, train_ds, val_ds, out_dir, class_names=data.table.names, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, patience=patience,
                    device=device, num_workers=num_workers, progress=progress, config={"atlas": atlas},
-                   model_kwargs=model_kwargs, resume=resume)
+                   model_kwargs=model_kwargs, resume=resume, inputs=[raster, cells])
     test, n_test = {}, 0
     if data.splits["test"]:
         test_ds = data.dataset("test", halo)

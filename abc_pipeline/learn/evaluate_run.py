@@ -57,6 +57,7 @@ from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
 from abc_pipeline.fileio import staged_output
+from abc_pipeline.integrity import verify_store
 from abc_pipeline.learn.checkpoint import load_model, write_json
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
                                      z_blocks)
@@ -80,7 +81,7 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
                  cells: str | Path | None = None, windows: int = 2, window_size: int | None = None,
                  window_depth: int = 8, halo: int = DEFAULT_HALO, angles: Sequence[float] = DEFAULT_ANGLES,
                  map_sections: int = 3, max_test_cells: int | None = 500_000, batch_size: int = 8,
-                 device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
+                 device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES, overwrite: bool = False) -> dict:
     """Evaluate the model of ``checkpoint`` on the test split of ``raster``; write ``out`` (see the module
     docstring) and return the contents of ``metrics.json``.
 
@@ -90,7 +91,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     (3D), read with the model's context (``celltype``: its receptive field; ``region``: ``halo`` voxels per
     side); ``angles``: the curve's rotation angles in degrees; ``map_sections`` sections / z-slices in
     ``maps.png``; ``max_test_cells`` test cells scored (evenly strided; ``None`` = all); ``batch_size``:
-    windows per forward pass.
+    windows per forward pass. ``overwrite``: replace an existing abc-pipeline artifact of another kind at
+    ``out`` (:func:`abc_pipeline.fileio.check_output`).
     """
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
@@ -145,7 +147,7 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
 
-    with staged_output(out) as tmp:
+    with staged_output(out, "evaluation", inputs=[checkpoint, r.path, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
         figures = [plots.confusion_matrix_figure(y_true, y_pred, names, tmp / "confusion_matrix.png",
                                                  title=f"{title}: test {unit}")]
@@ -205,6 +207,7 @@ def _open_predictions(path: Path, ckpt: dict, atlas: dict, r: Raster, digest: st
     except Exception as exc:
         raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc}); give the "
                          f"predictions.zarr written with {checkpoint}") from exc
+    verify_store(path, f"Re-run `abc-pipeline predict --checkpoint {checkpoint}` to rebuild it")
     diffs = []
     if meta["task"] != atlas["task"]:
         diffs.append(f"task {meta['task']!r} (checkpoint: {atlas['task']!r})")

@@ -135,7 +135,7 @@ def _prediction_blocks(atlas: dict, raster) -> tuple[dict[str, list[int]], list[
 def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
                    tile_size: int | Sequence[int] | None = None, halo: int | Sequence[int] | None = None,
                    batch_size: int | None = None, device: str = "auto", progress: bool = True,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> Path:
+                   cache_bytes: int = DEFAULT_CACHE_BYTES, overwrite: bool = False) -> Path:
     """Predict every voxel of ``raster`` with the model of ``checkpoint`` and sample every cell; writes
     ``out`` (see the module docstring) atomically and returns it.
 
@@ -144,6 +144,8 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     ``tile_size``: largest tile core per model axis (default 192 x 192 in 2D, 16 x 64 x 64 in 3D); ``halo``:
     U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
     tiles per forward pass (default: as many as fit 32,768 input voxels, at least one; 2**20 on CUDA).
+    ``overwrite``: replace an existing abc-pipeline artifact of another kind at ``out``
+    (:func:`abc_pipeline.fileio.check_output`).
     """
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
@@ -165,7 +167,8 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     if len(core) != dim or len(margin) != dim or min(core) < 1 or min(margin) < 0:
         raise InputError(f"tile_size and halo need {dim} positive sizes (one per model axis), got {core}, {margin}")
     core3, margin3 = ((1, *core), (0, *margin)) if dim == 2 else (core, margin)
-    core3 = (core3[0], *(_core_length(n, c) for c, n in zip(core3[1:], r.grid.shape[1:])))
+    core3 = (min(core3[0], r.grid.shape[0]),  # no tile beyond the volume
+             *(_core_length(n, c) for c, n in zip(core3[1:], r.grid.shape[1:])))
     splits, blocks = _prediction_blocks(atlas, r)
     digest = None
     if cells is not None:
@@ -175,7 +178,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
             raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
                              f"cells.zarr the raster was made from")
     out = Path(out)
-    with staged_output(out) as tmp:
+    with staged_output(out, "predictions", inputs=[checkpoint, r.path, cells], overwrite=overwrite) as tmp:
         _write(tmp, model, r, table, normalizer, dense, dim, core3, margin3, blocks, splits, batch_size, dev,
                progress, cache_bytes, task)
         metrics = _score_cells(tmp, CellSource(cells), table) if cells is not None else {}
@@ -244,7 +247,9 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
 
 
 def _sample_cells(root: zarr.Group, proba: zarr.Array, r, splits: dict[str, list[int]], k: int) -> None:
-    """Per-cell class index, probabilities and split, gathered chunk by chunk at each cell's voxel."""
+    """Per-cell class index, probabilities and split, gathered chunk by chunk at each cell's voxel. A cell
+    without a voxel, or whose voxel holds no probabilities (no tissue there), gets class -1 and NaN rows:
+    missing, never class 0."""
     index = r.voxel_index
     n = index.shape[0]
     group = root.require_group("cells")
@@ -260,8 +265,10 @@ def _sample_cells(root: zarr.Group, proba: zarr.Array, r, splits: dict[str, list
         if ok.any():
             v = vox[ok]
             p[ok] = proba.vindex[classes, v[None, :, 0], v[None, :, 1], v[None, :, 2]].T
+        has = ok & (np.nan_to_num(p, nan=0).sum(axis=1) > 0)
+        p[~has] = np.nan
         cell_proba[s : s + len(vox)] = p
-        pred[s : s + len(vox)] = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)
+        pred[s : s + len(vox)] = np.where(has, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)
 
 
 def _score_cells(store: Path, src: CellSource, table: ClassTable) -> dict:

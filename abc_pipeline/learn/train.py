@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import atomic_write_text
+from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
 from abc_pipeline.learn.checkpoint import (checkpoint_mismatches, config_differences, config_hash, load_checkpoint,
                                            save_checkpoint, write_json)
@@ -64,10 +64,20 @@ class TrainResult:
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(device)`` (:class:`InputError` for a
+    device that is not a torch device or not present)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"--device {device!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use "
+                         "--device cpu or auto, or install a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def class_counts(ds: Dataset, n_classes: int, batch_size: int = 256) -> torch.Tensor:
@@ -165,7 +175,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
           weight_decay: float = 1e-4, seed: int = 0, patience: int = 10, metric: str | None = None,
           class_weights: str | Sequence[float] | None = "balanced", device: str | torch.device = "auto",
           num_workers: int = 0, progress: bool = True, config: Mapping[str, Any] | None = None,
-          model_kwargs: Mapping[str, Any] | None = None, resume: bool | str = True) -> TrainResult:
+          model_kwargs: Mapping[str, Any] | None = None, resume: bool | str = True,
+          inputs: Sequence[str | Path | None] = ()) -> TrainResult:
     """Train ``model`` on ``train_ds``, early-stop on ``metric`` over ``val_ds``; ``model`` ends with the best
     weights.
 
@@ -179,7 +190,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     :func:`abc_pipeline.nn.build_model` arguments that rebuild ``model`` (for predict/evaluate).
     ``resume``: continue from ``out_dir/last.pt`` when it exists (its config must match, else InputError);
     ``"if-unchanged"``: the same, but a ``last.pt`` of another configuration (e.g. after the inputs changed) is
-    discarded with a warning and training starts over; ``False``: always start over.
+    discarded with a warning and training starts over; ``False``: always start over. ``inputs``: the files the
+    datasets read (``out_dir`` may not be, contain or lie inside one; :func:`abc_pipeline.fileio.claim_directory`).
     """
     out_dir = Path(out_dir)
     task = getattr(model, "task", "classify")
@@ -225,6 +237,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     state = {"epoch": -1, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False,
              "history": [], "best_val": {}}
 
+    claim_directory(out_dir, "train-run", inputs=inputs)
     last = out_dir / "last.pt"
     ckpt = load_checkpoint(last) if resume and last.is_file() else None
     if ckpt is not None:

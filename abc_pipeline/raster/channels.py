@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.integrity import nonfinite_rows
 from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,15 @@ def resolve_genes(source: CellSource, genes: Sequence[str] | None) -> tuple[np.n
 
 
 def fit_pca(
-    source: CellSource, gene_index: np.ndarray, genes: tuple[str, ...], k: int, n_sample: int, seed: int
+    source: CellSource, gene_index: np.ndarray, genes: tuple[str, ...], k: int, n_sample: int, seed: int,
+    drop_nonfinite: bool = False,
 ) -> PCAModel:
     """Fit a k-component PCA on a random sample of about ``n_sample`` cells.
 
     To read a bounded fraction of X, the sample is drawn from a random subset of X's Zarr chunks
     (about 4x the sample size in rows, at least 8 chunks when there are that many), then uniformly
-    within them. Memory: the sample, (n_sample, n_genes) float32.
+    within them. Memory: the sample, (n_sample, n_genes) float32. Cells with NaN / inf in X are an error,
+    or left out of the sample with ``drop_nonfinite``.
     """
     from sklearn.decomposition import PCA
 
@@ -113,7 +116,15 @@ def fit_pca(
     chosen = np.sort(rng.choice(n_chunks, size=take, replace=False))
     x = source.group["X"]
     blocks = [x[c * step : min((c + 1) * step, source.n_cells)] for c in chosen]
-    sample = np.concatenate(blocks, axis=0)[:, gene_index].astype(np.float32, copy=False)
+    sample = np.concatenate(blocks, axis=0)
+    bad = nonfinite_rows(sample)
+    if bad.any():
+        if not drop_nonfinite:
+            raise InputError(f"{source.path}: X holds NaN or inf in {int(bad.sum())} of the {len(sample)} cells sampled "
+                             "for the PCA; fix the expression values, or pass --drop-nonfinite to skip those cells")
+        log.warning("PCA sample: %d cells with NaN or inf in X left out", int(bad.sum()))
+        sample = sample[~bad]
+    sample = sample[:, gene_index].astype(np.float32, copy=False)
     if sample.shape[0] > n_sample:
         sample = sample[np.sort(rng.choice(sample.shape[0], size=n_sample, replace=False))]
     if sample.shape[0] <= k:
@@ -133,11 +144,13 @@ def fit_pca(
 
 
 def plan_channels(
-    source: CellSource, genes: Sequence[str] | None = None, pca: int | None = None, pca_sample: int = 100_000, seed: int = 0
+    source: CellSource, genes: Sequence[str] | None = None, pca: int | None = None, pca_sample: int = 100_000, seed: int = 0,
+    drop_nonfinite: bool = False,
 ) -> ChannelPlan:
-    """Resolve the channel request: all non-blank genes, a gene list, or ``pca`` components of them."""
+    """Resolve the channel request: all non-blank genes, a gene list, or ``pca`` components of them
+    (``drop_nonfinite``: see :func:`fit_pca`)."""
     idx, names = resolve_genes(source, genes)
     if pca is None:
         return ChannelPlan("genes", names, _as_index(idx))
-    model = fit_pca(source, idx, names, int(pca), int(pca_sample), seed)
+    model = fit_pca(source, idx, names, int(pca), int(pca_sample), seed, drop_nonfinite)
     return ChannelPlan("pca", tuple(f"PC{i + 1}" for i in range(int(pca))), _as_index(idx), model)

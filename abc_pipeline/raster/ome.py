@@ -30,6 +30,7 @@ from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.integrity import check_shape, verify_store
 from abc_pipeline.raster.grid import AXES, UNIT, Grid
 
 NGFF_VERSION = "0.4"
@@ -282,7 +283,11 @@ class Raster:
 
 
 def open_raster(path: str | Path) -> Raster:
-    """Open a raster written by ``rasterize`` (lazy Dask arrays; nothing large is read)."""
+    """Open a raster written by ``rasterize`` (lazy Dask arrays; nothing large is read).
+
+    Checked on open: the chunk files against the writer's record, every image and label level against the
+    grid, the per-cell tables against each other; :class:`InputError` names the array and the fix.
+    """
     path = Path(path)
     try:
         root = zarr.open_group(str(path), mode="r")
@@ -291,12 +296,37 @@ def open_raster(path: str | Path) -> Raster:
     meta = root.attrs.get(ATTRS_KEY, {}).get("raster")
     if meta is None:
         raise InputError(f"{path} has no abc_pipeline.raster attributes; it was not written by `abc-pipeline rasterize`")
+    fix = "Re-run `abc-pipeline rasterize --overwrite` to rebuild it"
+    verify_store(path, fix)
+    grid = Grid.from_attrs(meta["grid"])
+    channels = tuple(meta["channels"])
+
+    def array(group: zarr.Group, key: str, what: str) -> zarr.Array:
+        node = group.get(key)
+        if not isinstance(node, zarr.Array):
+            raise InputError(f"{path}: {what} ({group.path + '/' if group.path else ''}{key}) is missing; the "
+                             f"raster is damaged. {fix}")
+        return node
+
     paths = [d["path"] for d in root.attrs["multiscales"][0]["datasets"]]
-    levels = tuple(da.from_zarr(root[p]) for p in paths)
+    levels = []
+    for k, p in enumerate(paths):
+        level = array(root, p, f"image level {k}")
+        check_shape(path, f"image level {k}", level.shape, (len(channels), *grid.level(k).shape), fix)
+        levels.append(da.from_zarr(level))
     labels = {}
     for name in meta.get("labels", []):
-        g = root["labels"][name]
+        g = root.get(f"labels/{name}")
+        if not isinstance(g, zarr.Group) or ATTRS_KEY not in g.attrs:
+            raise InputError(f"{path}: the label volume labels/{name} listed in its attributes is missing; the "
+                             f"raster is damaged. {fix}")
         table = g.attrs[ATTRS_KEY]
-        lv = tuple(da.from_zarr(g[d["path"]]) for d in g.attrs["multiscales"][0]["datasets"])
-        labels[name] = LabelVolume(name, lv, tuple(table["categories"]), tuple(table["colors"]))
-    return Raster(path, Grid.from_attrs(meta["grid"]), tuple(meta["channels"]), levels, labels, dict(meta))
+        lv = []
+        for k, d in enumerate(g.attrs["multiscales"][0]["datasets"]):
+            level = array(g, d["path"], f"label level {k}")
+            check_shape(path, f"labels/{name} level {k}", level.shape, grid.level(k).shape, fix)
+            lv.append(da.from_zarr(level))
+        labels[name] = LabelVolume(name, tuple(lv), tuple(table["categories"]), tuple(table["colors"]))
+    index, names = array(root, "cells/voxel_index", "the voxel index"), array(root, "cells/cell_label", "cell names")
+    check_shape(path, "cells/voxel_index", index.shape, (names.shape[0], 3), fix)
+    return Raster(path, grid, channels, tuple(levels), labels, dict(meta))

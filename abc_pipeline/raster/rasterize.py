@@ -44,6 +44,7 @@ import zarr
 from abc_pipeline import __version__
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
+from abc_pipeline.integrity import MAX_VOXELS, check_voxel_cap, nonfinite_rows
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, plan_channels
 from abc_pipeline.raster.grid import COORDINATE_KEYS, Grid
@@ -164,6 +165,7 @@ class _Stage1:
     spill: Path | None  # partial sums go to disk here ...
     accumulator: binning.BlockAccumulator | None  # ... or into memory
     whole_rows: bool  # the accumulator takes whole rows of X (and selects the channel columns itself)
+    drop_nonfinite: bool  # cells with NaN / inf in X are skipped (else an error)
 
 
 @dataclass(frozen=True)
@@ -226,16 +228,26 @@ def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.
 
 def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: int) -> dict:
     """Bin one chunk of cells (rows ``start:`` as many as ``raw``) and write its rows of the per-cell
-    tables; returns spill offsets and counts of skipped cells."""
+    tables; returns spill offsets and counts of skipped cells (cells with NaN / inf in X: an error unless
+    ``ctx.drop_nonfinite``, then skipped like cells without coordinates)."""
     coords = _to_zyx(raw, section_codes, ctx.code_to_z)
     index = ctx.grid.to_index(coords)
     rows = slice(start, start + len(index))
-    ctx.voxel_index[rows] = index
-    if ctx.obs_names is not None:
-        ctx.cell_label[rows] = ctx.obs_names[rows]
     missing = np.isnan(coords).any(axis=1)
     outside = (index[:, 0] < 0) & ~missing
     x = ctx.source.read_X(rows.start, rows.stop, out=ctx.buffers.get("X", (len(index), ctx.source.n_genes), np.float32))
+    nonfinite = nonfinite_rows(x)
+    if nonfinite.any():
+        bad = np.flatnonzero(nonfinite)
+        if not ctx.drop_nonfinite:
+            raise InputError(
+                f"{ctx.source.path}: X holds NaN or inf in {bad.size} cells of rows {rows.start}..{rows.stop - 1} "
+                f"(first row {rows.start + int(bad[0])}); fix the expression values, or pass --drop-nonfinite "
+                "(drop_nonfinite=True) to skip those cells (counted and logged)")
+        index[nonfinite] = -1
+    ctx.voxel_index[rows] = index
+    if ctx.obs_names is not None:
+        ctx.cell_label[rows] = ctx.obs_names[rows]
     values = x if ctx.whole_rows else ctx.plan.apply(x)
     labels = {name: (np.asarray(codes), ctx.label_ncat[name]) for name, codes in zip(ctx.label_ncat, label_codes)}
     offsets = None
@@ -244,7 +256,8 @@ def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: in
     else:
         offsets = binning.spill_partials(binning.partial_sums(values, index, labels, ctx.layout), ctx.label_ncat,
                                          ctx.layout, ctx.spill, chunk)
-    return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index)}
+    return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index),
+            "nonfinite": int((nonfinite & ~missing & ~outside).sum())}
 
 
 def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np.ndarray, np.ndarray]:
@@ -297,8 +310,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
             f"output {out} already exists ({what}); refusing to mix grids. Pass overwrite=True "
             "(CLI: --overwrite) to replace it atomically, or choose another path"
         )
-    if not (out / ".zgroup").exists() and not (out / "zarr.json").exists():
-        raise InputError(f"output {out} exists and is not a Zarr store; refusing to replace it, remove it yourself")
 
 
 def _resolve_labels(source: CellSource, labels: Sequence[str] | None) -> list[str]:
@@ -396,6 +407,8 @@ def rasterize(
     progress: bool = True,
     seed: int = 0,
     max_accumulator_gb: float = 1.5,
+    max_voxels: int | None = MAX_VOXELS,
+    drop_nonfinite: bool = False,
 ) -> Path:
     """Rasterize ``cells_path`` (cells.zarr) into the OME-Zarr raster ``out_path``; returns ``out_path``.
 
@@ -418,6 +431,8 @@ def rasterize(
         the occupied voxels (occupied voxels x (channels + 1) x 4 bytes; genes + 1 when whole rows of X
         are summed) fit this budget; otherwise (and on clusters) partial sums are spilled to disk next to
         the output and reduced block by block.
+    max_voxels: largest grid accepted (``integrity.MAX_VOXELS`` by default; None: no cap).
+    drop_nonfinite: skip cells with NaN / inf in X (counted and logged) instead of failing.
     """
     out = Path(out_path)
     _check_target(out, overwrite)
@@ -425,18 +440,19 @@ def rasterize(
         raise InputError(f"levels must be >= 2 (a multiscale pyramid), got {levels}")
     source = CellSource(cells_path)
     label_names = _resolve_labels(source, labels)
-    plan = plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed)
+    plan = plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed, drop_nonfinite=drop_nonfinite)
     runner = _Runner(scheduler, num_workers, address, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_output(out) as tmp, runner:
+    with staged_output(out, "raster", inputs=[source.path], overwrite=overwrite) as tmp, runner:
         _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan,
-               label_names, int(levels), _row_chunk(source, chunk_cells), max_accumulator_gb)
+               label_names, int(levels), _row_chunk(source, chunk_cells), max_accumulator_gb, max_voxels,
+               drop_nonfinite)
     log.info("wrote raster %s", out)
     return out
 
 
 def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str, voxel_size, bounds, margin: int,
-           plan: ChannelPlan, label_names: list[str], n_levels: int, rows: int, max_accumulator_gb: float) -> None:
+           plan: ChannelPlan, label_names: list[str], n_levels: int, rows: int, max_accumulator_gb: float,
+           max_voxels: int | None, drop_nonfinite: bool) -> None:
     """Steps 0-3 (module docstring) into the temporary store ``tmp``; ``name`` names the image."""
     if space not in COORDINATE_KEYS:
         raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
@@ -455,6 +471,7 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     # ---- step 0: bounds and section order (coordinates only)
     grid, code_to_z = _find_grid(source, runner, space, voxel_size, bounds, margin, raw, section, section_codes)
     log.info("grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin)
+    check_voxel_cap(grid.n_voxels, grid.shape, max_voxels)
 
     # ---- output store
     n_ch = len(plan.names)
@@ -494,7 +511,8 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
 
     # ---- step 1: bin chunks of cells
     ctx1 = _Stage1(grid, layout, source, _ThreadBuffers(), plan, code_to_z, label_ncat, voxel_index,
-                   None if copied else obs_names, cell_label, spill, accumulator, accumulator is not None and _whole_rows(plan, source.n_genes))
+                   None if copied else obs_names, cell_label, spill, accumulator, accumulator is not None and _whole_rows(plan, source.n_genes),
+                   drop_nonfinite)
     lb = [c.to_delayed().ravel() for c in label_codes]
     ctx = _shared(ctx1, "stage1-context")
     tasks = [dask.delayed(_stage1)(rb[i], sb[i], [col[i] for col in lb], ctx, i, i * rows) for i in range(len(rb))]
@@ -502,11 +520,14 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     del tasks, ctx, ctx1  # frees the per-thread X buffers
     n_missing = sum(r["missing"] for r in results)
     n_outside = sum(r["outside"] for r in results)
-    n_binned = n - n_missing - n_outside
+    n_nonfinite = sum(r["nonfinite"] for r in results)
+    n_binned = n - n_missing - n_outside - n_nonfinite
     if n_missing:
         log.warning("%d of %d cells have no coordinates in obsm['%s'] (skipped; voxel index -1)", n_missing, n, COORDINATE_KEYS[space])
     if n_outside:
         log.warning("%d of %d cells lie outside the grid bounds (skipped; voxel index -1)", n_outside, n)
+    if n_nonfinite:
+        log.warning("%d of %d cells have NaN or inf in X (skipped, --drop-nonfinite; voxel index -1)", n_nonfinite, n)
     if n_binned == 0:
         raise InputError(f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds")
 
@@ -557,5 +578,6 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         "chunks": [[c, *spatial] for c, spatial in zip(level_cc, level_chunks)],
         "voxel_index": "cells/voxel_index",
         "cell_label": "cells/cell_label",
-        "counts": {"cells": n, "rasterized": n_binned, "missing_coordinates": n_missing, "outside_grid": n_outside},
+        "counts": {"cells": n, "rasterized": n_binned, "missing_coordinates": n_missing, "outside_grid": n_outside,
+                   "nonfinite_expression": n_nonfinite},
     }}

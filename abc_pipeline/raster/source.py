@@ -22,6 +22,7 @@ from zarr.core.metadata import ArrayV2Metadata
 from zarr.core.sync import sync
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.integrity import check_shape, verify_store
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class CellSource:
 
     Parameters
     ----------
-    path: the store written by ``abc-pipeline assemble`` (``AnnData.write_zarr``).
+    path: the store written by ``abc-pipeline assemble`` (``AnnData.write_zarr``). Its chunk files are
+    checked against the writer's record (:func:`abc_pipeline.integrity.verify_store`) and the obs / var
+    indexes against X's shape.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -72,6 +75,11 @@ class CellSource:
                 "Re-run assemble, which writes dense chunked X"
             )
         self._x = x
+        fix = "Re-run `abc-pipeline assemble` to rebuild it"
+        verify_store(self.path, fix)
+        check_shape(self.path, "obs index (cell names)", self.obs_names().shape, (self.n_cells,), fix)
+        var = self.group["var"]
+        check_shape(self.path, "var index (genes)", var[var.attrs.get("_index", "_index")].shape, (self.n_genes,), fix)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -131,6 +139,13 @@ class CellSource:
         (``_direct_decode``): zarr-python decodes every chunk into fresh memory and copies it, and the
         page faults of that fresh memory cost about as much as the decompression itself.
         """
+        try:
+            return self._read_X(start, stop, out)
+        except (RuntimeError, ValueError, OSError) as exc:  # numcodecs: "blosc decompression error", ...
+            raise InputError(f"{self.path}: X rows {start}..{stop - 1} cannot be decoded ({exc}); a chunk file of "
+                             f"X is corrupt. Re-run `abc-pipeline assemble` to rebuild the store") from exc
+
+    def _read_X(self, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
         if out is None or self._x.dtype != np.float32:
             return np.asarray(self._x[start:stop], dtype=np.float32)
         step, lo = self.row_chunk, start
@@ -195,4 +210,6 @@ class CellSource:
             else:
                 log.warning("%s: uns['%s'] has %d colours for %d categories; using generated colours",
                             self.path, key, len(values), len(categories))
+        check_shape(self.path, f"obs['{name}'] codes", node["codes"].shape, (self.n_cells,),
+                    "Re-run `abc-pipeline assemble` to rebuild it")
         return Categorical(name, da.from_zarr(node["codes"]), categories, colors)
