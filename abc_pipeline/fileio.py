@@ -242,8 +242,9 @@ def check_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
     if found == kind:
         return
     if found is None:
-        raise InputError(f"output {out} already exists and was not written by abc-pipeline; refusing to replace it "
-                         f"(even with --overwrite). Choose another --out, or move {out} away yourself")
+        held = f" (it holds {', '.join(sorted(p.name for p in out.iterdir())[:3])}, ...)" if out.is_dir() else ""
+        raise InputError(f"output {out} already exists and was not written by abc-pipeline{held}; refusing to "
+                         f"replace it (even with --overwrite). Choose another --out, or move {out} away yourself")
     if not overwrite:
         raise InputError(f"output {out} already exists and holds an abc-pipeline {found} artifact, not a {kind}; "
                          "pass --overwrite to replace it, or choose another --out")

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from abc_pipeline.errors import InputError  # noqa: E402
-from abc_pipeline.fileio import atomic_write_text, staged_output  # noqa: E402
+from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_output  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
 
 def write_report(annotated: Path, run_dirs: Sequence[Path], out_dir: Path) -> Path:
     """Write ``metrics.tsv`` and ``predictions_overview.png`` into ``out_dir``; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_directory(Path(out_dir), "report", inputs=[annotated, *run_dirs])
     table = metrics_table(run_dirs)
     atomic_write_text(out_dir / "metrics.tsv", table.to_csv(sep="\t", index=False, float_format="%.4f"))
     tasks = sorted(table["task"].unique())

@@ -79,6 +79,9 @@ class Manifest:
     """
 
     def __init__(self, data: Mapping[str, Any], source: str = "<manifest>") -> None:
+        if not isinstance(data, Mapping) or not isinstance(data.get("file_listing", {}), Mapping):
+            raise InputError(f"{source}: not an ABC Atlas release manifest (the top level and 'file_listing' must be "
+                             "JSON objects); delete it and download it again")
         for key in ("version", "file_listing"):
             if key not in data:
                 raise InputError(f"{source}: manifest has no {key!r} key; expected an ABC Atlas release manifest.json")
@@ -130,6 +133,13 @@ class Manifest:
         ``file_name`` is ``tag`` or ``tag/kind``; every data kind (metadata, expression_matrices, ...) of the
         directory is searched; for a single-format entry the first extension is taken.
         """
+        try:
+            return self._resolve(directory, file_name)
+        except (TypeError, ValueError, AttributeError) as exc:  # a field of the wrong JSON type
+            raise InputError(f"{self.source}: entry {directory}/{file_name} has a field of the wrong type ({exc}); the "
+                             "manifest is damaged or not an ABC Atlas manifest: delete it and download it again") from None
+
+    def _resolve(self, directory: str, file_name: str) -> FileEntry:
         tag, _, kind = file_name.partition("/")
         for data_kind in self._directory(directory).values():
             entry = data_kind.get(tag)

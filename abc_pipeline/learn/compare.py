@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import atomic_write_text
+from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
 from abc_pipeline.learn.checkpoint import config_hash, write_json
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
@@ -255,7 +255,7 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
         raise InputError(f"angles {angles} must include {CURVE_ANGLE:g}° (the table's agreement column)")
     if not models:
         raise InputError("no models to compare; name at least one zoo model")
-    out_dir = Path(out_dir)
+    out_dir = claim_directory(Path(out_dir), "bench")
     dev = pick_device(device)
     k = len(task.class_names)
     x_test, y_test = _stack(task.test)

@@ -3,7 +3,10 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from abc_pipeline.config_checks import check_workflow_config
+
 validate(config, schema="../schemas/config.schema.yaml")
+check_workflow_config(config)  # what the schema cannot express (duplicate names, primary_model in models, ...)
 
 DATASET = config["dataset"]
 RELEASE = str(config["release"])
@@ -13,12 +16,6 @@ SYNTH_ROOT = "resources/synthetic_release"
 RASTERS = {spec["name"]: spec for spec in config["rasters"]}
 TASKS = config["tasks"]
 MODELS = config["models"]
-for _task, _spec in TASKS.items():
-    if _spec["raster"] not in RASTERS:
-        raise ValueError(
-            f"config: tasks.{_task}.raster is {_spec['raster']!r}, which is not the name of a grid in `rasters` "
-            f"(defined: {', '.join(RASTERS) or 'none'})"
-        )
 
 
 wildcard_constraints:
