@@ -101,7 +101,7 @@ def test_section_raster_hand_computed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(r.voxel_index[:], [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0], [-1, -1, -1]])
     assert list(r.cell_label[:2]) == ["cell-00000", "cell-00001"]
     counts = r.attrs["counts"]
-    assert counts == {"cells": 7, "rasterized": 6, "missing_coordinates": 0, "outside_grid": 1}
+    assert counts == {"cells": 7, "rasterized": 6, "missing_coordinates": 0, "outside_grid": 1, "nonfinite_expression": 0}
     np.testing.assert_allclose(r.grid.physical_scale()[0], 0.4)  # nominal section spacing (7.0 -> 7.4 mm)
 
 
@@ -259,8 +259,10 @@ def test_existing_raster_refused_or_replaced_atomically(atlas, tmp_path: Path) -
     assert r.grid.voxel_size[1] == 0.1 and r.labels == {} and not (out / "labels").exists()  # nothing mixed in
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.ome.zarr"]
     (tmp_path / "plain").mkdir()
-    with pytest.raises(InputError, match="not a Zarr store"):
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not written by abc-pipeline"):
         rasterize(path, tmp_path / "plain", overwrite=True, progress=False)
+    assert (tmp_path / "plain" / "notes.txt").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------------- execution

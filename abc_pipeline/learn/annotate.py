@@ -32,7 +32,7 @@ import zarr
 from anndata.io import write_elem
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import MARKER_KEY, staged_output
+from abc_pipeline.fileio import MARKER_KEY, check_output, staged_output
 from abc_pipeline.integrity import check_shape, verify_store
 from abc_pipeline.learn.predict import names_digest
 from abc_pipeline.raster.ome import ATTRS_KEY
@@ -121,6 +121,7 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
     (:func:`abc_pipeline.fileio.check_output`)."""
     if not predictions:
         raise InputError("give at least one predictions.zarr (abc-pipeline predict) to annotate")
+    check_output(Path(out), "annotated", inputs=[cells, *predictions], overwrite=overwrite)  # fail early
     src = CellSource(cells)
     n = src.n_cells
     names = src.obs_names()

@@ -56,7 +56,7 @@ import zarr
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
-from abc_pipeline.fileio import staged_output
+from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.integrity import verify_store
 from abc_pipeline.learn.checkpoint import load_model, write_json
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
@@ -96,6 +96,7 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     """
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
+    check_output(out, "evaluation", inputs=[checkpoint, raster, predictions, cells], overwrite=overwrite)  # fail early
     for value, what in ((windows, "windows"), (window_size or 1, "window_size"), (window_depth, "window_depth"),
                         (halo + 1, "halo + 1"), (batch_size, "batch_size"), (map_sections, "map_sections")):
         if value < 1:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
-from abc_pipeline.fileio import staged_output
+from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.checkpoint import load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
                                      z_blocks)
@@ -147,6 +147,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     ``overwrite``: replace an existing abc-pipeline artifact of another kind at ``out``
     (:func:`abc_pipeline.fileio.check_output`).
     """
+    check_output(Path(out), "predictions", inputs=[checkpoint, raster, cells], overwrite=overwrite)  # fail early
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
     atlas = atlas_config(ckpt, checkpoint)

@@ -43,7 +43,7 @@ import zarr
 
 from abc_pipeline import __version__
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import staged_output
+from abc_pipeline.fileio import check_disjoint, staged_output
 from abc_pipeline.integrity import MAX_VOXELS, check_voxel_cap, nonfinite_rows
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, plan_channels
@@ -435,6 +435,7 @@ def rasterize(
     drop_nonfinite: skip cells with NaN / inf in X (counted and logged) instead of failing.
     """
     out = Path(out_path)
+    check_disjoint(out, [cells_path])
     _check_target(out, overwrite)
     if int(levels) < 2:
         raise InputError(f"levels must be >= 2 (a multiscale pyramid), got {levels}")
