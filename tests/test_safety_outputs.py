@@ -40,9 +40,11 @@ def _cells(path: Path, n: int = 200, seed: int = 0) -> Path:
 
 
 def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err  # one line, no traceback
-    return err[0]
+    """The one error line the CLI printed (no traceback)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
 
 
 # ------------------------------------------------------------------------------------------------ the issue's cases
