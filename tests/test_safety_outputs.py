@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,8 @@ import pytest
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_NAME, artifact_kind, staged_output, temporary_path
-from abc_pipeline.raster import open_raster
+from abc_pipeline.raster import open_raster, rasterize
 from test_raster_fixtures import write_cells
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def tree(*folders: Path) -> dict[str, str]:
     """Every path under ``folders`` -> content hash ('dir' for folders, 'link:<target>' for links)."""
@@ -172,25 +170,28 @@ def test_temporaries_of_live_processes_are_never_cleaned(tmp_path: Path) -> None
 
 
 def test_concurrent_rasterize_runs_to_one_output_both_finish(tmp_path: Path) -> None:
+    """The second run starts while the first is writing its temporary store: neither removes the other's work
+    (here two threads of one process; other processes: the test above). The second run has twice as many
+    tasks, so the first one's result is read back before the second replaces it."""
     rng = np.random.default_rng(1)
-    n = 300_000
+    n = 6_000
     xyz = np.column_stack([rng.uniform(0, 4, n), rng.uniform(0, 4, n), rng.uniform(0, 2, n)])
     cells = write_cells(tmp_path / "cells.zarr", rng.normal(size=(n, 4)).astype(np.float32), spatial_3d=xyz,
-                        chunk=2000)
+                        chunk=25)
     out = tmp_path / "r.ome.zarr"
-    argv = [sys.executable, "-m", "abc_pipeline.cli", "-q", "rasterize", "--cells", str(cells), "--out", str(out),
-            "--voxel-size", "0.05", "--labels", "--no-progress", "--overwrite", "--scheduler", "synchronous",
-            "--chunk-cells", "2000"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".r.ome.zarr.tmp-*")) and first.poll() is None:
-        time.sleep(0.01)
-    assert first.poll() is None, "the first run ended before the second started; make it longer"
-    second = subprocess.run(argv, env=env, stderr=subprocess.PIPE, text=True, timeout=300)
-    first_err = first.communicate(timeout=300)[1]
-    assert first.returncode == 0, first_err
-    assert second.returncode == 0, second.stderr
-    raster = open_raster(out)
-    assert raster.attrs["counts"]["rasterized"] == n
+    kwargs = {"voxel_size": 0.2, "labels": [], "progress": False, "overwrite": True, "scheduler": "synchronous"}
+
+    def run_and_read(chunk_cells: int) -> tuple[int, float]:
+        rasterize(cells, out, chunk_cells=chunk_cells, **kwargs)
+        r = open_raster(out)  # what this run put in place, complete
+        return r.attrs["counts"]["rasterized"], float(r.n_cells.sum().compute())
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run_and_read, 50)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob(".r.ome.zarr.tmp-*")) and not first.done():
+            time.sleep(0.002)
+        assert not first.done(), "the first run ended before the second started"
+        second = pool.submit(run_and_read, 25)
+        assert first.result() == (n, n) and second.result() == (n, n)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr", "r.ome.zarr"]  # no temporaries left
