@@ -190,7 +190,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 def _add_train_npz(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-npz", help="train and test a zoo model on a MedMNIST-format .npz file")
     p.add_argument("--npz", required=True, help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
-    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular, cfnet")
+    p.add_argument("--model", required=True,
+                   help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular, cfnet, se2n-interp (2D)")
     p.add_argument("--out", type=Path, required=True, help="output directory (checkpoint.pt, last.pt, history.tsv, metrics.json)")
     p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
@@ -307,7 +308,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster (abc-pipeline rasterize)")
     p.add_argument("--task", choices=("celltype", "region"), required=True)
     _add_atlas_data_options(p)
-    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular")
+    p.add_argument("--model", required=True,
+                   help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular, se2n-interp (2D rasters)")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. results/<dataset>/models/<task>/<model>/")
     p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")

@@ -9,6 +9,7 @@ Models (``MODELS``):
 | ``moment-trivial-irrep`` | MomentConv, half scalar + half vector fields in hidden layers | grid group |
 | ``gcnn-regular`` | GroupConv, regular representation of the grid group | grid group |
 | ``cfnet`` | conic convolution + DFT transition (2D classification, square input) | 90° rotations about the centre |
+| ``se2n-interp`` | group conv over D8, filters rotated by interpolation (2D, ``nn.se2n``) | D4 (45° approximate) |
 
 The grid group is :func:`fields.grid_group(dim, spacing)`: D4 (8) in 2D, the 48 cube symmetries in
 isotropic 3D, 16 with equal in-plane spacing only.
@@ -47,7 +48,7 @@ from abc_pipeline.nn.moment import MomentConv
 
 log = logging.getLogger(__name__)
 
-MODELS = ("cnn", "moment-trivial", "moment-trivial-irrep", "gcnn-regular", "cfnet")
+MODELS = ("cnn", "moment-trivial", "moment-trivial-irrep", "gcnn-regular", "cfnet", "se2n-interp")
 TASKS = ("classify", "segment", "patch")
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -300,15 +301,21 @@ def _family(name: str, dim: int, spacing, kernel_size: int, padding_mode: str, s
         return _Moment(*args, vectors=name.endswith("irrep"))
     if name == "gcnn-regular":
         return _GCNN(*args, spacing=spacing)
+    if name == "se2n-interp":
+        from abc_pipeline.nn.se2n import SE2NFamily
+
+        return SE2NFamily(*args, spacing=spacing)
     raise InputError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 def default_width(name: str, dim: int, spacing: Sequence[float] | None = None) -> int:
     """The lab's parameter-matched widths (~1.5 M params in 2D): cnn 32, moment-trivial 55,
     moment-trivial-irrep 58 (29 s + 29 v), cfnet 32; gcnn-regular ``round(32 / sqrt(|G|))`` (about the
-    parameters of cnn 32)."""
+    parameters of cnn 32), se2n-interp likewise with |D8| = 16 (8)."""
     if name == "gcnn-regular":
         return max(1, round(32 / math.sqrt(len(grid_group(dim, spacing)))))
+    if name == "se2n-interp":
+        return 8
     return {"cnn": 32, "moment-trivial": 55, "moment-trivial-irrep": 58, "cfnet": 32}[name]
 
 
@@ -415,10 +422,11 @@ def model_table(dim: int, in_channels: int, n_classes: int, task: str = "classif
                 target_params: int | None = None, width: int | None = None,
                 spacing: Sequence[float] | None = None, names: Sequence[str] | None = None) -> list[dict]:
     """One row per model: ``model``, ``width``, ``first_layer`` (fields), ``first_layer_channels``,
-    ``group_size``, ``params``. Models that do not apply (cfnet outside 2D classification) are skipped."""
+    ``group_size``, ``params``. Models that do not apply (cfnet outside 2D classification, se2n-interp
+    outside 2D) are skipped."""
     rows = []
     for name in names or MODELS:
-        if name == "cfnet" and (dim != 2 or task != "classify"):
+        if (name == "cfnet" and (dim != 2 or task != "classify")) or (name == "se2n-interp" and dim != 2):
             continue
         with torch.device("meta"):
             m = build_model(name, dim, in_channels, n_classes, task, width=width, target_params=target_params,
