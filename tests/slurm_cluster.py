@@ -44,7 +44,7 @@ def install_slurm(timeout_s: float = 900) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"],
                     ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", *PACKAGES]):
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(command)} failed: {proc.stderr[-2000:]}")
     if missing_programs():
@@ -209,13 +209,13 @@ class LocalSlurmCluster:
         raise ClusterUnavailable(f"timed out after {timeout_s} s waiting for {what}\n{self.describe()}")
 
     def _ok(self, command: list[str]) -> bool:
-        return subprocess.run(command, env=self.env, capture_output=True, timeout=60).returncode == 0
+        return subprocess.run(command, env=self.env, capture_output=True, timeout=60, check=False).returncode == 0
 
     def _out(self, command: list[str]) -> str:
         return self._run(command).stdout
 
     def _run(self, command: list[str]) -> subprocess.CompletedProcess:
-        proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(command)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return proc

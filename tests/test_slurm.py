@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import ACCOUNT, PARTITION, ClusterUnavailable, LocalSlurmCluster, install_slurm
+from slurm_cluster import (
+    ACCOUNT,
+    PARTITION,
+    ClusterUnavailable,
+    LocalSlurmCluster,
+    install_slurm,
+)
 from test_workflow import DATASET, TINY_CONFIG, _workdir
 
 pytestmark = pytest.mark.slow
@@ -59,8 +65,8 @@ def _snakemake(*args: str) -> list[str]:
 
 
 def _run(cluster: LocalSlurmCluster, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_snakemake(*args), cwd=workdir, env=_env(cluster),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(_snakemake(*args), cwd=workdir, env=_env(cluster), capture_output=True, text=True,
+                          timeout=600, check=False)
 
 
 def _declared(cluster: LocalSlurmCluster, workdir: Path) -> dict[str, dict[str, int]]:
