@@ -78,11 +78,11 @@ PARCELLATION_LEVELS = ("organ", "category", "division", "structure", "substructu
 
 # Reconstructed (x LR, y DV, z AP; mm) -> CCF (x AP, y DV, z LR; mm): axis swap, mild scale, pitch and offset.
 CCF_AFFINE = np.array([
-    [0.0, 0.05, 1.0],
+    [0.0, 0.05, 0.85],
     [0.0, 0.98, -0.02],
     [1.02, 0.0, 0.0],
 ])
-CCF_OFFSET = np.array([6.6, 4.0, 5.7]) - CCF_AFFINE @ np.array([5.5, 5.3, 5.8])
+CCF_OFFSET = np.array([6.6, 4.0, 5.7]) - CCF_AFFINE @ np.array([5.5, 5.3, 7.3])
 _SECTION_CENTER = np.array([5.5, 5.5])  # rotation centre of the section transforms, mm
 
 
