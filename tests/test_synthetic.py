@@ -20,7 +20,7 @@ from abc_pipeline.atlas.manifest import Manifest, get_profile
 from abc_pipeline.atlas.synthetic import (
     CELL_METADATA_COLUMNS, COORDINATE_COLUMNS, RELEASE_FILES, file_md5, relative_path, write_synthetic_release,
 )
-from abc_pipeline.atlas.synthetic_model import SECTION_NUMBERS, SECTION_SPACING_MM
+from abc_pipeline.atlas.synthetic_tables import SECTION_NUMBERS, section_z
 from abc_pipeline.cli import main as cli_main
 from abc_pipeline.errors import InputError
 
@@ -198,7 +198,7 @@ def test_section_coordinates_are_a_rigid_per_section_transform(joined: pd.DataFr
         z_sec, z_rec = cells.z_section.round(1).unique(), cells.z_rec.unique()
         assert len(z_sec) == 1 and len(z_rec) == 1 and z_sec[0] == z_rec[0]
         number = int(cells.brain_section_label.iloc[0].rsplit(".", 1)[1])
-        assert z_rec[0] == round(SECTION_SPACING_MM * SECTION_NUMBERS.index(number), 1)
+        assert z_rec[0] == section_z(number)  # the real section z (e.g. .31 at 5.4 mm, .64 at 13.0 mm)
     assert np.ptp(angles) > 0.05
 
 

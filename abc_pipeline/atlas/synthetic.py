@@ -42,14 +42,9 @@ import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
-from abc_pipeline.atlas.synthetic_model import (
-    SECTION_NUMBERS,
-    SECTION_SPACING_MM,
-    SECTIONS_WITHOUT_CCF,
-    TAXONOMY_LEVELS,
-    BrainModel,
-    CellBlock,
-)
+from abc_pipeline.atlas.synthetic_geometry import BrainGeometry
+from abc_pipeline.atlas.synthetic_model import TAXONOMY_LEVELS, BrainModel, CellBlock, default_n_clusters
+from abc_pipeline.atlas.synthetic_tables import SECTION_NUMBERS, SECTIONS_WITHOUT_CCF, section_z
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import file_md5, staged_output
 
@@ -83,11 +78,11 @@ PARCELLATION_LEVELS = ("organ", "category", "division", "structure", "substructu
 
 # Reconstructed (x LR, y DV, z AP; mm) -> CCF (x AP, y DV, z LR; mm): axis swap, mild scale, pitch and offset.
 CCF_AFFINE = np.array([
-    [0.0, 0.05, 1.0],
+    [0.0, 0.05, 0.85],
     [0.0, 0.98, -0.02],
     [1.02, 0.0, 0.0],
 ])
-CCF_OFFSET = np.array([6.6, 4.0, 5.7]) - CCF_AFFINE @ np.array([5.5, 5.3, 5.8])
+CCF_OFFSET = np.array([6.6, 4.0, 5.7]) - CCF_AFFINE @ np.array([5.5, 5.3, 7.3])
 _SECTION_CENTER = np.array([5.5, 5.5])  # rotation centre of the section transforms, mm
 
 
@@ -184,7 +179,7 @@ class _Section:
 
     @property
     def z(self) -> float:
-        return round(SECTION_SPACING_MM * self.k, 1)
+        return section_z(self.number)
 
     def to_section_xy(self, xy: np.ndarray) -> np.ndarray:
         """Reconstructed (n, 2) mm -> section coordinates (n, 2) mm (rotation about the frame centre + shift)."""
@@ -196,15 +191,15 @@ def _plan_sections(n_cells: int, n_sections: int, seed: int) -> list[_Section]:
     """A contiguous, centred run of the real sections, cells allocated by cross-section area."""
     start = (len(SECTION_NUMBERS) - n_sections) // 2
     ks = np.arange(start, start + n_sections)
-    area = np.array([BrainModel.section_area(SECTION_SPACING_MM * k) for k in ks])
+    area = np.array([BrainGeometry.section_area(section_z(SECTION_NUMBERS[k])) for k in ks])
     share = n_cells * area / area.sum()
     counts = np.floor(share).astype(int)
     counts[np.argsort(-(share - counts), kind="stable")[: n_cells - counts.sum()]] += 1
     sections = []
     for k, n in zip(ks, counts):
         rng = np.random.default_rng([seed, 2, int(k)])
-        z = round(SECTION_SPACING_MM * k, 1)
-        over_precise = k > 0 and rng.random() < 0.3
+        z = section_z(SECTION_NUMBERS[k])
+        over_precise = z > 0 and rng.random() < 0.3
         sections.append(_Section(
             number=SECTION_NUMBERS[k], k=int(k), n_cells=int(n), angle=float(rng.uniform(-0.35, 0.35)),
             shift=rng.uniform(-0.6, 0.6, 2), z_written=float(f"{z - 1e-7:.7f}") if over_precise else z,
@@ -256,7 +251,7 @@ def _simulate_block(model: BrainModel, section: _Section, block: int, n: int, se
     CSV rows are shuffled within the block (the real files are not in expression-file order).
     """
     rng = np.random.default_rng([seed, 1, section.k, block])
-    cells = model.sample_block(rng, section.z, n)
+    cells = model.sample_block(rng, section.number, section.z, n)
     index = block * BLOCK_CELLS + np.arange(n, dtype=np.int64)
     experiment = 1_017_000_000 + 100_000 * section.number + seed % 100_000
     suffix = np.array(["", "", "", "", "-1", "-2", "-3", "-4"])[rng.integers(0, 8, n)]
@@ -341,6 +336,7 @@ def write_synthetic_release(
     chunk_cells: int = 200_000,
     n_sections: int | None = None,
     progress: bool = True,
+    n_clusters: int | None = None,
 ) -> Path:
     """Write a synthetic ABC release tree under ``out``; returns the path of its ``manifest.json``.
 
@@ -354,6 +350,8 @@ def write_synthetic_release(
     chunk_cells: cells gathered per write (rounded up to whole blocks of 8,192); sets peak memory.
     n_sections: sections (a centred run of the 59 real ones, 0.2 mm apart); default :func:`default_n_sections`.
     progress: show a tqdm progress bar.
+    n_clusters: clusters of the real taxonomy to simulate (a seed-chosen subset; all 5,322 when larger); default
+        :func:`~abc_pipeline.atlas.synthetic_model.default_n_clusters`.
     """
     out = Path(out)
     if n_cells < 1:
@@ -365,17 +363,19 @@ def write_synthetic_release(
         raise InputError(f"synthetic release: n_sections must be in 1..{len(SECTION_NUMBERS)} (got {n_sections})")
     log.info("synthetic release %s: %d cells in %d sections, seed %d -> %s", release, n_cells, n_sections, seed, out)
     with staged_output(out, "synthetic-release") as tmp:
-        manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, progress)
+        n_clusters = default_n_clusters(n_cells) if n_clusters is None else max(n_clusters, 1)
+        manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, n_clusters,
+                                    progress)
     log.info("synthetic release written: %s", out / manifest_path)
     return out / manifest_path
 
 
 def _write_tree(root: Path, n_cells: int, seed: int, release: str, chunk_cells: int, n_sections: int,
-                progress: bool) -> Path:
-    model = BrainModel(seed)
+                n_clusters: int, progress: bool) -> Path:
+    sections = _plan_sections(n_cells, n_sections, seed)
+    model = BrainModel(seed, [s.z for s in sections], n_clusters)
     files: dict[str, tuple[int, str]] = {}
     _write_static_tables(model, root, files)
-    sections = _plan_sections(n_cells, n_sections, seed)
     rel = {name: relative_path(d, k, v, name) for d, k, v, name in RELEASE_FILES}
     csv = {name: _HashingWriter(root / rel[name])
            for name in ("cell_metadata.csv", "reconstructed_coordinates.csv", "ccf_coordinates.csv")}
