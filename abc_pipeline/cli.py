@@ -276,8 +276,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster (abc-pipeline rasterize)")
     p.add_argument("--task", choices=("celltype", "region"), required=True)
     _add_atlas_data_options(p)
-    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular")
+    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular; "
+                   "or a scikit-learn baseline: logreg-expression, logreg-neighborhood")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. results/<dataset>/models/<task>/<model>/")
+    _add_baseline_options(p)
     p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
     p.add_argument("--epochs", type=int, default=30)
@@ -298,7 +300,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.atlas import train_atlas_task
+        from abc_pipeline.learn.baselines import is_baseline
 
+        if is_baseline(a.model):
+            _train_baseline(a)
+            return
         train_atlas_task(
             a.raster, a.cells, a.task, a.model, a.out, width=a.width, target_params=a.target_params, depth=a.depth,
             epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, patience=a.patience,
@@ -308,6 +314,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         )
 
     p.set_defaults(run=run)
+
+
+def _add_baseline_options(p: argparse.ArgumentParser) -> None:
+    """Options of the scikit-learn baselines (``train --model logreg-*``)."""
+    from abc_pipeline.learn.baselines import DEFAULT_C, DEFAULT_MAX_TRAIN_CELLS, DEFAULT_NEIGHBORS
+
+    p.add_argument("--neighbors", type=int, default=DEFAULT_NEIGHBORS,
+                   help="logreg-neighborhood: nearest cells of the same section averaged into the features")
+    p.add_argument("--max-train-cells", type=int, default=DEFAULT_MAX_TRAIN_CELLS,
+                   help="baselines: training cells used at most (seeded class-stratified subsample)")
+    p.add_argument("--logreg-c", type=float, default=DEFAULT_C, help="baselines: inverse regularisation strength C")
+
+
+def _train_baseline(a: argparse.Namespace) -> None:
+    from abc_pipeline.learn.baselines import train_baseline
+
+    kw = _atlas_data_kwargs(a)
+    train_baseline(a.raster, a.cells, a.task, a.model, a.out, level=kw["level"], dim=kw["dim"], seed=a.seed,
+                   neighbors=a.neighbors, max_train_cells=a.max_train_cells, c=a.logreg_c,
+                   **{k: kw[k] for k in ("split_fractions", "split_blocks") if k in kw})
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import staged_output
-from abc_pipeline.learn.checkpoint import load_model
+from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
                                      z_blocks)
 from abc_pipeline.learn.train import pick_device
@@ -145,6 +145,10 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
     tiles per forward pass (default: as many as fit 32,768 input voxels, at least one; 2**20 on CUDA).
     """
+    from abc_pipeline.learn.baselines import is_baseline, predict_baseline
+
+    if is_baseline(load_checkpoint(checkpoint)["model_name"]):  # scikit-learn baseline: per cell, not per voxel
+        return predict_baseline(checkpoint, raster, out, cells=cells)
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
     atlas = atlas_config(ckpt, checkpoint)
