@@ -405,6 +405,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-test-cells", type=int, default=500_000, help="celltype: test cells scored (evenly strided)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--any-angles", type=float, nargs="+", default=None,
+                   help="in-plane rotations (degrees) of the test sections in the any-angle score (default 0-345 by 15)")
+    p.add_argument("--any-angle-sections", type=int, default=None,
+                   help="test sections (3D: test z-blocks) rotated in the any-angle score (default 2)")
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.evaluate_run import evaluate_run
@@ -412,7 +416,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         evaluate_run(a.checkpoint, a.raster, a.predictions, a.out, cells=a.cells, windows=a.windows,
                      window_size=a.window_size, window_depth=a.window_depth, halo=a.halo, angles=a.angles,
                      map_sections=a.map_sections, max_test_cells=a.max_test_cells, batch_size=a.batch_size,
-                     device=a.device)
+                     device=a.device, **{k: v for k, v in (("any_angles", a.any_angles),
+                                                           ("any_angle_sections", a.any_angle_sections)) if v is not None})
 
     p.set_defaults(run=run)
 

@@ -47,13 +47,33 @@ from scipy.spatial import cKDTree
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import atomic_write_text, staged_output
-from abc_pipeline.learn.checkpoint import config_hash, load_checkpoint, save_checkpoint, write_json
-from abc_pipeline.learn.data import (DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, SPLITS, ClassTable, cell_splits,
-                                     class_table, default_dim, raster_splits)
+from abc_pipeline.learn.checkpoint import (
+    config_hash,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from abc_pipeline.learn.data import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SPLIT_BLOCKS,
+    SPLITS,
+    ClassTable,
+    cell_splits,
+    class_table,
+    default_dim,
+    raster_splits,
+)
 from abc_pipeline.learn.predict import atlas_config, check_channels, names_digest
 from abc_pipeline.learn.scoring import cell_targets, score_cells
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
-from abc_pipeline.raster.ome import ATTRS_KEY, Raster, create_array, open_raster, write_image_metadata, write_labels_metadata
+from abc_pipeline.raster.ome import (
+    ATTRS_KEY,
+    Raster,
+    create_array,
+    open_raster,
+    write_image_metadata,
+    write_labels_metadata,
+)
 from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
@@ -123,7 +143,7 @@ class SectionNeighbours:
         self.xy, self.section, self.k = xy, section, check_neighbors(k, key)
         valid = (section >= 0) & np.isfinite(xy).all(axis=1)
         self.section = np.where(valid, section, -1)
-        counts = np.bincount(self.section[valid], minlength=len(sections) or None)
+        counts = np.bincount(self.section[valid], minlength=len(sections))
         small = np.flatnonzero((counts > 0) & (counts <= k))
         if small.size:
             s = int(small[np.argmin(counts[small])])
@@ -452,5 +472,89 @@ def _write_voxel_votes(root: zarr.Group, r: Raster, pred: np.ndarray, table: Cla
     write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
 
 
-__all__ = ["BASELINES", "CellInputs", "DEFAULT_NEIGHBORS", "LogisticModel", "SectionNeighbours", "cell_features",
-           "check_neighbors", "is_baseline", "load_baseline", "predict_baseline", "train_baseline"]
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def evaluate_baseline(checkpoint: str | Path, raster: str | Path, predictions: str | Path, out: str | Path, *,
+                      cells: str | Path | None, map_sections: int = 3, max_test_cells: int | None = 500_000,
+                      any_angles: Sequence[float] | None = None, any_angle_sections: int | None = None) -> dict:
+    """``abc-pipeline evaluate`` of a baseline run: the outputs of
+    :func:`abc_pipeline.learn.evaluate_run.evaluate_run` without the grid-symmetry windows and the
+    equivariance curve (the features of a cell do not change under a rotation of its section: the any-angle
+    scores show it): ``test`` (``celltype``: test cells; ``region``: test voxels of the majority label
+    volume), ``test_cells``, ``any_angle``, ``confusion_matrix.png``, ``maps.png``, ``any_angle.png``."""
+    from abc_pipeline import plots
+    from abc_pipeline.evaluate import segmentation_metrics
+    from abc_pipeline.learn import evaluate_run as ev
+    from abc_pipeline.learn.any_angle import (
+        DEFAULT_ANY_ANGLE_SECTIONS,
+        DEFAULT_ANY_ANGLES,
+        any_angle_scores,
+    )
+
+    start = time.perf_counter()
+    checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
+    _, ckpt = load_baseline(checkpoint)
+    atlas = atlas_config(ckpt, checkpoint)
+    r = open_raster(raster)
+    ev._check_raster(atlas, r, checkpoint)
+    digest = names_digest(r.cell_label)
+    store = ev._open_predictions(predictions, ckpt, atlas, r, digest, checkpoint)
+    task, table = atlas["task"], ClassTable.from_dict(atlas["classes"])
+    if cells is None:
+        raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {r.path})")
+    src = ev._cells(cells, r, digest, task)
+    splits = {k: [int(z) for z in v] for k, v in atlas["splits"].items()}
+    if not splits.get("test"):
+        raise InputError(f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
+                         f"third --split-fractions value to evaluate")
+    names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
+    test_cells = score_cells(predictions, src, max_cells=max_test_cells)
+    if task == "celltype":
+        _, y_true, proba = ev._test_cells(store, predictions, src, table, max_test_cells)
+        test, y_pred, unit = classification_metrics(y_true, proba, names), proba.argmax(1), "cells"
+    else:
+        y_true, y_pred = ev._test_voxels(store, predictions, r, table, splits["test"])
+        test, unit = segmentation_metrics(y_true, y_pred, names, ignore=-1), "voxels"
+    any_angle = any_angle_scores(checkpoint, r.path, src.path, angles=any_angles or DEFAULT_ANY_ANGLES,
+                                 sections=any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS)
+    with staged_output(out) as tmp:
+        tmp.mkdir()
+        figures = [plots.confusion_matrix_figure(y_true, y_pred, names, tmp / "confusion_matrix.png",
+                                                 title=f"{title}: test {unit}")]
+        if table.level in r.labels:
+            figures.append(ev._maps_figure(store, r, table, task, splits["test"], int(atlas["dim"]), map_sections,
+                                           tmp / "maps.png"))
+        figures.append(ev.any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
+        result = {
+            "task": task, "level": table.level, "model": ckpt["model_name"], "dim": int(atlas["dim"]),
+            "checkpoint": str(checkpoint.resolve()), "config_hash": ckpt["config_hash"], "raster": str(r.path.resolve()),
+            "predictions": str(predictions.resolve()), "splits": splits, "n_test": len(y_true), "test_unit": unit,
+            "test": test, "test_cells": test_cells, "any_angle": any_angle,
+            "caps": {"map_sections": map_sections, "max_test_cells": max_test_cells,
+                     "any_angle_sections": any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS},
+            "figures": [p.name for p in figures], "seconds": time.perf_counter() - start,
+        }
+        write_json(result, tmp / "metrics.json")
+        ev._metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+    log.info("%s: test %s; per cell accuracy %.3f; any angle: mean accuracy %.3f, worst %.3f (%g°); %.1f s -> %s",
+             title, {k: round(v, 3) for k, v in test.items() if isinstance(v, float)}, test_cells["accuracy"],
+             any_angle["mean"]["accuracy"], any_angle["worst"]["accuracy"], any_angle["worst_angle"]["accuracy"],
+             result["seconds"], out)
+    return result
+
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_NEIGHBORS",
+    "CellInputs",
+    "LogisticModel",
+    "SectionNeighbours",
+    "cell_features",
+    "check_neighbors",
+    "evaluate_baseline",
+    "is_baseline",
+    "load_baseline",
+    "predict_baseline",
+    "train_baseline",
+]
