@@ -226,7 +226,9 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     _add_atlas_data_options(p)
     p.add_argument("--out", type=Path, required=True, help="output directory (table, figures, one run folder per model)")
     p.add_argument("--models", nargs="+", default=None,
-                   help="zoo models to compare (default cnn gcnn-regular moment-trivial moment-trivial-irrep)")
+                   help="zoo models to compare (default cnn gcnn-regular moment-trivial moment-trivial-irrep); with "
+                        "--raster also the baselines logreg-expression, logreg-neighborhood")
+    _add_baseline_options(p)
     p.add_argument("--target-params", type=int, default=50_000, help="parameters per model (width solved per model)")
     p.add_argument("--train-fraction", type=float, default=1.0,
                    help="keep this fraction of the training data: a stratified subset of the samples (--npz) or "
@@ -251,6 +253,13 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.compare import DEFAULT_MODELS, bench_models, format_table, npz_task
 
+        from abc_pipeline.learn.choices import is_baseline
+
+        models = a.models or DEFAULT_MODELS
+        zoo, baselines = [m for m in models if not is_baseline(m)], [m for m in models if is_baseline(m)]
+        if baselines and a.npz is not None:
+            raise InputError(f"--models {' '.join(baselines)}: the baselines read each cell's expression; they need "
+                             f"an atlas (--raster and --cells), not --npz")
         if a.npz is not None:
             task = npz_task(a.npz, train_fraction=a.train_fraction, seed=a.subset_seed, download_root=a.download_root)
         else:
@@ -260,11 +269,22 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 raise InputError("bench-models --raster needs --task celltype or --task region")
             task = atlas_task(a.raster, a.cells, a.task, depth=a.depth, max_samples=a.max_samples,
                               train_sections=a.train_fraction, **_atlas_data_kwargs(a))
+        extra = []
+        if baselines:
+            from abc_pipeline.learn.baselines import bench_baseline_rows
+
+            kw = _atlas_data_kwargs(a)
+            test = task.test
+            extra = bench_baseline_rows(
+                a.raster, a.cells, a.task, baselines, a.out, test_rows=getattr(test, "cells", None),
+                test_targets=test.targets.numpy() if a.task == "celltype" else None, train_sections=a.train_fraction,
+                level=kw["level"], dim=kw["dim"], seed=a.seed, neighbors=a.neighbors, max_train_cells=a.max_train_cells,
+                c=a.logreg_c, **{k: kw[k] for k in ("split_fractions", "split_blocks") if k in kw})
         table = bench_models(
-            task, a.out, a.models or DEFAULT_MODELS, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
+            task, a.out, zoo, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
             lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed, device=a.device,
             num_workers=a.workers, angles=a.angles, curve_samples=a.curve_samples, progress=not a.no_progress,
-            resume=not a.restart,
+            resume=not a.restart, extra_rows=extra,
         )
         print(format_table(table))
 
@@ -300,7 +320,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.atlas import train_atlas_task
-        from abc_pipeline.learn.baselines import is_baseline
+        from abc_pipeline.learn.choices import is_baseline
 
         if is_baseline(a.model):
             _train_baseline(a)

@@ -34,6 +34,7 @@ import torch
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
+from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles
 from abc_pipeline.learn.data import ClassTable, Normalizer, z_blocks
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets
@@ -46,22 +47,9 @@ from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ANY_ANGLES = tuple(float(a) for a in range(0, 360, 15))
 DEFAULT_ANY_ANGLE_SECTIONS = 2
 ANY_ANGLE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 _CELL_CHUNK = 1 << 16
-
-
-def check_angles(values: object, key: str = "--any-angles") -> tuple[float, ...]:
-    """``values`` as a tuple of finite angles in degrees; :class:`InputError` naming ``key`` otherwise."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not len(values):
-        raise InputError(f"{key} must be a non-empty list of angles in degrees, e.g. [0, 15, 30, 45]; got {values!r}")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise InputError(f"{key} must list angles in degrees as numbers, e.g. [0, 15, 30, 45]; item {i} is {v!r}")
-        out.append(float(v))
-    return tuple(out)
 
 
 def rotate_points(points: np.ndarray, centre: Sequence[float], angle: float) -> np.ndarray:

@@ -53,6 +53,7 @@ from abc_pipeline.learn.checkpoint import (
     save_checkpoint,
     write_json,
 )
+from abc_pipeline.learn.choices import BASELINES, check_neighbors
 from abc_pipeline.learn.data import (
     DEFAULT_FRACTIONS,
     DEFAULT_SPLIT_BLOCKS,
@@ -78,8 +79,6 @@ from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
 
-#: baseline model name -> its features
-BASELINES = {"logreg-expression": "expression", "logreg-neighborhood": "neighborhood"}
 TASKS = ("celltype", "region")
 DEFAULT_NEIGHBORS = 16
 DEFAULT_MAX_TRAIN_CELLS = 200_000
@@ -88,18 +87,6 @@ DEFAULT_MAX_ITER = 1000
 SECTION_KEY = "brain_section_label"
 SECTION_COORDINATES = "spatial"
 _CELL_CHUNK = 1 << 16  # cells per feature / prediction chunk
-
-
-def is_baseline(name: str) -> bool:
-    """Whether ``name`` is a scikit-learn baseline (not a zoo network)."""
-    return name in BASELINES
-
-
-def check_neighbors(neighbors: object, key: str = "--neighbors") -> int:
-    """``neighbors`` as a positive int; :class:`InputError` naming ``key`` otherwise."""
-    if isinstance(neighbors, bool) or not isinstance(neighbors, (int, np.integer)) or int(neighbors) < 1:
-        raise InputError(f"{key} must be a positive whole number of nearest cells (e.g. 16), got {neighbors!r}")
-    return int(neighbors)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -295,7 +282,8 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
                    level: str | None = None, neighbors: int = DEFAULT_NEIGHBORS,
                    max_train_cells: int | None = DEFAULT_MAX_TRAIN_CELLS, c: float = DEFAULT_C,
                    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                   split_blocks: int = DEFAULT_SPLIT_BLOCKS, dim: int | str = "auto") -> dict:
+                   split_blocks: int = DEFAULT_SPLIT_BLOCKS, dim: int | str = "auto", train_sections: float = 1.0
+                   ) -> dict:
     """Fit baseline ``model_name`` (a key of :data:`BASELINES`) for ``task`` on the training cells of
     ``raster``'s split; write ``out_dir`` (``checkpoint.pt``, ``history.tsv``, ``metrics.json``) and return
     ``metrics.json``'s contents.
@@ -303,9 +291,10 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
     ``level``: the label level (default ``class`` / ``parcellation_division``); ``neighbors``: k of
     ``logreg-neighborhood``; ``max_train_cells``: cap of the training (and validation, test) cells, a
     seeded class-stratified subsample (``None``: all); ``c``: inverse regularisation strength;
-    ``split_fractions`` / ``split_blocks`` / ``seed``: the networks' section split.
+    ``split_fractions`` / ``split_blocks`` / ``seed``: the networks' section split; ``train_sections``: keep
+    this fraction of the training sections (evenly spaced, as ``bench-models --train-fraction``).
     """
-    from abc_pipeline.learn.atlas import DEFAULT_LEVELS
+    from abc_pipeline.learn.atlas import DEFAULT_LEVELS, _thin_sections
 
     start = time.perf_counter()
     if model_name not in BASELINES:
@@ -326,6 +315,8 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
     _check_level(src, task, level)
     table = class_table(r, src, level)
     splits = raster_splits(r, split_fractions, seed, split_blocks)
+    if train_sections != 1.0:
+        splits["train"] = _thin_sections(r, splits["train"], train_sections)
     split = np.asarray(cell_splits(r, splits).codes)
     y = cell_targets(src, level, table.names, np.arange(src.n_cells))
     rows = {name: np.flatnonzero((split == i) & (y >= 0)) for i, name in enumerate(SPLITS)}
@@ -353,7 +344,8 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
     atlas = {"task": task, "raster": str(Path(r.path).resolve()), "channels": list(r.feature_channels),
              "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
              "classes": table.to_dict(), "splits": splits, "split_fractions": [float(f) for f in split_fractions],
-             "split_blocks": split_blocks, "dim": default_dim(r) if dim == "auto" else int(dim)}
+             "split_blocks": split_blocks, "dim": default_dim(r) if dim == "auto" else int(dim),
+             "train_sections": train_sections}
     baseline = {"features": kind, "neighbors": int(neighbors) if kind == "neighborhood" else 0,
                 "section_key": SECTION_KEY, "coordinates": SECTION_COORDINATES, "c": float(c), "max_iter": max_iter,
                 "max_train_cells": max_train_cells, "seed": seed}
@@ -374,7 +366,7 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
                "best_epoch": 0, "epochs_run": 1, "val": val, "test": scores["test"] if task == "celltype" else {},
                "test_cells": scores["test"], "config_hash": chash, "device": "cpu", "n_params": model.n_params,
                "n_train": len(train_rows), "splits": splits, "baseline": baseline,
-               "seconds": time.perf_counter() - start}
+               "fit_seconds": fit_seconds, "seconds": time.perf_counter() - start}
     write_json(metrics, out_dir / "metrics.json")
     log.info("%s %s: validation balanced accuracy %.3f, test accuracy %.3f (%d cells); %.1f s", task, model_name,
              val.get("balanced_accuracy", float("nan")), scores["test"].get("accuracy", float("nan")),
@@ -474,6 +466,51 @@ def _write_voxel_votes(root: zarr.Group, r: Raster, pred: np.ndarray, table: Cla
 
 
 
+# ----------------------------------------------------------------------------------------------- bench
+def bench_baseline_rows(raster: str | Path, cells: str | Path, task: str, names: Sequence[str], out_dir: str | Path,
+                        *, test_rows: np.ndarray | None = None, test_targets: np.ndarray | None = None,
+                        **train_kwargs) -> list[dict]:
+    """Rows of the ``bench-models`` table (:func:`abc_pipeline.learn.compare.bench_models`) for the baselines
+    ``names``, each fitted into ``out_dir/<name>/`` with :func:`train_baseline` (``train_kwargs``, e.g.
+    ``train_sections``) and scored like the networks: ``celltype``: accuracy, balanced accuracy, AUC of the
+    test cells ``test_rows`` (the zoo's test set; labels ``test_targets``); ``region``: voxel accuracy, mean
+    Dice, mean IoU of the test split's labelled voxels (majority label volume of ``predictions.zarr``).
+    Columns without meaning for a baseline (width, worst grid orientation, equivariance error, agreement
+    at 45°, peak memory) are NaN; ``seconds_per_epoch`` is the fit time."""
+    from abc_pipeline.evaluate import segmentation_metrics
+    from abc_pipeline.learn import evaluate_run as ev
+
+    out_dir, rows = Path(out_dir), []
+    for name in names:
+        run = out_dir / name
+        metrics = train_baseline(raster, cells, task, name, run, **train_kwargs)
+        model, ckpt = load_baseline(run / "checkpoint.pt")
+        atlas = atlas_config(ckpt, run / "checkpoint.pt")
+        table = ClassTable.from_dict(atlas["classes"])
+        if task == "celltype":
+            r, src = open_raster(raster), CellSource(cells)
+            with tempfile.TemporaryDirectory(prefix="abc_baseline_") as scratch:
+                data = _open_cells(src, r, model.kind, model.neighbors, Path(scratch))
+                proba = _predict_rows(model, data, np.asarray(test_rows))
+            scores = classification_metrics(np.asarray(test_targets), proba, table.names)
+            scores = {k: scores[k] for k in ("accuracy", "balanced_accuracy", "auc")}
+            worst = "worst_accuracy"
+        else:
+            store_path = predict_baseline(run / "checkpoint.pt", raster, run / "predictions.zarr", cells=cells)
+            r = open_raster(raster)
+            y_true, y_pred = ev._test_voxels(zarr.open_group(str(store_path), mode="r"), store_path, r, table,
+                                             atlas["splits"]["test"])
+            seg = segmentation_metrics(y_true, y_pred, table.names, ignore=-1)
+            scores, worst = {k: seg[k] for k in ("accuracy", "mean_dice", "mean_iou")}, "worst_mean_dice"
+        nan = float("nan")
+        rows.append({"model": name, "width": nan, "first_layer_channels": nan, "params": metrics["n_params"], **scores,
+                     worst: nan, "equivariance_error": nan, "agreement_45deg": nan,
+                     "seconds_per_epoch": metrics["fit_seconds"], "epochs": 1, "best_epoch": 0, "peak_memory_mb": nan,
+                     "memory": "not measured for baselines"})
+        log.info("%s: %s", name, {k: round(v, 3) for k, v in scores.items()})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 def evaluate_baseline(checkpoint: str | Path, raster: str | Path, predictions: str | Path, out: str | Path, *,
                       cells: str | Path | None, map_sections: int = 3, max_test_cells: int | None = 500_000,
@@ -545,15 +582,13 @@ def evaluate_baseline(checkpoint: str | Path, raster: str | Path, predictions: s
 
 
 __all__ = [
-    "BASELINES",
     "DEFAULT_NEIGHBORS",
     "CellInputs",
     "LogisticModel",
+    "bench_baseline_rows",
     "SectionNeighbours",
     "cell_features",
-    "check_neighbors",
     "evaluate_baseline",
-    "is_baseline",
     "load_baseline",
     "predict_baseline",
     "train_baseline",

@@ -57,9 +57,9 @@ from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
 from abc_pipeline.fileio import staged_output
-from abc_pipeline.learn.any_angle import (DEFAULT_ANY_ANGLE_SECTIONS, DEFAULT_ANY_ANGLES, any_angle_scores,
-                                          check_angles)
+from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
+from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles, is_baseline
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
                                      z_blocks)
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels, names_digest
@@ -101,7 +101,7 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     :func:`abc_pipeline.learn.any_angle.any_angle_scores`; ``any_angle.png``). A scikit-learn baseline's
     run is evaluated by :func:`abc_pipeline.learn.baselines.evaluate_baseline` (no grid-symmetry windows).
     """
-    from abc_pipeline.learn.baselines import evaluate_baseline, is_baseline
+    from abc_pipeline.learn.baselines import evaluate_baseline
 
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)

@@ -145,7 +145,8 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
     tiles per forward pass (default: as many as fit 32,768 input voxels, at least one; 2**20 on CUDA).
     """
-    from abc_pipeline.learn.baselines import is_baseline, predict_baseline
+    from abc_pipeline.learn.baselines import predict_baseline
+    from abc_pipeline.learn.choices import is_baseline
 
     if is_baseline(load_checkpoint(checkpoint)["model_name"]):  # scikit-learn baseline: per cell, not per voxel
         return predict_baseline(checkpoint, raster, out, cells=cells)
