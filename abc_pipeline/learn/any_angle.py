@@ -158,9 +158,9 @@ def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str
     from abc_pipeline.learn.baselines import (
         SectionNeighbours,
         cell_features,
-        is_baseline,
         load_baseline,
     )
+    from abc_pipeline.learn.choices import is_baseline
 
     angles = check_angles(angles)
     if isinstance(sections, bool) or not isinstance(sections, (int, np.integer)) or sections < 1:
