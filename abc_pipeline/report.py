@@ -2,8 +2,9 @@
 
 ``abc-pipeline report`` reads each run directory (``results/<dataset>/models/<task>/<model>/``: ``metrics.json``
 of training, ``evaluation/metrics.json`` of ``abc-pipeline evaluate`` when present) and the annotated AnnData, and
-writes ``metrics.tsv`` and ``predictions_overview.png``; Snakemake's ``--report`` embeds them with the per-model
-evaluation figures.
+writes ``metrics.tsv`` (networks and scikit-learn baselines side by side: per-cell ``cells_*`` scores from one
+scoring function, any-angle ``any_angle_*`` scores), ``predictions_overview.png`` and ``any_angle.png``;
+Snakemake's ``--report`` embeds them with the per-model evaluation figures.
 """
 
 from __future__ import annotations

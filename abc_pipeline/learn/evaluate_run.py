@@ -30,13 +30,17 @@ exact receptive field; ``halo`` voxels for the U-Net), zero outside the test spl
    fraction of tissue voxels whose predicted class (dense cell-type map or region map) on the rotated input
    equals the rotated prediction, pooled over the windows.
 
+4. **Per cell and at any angle** (with ``cells``): ``test_cells``, the per-cell scores every model gets
+   (:func:`abc_pipeline.learn.scoring.score_cells`), and ``any_angle``: the per-cell scores of a few test
+   sections rotated in-plane by each of ``any_angles`` (:func:`abc_pipeline.learn.any_angle.any_angle_scores`).
+
 Outputs in ``out`` (written to a temporary directory, then renamed): ``metrics.json`` (everything above
 plus the inputs, caps and sample sizes), ``metrics.tsv`` (one row per metric: ``scope``, ``metric``,
 ``value``, ``detail``), and PNG figures (:mod:`abc_pipeline.plots`): ``confusion_matrix.png`` (test
 cells / test voxels), ``maps.png`` (true vs predicted label maps of ``map_sections`` test sections or
 z-slices; needs ``labels/<level>`` in the raster), ``training_curves.png`` (the ``history.tsv`` next to
 the checkpoint), ``equivariance_curve.png`` and ``orientation.png`` (the sample's headline metric as is
-vs its worst grid orientation).
+vs its worst grid orientation); ``any_angle.png``: per-cell accuracy against the rotation angle).
 """
 
 from __future__ import annotations
