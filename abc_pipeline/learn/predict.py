@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import check_output, staged_output
-from abc_pipeline.learn.checkpoint import load_model
+from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
                                      z_blocks)
 from abc_pipeline.learn.train import pick_device
@@ -148,6 +148,11 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     (:func:`abc_pipeline.fileio.check_output`).
     """
     check_output(Path(out), "predictions", inputs=[checkpoint, raster, cells], overwrite=overwrite)  # fail early
+    from abc_pipeline.learn.baselines import predict_baseline
+    from abc_pipeline.learn.choices import is_baseline
+
+    if is_baseline(load_checkpoint(checkpoint)["model_name"]):  # scikit-learn baseline: per cell, not per voxel
+        return predict_baseline(checkpoint, raster, out, cells=cells, overwrite=overwrite)
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
     atlas = atlas_config(ckpt, checkpoint)
