@@ -283,13 +283,11 @@ def staged_output(out: Path, kind: str | None = None, *, inputs: Iterable[Path |
                 write_marker(tmp, kind, chunks=chunk_counts(tmp))
             check_output(out, kind, overwrite=overwrite)
         replace_tree(tmp, out)
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
-        raise
     except Exception as exc:
-        if _disk_full(exc, out.parent):
+        if not (isinstance(exc, OSError) and exc.errno is not None) and _disk_full(exc, out.parent):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
         raise
     finally:
         if os.path.lexists(tmp):

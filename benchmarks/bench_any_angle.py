@@ -1,9 +1,9 @@
 """Accuracy at arbitrary angles of classifiers trained by ``abc-pipeline bench-models`` on a MedMNIST-format .npz.
 
-    python benchmarks/bench_any_angle.py --npz rings.npz --bench runs/rings [--step 15]
+    python benchmarks/bench_any_angle.py --npz rings.npz --bench runs/rings [--step 15] [--samples N]
 
 For every model folder of the bench-models output (``BENCH/<model>/checkpoint.pt``) the test split is rotated
-by 0, step, ..., 360 - step degrees (``abc_pipeline.evaluate.rotate``: bilinear, about the image centre, zero
+(or its first ``--samples`` images) by 0, step, ..., 360 - step degrees (``abc_pipeline.evaluate.rotate``: bilinear, about the image centre, zero
 outside) and the accuracy of the best checkpoint is measured at every angle. Prints one markdown row per model
 (accuracy at 0°, mean over the angles, worst angle and its accuracy) and writes ``BENCH/any_angle.tsv``.
 The grid-group score of bench-models covers 90° multiples and reflections only; this covers the angles between.
@@ -53,17 +53,22 @@ def main() -> None:
     ap.add_argument("--npz", required=True, help="the MedMNIST-format .npz that bench-models was run on")
     ap.add_argument("--bench", type=Path, required=True, help="the bench-models output directory")
     ap.add_argument("--step", type=float, default=15.0, help="angle step in degrees")
+    ap.add_argument("--samples", type=int, default=None, help="first N test images only (default all)")
+    ap.add_argument("--models", nargs="+", default=None, help="model folders to score (default all)")
     a = ap.parse_args()
     x, y = _stack(npz_task(a.npz).test)
+    x, y = x[: a.samples], y[: a.samples]
     angles = np.arange(0.0, 360.0, a.step)
     rows = []
     for ckpt in sorted(a.bench.glob("*/checkpoint.pt")):
+        if a.models and ckpt.parent.name not in a.models:
+            continue
         model, _ = load_model(ckpt)
         scores = any_angle_accuracy(lambda v: predict_proba(model, v), x, y, angles)
         rows.append({"model": ckpt.parent.name, **scores})
     print(format_rows(rows))
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("angles", "accuracy")} for r in rows])
-    atomic_write_text(a.bench / "any_angle.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g"))
+    atomic_write_text(a.bench / f"any_angle{'_' + '_'.join(a.models) if a.models else ''}.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ MODELS = ("escnn-o2-irrep", "escnn-d8-regular")
 class _Kind:
     """Group, field types, norm and nonlinearity of one escnn model family."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, initialize: bool = True) -> None:
+        self.name, self.initialize = name, initialize
         self.regular = name == "escnn-d8-regular"
         self.gs = gspaces.flipRot2dOnR2(N=8) if self.regular else gspaces.flipRot2dOnR2(N=-1, maximum_frequency=3)
 
@@ -73,7 +73,8 @@ class _Kind:
 
     def conv(self, a: enn.FieldType, b: enn.FieldType, kernel_size: int = 3) -> enn.R2Conv:
         conv = enn.R2Conv(a, b, kernel_size, padding=kernel_size // 2, initialize=False)
-        enn_init.generalized_he_init(conv.weights.data, conv.basisexpansion, cache=True)
+        if self.initialize:
+            enn_init.generalized_he_init(conv.weights.data, conv.basisexpansion, cache=True)
         return conv
 
     def norm_act(self, t: enn.FieldType, scalars_only: bool = False) -> enn.SequentialModule:
@@ -169,12 +170,20 @@ class EscnnUNet(_EscnnNet):
         return self.head(h).tensor
 
 
-def build(name: str, task: str, in_channels: int, n_classes: int, width: int) -> _EscnnNet:
-    kind = _Kind(name)
+def build(name: str, task: str, in_channels: int, n_classes: int, width: int, initialize: bool = True) -> _EscnnNet:
+    """An escnn model; ``initialize=False`` skips the (slow) He initialisation, for counting parameters."""
+    kind = _Kind(name, initialize)
     net = EscnnClassifier(kind, in_channels, n_classes, width) if task == "classify" else \
         EscnnUNet(kind, in_channels, n_classes, width)
     net.name, net.task, net.width, net.n_params = name, task, width, count_parameters(net)
     return net
+
+
+def _count_on_cpu(*args) -> torch.nn.Module:
+    """:func:`build` without initialisation on the CPU (escnn cannot build on the meta device that the zoo's
+    ``solve_width`` counts on)."""
+    with torch.device("cpu"):
+        return build(*args, initialize=False)
 
 
 def main() -> None:
@@ -207,7 +216,7 @@ def main() -> None:
     rows = []
     for name in a.models:
         torch.manual_seed(a.seed)
-        width = solve_width(lambda w: build(name, task.task, task.in_channels, k, w), a.target_params)
+        width = solve_width(lambda w: _count_on_cpu(name, task.task, task.in_channels, k, w), a.target_params)
         torch.manual_seed(a.seed)
         model = build(name, task.task, task.in_channels, k, width)
         with PeakMemory(dev) as memory:

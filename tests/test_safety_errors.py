@@ -51,11 +51,13 @@ def test_disk_full_during_annotate(tmp_path: Path, atlas: dict, capsys) -> None:
 
     store = predict_raster(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"],
                            tmp_path / "p.zarr", progress=False)
+    capsys.readouterr()
     with tmpfs(tmp_path / "small") as small:
         out = small / "cells_annotated.h5ad"
         assert main(["annotate", "--cells", str(atlas["cells"]), "--predictions", str(store), "--out", str(out)]) == 2
-        line = _error_line(capsys)
-        assert f"{out}: No space left on device; the disk is full" in line
+        # HDF5 itself prints the failed writes of its buffers; ours is the one error line
+        errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and f"{out}: No space left on device; the disk is full" in errors[0]
         assert list(small.iterdir()) == []
 
 
@@ -83,7 +85,7 @@ def test_corrupt_chunk_names_the_store(tmp_path: Path, capsys) -> None:
     assert main(["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--labels",
                  "--no-progress"]) == 2
     line = _error_line(capsys)
-    assert f"{cells}: X rows 0..63 cannot be decoded" in line and "a chunk file of X is corrupt" in line
+    assert f"{cells}: X rows 0..199 cannot be decoded" in line and "a chunk file of X is corrupt" in line
     assert tree(tmp_path) == before
 
 

@@ -15,6 +15,7 @@ from abc_pipeline.atlas.assemble import assemble_dataset
 from abc_pipeline.atlas.manifest import Manifest, get_profile, manifest_relative_path
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
+from abc_pipeline.fileio import MARKER_NAME
 from abc_pipeline.learn.atlas import atlas_data
 from abc_pipeline.learn.predict import _sample_cells, predict_raster
 from abc_pipeline.raster import open_raster, rasterize
@@ -149,6 +150,9 @@ def test_raster_whose_levels_disagree_with_the_grid_is_refused(tmp_path: Path, a
     with pytest.raises(InputError, match=r"labels/class level 0 has shape"):
         open_raster(raster)
     shutil.rmtree(raster / "labels" / "class")
+    with pytest.raises(InputError, match=r"array 'labels/class/0' has 0 chunk files but .* wrote \d+"):
+        open_raster(raster)
+    (raster / MARKER_NAME).unlink()  # a raster of an older version: no record of its chunks, the layout is checked
     with pytest.raises(InputError, match=r"the label volume labels/class listed in its attributes is missing"):
         open_raster(raster)
 

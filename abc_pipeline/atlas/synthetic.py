@@ -2,7 +2,9 @@
 
 ``write_synthetic_release(out, n_cells)`` writes, under ``out``, the files the MERFISH-C57BL6J-638850 dataset
 profile downloads, at the relative paths of the real release 20250531, plus ``releases/<release>/manifest.json``
-with every file's true size and MD5. The content comes from :class:`~abc_pipeline.atlas.synthetic_model.BrainModel`.
+with every file's true size and MD5. The content comes from :class:`~abc_pipeline.atlas.synthetic_model.BrainModel`:
+real taxonomy, parcellation, section z and gene panel, cells placed by the real clusters' CCF frequencies, and a
+MERFISH measurement model calibrated on real cells (``docs/synthetic_atlas.md``).
 
 Layout (as in the real release; see ``../shared/reference/abc_atlas_release.md``):
 
@@ -16,7 +18,8 @@ Layout (as in the real release; see ``../shared/reference/abc_atlas_release.md``
 * ``reconstructed_coordinates.csv`` (true 3D positions, mm) and ``ccf_coordinates.csv`` (an affine map into CCF
   ranges: x AP 0-13.2, y DV 0-8, z LR 0-11.4): about 3 % of the metadata cells, and every cell of sections
   ``.01-.04`` and ``.68-.69``, have no rows, as in the real release.
-* WMB-taxonomy and Allen-CCF-2020 ``views/`` tables with names and mixed-case ``#RRGGBB`` colours.
+* WMB-taxonomy and Allen-CCF-2020 ``views/`` tables: the real names (a seed-chosen subset of clusters for a small
+  atlas), the real 688 parcels and their colours, generated mixed-case ``#RRGGBB`` taxonomy colours.
 
 Generation streams: cells are simulated in blocks of at most 8,192 cells of one section (each block has its own
 random stream derived from ``(seed, section, block)``), and blocks are gathered into chunks of about
@@ -76,7 +79,7 @@ CELL_METADATA_COLUMNS = [
 COORDINATE_COLUMNS = ["cell_label", "x", "y", "z", "parcellation_index"]
 PARCELLATION_LEVELS = ("organ", "category", "division", "structure", "substructure")
 
-# Reconstructed (x LR, y DV, z AP; mm) -> CCF (x AP, y DV, z LR; mm): axis swap, mild scale, pitch and offset.
+# Reconstructed (x LR, y DV, z AP 0-14.6; mm) -> CCF (x AP 0-13.2, y DV, z LR; mm): axis swap, scale, pitch and offset.
 CCF_AFFINE = np.array([
     [0.0, 0.05, 0.85],
     [0.0, 0.98, -0.02],

@@ -43,7 +43,7 @@ import zarr
 
 from abc_pipeline import __version__
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import check_disjoint, staged_output
+from abc_pipeline.fileio import check_disjoint, check_output, staged_output
 from abc_pipeline.integrity import MAX_VOXELS, check_voxel_cap, nonfinite_rows
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, plan_channels
@@ -302,6 +302,7 @@ def _describe_existing(path: Path) -> str:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
+    check_output(out, "raster", overwrite=True)  # never a file or folder of the user's, whatever the flag
     if not out.exists():
         return
     what = _describe_existing(out)
