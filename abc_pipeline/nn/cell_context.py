@@ -103,11 +103,13 @@ class CellContextClassifier(nn.Module):
         """Tile ``(B, C_in, *spatial)`` -> context embedding of every voxel ``(B, embed, *spatial)``."""
         return self.context.forward_dense(tile)
 
-    def forward_dense(self, tile: torch.Tensor) -> torch.Tensor:
-        """Tile ``(B, C_in, *spatial)`` -> logits ``(B, K, *spatial)`` of each voxel's mean cell."""
+    def forward_dense(self, tile: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Tile ``(B, C_in, *spatial)`` -> logits ``(B, K, *spatial)`` of each voxel's mean cell (``embedding``:
+        the tile's :meth:`context_dense`, when already computed)."""
         shape = (1, -1) + (1,) * self.dim
         voxel = tile[:, : self.n_expression] * self.voxel_std.view(shape) + self.voxel_mean.view(shape)
         expression = torch.where(tile[:, -1:] > 0, voxel, self.expression_mean.view(shape))
         flat = lambda t: t.movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731
-        logits = self.cell_logits(flat(self.context_dense(tile)), flat(expression))
+        embedding = self.context_dense(tile) if embedding is None else embedding
+        logits = self.cell_logits(flat(embedding), flat(expression))
         return logits.reshape(tile.shape[0], *tile.shape[2:], -1).movedim(-1, 1)
