@@ -223,7 +223,8 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
             test = _segment_test(model, test_ds, data.table.names, batch_size, dev)
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    metrics.update(atlas_task=task, level=data.level, width=model.width, splits=data.splits, n_test=n_test, test=test)
+    metrics.update(atlas_task=task, architecture=data.architecture, level=data.level, width=model.width,
+                   splits=data.splits, n_test=n_test, test=test)
     write_json(metrics, out_dir / "metrics.json")
     log.info("%s %s: best epoch %d, validation %s %.3f; test %s", task, model_name, result.best_epoch,
              result.metric, result.best_score, {k: round(v, 3) for k, v in test.items() if isinstance(v, float)})

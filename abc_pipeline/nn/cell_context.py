@@ -8,7 +8,9 @@
 - **context**: a :class:`abc_pipeline.nn.patch.PatchClassifier` of the zoo family (stride-1 trunk over the
   raster patch centred on the cell's voxel, mean over the centred ``P`` window, linear) whose output is an
   ``embed``-dimensional *invariant* context embedding instead of class logits;
-- **head**: ``[mlp(e), context]`` -> linear -> ReLU -> linear -> logits ``(B, n_classes)``.
+- **head**: ``[mlp(e), context]`` -> linear -> ReLU -> linear, plus a linear map of the standardised
+  expression straight to the logits (a logistic regression on the cell's own expression is the special case
+  of zero MLP/context weights) -> logits ``(B, n_classes)``.
 
 The expression is a set of scalars of the cell (it does not move with the grid) and the context embedding is
 exactly invariant for the moment and group-CNN families, so the whole classifier is exactly invariant to
@@ -61,6 +63,7 @@ class CellContextClassifier(nn.Module):
         self.expression = nn.Sequential(nn.Linear(n_expression, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                         nn.ReLU())
         self.head = nn.Sequential(nn.Linear(hidden + embed, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        self.skip = nn.Linear(n_expression, n_classes, bias=False)
         for name, value in (("expression_mean", 0.0), ("expression_std", 1.0), ("voxel_mean", 0.0),
                             ("voxel_std", 1.0)):
             self.register_buffer(name, torch.full((n_expression,), value))
@@ -85,15 +88,12 @@ class CellContextClassifier(nn.Module):
             buf = getattr(self, name)
             buf.copy_(torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=buf.dtype))
 
-    def _mlp(self, expression: torch.Tensor) -> torch.Tensor:
-        """Raw channel values ``(N, F)`` -> hidden ``(N, hidden)``."""
-        if expression.ndim != 2 or expression.shape[1] != self.n_expression:
-            raise InputError(f"expected expression (N, {self.n_expression}), got shape {tuple(expression.shape)}")
-        return self.expression((expression - self.expression_mean) / self.expression_std)
-
     def cell_logits(self, embedding: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         """Context embeddings ``(N, embed)`` at the cells' voxels + their raw expression ``(N, F)`` -> ``(N, K)``."""
-        return self.head(torch.cat([self._mlp(expression), embedding], dim=1))
+        if expression.ndim != 2 or expression.shape[1] != self.n_expression:
+            raise InputError(f"expected expression (N, {self.n_expression}), got shape {tuple(expression.shape)}")
+        e = (expression - self.expression_mean) / self.expression_std
+        return self.head(torch.cat([self.expression(e), embedding], dim=1)) + self.skip(e)
 
     def forward(self, patch: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         """Patch ``(B, C_in, *(P + 2*halo))`` + raw expression ``(B, F)`` -> logits ``(B, K)``."""
