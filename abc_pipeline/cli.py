@@ -230,7 +230,9 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     _add_atlas_data_options(p)
     p.add_argument("--out", type=Path, required=True, help="output directory (table, figures, one run folder per model)")
     p.add_argument("--models", nargs="+", default=None,
-                   help="zoo models to compare (default cnn gcnn-regular moment-trivial moment-trivial-irrep)")
+                   help="zoo models to compare (default cnn gcnn-regular moment-trivial moment-trivial-irrep); with "
+                        "--raster also the baselines logreg-expression, logreg-neighborhood")
+    _add_baseline_options(p)
     p.add_argument("--target-params", type=int, default=50_000, help="parameters per model (width solved per model)")
     p.add_argument("--train-fraction", type=float, default=1.0,
                    help="keep this fraction of the training data: a stratified subset of the samples (--npz) or "
@@ -255,6 +257,13 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.compare import DEFAULT_MODELS, bench_models, format_table, npz_task
 
+        from abc_pipeline.learn.choices import is_baseline
+
+        models = a.models or DEFAULT_MODELS
+        zoo, baselines = [m for m in models if not is_baseline(m)], [m for m in models if is_baseline(m)]
+        if baselines and a.npz is not None:
+            raise InputError(f"--models {' '.join(baselines)}: the baselines read each cell's expression; they need "
+                             f"an atlas (--raster and --cells), not --npz")
         if a.npz is not None:
             task = npz_task(a.npz, train_fraction=a.train_fraction, seed=a.subset_seed, download_root=a.download_root)
         else:
@@ -264,11 +273,22 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 raise InputError("bench-models --raster needs --task celltype or --task region")
             task = atlas_task(a.raster, a.cells, a.task, depth=a.depth, max_samples=a.max_samples,
                               train_sections=a.train_fraction, **_atlas_data_kwargs(a))
+        extra = []
+        if baselines:
+            from abc_pipeline.learn.baselines import bench_baseline_rows
+
+            kw = _atlas_data_kwargs(a)
+            test = task.test
+            extra = bench_baseline_rows(
+                a.raster, a.cells, a.task, baselines, a.out, test_rows=getattr(test, "cells", None),
+                test_targets=test.targets.numpy() if a.task == "celltype" else None, train_sections=a.train_fraction,
+                level=kw["level"], dim=kw["dim"], seed=a.seed, neighbors=a.neighbors, max_train_cells=a.max_train_cells,
+                c=a.logreg_c, **{k: kw[k] for k in ("split_fractions", "split_blocks") if k in kw})
         table = bench_models(
-            task, a.out, a.models or DEFAULT_MODELS, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
+            task, a.out, zoo, target_params=a.target_params, epochs=a.epochs, batch_size=a.batch_size,
             lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, seed=a.seed, device=a.device,
             num_workers=a.workers, angles=a.angles, curve_samples=a.curve_samples, progress=not a.no_progress,
-            resume=not a.restart,
+            resume=not a.restart, extra_rows=extra,
         )
         print(format_table(table))
 
@@ -280,8 +300,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster (abc-pipeline rasterize)")
     p.add_argument("--task", choices=("celltype", "region"), required=True)
     _add_atlas_data_options(p)
-    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular")
+    p.add_argument("--model", required=True, help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular; "
+                   "or a scikit-learn baseline: logreg-expression, logreg-neighborhood")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. results/<dataset>/models/<task>/<model>/")
+    _add_baseline_options(p)
     p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
     p.add_argument("--epochs", type=int, default=30)
@@ -302,7 +324,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.atlas import train_atlas_task
+        from abc_pipeline.learn.choices import is_baseline
 
+        if is_baseline(a.model):
+            _train_baseline(a)
+            return
         train_atlas_task(
             a.raster, a.cells, a.task, a.model, a.out, width=a.width, target_params=a.target_params, depth=a.depth,
             epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, patience=a.patience,
@@ -312,6 +338,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         )
 
     p.set_defaults(run=run)
+
+
+def _add_baseline_options(p: argparse.ArgumentParser) -> None:
+    """Options of the scikit-learn baselines (``train --model logreg-*``)."""
+    from abc_pipeline.learn.baselines import DEFAULT_C, DEFAULT_MAX_TRAIN_CELLS, DEFAULT_NEIGHBORS
+
+    p.add_argument("--neighbors", type=int, default=DEFAULT_NEIGHBORS,
+                   help="logreg-neighborhood: nearest cells of the same section averaged into the features")
+    p.add_argument("--max-train-cells", type=int, default=DEFAULT_MAX_TRAIN_CELLS,
+                   help="baselines: training cells used at most (seeded class-stratified subsample)")
+    p.add_argument("--logreg-c", type=float, default=DEFAULT_C, help="baselines: inverse regularisation strength C")
+
+
+def _train_baseline(a: argparse.Namespace) -> None:
+    from abc_pipeline.learn.baselines import train_baseline
+
+    kw = _atlas_data_kwargs(a)
+    train_baseline(a.raster, a.cells, a.task, a.model, a.out, level=kw["level"], dim=kw["dim"], seed=a.seed,
+                   neighbors=a.neighbors, max_train_cells=a.max_train_cells, c=a.logreg_c,
+                   **{k: kw[k] for k in ("split_fractions", "split_blocks") if k in kw})
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -383,6 +429,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-test-cells", type=int, default=500_000, help="celltype: test cells scored (evenly strided)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--any-angles", type=float, nargs="+", default=None,
+                   help="in-plane rotations (degrees) of the test sections in the any-angle score (default 0-345 by 15)")
+    p.add_argument("--any-angle-sections", type=int, default=None,
+                   help="test sections (3D: test z-blocks) rotated in the any-angle score (default 2)")
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.evaluate_run import evaluate_run
@@ -390,7 +440,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         evaluate_run(a.checkpoint, a.raster, a.predictions, a.out, cells=a.cells, windows=a.windows,
                      window_size=a.window_size, window_depth=a.window_depth, halo=a.halo, angles=a.angles,
                      map_sections=a.map_sections, max_test_cells=a.max_test_cells, batch_size=a.batch_size,
-                     device=a.device)
+                     device=a.device, **{k: v for k, v in (("any_angles", a.any_angles),
+                                                           ("any_angle_sections", a.any_angle_sections)) if v is not None})
 
     p.set_defaults(run=run)
 

@@ -199,3 +199,23 @@ def orientation_bar_figure(scores: Mapping[str, tuple[float, float]], path: str 
 
 __all__ = ["DPI", "confusion_matrix_figure", "default_colors", "equivariance_curve_figure",
            "orientation_bar_figure", "region_maps_figure", "training_curves_figure"]
+
+
+def any_angle_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path,
+                     metric: str = "accuracy", dpi: int = DPI) -> Path:
+    """One panel per title (e.g. per task), one line per model: the per-cell test ``metric`` of sections
+    rotated by each angle (:func:`abc_pipeline.learn.any_angle.any_angle_scores`) against the angle."""
+    if not panels or not all(panels.values()):
+        raise InputError("no any-angle scores to plot; give at least one panel -> {model: (angles, scores)}")
+    fig = Figure(figsize=(6.2 * len(panels), 4.2))
+    for i, (title, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name, (angles, scores) in curves.items():
+            if len(angles) != len(scores):
+                raise InputError(f"model {name!r}: {len(angles)} angles but {len(scores)} scores")
+            ax.plot(angles, scores, "o-", ms=3, label=name)
+        ax.set(xlabel="in-plane rotation of the test sections (degrees)", ylabel=f"per-cell {metric.replace('_', ' ')}",
+               ylim=(0.0, 1.02), title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path, dpi)

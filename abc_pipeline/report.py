@@ -2,8 +2,9 @@
 
 ``abc-pipeline report`` reads each run directory (``results/<dataset>/models/<task>/<model>/``: ``metrics.json``
 of training, ``evaluation/metrics.json`` of ``abc-pipeline evaluate`` when present) and the annotated AnnData, and
-writes ``metrics.tsv`` and ``predictions_overview.png``; Snakemake's ``--report`` embeds them with the per-model
-evaluation figures.
+writes ``metrics.tsv`` (networks and scikit-learn baselines side by side: per-cell ``cells_*`` scores from one
+scoring function, any-angle ``any_angle_*`` scores), ``predictions_overview.png`` and ``any_angle.png``;
+Snakemake's ``--report`` embeds them with the per-model evaluation figures.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pandas as pd  # noqa: E402
 
 from abc_pipeline.errors import InputError  # noqa: E402
 from abc_pipeline.fileio import atomic_write_text, staged_output  # noqa: E402
+from abc_pipeline.plots import any_angle_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,27 @@ def metrics_table(run_dirs: Sequence[Path]) -> pd.DataFrame:
             curve = ev.get("equivariance_curve", {})
             if 45 in curve.get("angles", []):
                 row["equivariance_agreement_45deg"] = curve["agreement"][curve["angles"].index(45)]
+            row.update(_flat_scores("cells", ev.get("test_cells") or {}))  # one per-cell score for every model
+            angle = ev.get("any_angle") or {}
+            for name in angle.get("mean", {}):
+                row.update({f"any_angle_mean_{name}": angle["mean"][name], f"any_angle_worst_{name}": angle["worst"][name]})
+            if angle:
+                row["any_angle_worst_angle"] = angle["worst_angle"]["accuracy"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def any_angle_panels(run_dirs: Sequence[Path]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """Per task, per model: the any-angle per-cell accuracies of ``evaluation/metrics.json`` (runs without
+    them are left out)."""
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for run in map(Path, run_dirs):
+        path = run / "evaluation" / "metrics.json"
+        angle = json.loads(path.read_text()).get("any_angle") if path.is_file() else None
+        if angle:
+            panels.setdefault(f"{run.parent.name}: {angle['n_cells']} test cells", {})[run.name] = (
+                angle["angles"], angle["metrics"]["accuracy"])
+    return panels
 
 
 def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_sections: int = 2) -> Path:
@@ -94,12 +115,17 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
 
 
 def write_report(annotated: Path, run_dirs: Sequence[Path], out_dir: Path) -> Path:
-    """Write ``metrics.tsv`` and ``predictions_overview.png`` into ``out_dir``; returns ``out_dir``."""
+    """Write ``metrics.tsv``, ``predictions_overview.png`` and (when the runs were evaluated at any angle)
+    ``any_angle.png`` (per-cell test accuracy against the rotation of the test sections, one line per model,
+    one panel per task) into ``out_dir``; returns ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = metrics_table(run_dirs)
     atomic_write_text(out_dir / "metrics.tsv", table.to_csv(sep="\t", index=False, float_format="%.4f"))
     tasks = sorted(table["task"].unique())
     overview_figure(Path(annotated), out_dir / "predictions_overview.png", tasks)
+    panels = any_angle_panels(run_dirs)
+    if panels:
+        any_angle_figure(panels, out_dir / "any_angle.png")
     log.info("report: %d runs -> %s", len(table), out_dir)
     return out_dir

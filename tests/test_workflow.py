@@ -30,7 +30,7 @@ TINY_CONFIG = {
     ],
 }
 
-# The full chain with learning: both tasks, two models, one short epoch each.
+# The full chain with learning: both tasks, two networks (one short epoch each) and a scikit-learn baseline.
 FULL_CONFIG = {
     **TINY_CONFIG,
     "rasters": [{**spec, "pca": 8} for spec in TINY_CONFIG["rasters"]],
@@ -38,9 +38,11 @@ FULL_CONFIG = {
         "celltype": {"raster": "section_2d", "level": "class", "patch_size": [3]},
         "region": {"raster": "reconstructed_3d", "level": "parcellation_division", "tile_size": [4, 16, 16]},
     },
-    "models": ["cnn", "moment-trivial-irrep"],
+    "models": ["cnn", "moment-trivial-irrep", "logreg-neighborhood"],
     "training": {"target_params": 2000, "epochs": 1, "batch_size": 64, "max_samples_per_epoch": 300},
-    "bench": {"models": ["cnn", "moment-trivial"], "train_fractions": [1.0, 0.5]},
+    "baselines": {"neighbors": 8},
+    "evaluation": {"any_angles": [0, 45, 90], "any_angle_sections": 1},
+    "bench": {"models": ["cnn", "moment-trivial", "logreg-expression"], "train_fractions": [1.0, 0.5]},
 }
 
 pytestmark = pytest.mark.slow
@@ -111,6 +113,7 @@ def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
         has = proba.notna().all(axis=1)
         np.testing.assert_allclose(proba[has].sum(axis=1), 1.0, atol=1e-4)
         assert f"pred_{task}__cnn" in adata.obs  # the second model's predictions are kept beside the primary's
+        assert f"pred_{task}__logreg-neighborhood" in adata.obs  # so are the baseline's
     assert set(adata.obs["split"].unique()) <= {"train", "val", "test", "none"}
     sq.pl.spatial_scatter(adata, shape=None, library_key="brain_section_label", color="pred_region")
     matplotlib.pyplot.close("all")
@@ -127,11 +130,16 @@ def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
 def test_report_builds(finished: Path) -> None:
     table = pd.read_csv(finished / "results" / DATASET / "report" / "metrics.tsv", sep="\t")
     assert sorted(zip(table["task"], table["model"])) == [
-        ("celltype", "cnn"), ("celltype", "moment-trivial-irrep"), ("region", "cnn"), ("region", "moment-trivial-irrep")
+        (task, model) for task in ("celltype", "region") for model in ("cnn", "logreg-neighborhood", "moment-trivial-irrep")
     ]
+    # every model, baseline or network, has the per-cell test scores and the any-angle scores
+    for column in ("cells_accuracy", "cells_balanced_accuracy", "cells_macro_f1", "any_angle_mean_accuracy",
+                   "any_angle_worst_accuracy"):
+        assert table[column].between(0, 1).all(), column
     snakemake(finished, "--report", "report.html")
     html = (finished / "report.html").read_text(errors="replace")
     assert "metrics.tsv" in html and "predictions_overview.png" in html and "equivariance_curve.png" in html
+    assert "any_angle.png" in html
 
 
 def test_bench_compares_models_on_every_task_and_fraction(finished: Path) -> None:
@@ -142,7 +150,7 @@ def test_bench_compares_models_on_every_task_and_fraction(finished: Path) -> Non
         for percent in (100, 50):
             out = finished / "results" / DATASET / "bench" / task / f"train_{percent}pct"
             table = pd.read_csv(out / "bench_models.tsv", sep="\t")
-            assert list(table["model"]) == ["cnn", "moment-trivial"]
+            assert list(table["model"]) == ["cnn", "moment-trivial", "logreg-expression"]
             errors = dict(zip(table["model"], table["equivariance_error"]))
             assert errors["moment-trivial"] < 1e-4 < errors["cnn"]
             assert (out / "orientation.png").stat().st_size > 1000
@@ -158,18 +166,21 @@ def test_rerun_of_a_finished_workflow_does_nothing(finished: Path) -> None:
 def test_deleting_an_intermediate_reruns_only_its_dependents(finished: Path) -> None:
     shutil.rmtree(finished / "results" / DATASET / "raster" / "section_2d.ome.zarr")
     planned = _jobs_planned(snakemake(finished, "-n"))
-    assert planned == {"rasterize": 1, "train": 2, "predict": 2, "evaluate": 2, "annotate": 1, "report": 1, "all": 1}
+    assert planned == {"rasterize": 1, "train": 3, "predict": 3, "evaluate": 3, "annotate": 1, "report": 1, "all": 1}
     snakemake(finished)
     assert _jobs_planned(snakemake(finished, "-n")) == {}
 
 
-def test_invalid_config_fails_before_any_job(tmp_path: Path) -> None:
-    bad = {**TINY_CONFIG, "assemble": {"chunk_cells": "many"}}
-    workdir = _workdir(tmp_path, bad)
+@pytest.mark.parametrize("bad, message", [
+    ({"assemble": {"chunk_cells": "many"}}, "'many' is not of type 'integer'"),
+    ({"evaluation": {"any_angles": [0, "ninety"]}}, "config key evaluation.any_angles must list angles in degrees as numbers"),
+], ids=["chunk_cells", "any_angles"])
+def test_invalid_config_fails_before_any_job(tmp_path: Path, bad: dict, message: str) -> None:
+    workdir = _workdir(tmp_path, {**TINY_CONFIG, **bad})
     proc = snakemake(workdir, check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "chunk_cells" in out and "'many' is not of type 'integer'" in out
+    assert next(iter(next(iter(bad.values())))) in out and message in out
     assert not (workdir / "resources").exists() and not (workdir / "results").exists()
 
 

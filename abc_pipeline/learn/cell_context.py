@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, CellPatchDataset, ClassTable, Normalizer
-from abc_pipeline.raster.channels import ChannelPlan, PCAModel, _as_index, resolve_genes
+from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster
 from abc_pipeline.raster.source import CellSource
 
@@ -35,17 +35,7 @@ _CELL_CHUNK = 1 << 16  # cells per pass of predict_cells
 
 def channel_plan(raster: Raster, cells: CellSource) -> ChannelPlan:
     """The raster's feature channels as a plan over the genes of ``cells`` (the raster's cells.zarr)."""
-    pca = raster.pca
-    if raster.attrs.get("channel_mode") == "pca":
-        if pca is None:
-            raise InputError(f"{raster.path}: channel_mode 'pca' but no pca/ group; rasterize again")
-        genes = [str(g) for g in pca["genes"]]
-        idx, names = resolve_genes(cells, genes)
-        model = PCAModel(tuple(names), pca["components"].astype(np.float32), pca["mean"].astype(np.float32),
-                         pca["explained_variance"], pca["explained_variance_ratio"], 0, 0)
-        return ChannelPlan("pca", tuple(raster.feature_channels), _as_index(idx), model)
-    idx, names = resolve_genes(cells, list(raster.feature_channels))
-    return ChannelPlan("genes", names, _as_index(idx))
+    return raster_channel_plan(cells, raster.feature_channels, raster.pca)
 
 
 def cell_expression(cells: CellSource, plan: ChannelPlan, rows: np.ndarray) -> np.ndarray:

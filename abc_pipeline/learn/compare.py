@@ -240,7 +240,8 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
                  target_params: int = 50_000, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 1e-4, patience: int = 10, seed: int = 0, device: str = "auto",
                  num_workers: int = 0, angles: Sequence[float] = range(0, 91, 15), curve_samples: int = 256,
-                 equivariance_samples: int = 16, progress: bool = True, resume: bool = True) -> pd.DataFrame:
+                 equivariance_samples: int = 16, progress: bool = True, resume: bool = True,
+                 extra_rows: Sequence[dict] = ()) -> pd.DataFrame:
     """Train every zoo model in ``models`` with about ``target_params`` parameters on ``task``; one table.
 
     Training arguments are those of :func:`abc_pipeline.learn.train.train` (early stopping on balanced
@@ -248,7 +249,9 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
     set the equivariance curve, ``equivariance_samples`` the test batch of the equivariance error.
     ``resume=True``: a model finished earlier with the same settings is reused, an unfinished one resumed,
     one whose settings changed retrained from scratch; ``resume=False`` retrains every model. Writes the outputs listed in the module docstring
-    and returns the table (one row per model, columns as in ``bench_models.tsv``).
+    and returns the table (one row per model, columns as in ``bench_models.tsv``). ``extra_rows``: rows of
+    models trained elsewhere (the scikit-learn baselines, :func:`abc_pipeline.learn.baselines.bench_baseline_rows`),
+    appended to the table (not to the figures).
     """
     angles = [float(a) for a in angles]
     if CURVE_ANGLE not in angles:
@@ -306,7 +309,7 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
         log.info("%s: %s %.3f, worst %s %.3f, equivariance error %.2e, agreement at 45° %.3f", name,
                  SCORES[task.task][0], row[SCORES[task.task][0]], worst, row[f"worst_{worst}"],
                  row["equivariance_error"], row["agreement_45deg"])
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([*rows, *extra_rows])
     _write_table(table, out_dir, task)
     plots.equivariance_curve_figure(curves, out_dir / "equivariance_curve.png",
                                     title=f"Equivariance under rotation: {task.name}")
@@ -336,7 +339,8 @@ def format_table(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(_HEADERS[c] for c in columns) + " |",
              "|" + "|".join("---" if c == "model" else "---:" for c in columns) + "|"]
     for _, r in table.iterrows():
-        cells = [formats.get(c, lambda v: "nan" if math.isnan(v) else f"{v:.3f}")(r[c]) for c in columns]
+        cells = ["n/a" if isinstance(r[c], float) and math.isnan(r[c]) else formats.get(c, lambda v: f"{v:.3f}")(r[c])
+                 for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -30,13 +30,17 @@ exact receptive field; ``halo`` voxels for the U-Net), zero outside the test spl
    fraction of tissue voxels whose predicted class (dense cell-type map or region map) on the rotated input
    equals the rotated prediction, pooled over the windows.
 
+4. **Per cell and at any angle** (with ``cells``): ``test_cells``, the per-cell scores every model gets
+   (:func:`abc_pipeline.learn.scoring.score_cells`), and ``any_angle``: the per-cell scores of a few test
+   sections rotated in-plane by each of ``any_angles`` (:func:`abc_pipeline.learn.any_angle.any_angle_scores`).
+
 Outputs in ``out`` (written to a temporary directory, then renamed): ``metrics.json`` (everything above
 plus the inputs, caps and sample sizes), ``metrics.tsv`` (one row per metric: ``scope``, ``metric``,
 ``value``, ``detail``), and PNG figures (:mod:`abc_pipeline.plots`): ``confusion_matrix.png`` (test
 cells / test voxels), ``maps.png`` (true vs predicted label maps of ``map_sections`` test sections or
 z-slices; needs ``labels/<level>`` in the raster), ``training_curves.png`` (the ``history.tsv`` next to
 the checkpoint), ``equivariance_curve.png`` and ``orientation.png`` (the sample's headline metric as is
-vs its worst grid orientation).
+vs its worst grid orientation); ``any_angle.png``: per-cell accuracy against the rotation angle).
 """
 
 from __future__ import annotations
@@ -57,10 +61,13 @@ from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
 from abc_pipeline.fileio import staged_output
-from abc_pipeline.learn.checkpoint import load_model, write_json
+from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
+from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
+from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles, is_baseline
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
                                      z_blocks)
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels, names_digest
+from abc_pipeline.learn.scoring import score_cells
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
 from abc_pipeline.raster.ome import ATTRS_KEY, Raster, open_raster
@@ -80,7 +87,9 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
                  cells: str | Path | None = None, windows: int = 2, window_size: int | None = None,
                  window_depth: int = 8, halo: int = DEFAULT_HALO, angles: Sequence[float] = DEFAULT_ANGLES,
                  map_sections: int = 3, max_test_cells: int | None = 500_000, batch_size: int = 8,
-                 device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
+                 device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 any_angles: Sequence[float] = DEFAULT_ANY_ANGLES,
+                 any_angle_sections: int = DEFAULT_ANY_ANGLE_SECTIONS) -> dict:
     """Evaluate the model of ``checkpoint`` on the test split of ``raster``; write ``out`` (see the module
     docstring) and return the contents of ``metrics.json``.
 
@@ -90,10 +99,21 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     (3D), read with the model's context (``celltype``: its receptive field; ``region``: ``halo`` voxels per
     side); ``angles``: the curve's rotation angles in degrees; ``map_sections`` sections / z-slices in
     ``maps.png``; ``max_test_cells`` test cells scored (evenly strided; ``None`` = all); ``batch_size``:
-    windows per forward pass.
+    windows per forward pass. With ``cells``: ``test_cells`` (every task: the per-cell scores of
+    :func:`abc_pipeline.learn.scoring.score_cells`) and ``any_angle`` (the per-cell scores of
+    ``any_angle_sections`` test sections rotated by each of ``any_angles``,
+    :func:`abc_pipeline.learn.any_angle.any_angle_scores`; ``any_angle.png``). A scikit-learn baseline's
+    run is evaluated by :func:`abc_pipeline.learn.baselines.evaluate_baseline` (no grid-symmetry windows).
     """
+    from abc_pipeline.learn.baselines import evaluate_baseline
+
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
+    any_angles = check_angles(any_angles)
+    if is_baseline(load_checkpoint(checkpoint)["model_name"]):
+        return evaluate_baseline(checkpoint, raster, predictions, out, cells=cells, map_sections=map_sections,
+                                 max_test_cells=max_test_cells, any_angles=any_angles,
+                                 any_angle_sections=any_angle_sections)
     for value, what in ((windows, "windows"), (window_size or 1, "window_size"), (window_depth, "window_depth"),
                         (halo + 1, "halo + 1"), (batch_size, "batch_size"), (map_sections, "map_sections")):
         if value < 1:
@@ -124,6 +144,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"])
         test = segmentation_metrics(y_true, y_pred, names, ignore=IGNORE_INDEX)
         unit, margin, net = "voxels", (halo,) * dim, model
+        if atlas.get("architecture") == "cell-context":  # a per-cell model's dense map: each voxel's mean cell
+            margin, net = tuple(model.margin), model.forward_dense
     boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin,
                      windows)
     readers = {w.block: RasterReader(r, normalizer, list(range(*w.block)), table.level if task == "region" else None,
@@ -144,6 +166,11 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     symmetry.update(spacing=list(spacing), windows=[w.describe() for w in boxes])
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
+    test_cells, any_angle = {}, {}
+    if src is not None:
+        test_cells = score_cells(predictions, src, max_cells=max_test_cells)
+        any_angle = any_angle_scores(checkpoint, r.path, src.path, angles=any_angles, sections=any_angle_sections,
+                                     halo=halo, device=device)
 
     with staged_output(out) as tmp:
         tmp.mkdir()
@@ -158,6 +185,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
             figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
         else:
             log.warning("no %s next to the checkpoint: no training curves", history)
+        if any_angle:
+            figures.append(any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
         figures.append(plots.equivariance_curve_figure({ckpt["model_name"]: (curve["angles"], curve["agreement"])},
                                                        tmp / "equivariance_curve.png", title=f"Equivariance: {title}"))
         head = symmetry["metrics"][SYMMETRY_METRICS[task][0]]
@@ -169,11 +198,11 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
             "task": task, "level": table.level, "model": ckpt["model_name"], "dim": dim,
             "checkpoint": str(checkpoint.resolve()), "config_hash": ckpt["config_hash"],
             "raster": str(r.path.resolve()), "predictions": str(predictions.resolve()), "splits": splits,
-            "n_test": len(y_true), "test_unit": unit, "test": test, "symmetry": symmetry,
-            "equivariance_curve": curve,
+            "n_test": len(y_true), "test_unit": unit, "test": test, "test_cells": test_cells, "any_angle": any_angle,
+            "symmetry": symmetry, "equivariance_curve": curve,
             "caps": {"windows": windows, "window_size": window_size or DEFAULT_WINDOW[dim],
                      "window_depth": window_depth, "margin": list(margin), "map_sections": map_sections,
-                     "max_test_cells": max_test_cells},
+                     "max_test_cells": max_test_cells, "any_angle_sections": any_angle_sections},
             "figures": [p.name for p in figures], "seconds": time.perf_counter() - start,
         }
         write_json(result, tmp / "metrics.json")
@@ -482,15 +511,31 @@ def _metrics_table(result: dict) -> pd.DataFrame:
             rows += [("test", f"{key}/{name}", v, "") for name, v in value.items()]
         else:
             rows.append(("test", key, value, f"{result['n_test']} {result['test_unit']}"))
-    for metric, s in result["symmetry"]["metrics"].items():
-        rows += [("symmetry_identity", metric, s["identity"], ""), ("symmetry_mean", metric, s["mean"], ""),
-                 ("symmetry_worst", metric, s["worst"], s["worst_symmetry"])]
-    rows.append(("symmetry_identity", "agreement_with_predictions", result["symmetry"]["identity_agreement"],
-                 f"{result['symmetry']['n']} {result['symmetry']['unit']}"))
-    curve = result["equivariance_curve"]
-    rows += [("equivariance_curve", f"agreement_{a:g}deg", v, f"{n} voxels")
-             for a, v, n in zip(curve["angles"], curve["agreement"], curve["n"])]
+    cells = result.get("test_cells") or {}
+    rows += [("test_cells", key, value, f"{cells['n_cells']} cells") for key, value in cells.items()
+             if key not in ("split", "n_cells") and not isinstance(value, dict)]
+    if "symmetry" in result:
+        for metric, s in result["symmetry"]["metrics"].items():
+            rows += [("symmetry_identity", metric, s["identity"], ""), ("symmetry_mean", metric, s["mean"], ""),
+                     ("symmetry_worst", metric, s["worst"], s["worst_symmetry"])]
+        rows.append(("symmetry_identity", "agreement_with_predictions", result["symmetry"]["identity_agreement"],
+                     f"{result['symmetry']['n']} {result['symmetry']['unit']}"))
+    if "equivariance_curve" in result:
+        curve = result["equivariance_curve"]
+        rows += [("equivariance_curve", f"agreement_{a:g}deg", v, f"{n} voxels")
+                 for a, v, n in zip(curve["angles"], curve["agreement"], curve["n"])]
+    angle = result.get("any_angle") or {}
+    for metric, values in angle.get("metrics", {}).items():
+        rows += [("any_angle", f"{metric}_{a:g}deg", v, f"{angle['n_cells']} cells") for a, v in zip(angle["angles"], values)]
+        rows += [("any_angle_mean", metric, angle["mean"][metric], ""),
+                 ("any_angle_worst", metric, angle["worst"][metric], f"{angle['worst_angle'][metric]:g}deg")]
     return pd.DataFrame(rows, columns=["scope", "metric", "value", "detail"])
+
+
+def any_angle_plot(model: str, title: str, any_angle: dict, path: Path) -> Path:
+    """``any_angle.png``: the per-cell accuracy of the rotated test sections against the angle."""
+    return plots.any_angle_figure({f"{title}: {any_angle['n_cells']} test cells": {
+        model: (any_angle["angles"], any_angle["metrics"]["accuracy"])}}, path)
 
 
 __all__ = ["DEFAULT_ANGLES", "SYMMETRY_METRICS", "evaluate_run"]

@@ -51,7 +51,7 @@ from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells
-from abc_pipeline.learn.checkpoint import load_model
+from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
                                      z_blocks)
 from abc_pipeline.learn.train import pick_device
@@ -154,6 +154,11 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
     tiles per forward pass (default: as many as fit 32,768 input voxels, at least one; 2**20 on CUDA).
     """
+    from abc_pipeline.learn.baselines import predict_baseline
+    from abc_pipeline.learn.choices import is_baseline
+
+    if is_baseline(load_checkpoint(checkpoint)["model_name"]):  # scikit-learn baseline: per cell, not per voxel
+        return predict_baseline(checkpoint, raster, out, cells=cells)
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
     atlas = atlas_config(ckpt, checkpoint)

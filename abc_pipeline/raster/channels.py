@@ -141,3 +141,21 @@ def plan_channels(
         return ChannelPlan("genes", names, _as_index(idx))
     model = fit_pca(source, idx, names, int(pca), int(pca_sample), seed)
     return ChannelPlan("pca", tuple(f"PC{i + 1}" for i in range(int(pca))), _as_index(idx), model)
+
+
+def raster_channel_plan(source: CellSource, feature_channels: Sequence[str], pca: dict[str, np.ndarray] | None
+                        ) -> ChannelPlan:
+    """The channel definition a raster was made with (``Raster.feature_channels`` and ``Raster.pca``),
+    resolved on ``source``: applied to rows of X it gives each cell's own channel values, the values the
+    rasterizer averaged into voxels."""
+    if pca is None:
+        idx, _ = resolve_genes(source, list(feature_channels))
+        return ChannelPlan("genes", tuple(feature_channels), _as_index(idx))
+    genes = [str(g) for g in pca["genes"]]
+    idx, _ = resolve_genes(source, genes)
+    model = PCAModel(tuple(genes), np.asarray(pca["components"], np.float32), np.asarray(pca["mean"], np.float32),
+                     np.asarray(pca["explained_variance"]), np.asarray(pca["explained_variance_ratio"]), 0, 0)
+    if model.components.shape[0] != len(feature_channels):
+        raise InputError(f"the raster's PCA has {model.components.shape[0]} components but {len(feature_channels)} "
+                         f"feature channels; rasterize again")
+    return ChannelPlan("pca", tuple(feature_channels), _as_index(idx), model)

@@ -5,6 +5,10 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+from abc_pipeline.learn.choices import check_angles, is_baseline  # noqa: E402
+
+check_angles(config["evaluation"]["any_angles"], "config key evaluation.any_angles")
+
 DATASET = config["dataset"]
 RELEASE = str(config["release"])
 CACHE = config["cache_dir"]
@@ -97,11 +101,30 @@ def training_args(task, **overrides):
 
 
 def train_args(wildcards):
-    """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training']."""
+    """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training'] (a
+    baseline: config['baselines'])."""
     args = task_data_args(wildcards.task) + training_args(wildcards.task)
+    if is_baseline(wildcards.model):
+        args.append(baseline_args())
     if config["training"].get("max_samples_per_epoch") is not None:
         args.append(f"--max-samples-per-epoch {config['training']['max_samples_per_epoch']}")
     return " ".join(args)
+
+
+def baseline_args():
+    """CLI options of the scikit-learn baselines (`train`, `bench-models`) from config['baselines']."""
+    spec = config["baselines"]
+    args = [f"--neighbors {spec['neighbors']}", f"--logreg-c {spec['c']}"]
+    if spec["max_train_cells"] is not None:
+        args.append(f"--max-train-cells {spec['max_train_cells']}")
+    return " ".join(args)
+
+
+def evaluate_args():
+    """CLI options of `abc-pipeline evaluate` from config['evaluation']."""
+    spec = config["evaluation"]
+    return (f"--any-angles {' '.join(str(a) for a in spec['any_angles'])} "
+            f"--any-angle-sections {spec['any_angle_sections']}")
 
 
 def bench_args(wildcards):
@@ -112,6 +135,8 @@ def bench_args(wildcards):
     )
     args.append(f"--train-fraction {int(wildcards.percent) / 100}")
     args.append("--models " + " ".join(bench["models"]))
+    if any(is_baseline(m) for m in bench["models"]):
+        args.append(baseline_args())
     if config["training"].get("max_samples_per_epoch") is not None:
         args.append(f"--max-samples {config['training']['max_samples_per_epoch']}")
     return " ".join(args)

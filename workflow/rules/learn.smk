@@ -87,6 +87,7 @@ rule evaluate:
         f"logs/benchmarks/evaluate_{DATASET}_{{task}}_{{model}}.tsv"
     params:
         device=config["training"]["device"],
+        args=evaluate_args(),
     threads: 8
     resources:
         mem_mb=8000,
@@ -95,4 +96,4 @@ rule evaluate:
     shell:
         "abc-pipeline evaluate --checkpoint {input.checkpoint} --raster {input.raster} "
         "--predictions {input.predictions} --cells {input.cells} --out {output} --device {params.device} "
-        "> {log} 2>&1"
+        "{params.args} > {log} 2>&1"

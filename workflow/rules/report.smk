@@ -15,6 +15,11 @@ rule report:
             caption="../report/overview.rst",
             category="Predictions",
         ),
+        any_angle=report(
+            f"results/{DATASET}/report/any_angle.png",
+            caption="../report/any_angle.rst",
+            category="Metrics",
+        ),
     log:
         f"logs/report_{DATASET}.log",
     benchmark:
