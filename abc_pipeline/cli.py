@@ -229,6 +229,10 @@ def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", default="auto", choices=("auto", "2", "3"), help="auto: 2 for section rasters, else 3")
     p.add_argument("--patch-size", type=int, nargs="+", default=[5], help="celltype window P (odd; one or per axis z y x)")
     p.add_argument("--tile-size", type=int, nargs="+", default=[64], help="region tile (voxels; one or per axis z y x)")
+    p.add_argument("--architecture", choices=("cell-context", "patch", "segment"), default=None,
+                   help="what the zoo model is built into: cell-context (own expression + invariant context, per "
+                        "cell), patch (patch classifier), segment (U-Net); default cell-context for celltype, "
+                        "segment for region")
     p.add_argument("--split-fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of the sections per split (default 0.7 0.15 0.15)")
     p.add_argument("--split-blocks", type=int, default=None,
@@ -242,7 +246,7 @@ def _atlas_data_kwargs(a: argparse.Namespace) -> dict:
         return sizes[0] if len(sizes) == 1 else sizes
 
     kwargs = {"level": a.level, "dim": a.dim if a.dim == "auto" else int(a.dim), "patch_size": one_or_all(a.patch_size),
-              "tile_size": one_or_all(a.tile_size), "seed": a.seed}
+              "tile_size": one_or_all(a.tile_size), "seed": a.seed, "architecture": a.architecture}
     for key in ("split_fractions", "split_blocks"):  # None: the library's defaults
         if getattr(a, key) is not None:
             kwargs[key] = getattr(a, key)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from abc_pipeline.cli import main
-from abc_pipeline.learn.predict import names_digest
+from abc_pipeline.learn.data import names_digest
 from abc_pipeline.raster import open_raster
 from test_safety_outputs import _error_line, tree
 

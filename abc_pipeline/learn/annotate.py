@@ -34,7 +34,7 @@ from anndata.io import write_elem
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_KEY, check_output, staged_output
 from abc_pipeline.integrity import check_shape, verify_store
-from abc_pipeline.learn.predict import names_digest
+from abc_pipeline.learn.data import names_digest
 from abc_pipeline.raster.ome import ATTRS_KEY
 from abc_pipeline.raster.source import CellSource
 

@@ -188,7 +188,8 @@ def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str
         dev = pick_device(device)
         net, _ = load_model(checkpoint, dev)
         normalizer = Normalizer.from_dict(atlas["normalizer"])
-        dense = atlas["task"] == "celltype"
+        architecture = atlas.get("architecture", "patch" if atlas["task"] == "celltype" else "segment")
+        dense = architecture in ("patch", "cell-context")
         margin = tuple(net.margin) if dense else (int(halo),) * dim
         size = np.asarray(r.grid.voxel_size[1:])
     for a, angle in enumerate(angles):
@@ -210,10 +211,15 @@ def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str
                 x, vox = _image(u, rotate_points(u.yx, u.centre, angle), normalizer, size, half,
                                 margin[0] if dim == 3 else 0)
                 inp = torch.from_numpy(x[:, 0] if dim == 2 else x)[None].to(dev)
-                logits = (net.forward_dense(inp) if dense else net(inp)).float()
-                p = torch.softmax(logits, dim=1)[0].cpu().numpy()  # (K, *spatial)
-                proba[a, start : start + n] = (p[:, vox[:, 1], vox[:, 2]] if dim == 2
-                                               else p[:, vox[:, 0], vox[:, 1], vox[:, 2]]).T
+                at = (slice(None), vox[:, 1], vox[:, 2]) if dim == 2 else (slice(None), *vox.T)
+                if architecture == "cell-context":  # each cell: the context embedding at its voxel + its expression
+                    embedding = net.context_dense(inp)[0][at].T
+                    logits = net.cell_logits(embedding, torch.from_numpy(u.values).to(dev)).float()
+                    proba[a, start : start + n] = torch.softmax(logits, dim=1).cpu().numpy()
+                else:
+                    logits = (net.forward_dense(inp) if dense else net(inp)).float()
+                    p = torch.softmax(logits, dim=1)[0].cpu().numpy()  # (K, *spatial)
+                    proba[a, start : start + n] = p[at].T
             start += n
     return {"angles": list(angles), "rows": np.concatenate([u.rows for u in units]),
             "y": np.concatenate([u.y for u in units]), "proba": proba,

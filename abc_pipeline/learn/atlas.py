@@ -2,11 +2,16 @@
 
 Tasks:
 
-- ``celltype``: a :class:`abc_pipeline.nn.patch.PatchClassifier` (``build_model(..., task="patch")``) on
-  per-cell patches (:class:`abc_pipeline.learn.data.CellPatchDataset`) at label ``level`` (default
-  ``class``); the same weights later run densely over the whole raster (``abc-pipeline predict``).
-- ``region``: a U-Net (``build_model(..., task="segment")``) on tiles of the label volume ``level``
-  (default ``parcellation_division``; :class:`abc_pipeline.learn.data.TileDataset`).
+- ``celltype``: by default a :class:`abc_pipeline.nn.cell_context.CellContextClassifier`
+  (``architecture="cell-context"``): each cell's own expression (the raster's channels applied to the cell)
+  fused with the invariant context embedding of the patch around its voxel
+  (:class:`abc_pipeline.learn.cell_context.CellContextDataset`), at label ``level`` (default ``class``); or
+  ``architecture="patch"``: the :class:`abc_pipeline.nn.patch.PatchClassifier` on the patch alone
+  (:class:`abc_pipeline.learn.data.CellPatchDataset`). The context trunk later runs densely over the whole
+  raster (``abc-pipeline predict``).
+- ``region``: by default a U-Net (``architecture="segment"``) on tiles of the label volume ``level``
+  (default ``parcellation_division``; :class:`abc_pipeline.learn.data.TileDataset`); or the cell-context
+  classifier on each cell's own region label (``architecture="cell-context"``).
 
 Section rasters train 2D models over (y, x) per section; 3D rasters 3D models with the physical voxel size
 (``spacing = grid.voxel_size``, anisotropic allowed). Splits are contiguous blocks of sections / z indices
@@ -31,22 +36,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
+from abc_pipeline.learn.cell_context import CellContextDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, CellPatchDataset,
                                      ClassTable, Normalizer, TileDataset, channel_stats, class_table, default_dim,
-                                     model_spacing, raster_splits)
-from abc_pipeline.learn.predict import names_digest
+                                     model_spacing, names_digest, raster_splits)
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
+from abc_pipeline.raster.channels import ChannelPlan
 from abc_pipeline.raster.ome import Raster, open_raster
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-#: atlas task -> build_model task
-ARCHITECTURES = {"celltype": "patch", "region": "segment"}
+#: atlas task -> the build_model tasks (architectures) it can train, the default first
+ARCHITECTURES = {"celltype": ("cell-context", "patch"), "region": ("segment", "cell-context")}
+#: architectures that classify cells one by one (datasets of cells, per-cell targets from cells.zarr)
+PER_CELL = ("cell-context", "patch")
 DEFAULT_LEVELS = {"celltype": "class", "region": "parcellation_division"}
 
 
@@ -64,13 +72,14 @@ class AtlasData:
     ``splits``: z indices per split (:func:`abc_pipeline.learn.data.raster_splits`, the training split
     possibly thinned to ``train_sections``); ``patch`` (celltype) / ``tile`` (region): window sizes per
     model axis (tiles at most the volume); ``spacing``: physical voxel size per model axis (mm);
-    ``cell_names_digest``: :func:`abc_pipeline.learn.predict.names_digest` of the raster's cell names (equal to
+    ``cell_names_digest``: :func:`abc_pipeline.learn.data.names_digest` of the raster's cell names (equal to
     that of ``cells`` when given).
     """
 
     raster: Raster
     cells: CellSource | None
     task: str
+    architecture: str
     level: str
     dim: int
     spacing: tuple[float, ...]
@@ -83,15 +92,17 @@ class AtlasData:
     seed: int
     cache_bytes: int
     cell_names_digest: str
+    plan: ChannelPlan | None = None  # cell-context: the raster's channels applied to a cell's genes
 
-    @property
-    def architecture(self) -> str:
-        """The :func:`abc_pipeline.nn.build_model` task."""
-        return ARCHITECTURES[self.task]
 
     def dataset(self, split: str, halo: Sequence[int] = (), max_samples: int | None = None) -> Dataset:
-        """Samples of ``split``: cell patches of ``patch + 2 * halo`` voxels (celltype; ``halo`` = the
-        model's, ``max_samples`` caps the cells to a fixed seeded subset) or label tiles (region)."""
+        """Samples of ``split``: cell patches of ``patch + 2 * halo`` voxels (``halo`` = the model's,
+        ``max_samples`` caps the cells to a fixed seeded subset), with each cell's own expression for the
+        cell-context architecture, or label tiles (segment)."""
+        if self.architecture == "cell-context":
+            return CellContextDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
+                                      self.dim, self.patch, halo, self.plan, max_samples=max_samples, seed=self.seed,
+                                      cache_bytes=self.cache_bytes)
         if self.architecture == "patch":
             return CellPatchDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
                                     self.dim, self.patch, halo, max_samples=max_samples, seed=self.seed,
@@ -102,9 +113,9 @@ class AtlasData:
     def describe(self, halo: Sequence[int] = ()) -> dict:
         """What a run on this data records (``config["atlas"]`` of the checkpoint; what predict needs)."""
         r = self.raster
-        sizes = ({"patch_size": list(self.patch), "halo": list(halo)} if self.architecture == "patch"
+        sizes = ({"patch_size": list(self.patch), "halo": list(halo)} if self.architecture in PER_CELL
                  else {"tile_size": list(self.tile)})
-        return {"task": self.task, "raster": str(Path(r.path).resolve()), "channels": list(r.feature_channels),
+        return {"task": self.task, "architecture": self.architecture, "raster": str(Path(r.path).resolve()), "channels": list(r.feature_channels),
                 "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
                 "classes": self.table.to_dict(), "splits": self.splits,
                 "split_fractions": list(self.split_fractions), "normalizer": self.normalizer.to_dict(),
@@ -115,10 +126,12 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
                dim: int | str = "auto", patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64,
                seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
                split_blocks: int = DEFAULT_SPLIT_BLOCKS, train_sections: float = 1.0,
-               cache_bytes: int = DEFAULT_CACHE_BYTES) -> AtlasData:
+               cache_bytes: int = DEFAULT_CACHE_BYTES, architecture: str | None = None) -> AtlasData:
     """Open ``raster`` for ``task`` (``celltype`` | ``region``): splits, classes, normalisation.
 
-    ``cells``: the cells.zarr the raster was made from (required for ``celltype``: the per-cell labels).
+    ``architecture``: the :func:`abc_pipeline.nn.build_model` task trained (``ARCHITECTURES[task]``; default
+    the first: ``cell-context`` for celltype, ``segment`` for region). ``cells``: the cells.zarr the raster
+    was made from (required for per-cell architectures: the cells' labels and expression).
     ``dim``: ``"auto"`` (2 for section rasters, else 3), 2 (per z-plane) or 3. ``split_fractions`` /
     ``split_blocks`` / ``seed``: :func:`abc_pipeline.learn.data.raster_splits`. ``train_sections``: keep
     this fraction of the training split's occupied z indices (evenly spaced along z, at least one), to
@@ -126,10 +139,15 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
     """
     if task not in ARCHITECTURES:
         raise InputError(f"task must be one of {', '.join(ARCHITECTURES)}, got {task!r}")
+    architecture = architecture or ARCHITECTURES[task][0]
+    if architecture not in ARCHITECTURES[task]:
+        raise InputError(f"the {task} task trains the architectures {', '.join(ARCHITECTURES[task])}; "
+                         f"got --architecture {architecture!r}")
     r = open_raster(raster)
     level = level or DEFAULT_LEVELS[task]
-    if task == "celltype" and cells is None:
-        raise InputError("the celltype task needs --cells (the cells.zarr the raster was made from)")
+    if architecture in PER_CELL and cells is None:
+        raise InputError(f"the {architecture} architecture ({task}) needs --cells (the cells.zarr the raster was "
+                         f"made from)")
     src = CellSource(cells) if cells is not None else None
     digest = names_digest(r.cell_label)
     if src is not None and names_digest(src.obs_names()) != digest:
@@ -142,11 +160,13 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
     splits = raster_splits(r, split_fractions, seed, split_blocks)
     if train_sections != 1.0:
         splits["train"] = _thin_sections(r, splits["train"], train_sections)
-    return AtlasData(raster=r, cells=src, task=task, level=level, dim=dim, spacing=model_spacing(r, dim),
+    return AtlasData(raster=r, cells=src, task=task, architecture=architecture, level=level, dim=dim,
+                     spacing=model_spacing(r, dim),
                      splits=splits, split_fractions=tuple(float(f) for f in split_fractions),
                      table=class_table(r, src, level), normalizer=channel_stats(r, splits["train"]),
                      patch=check_patch_size(patch_size, dim), tile=_clamp_tile(r, _sizes(tile_size, dim, "tile_size")),
-                     seed=seed, cache_bytes=cache_bytes, cell_names_digest=digest)
+                     seed=seed, cache_bytes=cache_bytes, cell_names_digest=digest,
+                     plan=channel_plan(r, src) if architecture == "cell-context" else None)
 
 
 def _clamp_tile(raster: Raster, tile: tuple[int, ...]) -> tuple[int, ...]:
@@ -176,7 +196,7 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
                      seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
                      split_blocks: int = DEFAULT_SPLIT_BLOCKS, max_samples_per_epoch: int | None = None,
                      device: str = "auto", num_workers: int = 0, progress: bool = True, resume: bool | str = True,
-                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
+                     cache_bytes: int = DEFAULT_CACHE_BYTES, architecture: str | None = None) -> dict:
     """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
 
     Data arguments: :func:`atlas_data` (``patch_size``: window ``P`` of the cell-type classifier, odd;
@@ -185,7 +205,8 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     see :func:`abc_pipeline.nn.build_model`. The rest: :func:`abc_pipeline.learn.train.train`.
     """
     data = atlas_data(raster, cells, task, level=level, dim=dim, patch_size=patch_size, tile_size=tile_size,
-                      seed=seed, split_fractions=split_fractions, split_blocks=split_blocks, cache_bytes=cache_bytes)
+                      seed=seed, split_fractions=split_fractions, split_blocks=split_blocks, cache_bytes=cache_bytes,
+                      architecture=architecture)
     n_classes = len(data.table.names)
     torch.manual_seed(seed)
     model = build_model(model_name, data.dim, data.normalizer.in_channels, n_classes, data.architecture,
@@ -197,6 +218,9 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     halo = getattr(model, "halo", ())
     train_ds = data.dataset("train", halo, max_samples_per_epoch)
     val_ds = data.dataset("val", halo, max_samples_per_epoch)
+    if data.architecture == "cell-context":  # the cells' expression statistics and the raster's normalisation
+        model.set_normalization(*expression_stats(train_ds.expression.numpy()), data.normalizer.mean,
+                                data.normalizer.std)
     model_kwargs = {"name": model_name, "dim": data.dim, "in_channels": data.normalizer.in_channels,
                     "n_classes": n_classes, "task": data.architecture, "width": model.width,
                     "spacing": list(data.spacing), "depth": depth, "patch_size": list(data.patch)}
@@ -210,14 +234,15 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
         test_ds = data.dataset("test", halo)
         dev = pick_device(device)
         n_test = len(test_ds)
-        if data.architecture == "patch":
+        if data.architecture in PER_CELL:
             proba = predict_proba(model, test_ds, batch_size=batch_size, device=dev)
             test = classification_metrics(test_ds.targets.numpy(), proba.numpy(), data.table.names)
         else:
             test = _segment_test(model, test_ds, data.table.names, batch_size, dev)
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    metrics.update(atlas_task=task, level=data.level, width=model.width, splits=data.splits, n_test=n_test, test=test)
+    metrics.update(atlas_task=task, architecture=data.architecture, level=data.level, width=model.width,
+                   splits=data.splits, n_test=n_test, test=test)
     write_json(metrics, out_dir / "metrics.json")
     log.info("%s %s: best epoch %d, validation %s %.3f; test %s", task, model_name, result.best_epoch,
              result.metric, result.best_score, {k: round(v, 3) for k, v in test.items() if isinstance(v, float)})
@@ -229,7 +254,10 @@ def atlas_task(raster: str | Path, cells: str | Path | None, task: str, *, depth
     """A :class:`abc_pipeline.learn.compare.BenchTask` (``abc-pipeline bench-models --raster``) for an atlas
     task; ``data_kwargs``: :func:`atlas_data` (``train_sections`` thins the training split). ``max_samples``
     caps the cells of every split (celltype) to a fixed seeded subset. The patch halo is the zoo's (every
-    zoo model has the same receptive field for a given ``depth``)."""
+    zoo model has the same receptive field for a given ``depth``). The comparison runs on one input tensor
+    per sample: the patch classifier (celltype) and the U-Net (region), unless ``architecture`` says otherwise."""
+    if data_kwargs.get("architecture") is None:
+        data_kwargs["architecture"] = "patch" if task == "celltype" else "segment"
     data = atlas_data(raster, cells, task, **data_kwargs)
     probe = build_model("cnn", data.dim, data.normalizer.in_channels, len(data.table.names), data.architecture,
                         width=1, spacing=data.spacing, depth=depth, patch_size=data.patch)

@@ -64,7 +64,8 @@ from abc_pipeline.learn.data import (
     default_dim,
     raster_splits,
 )
-from abc_pipeline.learn.predict import atlas_config, check_channels, names_digest
+from abc_pipeline.learn.data import names_digest
+from abc_pipeline.learn.predict import atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets, score_cells
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import (

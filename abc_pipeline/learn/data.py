@@ -24,6 +24,7 @@ one z-plane at a time through a small LRU cache (``cache_bytes``), never the who
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,6 +53,15 @@ DEFAULT_SPLIT_BLOCKS = 3  # contiguous blocks per split along z
 
 
 # ----------------------------------------------------------------------------------------------- splits
+def names_digest(names: zarr.Array, chunk: int = 1 << 16) -> str:
+    """SHA-1 (16 hex digits) of a cell-name array, read in chunks (identifies a cells.zarr's obs order)."""
+    h = hashlib.sha1()
+    for s in range(0, names.shape[0], chunk):
+        h.update("\n".join(str(v) for v in np.asarray(names[s : s + chunk]).tolist()).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 def section_splits(n_sections: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
                    blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict[str, list[int]]:
     """Interleaved contiguous blocks of z indices ``0..n_sections-1`` for ``train``, ``val``, ``test``.

@@ -66,8 +66,8 @@ from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_s
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles, is_baseline
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
-                                     z_blocks)
-from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels, names_digest
+                                     names_digest, z_blocks)
+from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import score_cells
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
@@ -148,6 +148,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"])
         test = segmentation_metrics(y_true, y_pred, names, ignore=IGNORE_INDEX)
         unit, margin, net = "voxels", (halo,) * dim, model
+        if atlas.get("architecture") == "cell-context":  # a per-cell model's dense map: each voxel's mean cell
+            margin, net = tuple(model.margin), model.forward_dense
     boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin,
                      windows)
     readers = {w.block: RasterReader(r, normalizer, list(range(*w.block)), table.level if task == "region" else None,

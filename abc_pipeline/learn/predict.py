@@ -8,6 +8,10 @@ output stays 0).
 
 - ``celltype`` (patch classifier): ``forward_dense`` with margin ``patch_size // 2 + halo`` (the receptive
   field): each voxel's probabilities equal those of the patch classifier on the patch centred there.
+- cell-context classifiers (``celltype`` by default): the same dense pass gives each voxel's context
+  embedding and the probabilities of its mean cell (the voxel map); then every cell is classified from the
+  embedding at its voxel and its own expression read from cells.zarr (``cells/pred``, ``cells/proba``: one
+  prediction per cell, cells of a voxel differ).
 - ``region`` (U-Net): the tile is read with ``halo`` extra voxels per side (default 16 per axis in-plane)
   and centre-cropped (stitching without seams as long as the halo covers the network's effective context).
 
@@ -30,9 +34,9 @@ chunks of cells with one vectorised gather each; no per-cell network evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
+import shutil
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 
@@ -44,11 +48,14 @@ from tqdm.auto import tqdm
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import check_output, staged_output
+from abc_pipeline.learn.atlas import PER_CELL
+from abc_pipeline.learn.cell_context import channel_plan, predict_cells
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
-                                     z_blocks)
+                                     names_digest, z_blocks)
 from abc_pipeline.learn.train import pick_device
 from abc_pipeline.raster.ome import ATTRS_KEY, create_array, open_raster, write_image_metadata, write_labels_metadata
+from abc_pipeline.raster.channels import ChannelPlan
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ _PASS_VOXELS = {"cuda": 1 << 20}
 _PASS_VOXELS_DEFAULT = 1 << 15
 _CELL_CHUNK = 1 << 16  # cells per gather
 _METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
+_CONTEXT = "_context"  # temporary (embed, z, y, x) context embedding of a cell-context model
 
 
 def atlas_config(ckpt: dict, path: str | Path) -> dict:
@@ -84,15 +92,6 @@ def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], chec
             f"{raster_path} has {len(have)} feature channels ({have[:5]}...) but the checkpoint {checkpoint} was "
             f"trained on {len(want)} ({want[:5]}...), first difference at channel {diff}; rasterize with the "
             f"training channels (same --genes/--pca) or use a checkpoint trained on this raster")
-
-
-def names_digest(names: zarr.Array, chunk: int = _CELL_CHUNK) -> str:
-    """SHA-1 (16 hex digits) of a cell-name array, read in chunks (identifies a cells.zarr's obs order)."""
-    h = hashlib.sha1()
-    for s in range(0, names.shape[0], chunk):
-        h.update("\n".join(str(v) for v in np.asarray(names[s : s + chunk]).tolist()).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
 
 
 def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
@@ -163,7 +162,11 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
         raise InputError(f"{r.path} is a section raster but the checkpoint's model is 3D; use a 3D raster")
     table = ClassTable.from_dict(atlas["classes"])
     normalizer = Normalizer.from_dict(atlas["normalizer"])
-    dense = atlas["task"] == "celltype"
+    architecture = atlas.get("architecture", "patch" if task == "celltype" else "segment")
+    dense = architecture in PER_CELL
+    if architecture == "cell-context" and cells is None:
+        raise InputError(f"{checkpoint} is a cell-context model: predict needs --cells (the cells.zarr of the "
+                         f"raster), whose expression it reads per cell")
     core = tuple(int(v) for v in ((tile_size,) * dim if isinstance(tile_size, int) else tile_size or DEFAULT_TILE[dim]))
     if dense:
         margin = tuple(model.margin)
@@ -184,9 +187,10 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
             raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
                              f"cells.zarr the raster was made from")
     out = Path(out)
+    per_cell = (src, channel_plan(r, src)) if architecture == "cell-context" else None
     with staged_output(out, "predictions", inputs=[checkpoint, r.path, cells], overwrite=overwrite) as tmp:
         _write(tmp, model, r, table, normalizer, dense, dim, core3, margin3, blocks, splits, batch_size, dev,
-               progress, cache_bytes, task)
+               progress, cache_bytes, task, per_cell)
         metrics = _score_cells(tmp, CellSource(cells), table) if cells is not None else {}
         root = zarr.open_group(str(tmp), mode="a")
         root.attrs[ATTRS_KEY] = {"predictions": {
@@ -205,8 +209,12 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
 def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: Normalizer, dense: bool, dim: int,
            core: tuple[int, int, int], margin: tuple[int, int, int], blocks: list[tuple[int, int]],
            splits: dict[str, list[int]], batch_size: int | None, dev: torch.device, progress: bool,
-           cache_bytes: int, task: str) -> None:
-    """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables."""
+           cache_bytes: int, task: str, per_cell: tuple[CellSource, ChannelPlan] | None = None) -> None:
+    """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables.
+
+    ``per_cell`` (cell-context models: cells.zarr and the raster's channel plan): the dense context embedding
+    is kept in a temporary array and every cell is classified from it and its own expression
+    (:func:`abc_pipeline.learn.cell_context.predict_cells`); otherwise cells take their voxel's prediction."""
     shape = r.grid.shape
     k = len(table.names)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
@@ -215,6 +223,8 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
     labels = root.require_group("labels")
     name = f"pred_{task}"
     label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
+    context = None if per_cell is None else create_array(root, _CONTEXT, (model.context.linear.out_features, *shape),
+                                                         (16, *chunks), np.float32)
     size = tuple(c + 2 * m for c, m in zip(core, margin))
     batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))
     amp = dev.type == "cuda"
@@ -237,19 +247,31 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
     while batch := list(itertools.islice(tiles, batch_size)):
         x = torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for _, _, w in batch])).to(dev)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
-            logits = model.forward_dense(x) if dense else model(x)
+            if context is not None:
+                embedding = model.context_dense(x)
+                logits = model.forward_dense(x, embedding)
+                embedding = embedding.float().cpu().numpy()
+            else:
+                logits = model.forward_dense(x) if dense else model(x)
         p = torch.softmax(logits.float(), dim=1).cpu().numpy()
         if dim == 2:
             p = p[:, :, None]
+            embedding = embedding[:, :, None] if context is not None else None
         for i, (region, crop, w) in enumerate(batch):
             t = w[(-1, *crop)] > 0
             pc = np.where(t, p[i][(slice(None), *crop)], np.float32(0))
             proba[(slice(None), *region)] = pc
             label[region] = np.where(t, pc.argmax(0) + 1, 0).astype(np.uint16)
+            if context is not None:
+                context[(slice(None), *region)] = embedding[i][(slice(None), *crop)]
     bar.close()
     write_image_metadata(root, r.grid, 1, list(table.names), [(0.0, 1.0)] * k, name=f"{name}_proba")
     write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
     _sample_cells(root, proba, r, splits, k)
+    if per_cell is not None:
+        cells = root["cells"]
+        predict_cells(model, context, r, *per_cell, cells["proba"], cells["pred"], dev)
+        shutil.rmtree(tmp / _CONTEXT)
 
 
 def _sample_cells(root: zarr.Group, proba: zarr.Array, r, splits: dict[str, list[int]], k: int) -> None:

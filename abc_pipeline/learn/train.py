@@ -2,7 +2,8 @@
 
 Works for any ``torch.utils.data.Dataset`` of ``(input, target)`` pairs:
 
-- classification: input ``(C, *spatial)``, target a class index (batched: ``(B,)``); the model returns
+- classification: input ``(C, *spatial)`` (or a tuple of tensors, passed to the model as positional
+  arguments), target a class index (batched: ``(B,)``); the model returns
   logits ``(B, K)``;
 - segmentation: input ``(C, *spatial)``, target ``(*spatial)`` int64 with ``IGNORE_INDEX`` (-1) where there
   are no cells (those voxels count neither in the loss nor in the metrics); the model returns ``(B, K, *spatial)``.
@@ -108,6 +109,13 @@ def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def model_inputs(x: torch.Tensor | Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch's model inputs on ``device`` as positional arguments: one tensor, or several (a dataset whose
+    input is a tuple, e.g. ``(patch, expression)`` of the cell-context classifier)."""
+    parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
+    return tuple(t.to(device, non_blocking=True) for t in parts)
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: torch.Tensor | Dataset, batch_size: int = 256,
                   device: str | torch.device = "auto") -> torch.Tensor:
@@ -123,7 +131,7 @@ def predict_proba(model: nn.Module, x: torch.Tensor | Dataset, batch_size: int =
     for batch in loader:
         xb = batch[0] if isinstance(batch, (list, tuple)) else batch
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = model(xb.to(device, non_blocking=True))
+            logits = model(*model_inputs(xb, device))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(out)
 
@@ -141,9 +149,9 @@ def _validate(model: nn.Module, ds: Dataset, task: str, class_names: Sequence[st
     loss_sum, n = 0.0, 0
     outs, targets = [], []
     for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
+        x, y = model_inputs(x, device), y.to(device, non_blocking=True).long()
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(x)
+            logits = model(*x)
         labelled = int((y != IGNORE_INDEX).sum())
         if labelled:
             loss_sum += float(F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum"))
@@ -290,12 +298,12 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
                             drop_last=len(train_ds) % batch_size == 1)  # no 1-sample batch (batch norm)
         loss_sum, n = 0.0, 0
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
+            x, y = model_inputs(x, device), y.to(device, non_blocking=True).long()
             labelled = int((y != IGNORE_INDEX).sum())
             if not labelled:
                 continue
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
+                logits = model(*x)
             loss = _loss(logits, y, weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -357,5 +365,5 @@ def _write_history(history: list[dict], path: Path) -> None:
     atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
-__all__ = ["IGNORE_INDEX", "METRICS", "TrainResult", "balanced_weights", "class_counts", "pick_device",
-           "predict_proba", "train"]
+__all__ = ["IGNORE_INDEX", "METRICS", "TrainResult", "balanced_weights", "class_counts", "model_inputs",
+           "pick_device", "predict_proba", "train"]

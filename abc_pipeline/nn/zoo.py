@@ -49,7 +49,7 @@ from abc_pipeline.nn.moment import MomentConv
 log = logging.getLogger(__name__)
 
 MODELS = ("cnn", "moment-trivial", "moment-trivial-irrep", "gcnn-regular", "cfnet", "se2n-interp")
-TASKS = ("classify", "segment", "patch")
+TASKS = ("classify", "segment", "patch", "cell-context")
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -321,7 +321,7 @@ def default_width(name: str, dim: int, spacing: Sequence[float] | None = None) -
 
 def _build(name: str, dim: int, in_channels: int, n_classes: int, task: str, width: int,
            spacing: tuple[float, ...], depth: int | None, kernel_size: int, padding_mode: str,
-           scalar_act: str, patch_size) -> nn.Module:
+           scalar_act: str, patch_size, n_expression: int) -> nn.Module:
     if name == "cfnet":
         if dim != 2 or task != "classify":
             raise InputError("cfnet is a 2D classification model (task='classify', dim=2)")
@@ -337,6 +337,11 @@ def _build(name: str, dim: int, in_channels: int, n_classes: int, task: str, wid
         from abc_pipeline.nn.patch import PatchClassifier
 
         return PatchClassifier(family, in_channels, n_classes, width, depth or 4, spacing, patch_size)
+    if task == "cell-context":
+        from abc_pipeline.nn.cell_context import CellContextClassifier
+
+        return CellContextClassifier(family, in_channels, n_expression, n_classes, width, depth or 4, spacing,
+                                     patch_size)
     return UNet(family, in_channels, n_classes, width, depth or 4, spacing)
 
 
@@ -347,13 +352,17 @@ def count_parameters(model: nn.Module) -> int:
 def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str = "classify",
                 width: int | None = None, target_params: int | None = None,
                 spacing: Sequence[float] | None = None, *, depth: int | None = None, kernel_size: int = 3,
-                padding_mode: str = "zeros", scalar_act: str = "relu", patch_size: int | Sequence[int] = 5) -> nn.Module:
+                padding_mode: str = "zeros", scalar_act: str = "relu", patch_size: int | Sequence[int] = 5,
+                n_expression: int | None = None) -> nn.Module:
     """Build a zoo model (see the module docstring for the architectures).
 
     Input ``(B, in_channels, *spatial)`` (image channels as scalar fields); ``task="classify"`` returns
     logits ``(B, n_classes)``, ``task="segment"`` logits ``(B, n_classes, *spatial)`` of the input's size,
     ``task="patch"`` a :class:`abc_pipeline.nn.patch.PatchClassifier` (stride-1 trunk of ``depth``, default 4,
-    stages; window ``patch_size``; also dense) whose ``task`` attribute is ``"classify"`` (it trains as one).
+    stages; window ``patch_size``; also dense) whose ``task`` attribute is ``"classify"`` (it trains as one);
+    ``task="cell-context"`` a :class:`abc_pipeline.nn.cell_context.CellContextClassifier` (the patch trunk as an
+    invariant context embedding fused with the cell's own ``n_expression`` channel values, default
+    ``in_channels - 1``; also a classifier).
     ``width`` = fields in the first layer; or ``target_params`` solves the width (binary search) whose
     parameter count is closest; neither: :func:`default_width`. ``spacing`` = physical voxel size per
     axis (z, y, x), for anisotropic grids. The model gets attributes ``name``, ``width``, ``task``,
@@ -372,7 +381,8 @@ def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str
     spacing = check_spacing(spacing, dim)
     spacing = tuple(s / min(spacing) for s in spacing)
     build = lambda w: _build(name, dim, in_channels, n_classes, task, w, spacing, depth, kernel_size,  # noqa: E731
-                             padding_mode, scalar_act, patch_size)
+                             padding_mode, scalar_act, patch_size,
+                             in_channels - 1 if n_expression is None else n_expression)
     if target_params is not None:
         width = solve_width(build, target_params)
     elif width is None:
@@ -380,7 +390,7 @@ def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str
     if width < 1:
         raise InputError(f"width must be >= 1, got {width}")
     model = build(width)
-    model.name, model.width, model.task, model.dim = name, width, "classify" if task == "patch" else task, dim
+    model.name, model.width, model.task, model.dim = name, width, "classify" if task in ("patch", "cell-context") else task, dim
     if name == "cnn":
         model.group_size = 1
     elif name == "cfnet":

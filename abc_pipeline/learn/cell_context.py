@@ -1,0 +1,109 @@
+"""Data of the cell-context classifier (:class:`abc_pipeline.nn.cell_context.CellContextClassifier`): each
+cell's own expression in the raster's channel definition, its statistics, the per-cell dataset and the
+per-cell prediction pass of ``abc-pipeline predict``.
+
+- :func:`channel_plan`: the raster's channels as a :class:`abc_pipeline.raster.channels.ChannelPlan` over
+  the genes of cells.zarr (gene channels by symbol, or the PCA stored in the raster: ``(x - mean) @ C.T``),
+  so a cell's values are exactly what the rasterizer averaged into its voxel.
+- :func:`cell_expression`: those values for given cells, read X chunk by chunk (only chunks holding them).
+- :class:`CellContextDataset`: :class:`abc_pipeline.learn.data.CellPatchDataset` plus each cell's expression:
+  samples ``((patch, expression), target)``.
+- :func:`predict_cells`: per-cell probabilities from the dense context embedding gathered at each cell's
+  voxel and the cell's own expression, in chunks of cells (bounded memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import Dataset
+
+from abc_pipeline.errors import InputError
+from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, CellPatchDataset, ClassTable, Normalizer
+from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
+from abc_pipeline.raster.ome import Raster
+from abc_pipeline.raster.source import CellSource
+
+log = logging.getLogger(__name__)
+
+_CELL_CHUNK = 1 << 16  # cells per pass of predict_cells
+
+
+def channel_plan(raster: Raster, cells: CellSource) -> ChannelPlan:
+    """The raster's feature channels as a plan over the genes of ``cells`` (the raster's cells.zarr)."""
+    return raster_channel_plan(cells, raster.feature_channels, raster.pca)
+
+
+def cell_expression(cells: CellSource, plan: ChannelPlan, rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), F)`` float32 channel values of the cells ``rows`` (ascending row numbers of cells.zarr),
+    read one X chunk at a time (chunks without a requested row are skipped)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (np.any(np.diff(rows) < 0) or rows[0] < 0 or rows[-1] >= cells.n_cells):
+        raise InputError(f"cell rows must be ascending within 0..{cells.n_cells - 1}")
+    out = np.empty((rows.size, len(plan.names)), dtype=np.float32)
+    step = cells.row_chunk
+    chunk_of = rows // step
+    bounds = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1], True]) if rows.size else []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        lo = int(chunk_of[a]) * step
+        x = cells.read_X(lo, min(lo + step, cells.n_cells))
+        out[a:b] = plan.apply(x[rows[a:b] - lo])
+    return out
+
+
+def expression_stats(expression: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std ``(F,)`` float64 of ``(N, F)`` values (std below 1e-6 -> 1)."""
+    x = np.asarray(expression, dtype=np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    return mean, np.where(std < 1e-6, 1.0, std)
+
+
+class CellContextDataset(Dataset):
+    """:class:`CellPatchDataset` samples with each cell's own channel values: ``((patch, expression), target)``
+    with ``patch`` ``(C_in, *(P + 2*halo))`` and ``expression`` ``(F,)`` float32 (raw channel values; the model
+    standardises them). Attributes ``targets``, ``cells``, ``voxels`` and ``expression`` ``(N, F)``."""
+
+    def __init__(self, raster: Raster, cells: CellSource, table: ClassTable, split: str,
+                 splits: dict[str, Sequence[int]], normalizer: Normalizer, dim: int, patch_size: Sequence[int],
+                 halo: Sequence[int], plan: ChannelPlan, *, max_samples: int | None = None, seed: int = 0,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.patches = CellPatchDataset(raster, cells, table, split, splits, normalizer, dim, patch_size, halo,
+                                        max_samples=max_samples, seed=seed, cache_bytes=cache_bytes)
+        self.targets, self.cells, self.voxels = self.patches.targets, self.patches.cells, self.patches.voxels
+        self.expression = torch.from_numpy(cell_expression(cells, plan, self.cells))
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        patch, target = self.patches[i]
+        return (patch, self.expression[i]), target
+
+
+@torch.inference_mode()
+def predict_cells(model, context: zarr.Array, raster: Raster, cells: CellSource, plan: ChannelPlan,
+                  cell_proba: zarr.Array, cell_pred: zarr.Array, device: torch.device) -> None:
+    """Per-cell probabilities of a cell-context model: ``context`` ``(embed, z, y, x)`` (the dense context
+    embedding of every voxel) gathered at each cell's voxel, fused with the cell's own expression; written
+    to ``cell_proba`` ``(n_cells, K)`` (NaN rows: no voxel) and ``cell_pred`` ``(n_cells,)`` (-1: no voxel),
+    ``_CELL_CHUNK`` cells at a time."""
+    index = raster.voxel_index
+    n, k = index.shape[0], cell_proba.shape[1]
+    channels = np.arange(context.shape[0])[:, None]
+    for s in range(0, n, _CELL_CHUNK):
+        vox = np.asarray(index[s : s + _CELL_CHUNK]).astype(np.int64)
+        ok = vox[:, 0] >= 0
+        p = np.full((len(vox), k), np.nan, dtype=np.float32)
+        if ok.any():
+            v = vox[ok]
+            emb = context.vindex[channels, v[None, :, 0], v[None, :, 1], v[None, :, 2]].T
+            expr = cell_expression(cells, plan, np.flatnonzero(ok) + s)
+            logits = model.cell_logits(torch.from_numpy(np.ascontiguousarray(emb)).to(device),
+                                       torch.from_numpy(expr).to(device))
+            p[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        cell_proba[s : s + len(vox)] = p
+        cell_pred[s : s + len(vox)] = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)
