@@ -86,6 +86,34 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    from abc_pipeline.atlas.import_user import EXPRESSION, KINDS, UNITS
+
+    p = sub.add_parser("import", help="import your own spatial AnnData (h5ad/zarr) or MERSCOPE folder -> cells.zarr")
+    p.add_argument("--kind", choices=KINDS, required=True, help="anndata (.h5ad / .zarr) or merscope (output folder)")
+    p.add_argument("--input", type=Path, required=True, help="the AnnData file/store or the MERSCOPE folder")
+    p.add_argument("--out", type=Path, required=True, help="cells.zarr to write, e.g. results/<dataset>/cells.zarr")
+    p.add_argument("--coordinates", default="spatial", help="obsm key of the x, y[, z] coordinates (anndata)")
+    p.add_argument("--unit", choices=list(UNITS), default="um", help="unit of the coordinates")
+    p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
+    p.add_argument("--section-name", default=None, help="name of the one section (default: the input's name)")
+    p.add_argument("--labels", nargs="*", default=[], metavar="COLUMN", help="obs columns to keep as categorical labels")
+    p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
+    p.add_argument("--expression", choices=EXPRESSION, default=None,
+                   help="log2: X is log expression (anndata default); counts: store log2(x + 1) (merscope default)")
+    p.add_argument("--chunk-cells", type=int, default=100_000, help="cells per chunk (sets peak memory)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.atlas.import_user import import_user_data
+
+        import_user_data(a.kind, a.input, a.out, coordinates=a.coordinates, unit=a.unit, section=a.section,
+                         section_name=a.section_name, labels=a.labels, gene_symbols=a.gene_symbols,
+                         expression=a.expression, chunk_cells=a.chunk_cells, progress=not a.no_progress)
+
+    p.set_defaults(run=run)
+
+
 # --------------------------------------------------------------------------------------------- raster
 def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rasterize", help="rasterize cells.zarr into a multichannel OME-Zarr grid (c,z,y,x) + label volumes")
@@ -391,8 +419,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models, _add_train_npz, _add_train,
-               _add_predict, _add_annotate, _add_evaluate, _add_bench_models, _add_report]
+_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_import, _add_rasterize, _add_models, _add_train_npz,
+               _add_train, _add_predict, _add_annotate, _add_evaluate, _add_bench_models, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
