@@ -6,9 +6,10 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 DATASET = config["dataset"]
-RELEASE = str(config["release"])
+RELEASE = str(config.get("release", ""))
 CACHE = config["cache_dir"]
 SYNTHETIC = config["source"]["kind"] == "synthetic"
+USER_DATA = config["source"]["kind"] in ("anndata", "merscope")
 SYNTH_ROOT = "resources/synthetic_release"
 RASTERS = {spec["name"]: spec for spec in config["rasters"]}
 TASKS = config["tasks"]
@@ -42,6 +43,19 @@ def final_outputs():
         outputs.append(f"results/{DATASET}/cells_annotated.h5ad")
         outputs.append(f"results/{DATASET}/report/metrics.tsv")
     return outputs
+
+
+def import_args():
+    """CLI options of `abc-pipeline import` from config['source'] (your own AnnData or MERSCOPE folder)."""
+    src = config["source"]
+    args = [f"--kind {src['kind']}", f"--input {src['path']}", f"--coordinates {src['coordinates']}",
+            f"--unit {src['unit']}"]
+    for key in ("section", "section_name", "gene_symbols", "expression"):
+        if src.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {src[key]}")
+    if src["labels"]:
+        args.append("--labels " + " ".join(src["labels"]))
+    return " ".join(args)
 
 
 def raster_args(wildcards):
@@ -79,6 +93,8 @@ def task_data_args(task):
         args.append(f"--{size_key.replace('_', '-')} " + " ".join(str(v) for v in spec[size_key]))
     args.append("--split-fractions " + " ".join(str(v) for v in training["split_fractions"]))
     args.append(f"--split-blocks {training['split_blocks']}")
+    if training.get("split_block_size") is not None:
+        args.append(f"--split-block-size {training['split_block_size']}")
     return args
 
 
