@@ -14,6 +14,7 @@ SYNTH_ROOT = "resources/synthetic_release"
 RASTERS = {spec["name"]: spec for spec in config["rasters"]}
 TASKS = config["tasks"]
 MODELS = config["models"]
+TRANSFERS = {spec["name"]: spec for spec in config["transfer"]}
 for _task, _spec in TASKS.items():
     if _spec["raster"] not in RASTERS:
         raise ValueError(
@@ -26,6 +27,7 @@ wildcard_constraints:
     task="|".join(TASKS) or "none",
     model="|".join(MODELS) or "none",
     grid="|".join(RASTERS) or "none",
+    name="|".join(TRANSFERS) or "none",
     percent="[0-9]+",
 
 
@@ -143,3 +145,15 @@ def prediction_stores():
     """Every task x model prediction store; the primary model's come first (they become obs['pred_<task>'])."""
     models = sorted(MODELS, key=lambda m: m != config["primary_model"])
     return [f"results/{DATASET}/models/{task}/{model}/predictions.zarr" for task in TASKS for model in models]
+
+
+def transfer_args(wildcards):
+    """CLI options of `abc-pipeline transfer` for one dataset of config['transfer']."""
+    spec = TRANSFERS[wildcards.name]
+    args = [f"--kind {spec['kind']}", f"--coordinates {spec['coordinates']}", f"--unit {spec['unit']}"]
+    for key in ("section", "gene_symbols", "expression"):
+        if spec.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {spec[key]}")
+    if spec["fill_missing_genes"]:
+        args.append("--fill-missing-genes")
+    return " ".join(args)
