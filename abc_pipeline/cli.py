@@ -97,7 +97,8 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unit", choices=list(UNITS), default="um", help="unit of the coordinates")
     p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
     p.add_argument("--section-name", default=None, help="name of the one section (default: the input's name)")
-    p.add_argument("--labels", nargs="*", default=[], metavar="COLUMN", help="obs columns to keep as categorical labels")
+    p.add_argument("--labels", nargs="*", default=[], metavar="COLUMN",
+                   help="obs columns to keep as categorical labels")
     p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
     p.add_argument("--expression", choices=EXPRESSION, default=None,
                    help="log2: X is log expression (anndata default); counts: store log2(x + 1) (merscope default)")
@@ -427,8 +428,10 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     from abc_pipeline.learn.transfer import KINDS
 
     p = sub.add_parser("transfer", help="annotate your own data (AnnData, MERSCOPE, cells.zarr) with trained models")
-    p.add_argument("--checkpoint", type=Path, nargs="+", required=True, help="checkpoint.pt files of abc-pipeline train")
-    p.add_argument("--input", type=Path, required=True, help="your .h5ad / .zarr, MERSCOPE folder or imported cells.zarr")
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                   help="checkpoint.pt files of abc-pipeline train")
+    p.add_argument("--input", type=Path, required=True,
+                   help="your .h5ad / .zarr, MERSCOPE folder or imported cells.zarr")
     p.add_argument("--kind", choices=KINDS, default="anndata", help="what --input is")
     p.add_argument("--out", type=Path, required=True, help="annotated .h5ad to write (a copy of your AnnData)")
     p.add_argument("--coordinates", default="spatial", help="obsm key of the x, y[, z] coordinates (anndata)")

@@ -57,7 +57,8 @@ def test_anndata_import_follows_the_cells_contract(tmp_path: Path, fmt: str) -> 
     assert got.var_names[0] == "Gad1"  # var_names stay the input's names
     assert list(got.var_names[got.var["blank"]]) == ["Blank-1", "NegControlProbe_3"]
     meta = got.uns["abc_pipeline"]["import"]
-    assert meta["kind"] == "anndata" and meta["input_unit"] == "um" and 0.005 < meta["median_neighbour_distance_mm"] < 0.02
+    assert meta["kind"] == "anndata" and meta["input_unit"] == "um"
+    assert 0.005 < meta["median_neighbour_distance_mm"] < 0.02
     src_cells = CellSource(out)  # the rasterizer's reader opens it
     assert src_cells.categorical("celltype").categories == ("A", "B", "C")
 

@@ -48,10 +48,12 @@ def trained(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                                        depth=2, tile_size=32, epochs=4, batch_size=4, lr=1e-2, progress=False),
         }
         preds = {task: predict_raster(out / d / "checkpoint.pt", raster, out / d / "predictions.zarr",
-                                      cells=assembled, progress=False) for task, d in (("celltype", "ct"), ("region", "rg"))}
+                                      cells=assembled, progress=False)
+                 for task, d in (("celltype", "ct"), ("region", "rg"))}
     finally:
         torch.set_num_threads(n)
-    cells = pd.Index([str(v) for v in np.asarray(zarr.open_group(str(raster), mode="r")["cells/cell_label"][:]).tolist()])
+    labels = zarr.open_group(str(raster), mode="r")["cells/cell_label"][:]
+    cells = pd.Index([str(v) for v in np.asarray(labels).tolist()])
     atlas_pred = {}
     for task, store in preds.items():
         g = zarr.open_group(str(store), mode="r")

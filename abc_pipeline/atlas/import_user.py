@@ -88,7 +88,7 @@ def _open_anndata(path: Path, coordinates: str) -> UserTable:
         raise InputError(f"{path} does not exist; give an AnnData .h5ad file or .zarr store")
     try:
         root = zarr.open_group(str(path), mode="r") if path.is_dir() else h5py.File(path, "r")
-    except Exception as exc:  # h5py and zarr raise several types for "not this format"
+    except Exception as exc:  # noqa: BLE001 (h5py and zarr raise several types for "not this format")
         raise InputError(f"{path} is not a readable AnnData .h5ad / .zarr ({exc}); write it with "
                          f"adata.write_h5ad or adata.write_zarr") from None
     for key in ("X", "obs", "var"):

@@ -168,7 +168,8 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, patience: int = 10,
                      seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
                      split_blocks: int = DEFAULT_SPLIT_BLOCKS, split_block_size: float | None = None,
-                     max_samples_per_epoch: int | None = None, device: str = "auto", num_workers: int = 0, progress: bool = True, resume: bool | str = True,
+                     max_samples_per_epoch: int | None = None, device: str = "auto", num_workers: int = 0,
+                     progress: bool = True, resume: bool | str = True,
                      cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict:
     """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
 

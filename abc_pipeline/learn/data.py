@@ -548,6 +548,6 @@ def model_spacing(raster: Raster, dim: int) -> tuple[float, ...]:
     return tuple(raster.grid.voxel_size[3 - dim:])
 
 
-__all__ = ["block_splits", "split_mask", "CellPatchDataset", "ClassTable", "DEFAULT_FRACTIONS", "DEFAULT_SPLIT_BLOCKS", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
-           "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
-           "z_blocks", "z_split_codes"]
+__all__ = ["CellPatchDataset", "ClassTable", "DEFAULT_FRACTIONS", "DEFAULT_SPLIT_BLOCKS", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
+           "block_splits", "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
+           "split_mask", "z_blocks", "z_split_codes"]

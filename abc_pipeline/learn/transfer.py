@@ -137,7 +137,8 @@ def _predict(i: int, path: Path, atlas: dict, source: CellSource, scratch: Path,
         log.warning("%s: %d of the %d genes of %s are missing from the data and read as 0: %s", source.path,
                     len(lacking), len(definition["genes"]), path, lacking)
     space, voxel, key = _model_grid(atlas, path, source)
-    bounds = lattice_bounds(source, key, definition["voxel_size"][1:] if space == "section" else definition["voxel_size"])
+    grid_voxel = definition["voxel_size"][1:] if space == "section" else definition["voxel_size"]
+    bounds = lattice_bounds(source, key, grid_voxel)
     raster = rasterize(source.path, scratch / f"{i}.ome.zarr", space=space, voxel_size=voxel, bounds=bounds,
                        channels=plan, labels=[], levels=2, progress=progress)
     store = predict_raster(path, raster, scratch / f"{i}.predictions.zarr", device=device, batch_size=batch_size,
@@ -177,7 +178,8 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
         for store, provenance in predictions:
             group = zarr.open_group(str(store), mode="r")
             meta = dict(group.attrs[ATTRS_KEY]["predictions"])
-            col = f"pred_{meta['task']}" if f"pred_{meta['task']}" not in entries else f"pred_{meta['task']}__{meta['model']}"
+            col = f"pred_{meta['task']}"
+            col = col if col not in entries else f"{col}__{meta['model']}"
             if col in obs or col in entries:
                 raise InputError(f"{data}: obs already has {col!r}; transfer onto the original data, or give each "
                                  f"model once")
@@ -187,7 +189,7 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
             entries[col] = _plain({"task": meta["task"], "level": meta["level"], "model": meta["model"],
                                    "config_hash": meta["config_hash"], "classes": meta["class_names"], **provenance})
         obs.attrs["column-order"] = _h5_attr(order)
-        ours = uns["abc_pipeline"] if "abc_pipeline" in uns else None
+        ours = uns.get("abc_pipeline")
         if ours is None:
             write_elem(uns, "abc_pipeline", {"transfer": entries})
         else:
