@@ -17,6 +17,7 @@ include: "workflow/rules/raster.smk"
 include: "workflow/rules/learn.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bench.smk"
+include: "workflow/rules/transfer.smk"
 
 
 rule all:

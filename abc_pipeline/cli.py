@@ -108,6 +108,35 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    from abc_pipeline.atlas.import_user import EXPRESSION, KINDS, UNITS
+
+    p = sub.add_parser("import", help="import your own spatial AnnData (h5ad/zarr) or MERSCOPE folder -> cells.zarr")
+    p.add_argument("--kind", choices=KINDS, required=True, help="anndata (.h5ad / .zarr) or merscope (output folder)")
+    p.add_argument("--input", type=Path, required=True, help="the AnnData file/store or the MERSCOPE folder")
+    p.add_argument("--out", type=Path, required=True, help="cells.zarr to write, e.g. results/<dataset>/cells.zarr")
+    p.add_argument("--coordinates", default="spatial", help="obsm key of the x, y[, z] coordinates (anndata)")
+    p.add_argument("--unit", choices=list(UNITS), default="um", help="unit of the coordinates")
+    p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
+    p.add_argument("--section-name", default=None, help="name of the one section (default: the input's name)")
+    p.add_argument("--labels", nargs="*", default=[], metavar="COLUMN",
+                   help="obs columns to keep as categorical labels")
+    p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
+    p.add_argument("--expression", choices=EXPRESSION, default=None,
+                   help="log2: X is log expression (anndata default); counts: store log2(x + 1) (merscope default)")
+    p.add_argument("--chunk-cells", type=int, default=100_000, help="cells per chunk (sets peak memory)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.atlas.import_user import import_user_data
+
+        import_user_data(a.kind, a.input, a.out, coordinates=a.coordinates, unit=a.unit, section=a.section,
+                         section_name=a.section_name, labels=a.labels, gene_symbols=a.gene_symbols,
+                         expression=a.expression, chunk_cells=a.chunk_cells, progress=not a.no_progress)
+
+    p.set_defaults(run=run)
+
+
 # --------------------------------------------------------------------------------------------- raster
 def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rasterize", help="rasterize cells.zarr into a multichannel OME-Zarr grid (c,z,y,x) + label volumes")
@@ -238,6 +267,9 @@ def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-blocks", type=int, default=None,
                    help="contiguous blocks of sections per split, interleaved along z so that every split spans "
                         "the brain (default 3)")
+    p.add_argument("--split-block-size", type=float, default=None, metavar="MM",
+                   help="split whole square blocks of this size (mm) inside the sections instead of whole sections "
+                        "(datasets of one or a few sections)")
 
 
 def _atlas_data_kwargs(a: argparse.Namespace) -> dict:
@@ -247,7 +279,7 @@ def _atlas_data_kwargs(a: argparse.Namespace) -> dict:
 
     kwargs = {"level": a.level, "dim": a.dim if a.dim == "auto" else int(a.dim), "patch_size": one_or_all(a.patch_size),
               "tile_size": one_or_all(a.tile_size), "seed": a.seed, "architecture": a.architecture}
-    for key in ("split_fractions", "split_blocks"):  # None: the library's defaults
+    for key in ("split_fractions", "split_blocks", "split_block_size"):  # None: the library's defaults
         if getattr(a, key) is not None:
             kwargs[key] = getattr(a, key)
     return kwargs
@@ -483,8 +515,42 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_rasterize, _add_models, _add_train_npz, _add_train,
-               _add_predict, _add_annotate, _add_evaluate, _add_bench_models, _add_report]
+def _add_transfer(sub: argparse._SubParsersAction) -> None:
+    from abc_pipeline.atlas.import_user import EXPRESSION, UNITS
+    from abc_pipeline.learn.transfer import KINDS
+
+    p = sub.add_parser("transfer", help="annotate your own data (AnnData, MERSCOPE, cells.zarr) with trained models")
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                   help="checkpoint.pt files of abc-pipeline train")
+    p.add_argument("--input", type=Path, required=True,
+                   help="your .h5ad / .zarr, MERSCOPE folder or imported cells.zarr")
+    p.add_argument("--kind", choices=KINDS, default="anndata", help="what --input is")
+    p.add_argument("--out", type=Path, required=True, help="annotated .h5ad to write (a copy of your AnnData)")
+    p.add_argument("--coordinates", default="spatial", help="obsm key of the x, y[, z] coordinates (anndata)")
+    p.add_argument("--unit", choices=list(UNITS), default="um", help="unit of the coordinates")
+    p.add_argument("--section", default=None, help="obs column naming each cell's section (default: one section)")
+    p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
+    p.add_argument("--expression", choices=EXPRESSION, default=None,
+                   help="log2: X is log expression (anndata default); counts: log2(x + 1) is used (merscope default)")
+    p.add_argument("--fill-missing-genes", action="store_true",
+                   help="read the model's genes that the data lacks as 0 (warned and recorded) instead of refusing")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: a voxel budget)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(a: argparse.Namespace) -> None:
+        from abc_pipeline.learn.transfer import transfer
+
+        options = {} if a.kind == "cells" else {"coordinates": a.coordinates, "unit": a.unit, "section": a.section,
+                                                 "gene_symbols": a.gene_symbols, "expression": a.expression}
+        transfer(a.checkpoint, a.input, a.out, kind=a.kind, fill_missing_genes=a.fill_missing_genes, device=a.device,
+                 batch_size=a.batch_size, progress=not a.no_progress, **options)
+
+    p.set_defaults(run=run)
+
+
+_REGISTRARS = [_add_synth, _add_download, _add_assemble, _add_import, _add_rasterize, _add_models, _add_train_npz,
+               _add_train, _add_predict, _add_annotate, _add_evaluate, _add_bench_models, _add_report, _add_transfer]
 
 
 def build_parser() -> argparse.ArgumentParser:

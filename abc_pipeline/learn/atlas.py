@@ -40,12 +40,12 @@ from abc_pipeline.learn.cell_context import CellContextDataset, channel_plan, ex
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, CellPatchDataset,
-                                     ClassTable, Normalizer, TileDataset, channel_stats, class_table, default_dim,
-                                     model_spacing, names_digest, raster_splits)
+                                     ClassTable, Normalizer, TileDataset, block_splits, channel_stats, class_table,
+                                     default_dim, model_spacing, names_digest, raster_splits, split_mask)
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
-from abc_pipeline.raster.channels import ChannelPlan
+from abc_pipeline.raster.channels import ChannelPlan, channel_definition
 from abc_pipeline.raster.ome import Raster, open_raster
 from abc_pipeline.raster.source import CellSource
 
@@ -115,7 +115,8 @@ class AtlasData:
         r = self.raster
         sizes = ({"patch_size": list(self.patch), "halo": list(halo)} if self.architecture in PER_CELL
                  else {"tile_size": list(self.tile)})
-        return {"task": self.task, "architecture": self.architecture, "raster": str(Path(r.path).resolve()), "channels": list(r.feature_channels),
+        return {"task": self.task, "architecture": self.architecture, "raster": str(Path(r.path).resolve()),
+                "channels": list(r.feature_channels), "channel_definition": channel_definition(r, self.cells),
                 "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
                 "classes": self.table.to_dict(), "splits": self.splits,
                 "split_fractions": list(self.split_fractions), "normalizer": self.normalizer.to_dict(),
@@ -126,7 +127,8 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
                dim: int | str = "auto", patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64,
                seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
                split_blocks: int = DEFAULT_SPLIT_BLOCKS, train_sections: float = 1.0,
-               cache_bytes: int = DEFAULT_CACHE_BYTES, architecture: str | None = None) -> AtlasData:
+               split_block_size: float | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+               architecture: str | None = None) -> AtlasData:
     """Open ``raster`` for ``task`` (``celltype`` | ``region``): splits, classes, normalisation.
 
     ``architecture``: the :func:`abc_pipeline.nn.build_model` task trained (``ARCHITECTURES[task]``; default
@@ -136,6 +138,8 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
     ``split_blocks`` / ``seed``: :func:`abc_pipeline.learn.data.raster_splits`. ``train_sections``: keep
     this fraction of the training split's occupied z indices (evenly spaced along z, at least one), to
     measure learning from little data; the input normalisation uses the kept ones only.
+    ``split_block_size``: split whole (y, x) blocks of this many mm inside the sections instead of whole
+    sections (:func:`abc_pipeline.learn.data.block_splits`; for datasets of one or a few sections).
     """
     if task not in ARCHITECTURES:
         raise InputError(f"task must be one of {', '.join(ARCHITECTURES)}, got {task!r}")
@@ -157,13 +161,19 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
     dim = default_dim(r) if dim == "auto" else int(dim)
     if dim not in (2, 3):
         raise InputError(f"dim must be 'auto', 2 or 3, got {dim}")
-    splits = raster_splits(r, split_fractions, seed, split_blocks)
+    if split_block_size is not None:
+        if train_sections != 1.0:
+            raise InputError("train_sections thins whole sections; it does not combine with block splits")
+        splits = block_splits(r, float(split_block_size), split_fractions, seed, split_blocks)
+    else:
+        splits = raster_splits(r, split_fractions, seed, split_blocks)
     if train_sections != 1.0:
         splits["train"] = _thin_sections(r, splits["train"], train_sections)
     return AtlasData(raster=r, cells=src, task=task, architecture=architecture, level=level, dim=dim,
                      spacing=model_spacing(r, dim),
                      splits=splits, split_fractions=tuple(float(f) for f in split_fractions),
-                     table=class_table(r, src, level), normalizer=channel_stats(r, splits["train"]),
+                     table=class_table(r, src, level),
+                     normalizer=channel_stats(r, splits["train"], split_mask(splits, "train", r.grid.shape)),
                      patch=check_patch_size(patch_size, dim), tile=_clamp_tile(r, _sizes(tile_size, dim, "tile_size")),
                      seed=seed, cache_bytes=cache_bytes, cell_names_digest=digest,
                      plan=channel_plan(r, src) if architecture == "cell-context" else None)
@@ -194,8 +204,9 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
                      patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64, epochs: int = 30,
                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, patience: int = 10,
                      seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                     split_blocks: int = DEFAULT_SPLIT_BLOCKS, max_samples_per_epoch: int | None = None,
-                     device: str = "auto", num_workers: int = 0, progress: bool = True, resume: bool | str = True,
+                     split_blocks: int = DEFAULT_SPLIT_BLOCKS, split_block_size: float | None = None,
+                     max_samples_per_epoch: int | None = None, device: str = "auto", num_workers: int = 0,
+                     progress: bool = True, resume: bool | str = True,
                      cache_bytes: int = DEFAULT_CACHE_BYTES, architecture: str | None = None) -> dict:
     """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
 
@@ -205,8 +216,8 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     see :func:`abc_pipeline.nn.build_model`. The rest: :func:`abc_pipeline.learn.train.train`.
     """
     data = atlas_data(raster, cells, task, level=level, dim=dim, patch_size=patch_size, tile_size=tile_size,
-                      seed=seed, split_fractions=split_fractions, split_blocks=split_blocks, cache_bytes=cache_bytes,
-                      architecture=architecture)
+                      seed=seed, split_fractions=split_fractions, split_blocks=split_blocks,
+                      split_block_size=split_block_size, cache_bytes=cache_bytes, architecture=architecture)
     n_classes = len(data.table.names)
     torch.manual_seed(seed)
     model = build_model(model_name, data.dim, data.normalizer.in_channels, n_classes, data.architecture,
@@ -214,7 +225,7 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
                         patch_size=data.patch)
     log.info("%s: %s %dD, %d input channels, %d %s classes, width %d, %d parameters; splits (z) %s", task,
              model_name, data.dim, data.normalizer.in_channels, n_classes, data.level, model.width, model.n_params,
-             data.splits)
+             {k: v for k, v in data.splits.items() if k != "blocks"})
     halo = getattr(model, "halo", ())
     train_ds = data.dataset("train", halo, max_samples_per_epoch)
     val_ds = data.dataset("val", halo, max_samples_per_epoch)

@@ -7,6 +7,11 @@ one z-plane at a time through a small LRU cache (``cache_bytes``), never the who
   slabs of a 3D one), never random voxels; each split gets a few blocks interleaved along z (default 3) so
   that every split spans the anterior-posterior axis; the seed chooses the order of the splits. A cell
   belongs to the split of its voxel's z (:func:`cell_splits`; ``"none"`` without a voxel).
+- Block splits (:func:`block_splits`, for datasets of one or a few sections): square blocks of
+  ``block_size`` mm in (y, x) inside each z-plane, whole occupied blocks per split, cut like sections
+  (contiguous runs of blocks in raster order, interleaved); ``splits["blocks"]`` holds the block size in
+  voxels and the split code of every block, the z lists the planes that hold a block of each split.
+  Readers then see only their split's blocks (:func:`split_mask`: other voxels read as empty space).
 - Model input (:class:`Normalizer`): the feature channels standardised with the per-channel mean/std over
   the tissue voxels (``n_cells > 0``) of the training split, 0 in empty voxels, plus one ``tissue``
   channel (1 where ``n_cells > 0``): ``C_in = n_features + 1`` channels. Voxels outside the volume, and
@@ -121,6 +126,53 @@ def raster_splits(raster: Raster, fractions: Sequence[float] = DEFAULT_FRACTIONS
     return {name: np.flatnonzero(code == k).tolist() for k, name in enumerate(SPLITS)}
 
 
+def block_splits(raster: Raster, block_size: float, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                 blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict:
+    """Splits of whole (y, x) blocks of ``block_size`` mm inside each z-plane, for one or a few sections.
+
+    The occupied blocks (those holding a cell), in raster order (z, then y, then x), are cut like sections
+    by :func:`section_splits` (contiguous runs, ``blocks`` interleaved segments, ``seed`` orders the
+    splits), so a split is a set of whole spatial blocks, never random cells. Returns the z lists of
+    :func:`raster_splits` (planes holding a block of each split) plus ``"blocks"``: ``{"size": [by, bx]``
+    voxels, ``"codes"``: (nz, nby, nbx) nested lists of the index into ``SPLITS`` per block, -1 = empty``}``.
+    """
+    vy, vx = raster.grid.voxel_size[1:]
+    if not (np.isfinite(block_size) and block_size > 0):
+        raise InputError(f"split block size must be a positive number of mm, got {block_size}")
+    by, bx = max(1, round(block_size / vy)), max(1, round(block_size / vx))
+    nz, ny, nx = raster.grid.shape
+    nby, nbx = -(-ny // by), -(-nx // bx)
+    occupied = np.zeros((nz, nby * by, nbx * bx), bool)
+    occupied[:, :ny, :nx] = np.asarray((raster.n_cells > 0).compute())
+    occupied = occupied.reshape(nz, nby, by, nbx, bx).any(axis=(2, 4))
+    ids = np.flatnonzero(occupied)
+    if not ids.size:
+        raise InputError(f"{raster.path}: the raster holds no cells")
+    try:
+        cut = section_splits(ids.size, fractions, seed, blocks)
+    except InputError as exc:
+        raise InputError(f"{raster.path}: {ids.size} occupied blocks of {block_size} mm: {exc}; choose a smaller "
+                         f"split block size") from None
+    codes = np.full(nz * nby * nbx, -1, np.int8)
+    for k, name in enumerate(SPLITS):
+        codes[ids[np.asarray(cut[name], dtype=np.int64)]] = k
+    codes = codes.reshape(nz, nby, nbx)
+    out: dict = {name: np.flatnonzero((codes == k).any(axis=(1, 2))).tolist() for k, name in enumerate(SPLITS)}
+    out["blocks"] = {"size": [by, bx], "size_mm": float(block_size), "codes": codes.tolist()}
+    return out
+
+
+def split_mask(splits: dict, split: str, shape: Sequence[int]) -> np.ndarray | None:
+    """``(nz, ny, nx)`` bool: the voxels of ``split`` under block splits; ``None`` for section splits."""
+    blocks = splits.get("blocks")
+    if not blocks:
+        return None
+    by, bx = blocks["size"]
+    codes = np.asarray(blocks["codes"], dtype=np.int8) == SPLITS.index(split)
+    full = codes.repeat(by, axis=1).repeat(bx, axis=2)
+    return np.ascontiguousarray(full[:, : shape[1], : shape[2]])
+
+
 def z_split_codes(splits: dict[str, Sequence[int]], n_z: int) -> np.ndarray:
     """``(n_z,)`` int8: index into ``SPLITS`` of each z index, -1 where it belongs to no split."""
     codes = np.full(n_z, -1, dtype=np.int8)
@@ -144,11 +196,19 @@ def cell_splits(raster: Raster, splits: dict[str, Sequence[int]]) -> pd.Categori
     Read in chunks of the voxel index; the result holds one int8 code per cell.
     """
     lut = z_split_codes(splits, raster.grid.shape[0])
+    blocks = splits.get("blocks")
     index = raster.voxel_index
     codes = np.empty(index.shape[0], dtype=np.int8)
     for s in range(0, index.shape[0], _CELL_CHUNK):
-        z = np.asarray(index[s : s + _CELL_CHUNK, 0])
-        c = np.where(z >= 0, lut[np.clip(z, 0, None)], -1)
+        vox = np.asarray(index[s : s + _CELL_CHUNK]).astype(np.int64)
+        z = vox[:, 0]
+        if blocks:  # the split of the cell's block
+            by, bx = blocks["size"]
+            table = np.asarray(blocks["codes"], dtype=np.int8)
+            c = np.where(z >= 0, table[np.clip(z, 0, None), np.clip(vox[:, 1], 0, None) // by,
+                                       np.clip(vox[:, 2], 0, None) // bx], -1)
+        else:
+            c = np.where(z >= 0, lut[np.clip(z, 0, None)], -1)
         codes[s : s + len(z)] = np.where(c >= 0, c, len(SPLITS))
     return pd.Categorical.from_codes(codes, categories=[*SPLITS, NO_SPLIT])
 
@@ -233,9 +293,10 @@ class Normalizer:
         return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
 
 
-def channel_stats(raster: Raster, z_indices: Sequence[int]) -> Normalizer:
-    """Mean and std of every feature channel over the tissue voxels of ``z_indices`` (Dask, chunk-wise,
-    float64 sums). Channels with std below 1e-6 get std 1."""
+def channel_stats(raster: Raster, z_indices: Sequence[int], mask: np.ndarray | None = None) -> Normalizer:
+    """Mean and std of every feature channel over the tissue voxels of ``z_indices`` (and of ``mask``,
+    (nz, ny, nx) bool, under block splits) (Dask, chunk-wise, float64 sums). Channels with std below 1e-6
+    get std 1."""
     z = sorted(int(v) for v in z_indices)
     image = raster.levels[0]
     blocks = [image[:, a:b] for a, b in z_blocks(z)]
@@ -243,6 +304,8 @@ def channel_stats(raster: Raster, z_indices: Sequence[int]) -> Normalizer:
         raise InputError(f"{raster.path}: no z index to compute the input normalisation on")
     sel = da.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     tissue = sel[-1] > 0
+    if mask is not None:
+        tissue = tissue & da.from_array(np.concatenate([mask[a:b] for a, b in z_blocks(z)]), chunks=tissue.chunks)
     feats = da.where(tissue, sel[:-1], 0).astype(np.float64)
     s, s2, n = da.compute(feats.sum(axis=(1, 2, 3)), (feats**2).sum(axis=(1, 2, 3)), tissue.sum())
     if n == 0:
@@ -261,12 +324,14 @@ class RasterReader:
     """Normalised input windows and class-index label windows of a raster's level 0.
 
     ``allowed_z``: z indices that may be read (the split's); others, and everything outside the volume,
-    read as input 0 and target -1. Whole z-planes are read and kept in an LRU cache of ``cache_bytes``.
+    read as input 0 and target -1; so do voxels outside ``mask`` ((nz, ny, nx) bool, the split's blocks
+    under block splits, :func:`split_mask`). Whole z-planes are read and kept in an LRU cache of
+    ``cache_bytes``.
     """
 
     def __init__(self, raster: Raster, normalizer: Normalizer, allowed_z: Sequence[int] | None = None,
                  label: str | None = None, table: ClassTable | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, mask: np.ndarray | None = None) -> None:
         root = zarr.open_group(str(raster.path), mode="r")
         self.path = raster.path
         self.image = _level0(root)
@@ -276,6 +341,7 @@ class RasterReader:
         self.labels = _level0(root["labels"][label]) if label is not None else None
         self.lut = table.label_lookup() if table is not None else None
         self.cache_bytes = cache_bytes
+        self.mask = mask
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._bytes = 0
 
@@ -298,13 +364,21 @@ class RasterReader:
 
     def plane(self, z: int) -> np.ndarray:
         """Model input of z-plane ``z``: ``(C_in, Y, X)`` float32."""
-        return self._cached("image", z, lambda: self.normalizer.apply(np.asarray(self.image[:, z])))
+        def read() -> np.ndarray:
+            x = self.normalizer.apply(np.asarray(self.image[:, z]))
+            return x if self.mask is None else x * self.mask[z]
+
+        return self._cached("image", z, read)
 
     def label_plane(self, z: int) -> np.ndarray:
         """Class indices of z-plane ``z``: ``(Y, X)`` int64, -1 where unlabelled."""
         if self.labels is None:
             raise InputError(f"{self.path}: this reader was opened without a label volume")
-        return self._cached("label", z, lambda: self.lut[np.asarray(self.labels[z]).astype(np.int64)])
+        def read() -> np.ndarray:
+            y = self.lut[np.asarray(self.labels[z]).astype(np.int64)]
+            return y if self.mask is None else np.where(self.mask[z], y, -1)
+
+        return self._cached("label", z, read)
 
     def _window(self, lo: Sequence[int], size: Sequence[int], out: np.ndarray, get) -> np.ndarray:
         """Fill ``out[..., z, y, x]`` from planes ``get(z)`` over the box ``lo .. lo + size`` (z, y, x)."""
@@ -372,7 +446,8 @@ class CellPatchDataset(Dataset):
         self.split, self.dim = split, dim
         zs = _split_z(splits, split)
         self.size = _box(dim, [p + 2 * h for p, h in zip(patch_size, halo)])
-        self.reader = RasterReader(raster, normalizer, zs if dim == 3 else None, cache_bytes=cache_bytes)
+        mask = split_mask(splits, split, raster.grid.shape)
+        self.reader = RasterReader(raster, normalizer, zs if dim == 3 else None, cache_bytes=cache_bytes, mask=mask)
         if cells.n_cells != raster.voxel_index.shape[0]:
             raise InputError(f"{cells.path} has {cells.n_cells} cells but {raster.path} indexes "
                              f"{raster.voxel_index.shape[0]}; rasterize this cells.zarr")
@@ -386,7 +461,7 @@ class CellPatchDataset(Dataset):
             c = np.asarray(codes.codes[s : s + len(vox)].compute()).astype(np.int64)
             t = np.where(c >= 0, lut[np.clip(c, 0, None)], -1)
             ok = (vox[:, 0] >= 0) & (t >= 0)
-            ok[ok] = allowed[vox[ok, 0]]
+            ok[ok] = allowed[vox[ok, 0]] if mask is None else mask[vox[ok, 0], vox[ok, 1], vox[ok, 2]]
             keep_cells.append(np.flatnonzero(ok) + s)
             keep_vox.append(vox[ok])
             keep_t.append(t[ok])
@@ -440,7 +515,8 @@ class TileDataset(Dataset):
         self.split, self.dim = split, dim
         zs = _split_z(splits, split)
         self.size = _box(dim, tile_size)
-        self.reader = RasterReader(raster, normalizer, zs, table.level, table, cache_bytes=cache_bytes)
+        self.reader = RasterReader(raster, normalizer, zs, table.level, table, cache_bytes=cache_bytes,
+                                   mask=split_mask(splits, split, raster.grid.shape))
         steps = [max(1, n - overlap) for n in self.size]
         ny, nx = self.reader.shape[1:]
         zstarts = list(zs) if dim == 2 else [s for a, b in z_blocks(zs) for s in _starts(a, b, self.size[0], steps[0])]
@@ -483,5 +559,5 @@ def model_spacing(raster: Raster, dim: int) -> tuple[float, ...]:
 
 
 __all__ = ["CellPatchDataset", "ClassTable", "DEFAULT_FRACTIONS", "DEFAULT_SPLIT_BLOCKS", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
-           "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
-           "z_blocks", "z_split_codes"]
+           "block_splits", "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
+           "split_mask", "z_blocks", "z_split_codes"]

@@ -66,11 +66,12 @@ from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_s
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles, is_baseline
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
-                                     names_digest, z_blocks)
+                                     names_digest, split_mask, z_blocks)
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import score_cells
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
+from abc_pipeline.raster.channels import raster_digest
 from abc_pipeline.raster.ome import ATTRS_KEY, Raster, open_raster
 from abc_pipeline.raster.source import CellSource
 
@@ -132,7 +133,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     task, dim = atlas["task"], int(atlas["dim"])
     src = _cells(cells, r, digest, task)
     table, normalizer = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
-    splits = {k: [int(z) for z in v] for k, v in atlas["splits"].items()}
+    splits = {k: [int(z) for z in v] if k in SPLITS else v for k, v in atlas["splits"].items()}
+    test_mask = split_mask(splits, "test", r.grid.shape)  # block splits: the test blocks, else None
     if not splits.get("test"):
         raise InputError(f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
                          f"third --split-fractions value to evaluate")
@@ -145,7 +147,7 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         y_pred, unit, margin = proba.argmax(1), "cells", tuple(model.margin)
         net = model.forward_dense
     else:
-        y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"])
+        y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"], test_mask)
         test = segmentation_metrics(y_true, y_pred, names, ignore=IGNORE_INDEX)
         unit, margin, net = "voxels", (halo,) * dim, model
         if atlas.get("architecture") == "cell-context":  # a per-cell model's dense map: each voxel's mean cell
@@ -153,7 +155,8 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin,
                      windows)
     readers = {w.block: RasterReader(r, normalizer, list(range(*w.block)), table.level if task == "region" else None,
-                                     table if task == "region" else None, cache_bytes=cache_bytes) for w in boxes}
+                                     table if task == "region" else None, cache_bytes=cache_bytes, mask=test_mask)
+               for w in boxes}
     x = torch.from_numpy(np.stack([readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2
                                    else readers[w.block].window(w.lo, w.size) for w in boxes]))  # (n, C, *box)
     if task == "celltype":
@@ -226,7 +229,7 @@ def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
     if want != have:
         raise InputError(f"{r.path} ({have[0]} grid {have[1]}) is not the raster {checkpoint} was trained on "
                          f"({want[0]} grid {want[1]}, {atlas['raster']}); give --raster the training raster")
-    check_channels(atlas, r.path, r.feature_channels, checkpoint)
+    check_channels(atlas, r.path, r.feature_channels, checkpoint, raster_digest(r))
 
 
 def _open_predictions(path: Path, ckpt: dict, atlas: dict, r: Raster, digest: str, checkpoint: Path) -> zarr.Group:
@@ -301,10 +304,10 @@ def _test_cells(store: zarr.Group, where: Path, src: CellSource, table: ClassTab
     return np.concatenate(rows), y_true, np.concatenate(ps)
 
 
-def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted classes ``(N,)`` int16 of the labelled voxels of the test z indices, read in
-    z-slabs of the prediction chunks."""
+def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int],
+                 mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted classes ``(N,)`` int16 of the labelled voxels of the test z indices (and of
+    ``mask``, the test blocks under block splits), read in z-slabs of the prediction chunks."""
     if table.level not in r.labels:
         raise InputError(f"{r.path}: no labels/{table.level} volume to score regions against; rasterize with "
                          f"--labels {table.level}")
@@ -318,7 +321,7 @@ def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, t
             z1 = min(z0 + depth, b)
             t = lut[np.asarray(truth[z0:z1]).astype(np.int64)]
             p = np.asarray(pred[z0:z1]).astype(np.int64) - 1
-            keep = t >= 0
+            keep = t >= 0 if mask is None else (t >= 0) & mask[z0:z1]
             if (p[keep] < 0).any():
                 raise InputError(f"{where}: {int((p[keep] < 0).sum())} labelled voxels of z {z0}..{z1 - 1} "
                                  f"have no prediction; predict the whole raster again")

@@ -52,8 +52,9 @@ from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
-                                     names_digest, z_blocks)
+                                     names_digest, split_mask, z_blocks)
 from abc_pipeline.learn.train import pick_device
+from abc_pipeline.raster.channels import raster_digest
 from abc_pipeline.raster.ome import ATTRS_KEY, create_array, open_raster, write_image_metadata, write_labels_metadata
 from abc_pipeline.raster.channels import ChannelPlan
 from abc_pipeline.raster.source import CellSource
@@ -83,8 +84,11 @@ def atlas_config(ckpt: dict, path: str | Path) -> dict:
     return atlas
 
 
-def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], checkpoint: str | Path) -> None:
-    """:class:`InputError` naming both channel lists when the raster's feature channels differ."""
+def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], checkpoint: str | Path,
+                   digest: str | None = None) -> None:
+    """:class:`InputError` naming both channel lists when the raster's feature channels differ, or when they
+    share their names but not their definition (``digest``: :func:`abc_pipeline.raster.channels.raster_digest`
+    of the raster, compared with the checkpoint's ``channel_definition``; PC1..PCk of other loadings)."""
     want, have = list(atlas["channels"]), list(channels)
     if want != have:
         diff = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
@@ -92,6 +96,12 @@ def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], chec
             f"{raster_path} has {len(have)} feature channels ({have[:5]}...) but the checkpoint {checkpoint} was "
             f"trained on {len(want)} ({want[:5]}...), first difference at channel {diff}; rasterize with the "
             f"training channels (same --genes/--pca) or use a checkpoint trained on this raster")
+    definition = atlas.get("channel_definition")
+    if digest is not None and definition is not None and definition["digest"] != digest:
+        raise InputError(
+            f"{raster_path} has the channel names of {checkpoint} but not their definition (digest {digest}, "
+            f"checkpoint {definition['digest']}: other {definition['mode']} genes or loadings, e.g. a PCA fitted on "
+            f"another dataset); make the raster with the checkpoint's channels: `abc-pipeline transfer`")
 
 
 def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
@@ -105,30 +115,35 @@ def _core_length(n: int, size: int) -> int:
     return -(-n // -(-n // size))
 
 
-def _boxes(blocks: list[tuple[int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
-           ) -> Iterator[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
-    """``(block, z, y, x)`` ranges of every tile core; 2D tiles are one z-plane each."""
+def _boxes(blocks: list[tuple[int, int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
+           ) -> Iterator[tuple[tuple[int, int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """``(block, z, y, x)`` ranges of every tile core; 2D tiles are one z-plane each. A block is
+    ``(z_start, z_stop, split)`` (split: index into ``SPLITS`` under block splits, else -1)."""
     for block in blocks:
-        zt = [(z, z + 1) for z in range(*block)] if dim == 2 else _tiles(*block, core[0])
+        zt = [(z, z + 1) for z in range(*block[:2])] if dim == 2 else _tiles(*block[:2], core[0])
         for zr in zt:
             for yr in _tiles(0, shape[1], core[1]):
                 for xr in _tiles(0, shape[2], core[2]):
                     yield block, zr, yr, xr
 
 
-def _prediction_blocks(atlas: dict, raster) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
-    """Splits and z-blocks to predict: the checkpoint's when the raster is its training grid, else one block."""
+def _prediction_blocks(atlas: dict, raster) -> tuple[dict, list[tuple[int, int, int]]]:
+    """Splits and z-blocks ``(start, stop, split)`` to predict: the checkpoint's when the raster is its
+    training grid, else one block. Under block splits every split's z-blocks are predicted on their own,
+    seeing only the split's (y, x) blocks (``split`` = its index into ``SPLITS``; else -1)."""
     grid = raster.grid
     same = atlas["space"] == grid.space and list(atlas["grid_shape"]) == list(grid.shape)
     if not same:
         log.warning("%s is not the training raster's grid (%s %s); predicting it as one block, split 'none'",
                     raster.path, atlas["space"], atlas["grid_shape"])
-        return {}, [(0, grid.shape[0])]
-    splits = {k: list(v) for k, v in atlas["splits"].items()}
-    covered = sorted(z for v in splits.values() for z in v)
+        return {}, [(0, grid.shape[0], -1)]
+    splits = dict(atlas["splits"])
+    if splits.get("blocks"):
+        return splits, [(*b, k) for k, name in enumerate(SPLITS) for b in z_blocks(splits.get(name, []))]
+    covered = sorted(z for name in SPLITS for z in splits.get(name, []))
     blocks = [b for name in SPLITS for b in z_blocks(splits.get(name, []))]
     blocks += z_blocks(sorted(set(range(grid.shape[0])) - set(covered)))
-    return splits, sorted(blocks)
+    return splits, sorted((a, b, -1) for a, b in blocks)
 
 
 def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
@@ -156,7 +171,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     model, ckpt = load_model(checkpoint, dev)
     atlas = atlas_config(ckpt, checkpoint)
     r = open_raster(raster)
-    check_channels(atlas, r.path, r.feature_channels, checkpoint)
+    check_channels(atlas, r.path, r.feature_channels, checkpoint, raster_digest(r))
     dim, task = int(atlas["dim"]), atlas["task"]
     if dim == 3 and r.grid.space == "section":
         raise InputError(f"{r.path} is a section raster but the checkpoint's model is 3D; use a 3D raster")
@@ -207,8 +222,8 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
 
 @torch.inference_mode()
 def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: Normalizer, dense: bool, dim: int,
-           core: tuple[int, int, int], margin: tuple[int, int, int], blocks: list[tuple[int, int]],
-           splits: dict[str, list[int]], batch_size: int | None, dev: torch.device, progress: bool,
+           core: tuple[int, int, int], margin: tuple[int, int, int], blocks: list[tuple[int, int, int]],
+           splits: dict, batch_size: int | None, dev: torch.device, progress: bool,
            cache_bytes: int, task: str, per_cell: tuple[CellSource, ChannelPlan] | None = None) -> None:
     """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables.
 
@@ -229,6 +244,7 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
     batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))
     amp = dev.type == "cuda"
     boxes = list(_boxes(blocks, shape, dim, core))
+    masked = any(b[2] >= 0 for b in blocks)
     bar = tqdm(total=len(boxes), desc=f"predict {task}", disable=not progress)
 
     def windows() -> Iterator[tuple[tuple, tuple, np.ndarray]]:
@@ -236,7 +252,9 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
         reader, current = None, None
         for block, zr, yr, xr in boxes:
             if block != current:  # one z-block at a time: only its planes in the cache
-                reader, current = RasterReader(r, normalizer, list(range(*block)), cache_bytes=cache_bytes), block
+                mask = split_mask(splits, SPLITS[block[2]], shape) if block[2] >= 0 else None
+                reader = RasterReader(r, normalizer, list(range(*block[:2])), cache_bytes=cache_bytes, mask=mask)
+                current = block
             x = reader.window((zr[0] - margin[0], yr[0] - margin[1], xr[0] - margin[2]), size)
             crop = tuple(slice(m, m + b - a) for m, (a, b) in zip(margin, (zr, yr, xr)))
             bar.update(1)
@@ -259,9 +277,11 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
             embedding = embedding[:, :, None] if context is not None else None
         for i, (region, crop, w) in enumerate(batch):
             t = w[(-1, *crop)] > 0
-            pc = np.where(t, p[i][(slice(None), *crop)], np.float32(0))
+            # block splits: other splits' voxels of the region were (or will be) written by their own pass
+            kept = (proba[(slice(None), *region)], label[region]) if masked else (np.float32(0), 0)
+            pc = np.where(t, p[i][(slice(None), *crop)], kept[0])
             proba[(slice(None), *region)] = pc
-            label[region] = np.where(t, pc.argmax(0) + 1, 0).astype(np.uint16)
+            label[region] = np.where(t, pc.argmax(0) + 1, kept[1]).astype(np.uint16)
             if context is not None:
                 context[(slice(None), *region)] = embedding[i][(slice(None), *crop)]
     bar.close()

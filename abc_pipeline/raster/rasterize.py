@@ -207,7 +207,8 @@ def _whole_rows(plan: ChannelPlan, n_genes: int) -> bool:
     """Whether to accumulate whole rows of X rather than the channels: for gene channels that are a
     contiguous run of at least half of X's columns (copying them out of every chunk costs more than
     summing the few other columns)."""
-    return plan.pca is None and isinstance(plan.gene_index, slice) and 2 * len(plan.names) >= n_genes
+    return (plan.pca is None and not plan.missing and isinstance(plan.gene_index, slice)
+            and 2 * len(plan.names) >= n_genes)
 
 
 def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.ndarray | None, grid: Grid,
@@ -410,6 +411,7 @@ def rasterize(
     max_accumulator_gb: float = 1.5,
     max_voxels: int | None = MAX_VOXELS,
     drop_nonfinite: bool = False,
+    channels: ChannelPlan | None = None,
 ) -> Path:
     """Rasterize ``cells_path`` (cells.zarr) into the OME-Zarr raster ``out_path``; returns ``out_path``.
 
@@ -421,7 +423,8 @@ def rasterize(
     bounds: ((lo, hi) per axis in mm, ordered (z, y, x), or (y, x) in section space); default: the data
         extent plus ``margin`` voxels per side. Cells outside are skipped, counted and reported.
     genes: channel genes (symbols or ids; default all non-blank genes); ``pca``: use the first ``pca``
-        principal components of those genes instead, fitted on ``pca_sample`` cells.
+        principal components of those genes instead, fitted on ``pca_sample`` cells. ``channels``: a
+        ready channel plan instead (e.g. a trained model's, :func:`abc_pipeline.raster.channels.plan_from_definition`).
     labels: categorical obs columns to rasterize as majority-label volumes (default: those of
         ``DEFAULT_LABELS`` present).
     levels: pyramid levels (>= 2); ``chunk_cells``: cells per task (rounded to X's Zarr chunks).
@@ -442,7 +445,8 @@ def rasterize(
         raise InputError(f"levels must be >= 2 (a multiscale pyramid), got {levels}")
     source = CellSource(cells_path)
     label_names = _resolve_labels(source, labels)
-    plan = plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed, drop_nonfinite=drop_nonfinite)
+    plan = channels or plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed,
+                                     drop_nonfinite=drop_nonfinite)
     runner = _Runner(scheduler, num_workers, address, progress)
     with staged_output(out, "raster", inputs=[source.path], overwrite=overwrite) as tmp, runner:
         _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan,

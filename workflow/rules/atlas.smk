@@ -1,4 +1,4 @@
-# Atlas rules: synthetic release (demo only) -> download -> assemble.
+# Atlas rules: synthetic release (demo only) -> download -> assemble; or your own data -> import.
 
 
 if SYNTHETIC:
@@ -25,51 +25,75 @@ if SYNTHETIC:
             "--seed {params.seed} --sections {params.sections} > {log} 2>&1"
 
 
-rule download:
-    input:
-        f"{SYNTH_ROOT}/releases/{RELEASE}/manifest.json" if SYNTHETIC else [],
-    output:
-        summary=f"resources/download_{DATASET}_{RELEASE}.json",
-    log:
-        f"logs/download_{DATASET}.log",
-    benchmark:
-        f"logs/benchmarks/download_{DATASET}.tsv"
-    params:
-        dataset=DATASET,
-        release=RELEASE,
-        cache=CACHE,
-        base_url=base_url(),
-        jobs=config["download"]["jobs"],
-        retries=config["download"]["retries"],
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=600,
-    shell:
-        "abc-pipeline download --dataset {params.dataset} --release {params.release} --base-url {params.base_url} "
-        "--cache {params.cache} --jobs {params.jobs} --retries {params.retries} --summary {output.summary} "
-        "--no-progress > {log} 2>&1"
+if USER_DATA:
+
+    rule import_cells:
+        input:
+            config["source"]["path"],
+        output:
+            directory(f"results/{DATASET}/cells.zarr"),
+        log:
+            f"logs/import_{DATASET}.log",
+        benchmark:
+            f"logs/benchmarks/import_{DATASET}.tsv"
+        params:
+            args=import_args(),
+            chunk_cells=config["assemble"]["chunk_cells"],
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=240,
+        shell:
+            "abc-pipeline import {params.args} --out {output} --chunk-cells {params.chunk_cells} --no-progress "
+            "> {log} 2>&1"
+
+else:
+
+    rule download:
+        input:
+            f"{SYNTH_ROOT}/releases/{RELEASE}/manifest.json" if SYNTHETIC else [],
+        output:
+            summary=f"resources/download_{DATASET}_{RELEASE}.json",
+        log:
+            f"logs/download_{DATASET}.log",
+        benchmark:
+            f"logs/benchmarks/download_{DATASET}.tsv"
+        params:
+            dataset=DATASET,
+            release=RELEASE,
+            cache=CACHE,
+            base_url=base_url(),
+            jobs=config["download"]["jobs"],
+            retries=config["download"]["retries"],
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=600,
+        shell:
+            "abc-pipeline download --dataset {params.dataset} --release {params.release} --base-url {params.base_url} "
+            "--cache {params.cache} --jobs {params.jobs} --retries {params.retries} --summary {output.summary} "
+            "--no-progress > {log} 2>&1"
 
 
-rule assemble:
-    input:
-        rules.download.output.summary,
-    output:
-        directory(f"results/{DATASET}/cells.zarr"),
-    log:
-        f"logs/assemble_{DATASET}.log",
-    benchmark:
-        f"logs/benchmarks/assemble_{DATASET}.tsv"
-    params:
-        dataset=DATASET,
-        release=RELEASE,
-        cache=CACHE,
-        chunk_cells=config["assemble"]["chunk_cells"],
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=240,
-    shell:
-        "abc-pipeline assemble --dataset {params.dataset} --release {params.release} --cache {params.cache} "
-        "--out {output} "
-        "--chunk-cells {params.chunk_cells} --no-progress > {log} 2>&1"
+    rule assemble:
+        input:
+            rules.download.output.summary,
+        output:
+            directory(f"results/{DATASET}/cells.zarr"),
+        log:
+            f"logs/assemble_{DATASET}.log",
+        benchmark:
+            f"logs/benchmarks/assemble_{DATASET}.tsv"
+        params:
+            dataset=DATASET,
+            release=RELEASE,
+            cache=CACHE,
+            chunk_cells=config["assemble"]["chunk_cells"],
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=240,
+        shell:
+            "abc-pipeline assemble --dataset {params.dataset} --release {params.release} --cache {params.cache} "
+            "--out {output} "
+            "--chunk-cells {params.chunk_cells} --no-progress > {log} 2>&1"

@@ -13,19 +13,22 @@ from abc_pipeline.learn.choices import check_angles, is_baseline  # noqa: E402
 check_angles(config["evaluation"]["any_angles"], "config key evaluation.any_angles")
 
 DATASET = config["dataset"]
-RELEASE = str(config["release"])
+RELEASE = str(config.get("release", ""))
 CACHE = config["cache_dir"]
 SYNTHETIC = config["source"]["kind"] == "synthetic"
+USER_DATA = config["source"]["kind"] in ("anndata", "merscope")
 SYNTH_ROOT = "resources/synthetic_release"
 RASTERS = {spec["name"]: spec for spec in config["rasters"]}
 TASKS = config["tasks"]
 MODELS = config["models"]
+TRANSFERS = {spec["name"]: spec for spec in config["transfer"]}
 
 
 wildcard_constraints:
     task="|".join(TASKS) or "none",
     model="|".join(MODELS) or "none",
     grid="|".join(RASTERS) or "none",
+    name="|".join(TRANSFERS) or "none",
     percent="[0-9]+",
 
 
@@ -43,6 +46,19 @@ def final_outputs():
         outputs.append(f"results/{DATASET}/cells_annotated.h5ad")
         outputs.append(f"results/{DATASET}/report/metrics.tsv")
     return outputs
+
+
+def import_args():
+    """CLI options of `abc-pipeline import` from config['source'] (your own AnnData or MERSCOPE folder)."""
+    src = config["source"]
+    args = [f"--kind {src['kind']}", f"--input {src['path']}", f"--coordinates {src['coordinates']}",
+            f"--unit {src['unit']}"]
+    for key in ("section", "section_name", "gene_symbols", "expression"):
+        if src.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {src[key]}")
+    if src["labels"]:
+        args.append("--labels " + " ".join(src["labels"]))
+    return " ".join(args)
 
 
 def raster_args(wildcards):
@@ -80,6 +96,8 @@ def task_data_args(task):
         args.append(f"--{size_key.replace('_', '-')} " + " ".join(str(v) for v in spec[size_key]))
     args.append("--split-fractions " + " ".join(str(v) for v in training["split_fractions"]))
     args.append(f"--split-blocks {training['split_blocks']}")
+    if training.get("split_block_size") is not None:
+        args.append(f"--split-block-size {training['split_block_size']}")
     return args
 
 
@@ -149,3 +167,15 @@ def prediction_stores():
     """Every task x model prediction store; the primary model's come first (they become obs['pred_<task>'])."""
     models = sorted(MODELS, key=lambda m: m != config["primary_model"])
     return [f"results/{DATASET}/models/{task}/{model}/predictions.zarr" for task in TASKS for model in models]
+
+
+def transfer_args(wildcards):
+    """CLI options of `abc-pipeline transfer` for one dataset of config['transfer']."""
+    spec = TRANSFERS[wildcards.name]
+    args = [f"--kind {spec['kind']}", f"--coordinates {spec['coordinates']}", f"--unit {spec['unit']}"]
+    for key in ("section", "gene_symbols", "expression"):
+        if spec.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {spec[key]}")
+    if spec["fill_missing_genes"]:
+        args.append("--fill-missing-genes")
+    return " ".join(args)
