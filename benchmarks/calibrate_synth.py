@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from abc_pipeline.atlas import synthetic_calibration as calibration  # noqa: E402
-from abc_pipeline.atlas import synthetic_model, synthetic_tables  # noqa: E402
-from abc_pipeline.atlas.synthetic import write_synthetic_release  # noqa: E402
-from abc_pipeline.atlas.synthetic_geometry import brain_geometry  # noqa: E402
+from abc_pipeline.atlas import synthetic_calibration as calibration
+from abc_pipeline.atlas import synthetic_model, synthetic_tables
+from abc_pipeline.atlas.synthetic import write_synthetic_release
+from abc_pipeline.atlas.synthetic_geometry import brain_geometry
 
 
 def _occurs_fraction(cells: calibration.ReleaseCells) -> float:
@@ -87,7 +87,6 @@ def main() -> None:
     profile = calibration.learnability(demo, n_components=30, seed=args.seed)
     nonzero = {name: c.log2.nnz / (c.log2.shape[0] * c.log2.shape[1]) for name, c in (("demo", demo), ("all", full))}
     non_neuronal = float(full.obs["class"].isin(synthetic_model.NON_NEURONAL_CLASSES).mean())
-    obs = demo.obs
     tol = calibration.TOLERANCES
     checks = pd.DataFrame([
         {"statistic": "non-zero entries, whole log2 matrix (demo / all-cluster atlas)",

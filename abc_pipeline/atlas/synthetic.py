@@ -46,8 +46,17 @@ from anndata.io import sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
 from abc_pipeline.atlas.synthetic_geometry import BrainGeometry
-from abc_pipeline.atlas.synthetic_model import TAXONOMY_LEVELS, BrainModel, CellBlock, default_n_clusters
-from abc_pipeline.atlas.synthetic_tables import SECTION_NUMBERS, SECTIONS_WITHOUT_CCF, section_z
+from abc_pipeline.atlas.synthetic_model import (
+    TAXONOMY_LEVELS,
+    BrainModel,
+    CellBlock,
+    default_n_clusters,
+)
+from abc_pipeline.atlas.synthetic_tables import (
+    SECTION_NUMBERS,
+    SECTIONS_WITHOUT_CCF,
+    section_z,
+)
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import file_md5, staged_output
 
