@@ -112,7 +112,7 @@ def test_workflow_runs_on_slurm_with_declared_resources_and_reruns_a_cancelled_j
         run = subprocess.Popen(_snakemake(), cwd=workdir, env=_env(cluster), stdout=out, stderr=subprocess.STDOUT)
     try:
         assemble_log = workdir / "logs" / f"assemble_{DATASET}.log"
-        deadline = time.time() + 300
+        deadline = time.time() + 900  # synth and download come first
         cancelled = None
         while time.time() < deadline and cancelled is None and run.poll() is None:
             running = [job for job in cluster.squeue()
