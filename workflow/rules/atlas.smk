@@ -17,9 +17,11 @@ if SYNTHETIC:
             seed=config["source"]["synthetic"]["seed"],
             sections=config["source"]["synthetic"]["sections"],
         threads: 1
+        # Measured (docs/benchmarks.md): peak RSS 1.33 GB at 1 M cells, flat in the cell count (set by the 200,000-
+        # cell chunk): 3x margin. ~60 CPU-s per million cells; 4.3 M cells took > 30 min on a busy 2-core node.
         resources:
             mem_mb=4000,
-            runtime=30,
+            runtime=90,
         shell:
             "abc-pipeline synth --out {params.root} --release {params.release} --cells {params.cells} "
             "--seed {params.seed} --sections {params.sections} > {log} 2>&1"
@@ -90,6 +92,8 @@ else:
             cache=CACHE,
             chunk_cells=config["assemble"]["chunk_cells"],
         threads: 1
+        # Measured (docs/benchmarks.md): peak RSS 1.5-2.1 GB at chunk_cells 100,000 (0.5 M and 2 M cells alike);
+        # ~2.7 GB expected at the real-atlas chunk of 200,000: 1.5x margin. ~7 min for 4.3 M cells on 2 busy cores.
         resources:
             mem_mb=4000,
             runtime=240,
