@@ -11,7 +11,7 @@ The logistic regressions here are the benchmark's references on identical cells 
 own ``logreg-*`` models (baselines work) should give the same figures.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_cell_context.py --raster R --cells C --out DIR \\
-        --task celltype --levels class subclass supertype cluster --width 12 --epochs 4 --max-samples 4000
+        --task celltype --levels class subclass supertype cluster --width 12 --epochs 60
 """
 
 from __future__ import annotations
@@ -64,10 +64,11 @@ def main() -> None:
     p.add_argument("--model", default="moment-trivial-irrep")
     p.add_argument("--width", type=int, default=12)
     p.add_argument("--patch-size", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--patience", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--max-samples", type=int, default=4000)
+    p.add_argument("--max-samples", type=int, default=None, help="3D rasters (patch training): cells per epoch")
     p.add_argument("--k", type=int, default=16, help="neighbours of logreg-neighborhood")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def main() -> None:
         t0 = time.perf_counter()
         metrics = train_atlas_task(a.raster, a.cells, a.task, a.model, a.out / f"{level}-{a.model}", level=level,
                                    width=a.width, patch_size=a.patch_size, epochs=a.epochs, batch_size=a.batch_size,
-                                   lr=a.lr, max_samples_per_epoch=a.max_samples, progress=False,
+                                   lr=a.lr, patience=a.patience, max_samples_per_epoch=a.max_samples, progress=False,
                                    architecture="cell-context")
         seconds = time.perf_counter() - t0
         rows.append({"level": level, "model": f"{a.model} cell-context", "n_test": metrics["n_test"],

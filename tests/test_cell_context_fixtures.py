@@ -72,7 +72,7 @@ def _logreg_expression(cells: Path, raster: Path) -> tuple[dict, dict]:
 
 def _train(cells: Path, raster: Path, out: Path) -> dict:
     return train_atlas_task(raster, cells, "celltype", "moment-trivial-irrep", out, width=4, depth=2, patch_size=3,
-                            epochs=6, batch_size=32, lr=1e-2, split_fractions=(4, 1, 1), progress=False)
+                            epochs=40, lr=1e-2, patience=40, split_fractions=(4, 1, 1), progress=False)
 
 
 def test_own_expression_reaches_the_network(tmp_path):

@@ -96,3 +96,20 @@ def test_expression_width_is_checked():
     model = build_model("moment-trivial", 2, IN, K, "cell-context", width=2)
     with pytest.raises(InputError, match="expression"):
         model(torch.zeros(2, IN, *model.input_size), torch.zeros(2, F + 1))
+
+
+def test_whole_image_mode_gives_the_patch_logits():
+    """``forward(images, expression, cells)`` reads each cell's context from one dense pass over its image
+    (given with ``margin`` zero voxels per side, as the section dataset reads it): equal to ``forward`` on the
+    zero-padded patch centred on the cell's voxel, at the image border too."""
+    model = _model("moment-trivial-irrep", 2)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(2, IN, 9, 11, generator=g, dtype=torch.float64)
+    cells = torch.tensor([[0, 0, 0], [0, 4, 5], [1, 8, 10], [1, 2, 7]])
+    expr = torch.randn(len(cells), F, generator=g, dtype=torch.float64)
+    m = model.margin
+    padded = torch.nn.functional.pad(images, (m[1], m[1], m[0], m[0]))
+    patches = torch.stack([padded[b, :, y : y + 2 * m[0] + 1, x : x + 2 * m[1] + 1] for b, y, x in cells.tolist()])
+    with torch.no_grad():
+        shifted = cells + torch.tensor([0, m[0], m[1]])
+        torch.testing.assert_close(model(padded, expr, shifted), model(patches, expr), rtol=1e-10, atol=1e-12)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
-from abc_pipeline.learn.cell_context import CellContextDataset, channel_plan, expression_stats
+from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
 from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, CellPatchDataset,
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = {"celltype": ("cell-context", "patch"), "region": ("segment", "cell-context")}
 #: architectures that classify cells one by one (datasets of cells, per-cell targets from cells.zarr)
 PER_CELL = ("cell-context", "patch")
+#: sections per optimizer step when a 2D cell-context model trains on whole sections (all their cells)
+SECTIONS_PER_BATCH = 2
 DEFAULT_LEVELS = {"celltype": "class", "region": "parcellation_division"}
 
 
@@ -98,7 +100,12 @@ class AtlasData:
     def dataset(self, split: str, halo: Sequence[int] = (), max_samples: int | None = None) -> Dataset:
         """Samples of ``split``: cell patches of ``patch + 2 * halo`` voxels (``halo`` = the model's,
         ``max_samples`` caps the cells to a fixed seeded subset), with each cell's own expression for the
-        cell-context architecture, or label tiles (segment)."""
+        cell-context architecture in 3D; whole sections with all their cells and expression for the
+        cell-context architecture in 2D (``max_samples`` does not apply); or label tiles (segment)."""
+        if self.architecture == "cell-context" and self.dim == 2:
+            return CellSectionDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
+                                      self.plan, [p // 2 + h for p, h in zip(self.patch, halo)],
+                                      cache_bytes=self.cache_bytes)
         if self.architecture == "cell-context":
             return CellContextDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
                                       self.dim, self.patch, halo, self.plan, max_samples=max_samples, seed=self.seed,
@@ -229,6 +236,8 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     halo = getattr(model, "halo", ())
     train_ds = data.dataset("train", halo, max_samples_per_epoch)
     val_ds = data.dataset("val", halo, max_samples_per_epoch)
+    if isinstance(train_ds, CellSectionDataset):  # a batch of whole sections, every cell of them in the loss
+        batch_size = SECTIONS_PER_BATCH
     if data.architecture == "cell-context":  # the cells' expression statistics and the raster's normalisation
         model.set_normalization(*expression_stats(train_ds.expression.numpy()), data.normalizer.mean,
                                 data.normalizer.std)

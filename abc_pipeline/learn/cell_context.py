@@ -7,7 +7,8 @@ per-cell prediction pass of ``abc-pipeline predict``.
   so a cell's values are exactly what the rasterizer averaged into its voxel.
 - :func:`cell_expression`: those values for given cells, read X chunk by chunk (only chunks holding them).
 - :class:`CellContextDataset`: :class:`abc_pipeline.learn.data.CellPatchDataset` plus each cell's expression:
-  samples ``((patch, expression), target)``.
+  samples ``((patch, expression), target)``; :class:`CellSectionDataset`: whole sections with all their
+  cells (2D training: one dense pass per section, the loss at every cell position).
 - :func:`predict_cells`: per-cell probabilities from the dense context embedding gathered at each cell's
   voxel and the cell's own expression, in chunks of cells (bounded memory).
 """
@@ -82,6 +83,50 @@ class CellContextDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         patch, target = self.patches[i]
         return (patch, self.expression[i]), target
+
+
+class CellSectionDataset(Dataset):
+    """Whole z-planes (sections) of one split with every labelled cell of them, for 2D cell-context models: one
+    dense pass per section gives every cell's context (``CellContextClassifier.forward(images, expression,
+    cells)``), instead of one patch per cell.
+
+    Sample ``i`` (the ``i``-th plane of the split holding labelled cells): ``((plane (C_in, Y + 2 m, X + 2 m),
+    voxels (n, 2) int64 (y, x) in it, expression (n, F)), targets (n,))``, the plane read with ``margin`` = ``m``
+    (the model's, per axis) zero voxels around it, so every cell's context equals its zero-padded patch's; :meth:`collate` (the ``DataLoader``'s ``collate_fn``)
+    stacks planes and prefixes each cell's voxel with its plane's position in the batch. Attributes
+    ``targets`` / ``cells`` / ``expression``: all cells, plane by plane (the order of the samples)."""
+
+    def __init__(self, raster: Raster, cells: CellSource, table: ClassTable, split: str,
+                 splits: dict[str, Sequence[int]], normalizer: Normalizer, plan: ChannelPlan, margin: Sequence[int],
+                 *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        base = CellPatchDataset(raster, cells, table, split, splits, normalizer, 2, (1, 1), (0, 0),
+                                cache_bytes=cache_bytes)
+        self.reader, self.margin = base.reader, tuple(int(m) for m in margin)
+        self.size = (1, *(n + 2 * m for n, m in zip(raster.grid.shape[1:], self.margin)))
+        expression = cell_expression(cells, plan, base.cells)
+        order = np.argsort(base.voxels[:, 0], kind="stable")
+        self.cells, self.voxels = base.cells[order], base.voxels[order] + np.array([0, *self.margin])
+        self.targets, self.expression = base.targets[order], torch.from_numpy(expression[order])
+        self.planes, starts = np.unique(self.voxels[:, 0], return_index=True)
+        self.bounds = np.append(starts, len(self.cells))
+
+    def __len__(self) -> int:
+        return len(self.planes)
+
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        rows = slice(int(self.bounds[i]), int(self.bounds[i + 1]))
+        z = int(self.planes[i])
+        plane = torch.from_numpy(self.reader.window((z, -self.margin[0], -self.margin[1]), self.size)[:, 0])
+        return (plane, torch.from_numpy(self.voxels[rows, 1:]), self.expression[rows]), self.targets[rows]
+
+    @staticmethod
+    def collate(batch: list) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Planes stacked ``(B, C_in, Y, X)``, cells ``(N, 3)`` (plane in batch, y, x), expression ``(N, F)``,
+        targets ``(N,)``."""
+        planes = torch.stack([x[0] for x, _ in batch])
+        cells = torch.cat([torch.cat([torch.full((len(x[1]), 1), b, dtype=torch.int64), x[1]], dim=1)
+                           for b, (x, _) in enumerate(batch)])
+        return (planes, torch.cat([x[2] for x, _ in batch]), cells), torch.cat([y for _, y in batch])
 
 
 @torch.inference_mode()

@@ -3,8 +3,8 @@
 Works for any ``torch.utils.data.Dataset`` of ``(input, target)`` pairs:
 
 - classification: input ``(C, *spatial)`` (or a tuple of tensors, passed to the model as positional
-  arguments), target a class index (batched: ``(B,)``); the model returns
-  logits ``(B, K)``;
+  arguments; a dataset with a ``collate`` method batches its own samples), target a class index (batched:
+  ``(B,)``); the model returns logits ``(B, K)``;
 - segmentation: input ``(C, *spatial)``, target ``(*spatial)`` int64 with ``IGNORE_INDEX`` (-1) where there
   are no cells (those voxels count neither in the loss nor in the metrics); the model returns ``(B, K, *spatial)``.
 
@@ -126,7 +126,7 @@ def predict_proba(model: nn.Module, x: torch.Tensor | Dataset, batch_size: int =
     """
     device = pick_device(device)
     model.eval().to(device)
-    loader = DataLoader(x, batch_size=batch_size)
+    loader = DataLoader(x, batch_size=batch_size, collate_fn=getattr(x, "collate", None))
     out = []
     for batch in loader:
         xb = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -148,7 +148,8 @@ def _validate(model: nn.Module, ds: Dataset, task: str, class_names: Sequence[st
     model.eval()
     loss_sum, n = 0.0, 0
     outs, targets = [], []
-    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
+    collate = getattr(ds, "collate", None)
+    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate):
         x, y = model_inputs(x, device), y.to(device, non_blocking=True).long()
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits = model(*x)
@@ -294,7 +295,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         model.train()
         generator = torch.Generator().manual_seed(seed * _SHUFFLE_STRIDE + epoch)
         loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator,
-                            num_workers=num_workers, pin_memory=amp,
+                            num_workers=num_workers, pin_memory=amp, collate_fn=getattr(train_ds, "collate", None),
                             drop_last=len(train_ds) % batch_size == 1)  # no 1-sample batch (batch norm)
         loss_sum, n = 0.0, 0
         for x, y in loader:

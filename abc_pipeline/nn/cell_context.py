@@ -20,7 +20,9 @@ the expression path is.
 Modes:
 
 - ``forward(patch, expression)``: ``patch`` ``(B, C_in, *(P + 2*halo))`` (the normalised raster window, last
-  channel = tissue), ``expression`` ``(B, F)`` raw channel values -> logits ``(B, K)``.
+  channel = tissue), ``expression`` ``(B, F)`` raw channel values -> logits ``(B, K)``;
+  ``forward(images, expression, cells)``: whole images and each cell's ``(image, *voxel)``: the same logits
+  from one dense pass per image (efficient training on whole sections, every cell of them).
 - ``context_dense(tile)`` -> embedding maps ``(B, embed, *spatial)`` (:meth:`PatchClassifier.forward_dense`:
   the embedding of the patch centred at every voxel); ``cell_logits(embedding, expression)`` -> ``(N, K)``
   for cells whose embedding was gathered at their voxel: the same arithmetic as ``forward``.
@@ -95,9 +97,19 @@ class CellContextClassifier(nn.Module):
         e = (expression - self.expression_mean) / self.expression_std
         return self.head(torch.cat([self.expression(e), embedding], dim=1)) + self.skip(e)
 
-    def forward(self, patch: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
-        """Patch ``(B, C_in, *(P + 2*halo))`` + raw expression ``(B, F)`` -> logits ``(B, K)``."""
-        return self.cell_logits(self.context(patch), expression)
+    def forward(self, x: torch.Tensor, expression: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(N, K)`` of cells given their raw expression ``(N, F)``, in one of two modes:
+
+        - ``cells`` None: ``x`` ``(N, C_in, *(P + 2*halo))`` holds one patch centred on each cell;
+        - ``cells`` ``(N, 1 + dim)`` int64 ``(image, *voxel)``: ``x`` ``(B, C_in, *spatial)`` holds whole images
+          (sections) and each cell reads the dense context embedding at its voxel of its image: computed once
+          per image instead of once per cell, and equal to its patch's for voxels at least ``margin`` inside
+          the image (pad images with ``margin`` zero voxels to reproduce the zero-padded patches at borders).
+        """
+        if cells is None:
+            return self.cell_logits(self.context(x), expression)
+        embedding = self.context_dense(x)
+        return self.cell_logits(embedding.movedim(1, -1)[tuple(cells.T)], expression)
 
     def context_dense(self, tile: torch.Tensor) -> torch.Tensor:
         """Tile ``(B, C_in, *spatial)`` -> context embedding of every voxel ``(B, embed, *spatial)``."""
