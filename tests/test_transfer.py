@@ -164,3 +164,17 @@ def test_channels_with_the_same_names_but_other_loadings_are_refused(trained: di
     assert open_raster(other).feature_channels == trained["raster"].feature_channels
     with pytest.raises(InputError, match="channel names of .* but not their definition"):
         predict_raster(trained["checkpoints"][0], other, tmp_path / "p.zarr", progress=False)
+
+
+def test_zarr_store_and_imported_cells_inputs(trained: dict, tmp_path: Path) -> None:
+    from abc_pipeline.atlas.import_user import import_user_data
+
+    rng = np.random.default_rng(5)
+    user = export_sections(trained["cells"], trained["held_out"][:1], genes=_user_genes(trained, rng))
+    user.write_zarr(tmp_path / "u.zarr")
+    a = ad.read_h5ad(transfer(trained["checkpoints"][:1], tmp_path / "u.zarr", tmp_path / "a.h5ad", progress=False))
+    cells = import_user_data("anndata", tmp_path / "u.zarr", tmp_path / "cells.zarr", progress=False)
+    b = ad.read_h5ad(transfer(trained["checkpoints"][:1], cells, tmp_path / "b.h5ad", kind="cells", progress=False))
+    assert list(a.obs_names) == list(user.obs_names) == list(b.obs_names)
+    assert a.obs["pred_celltype"].notna().all() and "brain_section_label" in b.obs  # b: the imported cells.zarr
+    np.testing.assert_array_equal(a.obs["pred_celltype"], b.obs["pred_celltype"])
