@@ -2,10 +2,11 @@
 
     python benchmarks/bench_any_angle.py --npz rings.npz --bench runs/rings [--step 15] [--samples N]
 
-For every model folder of the bench-models output (``BENCH/<model>/checkpoint.pt``) the test split is rotated
-(or its first ``--samples`` images) by 0, step, ..., 360 - step degrees (``abc_pipeline.evaluate.rotate``: bilinear, about the image centre, zero
-outside) and the accuracy of the best checkpoint is measured at every angle. Prints one markdown row per model
-(accuracy at 0°, mean over the angles, worst angle and its accuracy) and writes ``BENCH/any_angle.tsv``.
+For every model folder of the bench-models output (``BENCH/<model>/checkpoint.pt``, or those of ``--models``) the
+test split (or its first ``--samples`` images) is rotated by 0, step, ..., 360 - step degrees
+(``abc_pipeline.evaluate.rotate``: bilinear, about the image centre, zero outside) and the accuracy of the best
+checkpoint is measured at every angle. Prints one markdown row per model (accuracy at 0°, mean over the angles,
+worst angle and its accuracy) and writes ``BENCH/any_angle[_<models>].tsv``.
 The grid-group score of bench-models covers 90° multiples and reflections only; this covers the angles between.
 ``bench_escnn_peer.py`` imports :func:`any_angle_accuracy` so that its rows use the same measure.
 """
@@ -13,8 +14,8 @@ The grid-group score of bench-models covers 90° multiples and reflections only;
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,11 +65,12 @@ def main() -> None:
         if a.models and ckpt.parent.name not in a.models:
             continue
         model, _ = load_model(ckpt)
-        scores = any_angle_accuracy(lambda v: predict_proba(model, v), x, y, angles)
+        scores = any_angle_accuracy(lambda v, m=model: predict_proba(m, v), x, y, angles)
         rows.append({"model": ckpt.parent.name, **scores})
     print(format_rows(rows))
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("angles", "accuracy")} for r in rows])
-    atomic_write_text(a.bench / f"any_angle{'_' + '_'.join(a.models) if a.models else ''}.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g"))
+    name = "any_angle" + ("_" + "_".join(a.models) if a.models else "") + ".tsv"
+    atomic_write_text(a.bench / name, table.to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
 if __name__ == "__main__":

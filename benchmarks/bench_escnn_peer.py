@@ -38,17 +38,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bench_any_angle import any_angle_accuracy
 from escnn import gspaces
 from escnn import nn as enn
 from escnn.nn import init as enn_init
 from escnn.nn.modules.conv.rd_convolution import _RdConv
 
 from abc_pipeline.fileio import atomic_write_text
-from abc_pipeline.learn.compare import SCORES, WORST_METRIC, PeakMemory, _evaluate, _stack, format_table, npz_task
+from abc_pipeline.learn.compare import (
+    SCORES,
+    WORST_METRIC,
+    PeakMemory,
+    _evaluate,
+    _stack,
+    format_table,
+    npz_task,
+)
 from abc_pipeline.learn.train import pick_device, predict_proba, train
 from abc_pipeline.nn.layers import parity_downsample, upsample_to
 from abc_pipeline.nn.zoo import count_parameters, solve_width
-from bench_any_angle import any_angle_accuracy
 
 log = logging.getLogger("bench_escnn_peer")
 MODELS = ("escnn-o2-irrep", "escnn-d8-regular")
@@ -94,7 +102,7 @@ def _up(x: enn.GeometricTensor, size) -> enn.GeometricTensor:
 class _EscnnNet(torch.nn.Module):
     """Base: plain tensors in and out; convolutions kept in training mode (no cached filter, stable keys)."""
 
-    def train(self, mode: bool = True) -> "_EscnnNet":
+    def train(self, mode: bool = True) -> _EscnnNet:
         super().train(mode)
         for m in self.modules():
             if isinstance(m, _RdConv):
@@ -216,7 +224,7 @@ def main() -> None:
     rows = []
     for name in a.models:
         torch.manual_seed(a.seed)
-        width = solve_width(lambda w: _count_on_cpu(name, task.task, task.in_channels, k, w), a.target_params)
+        width = solve_width(lambda w, n=name: _count_on_cpu(n, task.task, task.in_channels, k, w), a.target_params)
         torch.manual_seed(a.seed)
         model = build(name, task.task, task.in_channels, k, width)
         with PeakMemory(dev) as memory:
@@ -234,7 +242,7 @@ def main() -> None:
                "epochs": result.epochs_run, "peak_memory_mb": memory.mib, "memory": memory.kind}
         if task.task == "classify":
             model.eval()
-            scores = any_angle_accuracy(lambda v: predict_proba(model, v, device=dev), x_test, y_test,
+            scores = any_angle_accuracy(lambda v, m=model: predict_proba(m, v, device=dev), x_test, y_test,
                                         np.arange(0.0, 360.0, 15.0))
             row.update(any_angle_mean=scores["mean"], any_angle_worst=scores["worst"],
                        any_angle_worst_at=scores["worst_angle"])

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import bench_nn
 import torch
 import torch.nn.functional as F
 
-import bench_nn
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.se2n import InterpGroupConv
 

@@ -12,7 +12,13 @@ import torch
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import rotate
 from abc_pipeline.nn import build_model, fields, model_table
-from abc_pipeline.nn.se2n import InterpGroupConv, RotationGroup, SE2NFamily, interpolation_matrices, rotate_filters
+from abc_pipeline.nn.se2n import (
+    InterpGroupConv,
+    RotationGroup,
+    SE2NFamily,
+    interpolation_matrices,
+    rotate_filters,
+)
 from abc_pipeline.nn.zoo import Classifier, UNet
 
 F64 = torch.float64
@@ -77,7 +83,7 @@ def test_rotation_interpolation_operator_gradcheck():
     conv = InterpGroupConv(1, 2, RotationGroup(8), 3).double()  # the whole layer, through the interpolation
     x = torch.randn(1, 16, 5, 5, dtype=F64)
     weight = conv.weight.detach().clone().requires_grad_(True)
-    layer = lambda w: torch.func.functional_call(conv, {"weight": w}, (x,))  # noqa: E731
+    layer = lambda w: torch.func.functional_call(conv, {"weight": w}, (x,))
     assert torch.autograd.gradcheck(layer, (weight,), fast_mode=True)
 
 
@@ -89,7 +95,7 @@ def test_layers_are_exactly_equivariant_under_the_grid_symmetries_in_the_group(n
     lift = InterpGroupConv(2, 3, group, 3, lifting=True).double()
     gconv = InterpGroupConv(3, 2, group, 5, padding_mode="circular").double()
     torch.nn.init.normal_(lift.bias)
-    act = lambda t, g: group.transform_regular(t, g)  # noqa: E731
+    act = lambda t, g: group.transform_regular(t, g)
     elements = [q for _, q in group.grid_elements]
     assert len(elements) == (8 if n % 4 == 0 and reflections else 4)
     x = torch.randn(2, 2, *size, dtype=F64)

@@ -3,6 +3,7 @@
 - :class:`MomentConv` — the moment-kernel convolution (2D/3D, scalar/vector/matrix fields, physical spacing).
 - :mod:`.layers` — field nonlinearity, field batch norm, parity-aware down/upsampling, heads.
 - :mod:`.baselines` — regular-representation group convolution, CFNet's conic convolution.
+- :mod:`.se2n` — SE(2,N) group convolution with filters rotated by interpolation (zoo model ``se2n-interp``).
 - :func:`build_model`, :func:`model_table` — the zoo with parameter-matched widths.
 - :mod:`.fields` — the channel layout and the grid symmetry group (``grid_group``, ``transform``).
 """

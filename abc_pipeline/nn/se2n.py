@@ -99,13 +99,13 @@ class RotationGroup:
         """The element equal to the 2D grid symmetry ``g``; ``InputError`` if ``g`` is not in the group."""
         mat = g.matrix.astype(np.float64)
         if mat.shape != (2, 2):
-            raise InputError(f"{repr(self)} acts on 2D grids; {g} is a {g.dim}D symmetry")
+            raise InputError(f"{self!r} acts on 2D grids; {g} is a {g.dim}D symmetry")
         m = int(round(np.linalg.det(mat)) < 0)
         rot = mat @ np.diag([-1.0, 1.0]) if m else mat
         turns = math.atan2(rot[1, 0], rot[0, 0]) / (2 * math.pi) * self.n_rotations
         r = round(turns) % self.n_rotations
         if (m and not self.reflections) or abs(turns - round(turns)) > _SNAP:
-            raise InputError(f"the grid symmetry {g} is not an element of {repr(self)}")
+            raise InputError(f"the grid symmetry {g} is not an element of {self!r}")
         return m * self.n_rotations + r
 
     @cached_property
