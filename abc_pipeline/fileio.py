@@ -29,8 +29,8 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from abc_pipeline.errors import InputError
 

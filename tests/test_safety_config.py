@@ -6,10 +6,10 @@ import copy
 from pathlib import Path
 
 import pytest
+from test_workflow import FULL_CONFIG, _workdir, snakemake
 
 from abc_pipeline.config_checks import check_workflow_config, config_problems
 from abc_pipeline.errors import InputError
-from test_workflow import FULL_CONFIG, _workdir, snakemake
 
 
 def _with(**changes) -> dict:

@@ -7,10 +7,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from test_download import DATASET, FAST, GENE, RELEASE, build_release
 
 from abc_pipeline.atlas.download import download_dataset
 from abc_pipeline.fileio import atomic_write_text
-from test_download import DATASET, FAST, GENE, RELEASE, build_release
 
 
 @pytest.fixture()
@@ -57,7 +57,7 @@ def test_lock_files_that_are_links_create_nothing_outside_the_cache(tmp_path: Pa
 
 
 def test_shared_cache_files_get_the_umask_permissions(tmp_path: Path, release) -> None:
-    root, contents = release
+    root, _ = release
     cache = tmp_path / "cache"
     old = os.umask(0o002)  # a group cache
     try:

@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_raster_fixtures import write_cells
 
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import MARKER_NAME, artifact_kind, staged_output, temporary_path
+from abc_pipeline.fileio import (
+    MARKER_NAME,
+    artifact_kind,
+    staged_output,
+    temporary_path,
+)
 from abc_pipeline.raster import open_raster, rasterize
-from test_raster_fixtures import write_cells
+
 
 def tree(*folders: Path) -> dict[str, str]:
     """Every path under ``folders`` -> content hash ('dir' for folders, 'link:<target>' for links)."""

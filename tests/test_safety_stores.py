@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from test_safety_outputs import _cells, _error_line, tree
 
 from abc_pipeline.atlas.assemble import assemble_dataset
 from abc_pipeline.atlas.manifest import Manifest, get_profile, manifest_relative_path
@@ -21,7 +22,6 @@ from abc_pipeline.learn.predict import _sample_cells, predict_raster
 from abc_pipeline.raster import open_raster, rasterize
 from abc_pipeline.raster.ome import create_array
 from abc_pipeline.raster.source import CellSource
-from test_safety_outputs import _cells, _error_line, tree
 
 DATASET = "MERFISH-C57BL6J-638850"
 

@@ -8,11 +8,11 @@ import anndata
 import numpy as np
 import pytest
 import torch
+from test_safety_outputs import _error_line, tree
 
 from abc_pipeline.cli import main
 from abc_pipeline.learn.data import names_digest
 from abc_pipeline.raster import open_raster
-from test_safety_outputs import _error_line, tree
 
 
 @pytest.fixture(scope="module")

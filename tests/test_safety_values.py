@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_raster_fixtures import write_cells
+from test_safety_outputs import _error_line, tree
 
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.raster import open_raster, rasterize
-from test_raster_fixtures import write_cells
-from test_safety_outputs import _error_line, tree
 
 
 def _cells_with_nonfinite(path: Path, n: int = 400) -> tuple[Path, np.ndarray]:
@@ -25,7 +25,7 @@ def _cells_with_nonfinite(path: Path, n: int = 400) -> tuple[Path, np.ndarray]:
 
 @pytest.mark.parametrize("pca", [None, 2], ids=["genes", "pca"])
 def test_nonfinite_expression_is_refused(tmp_path: Path, pca: int | None, capsys) -> None:
-    cells, bad = _cells_with_nonfinite(tmp_path / "cells.zarr")
+    cells, _ = _cells_with_nonfinite(tmp_path / "cells.zarr")
     before = tree(tmp_path)
     argv = ["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--voxel-size", "0.25",
             "--labels", "--no-progress", *(["--pca", str(pca)] if pca else [])]
