@@ -253,7 +253,7 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     if data.splits["test"]:
         test_ds = data.dataset("test", halo)
         dev = pick_device(device)
-        n_test = len(test_ds)
+        n_test = len(test_ds.targets) if data.architecture in PER_CELL else len(test_ds)  # cells or tiles
         if data.architecture in PER_CELL:
             proba = predict_proba(model, test_ds, batch_size=batch_size, device=dev)
             test = classification_metrics(test_ds.targets.numpy(), proba.numpy(), data.table.names)
