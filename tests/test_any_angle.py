@@ -35,7 +35,8 @@ def test_quarter_turns_give_identical_per_cell_predictions_for_an_invariant_mode
     cnn = any_angle_predictions(cnn_run / "checkpoint.pt", atlas["section"], atlas["cells"], angles=angles,
                                 sections=2, device="cpu")
     np.testing.assert_array_equal(cnn["rows"], moment["rows"])
-    assert np.abs(cnn["proba"][1] - cnn["proba"][0]).max() > 1e-2
+    # the CNN's quarter-turn differences are two orders of magnitude above the invariant model's tolerance
+    assert np.abs(cnn["proba"][1] - cnn["proba"][0]).max() > 100 * 1e-5
     assert (cnn["proba"].argmax(2)[1:] != cnn["proba"].argmax(2)[0]).any()
 
 
