@@ -17,6 +17,8 @@ def test_read_x_into_buffer_matches_zarr(tmp_path: Path, filters: bool) -> None:
     root = zarr.open_group(str(tmp_path / "cells.zarr"), mode="w", zarr_format=2)
     for key in ("obs", "var", "obsm"):
         root.require_group(key)
+    for key, n in (("obs", 10), ("var", 6)):  # the indexes CellSource checks against X's shape
+        root[key].create_array("_index", shape=(n,), dtype="int64", fill_value=0)
     x = root.create_array("X", shape=(10, 6), chunks=(4, 6), dtype="float32", fill_value=0.0,
                           filters=[numcodecs.Delta(dtype="<f4")] if filters else None)
     values = np.random.default_rng(0).random((10, 6), dtype=np.float32)

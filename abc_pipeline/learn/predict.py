@@ -165,9 +165,9 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     from abc_pipeline.learn.baselines import predict_baseline
     from abc_pipeline.learn.choices import is_baseline
 
+    dev = pick_device(device)  # an impossible device fails before any reading
     if is_baseline(load_checkpoint(checkpoint)["model_name"]):  # scikit-learn baseline: per cell, not per voxel
         return predict_baseline(checkpoint, raster, out, cells=cells, overwrite=overwrite)
-    dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
     atlas = atlas_config(ckpt, checkpoint)
     r = open_raster(raster)
