@@ -149,7 +149,8 @@ def _prediction_blocks(atlas: dict, raster) -> tuple[dict, list[tuple[int, int, 
 def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
                    tile_size: int | Sequence[int] | None = None, halo: int | Sequence[int] | None = None,
                    batch_size: int | None = None, device: str = "auto", progress: bool = True,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES, overwrite: bool = False) -> Path:
+                   cache_bytes: int = DEFAULT_CACHE_BYTES, overwrite: bool = False,
+                   plan: ChannelPlan | None = None) -> Path:
     """Predict every voxel of ``raster`` with the model of ``checkpoint`` and sample every cell; writes
     ``out`` (see the module docstring) atomically and returns it.
 
@@ -159,7 +160,9 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     U-Net context per side (patch classifiers always use their exact receptive field); ``batch_size``:
     tiles per forward pass (default: as many as fit 32,768 input voxels, at least one; 2**20 on CUDA).
     ``overwrite``: replace an existing abc-pipeline artifact of another kind at ``out``
-    (:func:`abc_pipeline.fileio.check_output`).
+    (:func:`abc_pipeline.fileio.check_output`). ``plan``: how a cell-context model reads each cell's own
+    expression from ``cells`` (default: the raster's channel definition resolved on ``cells``; ``transfer``
+    passes the model's definition matched to the user's genes).
     """
     check_output(Path(out), "predictions", inputs=[checkpoint, raster, cells], overwrite=overwrite)  # fail early
     from abc_pipeline.learn.baselines import predict_baseline
@@ -202,7 +205,7 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
             raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
                              f"cells.zarr the raster was made from")
     out = Path(out)
-    per_cell = (src, channel_plan(r, src)) if architecture == "cell-context" else None
+    per_cell = (src, plan or channel_plan(r, src)) if architecture == "cell-context" else None
     with staged_output(out, "predictions", inputs=[checkpoint, r.path, cells], overwrite=overwrite) as tmp:
         _write(tmp, model, r, table, normalizer, dense, dim, core3, margin3, blocks, splits, batch_size, dev,
                progress, cache_bytes, task, per_cell)
@@ -324,12 +327,12 @@ def _score_cells(store: Path, src: CellSource, table: ClassTable) -> dict:
     their own ``table.level`` labels in cells.zarr; per split, the number of cells."""
     group = zarr.open_group(str(store), mode="r")["cells"]
     split = np.asarray(group["split"][:])
-    cat = src.categorical(table.level)
-    lut = table.lookup(cat.categories)
     test = np.flatnonzero(split == SPLITS.index("test"))
     counts = {name: int((split == i).sum()) for i, name in enumerate([*SPLITS, "none"])}
-    if not test.size:
+    if not test.size:  # e.g. a transferred dataset: no split, and perhaps no labels
         return {"cells_per_split": counts}
+    cat = src.categorical(table.level)
+    lut = table.lookup(cat.categories)
     test = test[:: max(1, -(-len(test) // _METRIC_CELLS))]
     codes = np.asarray(cat.codes[test].compute()).astype(np.int64)
     y = np.where(codes >= 0, lut[np.clip(codes, 0, None)], -1)

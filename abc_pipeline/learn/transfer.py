@@ -142,7 +142,7 @@ def _predict(i: int, path: Path, atlas: dict, source: CellSource, scratch: Path,
     raster = rasterize(source.path, scratch / f"{i}.ome.zarr", space=space, voxel_size=voxel, bounds=bounds,
                        channels=plan, labels=[], levels=2, progress=progress)
     store = predict_raster(path, raster, scratch / f"{i}.predictions.zarr", device=device, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, cells=source.path, plan=plan)
     grid = zarr.open_group(str(raster), mode="r").attrs[ATTRS_KEY]["raster"]
     provenance = {"checkpoint": str(path.resolve()), "channel_digest": definition["digest"],
                   "channel_mode": definition["mode"], "genes_used": len(definition["genes"]) - len(lacking),
