@@ -284,7 +284,8 @@ def staged_output(out: Path, kind: str | None = None, *, inputs: Iterable[Path |
             check_output(out, kind, overwrite=overwrite)
         replace_tree(tmp, out)
     except Exception as exc:
-        if not (isinstance(exc, OSError) and exc.errno is not None) and _disk_full(exc, out.parent):
+        plain = isinstance(exc, OSError) and exc.errno is not None and (exc.errno != errno.ENOSPC or exc.filename)
+        if not plain and _disk_full(exc, out.parent):  # incl. HDF5's ENOSPC without a file name
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
         if isinstance(exc, OSError) and exc.filename is None:
             raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
