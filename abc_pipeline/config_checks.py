@@ -17,21 +17,29 @@ def config_problems(config: Mapping) -> list[str]:
     names = [spec["name"] for spec in config.get("rasters") or []]
     repeated = sorted(name for name, n in Counter(names).items() if n > 1)
     if repeated:
-        problems.append(f"rasters: the name(s) {', '.join(repeated)} are given to more than one grid; every grid "
-                        "needs its own name (it names results/<dataset>/raster/<name>.ome.zarr)")
+        problems.append(
+            f"rasters: the name(s) {', '.join(repeated)} are given to more than one grid; every grid "
+            "needs its own name (it names results/<dataset>/raster/<name>.ome.zarr)"
+        )
     tasks = config.get("tasks") or {}
     for task, spec in tasks.items():
         if spec["raster"] not in names:
-            problems.append(f"tasks.{task}.raster is {spec['raster']!r}, which is not the name of a grid in `rasters` "
-                            f"(defined: {', '.join(names) or 'none'})")
+            problems.append(
+                f"tasks.{task}.raster is {spec['raster']!r}, which is not the name of a grid in `rasters` "
+                f"(defined: {', '.join(names) or 'none'})"
+            )
     models = list(config.get("models") or [])
     if tasks and not models:
-        problems.append(f"models is empty but tasks {', '.join(tasks)} are configured; list at least one zoo model "
-                        "(e.g. models: [cnn, moment-trivial-irrep]) or remove the tasks")
+        problems.append(
+            f"models is empty but tasks {', '.join(tasks)} are configured; list at least one zoo model "
+            "(e.g. models: [cnn, moment-trivial-irrep]) or remove the tasks"
+        )
     primary = config.get("primary_model")
     if tasks and models and primary not in models:
-        problems.append(f"primary_model {primary!r} is not one of models ({', '.join(models)}); its predictions "
-                        "become obs['pred_<task>']: set primary_model to one of them or add it to models")
+        problems.append(
+            f"primary_model {primary!r} is not one of models ({', '.join(models)}); its predictions "
+            "become obs['pred_<task>']: set primary_model to one of them or add it to models"
+        )
     return problems
 
 

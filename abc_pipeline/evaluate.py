@@ -10,13 +10,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (accuracy_score, adjusted_rand_score, balanced_accuracy_score, f1_score,
-                             jaccard_score, normalized_mutual_info_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    adjusted_rand_score,
+    balanced_accuracy_score,
+    f1_score,
+    jaccard_score,
+    normalized_mutual_info_score,
+    roc_auc_score,
+)
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.nn.fields import GridSymmetry, transform
@@ -45,8 +52,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: S
     proba = np.asarray(proba, dtype=np.float64)
     k = len(class_names)
     if proba.ndim != 2 or proba.shape != (len(y_true), k):
-        raise InputError(f"proba must have shape (N, K) = ({len(y_true)}, {k}) for {k} class names, "
-                         f"got {proba.shape}")
+        raise InputError(f"proba must have shape (N, K) = ({len(y_true)}, {k}) for {k} class names, got {proba.shape}")
     if len(y_true) == 0:
         raise InputError("no labelled samples to evaluate; check the split and its labels")
     y_pred = proba.argmax(1)
@@ -71,8 +77,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: S
     }
 
 
-def segmentation_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
-                         ignore: int = -1) -> dict:
+def segmentation_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], ignore: int = -1) -> dict:
     """Metrics of a predicted label map ``y_pred`` against ``y_true`` (same shape, any number of axes).
 
     Voxels where ``y_true == ignore`` (no cells) do not count. Returns ``dice`` and ``iou`` per region name
@@ -103,9 +108,15 @@ def segmentation_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Se
     }
 
 
-def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       group: Sequence[GridSymmetry], class_names: Sequence[str], metric: str | None = None,
-                       ignore: int = -1) -> dict:
+def orientation_scores(
+    predict_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    group: Sequence[GridSymmetry],
+    class_names: Sequence[str],
+    metric: str | None = None,
+    ignore: int = -1,
+) -> dict:
     """A metric on ``(g.x, g.y)`` for every grid symmetry ``g`` in ``group``: per symmetry, mean and worst.
 
     ``x``: inputs ``(N, C, *spatial)``. Classification: ``y`` ``(N,)`` labels and ``predict_fn(x)`` class
@@ -117,8 +128,9 @@ def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: to
     """
     segment = y.ndim == x.ndim - 1
     if not segment and y.ndim != 1:
-        raise InputError(f"y must be (N,) labels or (N, *spatial) label maps for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(y.shape)}")
+        raise InputError(
+            f"y must be (N,) labels or (N, *spatial) label maps for x of shape {tuple(x.shape)}, got {tuple(y.shape)}"
+        )
     metric = metric or ("mean_dice" if segment else "accuracy")
     scores = {}
     for g in group:
@@ -130,8 +142,13 @@ def orientation_scores(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: to
             value = classification_metrics(y.numpy(), out.numpy(), class_names)[metric]
         scores[str(g)] = float(value)
     worst = min(scores, key=scores.get)
-    return {"metric": metric, "per_symmetry": scores, "mean": float(np.mean(list(scores.values()))),
-            "worst": scores[worst], "worst_symmetry": worst}
+    return {
+        "metric": metric,
+        "per_symmetry": scores,
+        "mean": float(np.mean(list(scores.values()))),
+        "worst": scores[worst],
+        "worst_symmetry": worst,
+    }
 
 
 def _spatial_plane(x: torch.Tensor, plane: Sequence[int]) -> tuple[int, int]:
@@ -142,8 +159,10 @@ def _spatial_plane(x: torch.Tensor, plane: Sequence[int]) -> tuple[int, int]:
         raise InputError(f"plane must name two spatial axes, got {plane}")
     a, b = (int(p) % x.ndim for p in plane)
     if a == b or min(a, b) < 2:
-        raise InputError(f"plane {tuple(plane)} must name two different spatial axes of a tensor of shape "
-                         f"{tuple(x.shape)} (axes 2..{x.ndim - 1} or -{x.ndim - 2}..-1)")
+        raise InputError(
+            f"plane {tuple(plane)} must name two different spatial axes of a tensor of shape "
+            f"{tuple(x.shape)} (axes 2..{x.ndim - 1} or -{x.ndim - 2}..-1)"
+        )
     return a, b
 
 
@@ -172,15 +191,19 @@ def rotate(x: torch.Tensor, angle: float, plane: Sequence[int] = (-2, -1), mode:
     half = torch.tensor([(n - 1) / 2 if n > 1 else 1.0 for n in spatial], dtype=torch.float64)
     work = x if x.is_floating_point() else x.float()
     grid = (src / half).flip(-1).to(work.dtype).to(x.device)  # grid_sample wants (x, y[, z]) = reversed axes
-    out = F.grid_sample(work, grid.expand(x.shape[0], *grid.shape), mode=mode, padding_mode="zeros",
-                        align_corners=True)
+    out = F.grid_sample(work, grid.expand(x.shape[0], *grid.shape), mode=mode, padding_mode="zeros", align_corners=True)
     return out if x.is_floating_point() else out.round().to(x.dtype)
 
 
 @torch.no_grad()
-def equivariance_curve(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       angles: Sequence[float] = range(0, 91, 15), plane: Sequence[int] = (-2, -1),
-                       task: str = "classify", mask: torch.Tensor | None = None) -> dict:
+def equivariance_curve(
+    predict_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    angles: Sequence[float] = range(0, 91, 15),
+    plane: Sequence[int] = (-2, -1),
+    task: str = "classify",
+    mask: torch.Tensor | None = None,
+) -> dict:
     """Agreement between the prediction of the rotated input and the rotated prediction, per angle.
 
     ``x``: inputs ``(N, C, *spatial)``; each angle (degrees) rotates them with :func:`rotate` (bilinear,
@@ -204,12 +227,13 @@ def equivariance_curve(predict_fn: Callable[[torch.Tensor], torch.Tensor], x: to
     expected = 2 if task == "classify" else x.ndim
     ref = predict_fn(x)
     if ref.ndim != expected or ref.shape[0] != x.shape[0]:
-        raise InputError(f"predict_fn returned shape {tuple(ref.shape)}; for task={task!r} and inputs "
-                         f"{tuple(x.shape)} it must return {'(N, K)' if task == 'classify' else '(N, K, *spatial)'}")
+        raise InputError(
+            f"predict_fn returned shape {tuple(ref.shape)}; for task={task!r} and inputs "
+            f"{tuple(x.shape)} it must return {'(N, K)' if task == 'classify' else '(N, K, *spatial)'}"
+        )
     ref = ref.argmax(1).cpu()
     if mask is not None and tuple(mask.shape) != (x.shape[0], *x.shape[2:]):
-        raise InputError(f"mask must have shape (N, *spatial) = {(x.shape[0], *x.shape[2:])}, got "
-                         f"{tuple(mask.shape)}")
+        raise InputError(f"mask must have shape (N, *spatial) = {(x.shape[0], *x.shape[2:])}, got {tuple(mask.shape)}")
     angles = [float(a) for a in angles]
     agreement, counts = [], []
     for angle in angles:

@@ -44,8 +44,10 @@ _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 _TEMP_OWNER = re.compile(r"(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}")
 #: Directories written by earlier versions (no marker): kind -> (names that must all be present, names allowed).
 _LEGACY_FOLDERS = {
-    "train-run": ({"last.pt"}, {"last.pt", "checkpoint.pt", "history.tsv", "metrics.json", "predictions.zarr",
-                                "evaluation"}),
+    "train-run": (
+        {"last.pt"},
+        {"last.pt", "checkpoint.pt", "history.tsv", "metrics.json", "predictions.zarr", "evaluation"},
+    ),
     "synthetic-release": ({"releases"}, {"releases", "metadata", "expression_matrices", "image_volumes"}),
 }
 
@@ -85,7 +87,7 @@ def remove_stale_temporaries(out: Path) -> None:
     for tag in ("tmp", "old"):
         prefix = f".{out.name}.{tag}-"
         for stale in out.parent.glob(glob_escape(prefix) + "*"):
-            if not _owner_alive(stale.name[len(prefix):]):
+            if not _owner_alive(stale.name[len(prefix) :]):
                 log.info("removing %s, left by a killed run", stale)
                 _remove(stale)
 
@@ -148,8 +150,10 @@ def write_marker(folder: Path, kind: str, **extra) -> None:
     """Mark ``folder`` as an artifact of ``kind`` (``extra``: more JSON fields, e.g. Zarr chunk counts)."""
     from abc_pipeline import __version__
 
-    atomic_write_text(Path(folder) / MARKER_NAME, json.dumps({"kind": kind, "created_by": f"abc_pipeline {__version__}",
-                                                              **extra}, indent=1, sort_keys=True))
+    atomic_write_text(
+        Path(folder) / MARKER_NAME,
+        json.dumps({"kind": kind, "created_by": f"abc_pipeline {__version__}", **extra}, indent=1, sort_keys=True),
+    )
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -223,8 +227,9 @@ def check_disjoint(out: Path, inputs: Iterable[Path | str | None]) -> None:
             relation = "lies inside the input"
         else:
             continue
-        raise InputError(f"output {out} {relation} {item}; writing it would destroy the input. Choose an --out "
-                         "outside every input")
+        raise InputError(
+            f"output {out} {relation} {item}; writing it would destroy the input. Choose an --out outside every input"
+        )
 
 
 def check_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = (), overwrite: bool = False) -> None:
@@ -234,8 +239,10 @@ def check_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
     if not os.path.lexists(out):
         return
     if out.is_symlink():
-        raise InputError(f"output {out} is a symbolic link (to {os.readlink(out)}); refusing to replace it. Give the "
-                         "real path, or remove the link yourself")
+        raise InputError(
+            f"output {out} is a symbolic link (to {os.readlink(out)}); refusing to replace it. Give the "
+            "real path, or remove the link yourself"
+        )
     if out.is_dir() and not any(out.iterdir()):
         return  # an empty folder holds nothing to lose
     found = artifact_kind(out)
@@ -243,16 +250,21 @@ def check_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
         return
     if found is None:
         held = f" (it holds {', '.join(sorted(p.name for p in out.iterdir())[:3])}, ...)" if out.is_dir() else ""
-        raise InputError(f"output {out} already exists and was not written by abc-pipeline{held}; refusing to "
-                         f"replace it (even with --overwrite). Choose another --out, or move {out} away yourself")
+        raise InputError(
+            f"output {out} already exists and was not written by abc-pipeline{held}; refusing to "
+            f"replace it (even with --overwrite). Choose another --out, or move {out} away yourself"
+        )
     if not overwrite:
-        raise InputError(f"output {out} already exists and holds an abc-pipeline {found} artifact, not a {kind}; "
-                         "pass --overwrite to replace it, or choose another --out")
+        raise InputError(
+            f"output {out} already exists and holds an abc-pipeline {found} artifact, not a {kind}; "
+            "pass --overwrite to replace it, or choose another --out"
+        )
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, kind: str | None = None, *, inputs: Iterable[Path | str | None] = (),
-                  overwrite: bool = False) -> Iterator[Path]:
+def staged_output(
+    out: Path, kind: str | None = None, *, inputs: Iterable[Path | str | None] = (), overwrite: bool = False
+) -> Iterator[Path]:
     """Write an output under a temporary name next to it; it replaces ``out`` only if the block succeeds.
 
     ``kind``: the artifact kind of a command's output (``"cells"``, ``"raster"``, ``"predictions"``,
@@ -321,8 +333,9 @@ def claim_directory(out: Path, kind: str, *, inputs: Iterable[Path | str | None]
     out = Path(out)
     found = artifact_kind(out) if out.is_dir() and not out.is_symlink() and any(out.iterdir()) else None
     if found is not None and found != kind:
-        raise InputError(f"output folder {out} holds an abc-pipeline {found} artifact, not a {kind}; choose another "
-                         "--out")
+        raise InputError(
+            f"output folder {out} holds an abc-pipeline {found} artifact, not a {kind}; choose another --out"
+        )
     check_output(out, kind, inputs=inputs)
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:

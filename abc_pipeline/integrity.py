@@ -48,7 +48,8 @@ def chunk_counts(store: Path) -> dict[str, int]:
         here = Path(folder)
         if _is_array(here, files):
             counts[here.relative_to(store).as_posix()] = sum(
-                1 for _, _, names in os.walk(here) for name in names if name not in _METADATA)
+                1 for _, _, names in os.walk(here) for name in names if name not in _METADATA
+            )
             dirs[:] = []
     return counts
 
@@ -91,7 +92,8 @@ def verify_store(path: Path, fix: str) -> bool:
         detail = f" (missing: {', '.join(f'{key}/{m}' for m in missing)})" if missing else ""
         raise InputError(
             f"{path} is damaged: array '{key}' has {found} chunk files but {marker.get('created_by', 'its writer')} "
-            f"wrote {expected}{detail}; a missing chunk would read as zeros. {fix}")
+            f"wrote {expected}{detail}; a missing chunk would read as zeros. {fix}"
+        )
     return True
 
 
@@ -99,15 +101,18 @@ def check_shape(path: Path | str, field: str, shape: Sequence[int], expected: Se
     """:class:`InputError` when ``field`` of ``path`` has ``shape`` instead of ``expected``."""
     shape, expected = tuple(int(n) for n in shape), tuple(int(n) for n in expected)
     if shape != expected:
-        raise InputError(f"{path}: {field} has shape {shape} but {expected} is expected; the file is damaged or "
-                         f"forged. {fix}")
+        raise InputError(
+            f"{path}: {field} has shape {shape} but {expected} is expected; the file is damaged or forged. {fix}"
+        )
 
 
 def check_voxel_cap(n_voxels: int, shape: Sequence[int], max_voxels: int | None, option: str = "--max-voxels") -> None:
     """:class:`InputError` when a grid of ``shape`` has more than ``max_voxels`` voxels (None: no cap)."""
     if max_voxels is not None and n_voxels > max_voxels:
-        raise InputError(f"the grid (z, y, x) {tuple(shape)} has {n_voxels:,} voxels, more than the cap "
-                         f"{max_voxels:,}; check the voxel size and bounds, or raise the cap with {option} N")
+        raise InputError(
+            f"the grid (z, y, x) {tuple(shape)} has {n_voxels:,} voxels, more than the cap "
+            f"{max_voxels:,}; check the voxel size and bounds, or raise the cap with {option} N"
+        )
 
 
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ matplotlib colour map is used.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,9 +50,15 @@ def default_colors(n: int) -> list[str]:
     return [to_hex(cmap(i / n)) for i in range(n)]
 
 
-def confusion_matrix_figure(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str],
-                            path: str | Path, normalize: bool = True, title: str = "Confusion matrix",
-                            dpi: int = DPI) -> Path:
+def confusion_matrix_figure(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    class_names: Sequence[str],
+    path: str | Path,
+    normalize: bool = True,
+    title: str = "Confusion matrix",
+    dpi: int = DPI,
+) -> Path:
     """Confusion matrix of class indices ``y_true`` / ``y_pred`` ``(N,)`` in ``0..K-1`` (``K`` class names).
 
     ``normalize``: rows divided by the true-class counts (each row: fraction of that class predicted as
@@ -61,25 +67,35 @@ def confusion_matrix_figure(y_true: Sequence[int], y_pred: Sequence[int], class_
     y_true, y_pred = np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1)
     k = len(class_names)
     if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise InputError(f"y_true and y_pred must be non-empty and of equal length, got {y_true.size} and "
-                         f"{y_pred.size}")
+        raise InputError(
+            f"y_true and y_pred must be non-empty and of equal length, got {y_true.size} and {y_pred.size}"
+        )
     if min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= k:
         raise InputError(f"labels must lie in 0..{k - 1} for {k} class names; drop unlabelled (-1) samples first")
     side = min(4.0 + 0.35 * k, 30.0)
     fig = Figure(figsize=(side + 1.5, side))
     ax = fig.add_subplot()
     ConfusionMatrixDisplay.from_predictions(
-        y_true, y_pred, labels=np.arange(k), display_labels=list(class_names), normalize="true" if normalize else None,
-        include_values=k <= 20, values_format=".2f" if normalize else "d", cmap="Blues", ax=ax,
-        xticks_rotation="vertical", colorbar=True, im_kw={"vmin": 0.0, "vmax": 1.0} if normalize else None)
+        y_true,
+        y_pred,
+        labels=np.arange(k),
+        display_labels=list(class_names),
+        normalize="true" if normalize else None,
+        include_values=k <= 20,
+        values_format=".2f" if normalize else "d",
+        cmap="Blues",
+        ax=ax,
+        xticks_rotation="vertical",
+        colorbar=True,
+        im_kw={"vmin": 0.0, "vmax": 1.0} if normalize else None,
+    )
     ax.set_title(f"{title} ({'fraction of true class' if normalize else 'counts'}, n = {y_true.size})")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     return _save(fig, path, dpi)
 
 
-def training_curves_figure(history_tsv: str | Path, path: str | Path, title: str = "Training",
-                           dpi: int = DPI) -> Path:
+def training_curves_figure(history_tsv: str | Path, path: str | Path, title: str = "Training", dpi: int = DPI) -> Path:
     """Loss (train and validation) and validation metrics per epoch from a ``history.tsv`` written by
     :func:`abc_pipeline.learn.train.train` (columns ``epoch, train_loss, val_loss, val_<metric>..., lr,
     seconds``)."""
@@ -89,8 +105,10 @@ def training_curves_figure(history_tsv: str | Path, path: str | Path, title: str
     h = pd.read_csv(history_tsv, sep="\t")
     missing = [c for c in ("epoch", "train_loss", "val_loss") if c not in h.columns]
     if missing or h.empty:
-        raise InputError(f"{history_tsv}: expected the columns epoch, train_loss, val_loss and at least one row "
-                         f"(missing {missing}, {len(h)} rows); is it a history.tsv written by train()?")
+        raise InputError(
+            f"{history_tsv}: expected the columns epoch, train_loss, val_loss and at least one row "
+            f"(missing {missing}, {len(h)} rows); is it a history.tsv written by train()?"
+        )
     metrics = [c for c in h.columns if c.startswith("val_") and c != "val_loss"]
     epoch = h["epoch"] + 1
     fig = Figure(figsize=(10, 4))
@@ -108,9 +126,16 @@ def training_curves_figure(history_tsv: str | Path, path: str | Path, title: str
     return _save(fig, path, dpi)
 
 
-def region_maps_figure(true_2d_list: Sequence[np.ndarray], pred_2d_list: Sequence[np.ndarray],
-                       names: Sequence[str], colors: Sequence[str] | None, titles: Sequence[str],
-                       path: str | Path, spacing: float | None = None, dpi: int = DPI) -> Path:
+def region_maps_figure(
+    true_2d_list: Sequence[np.ndarray],
+    pred_2d_list: Sequence[np.ndarray],
+    names: Sequence[str],
+    colors: Sequence[str] | None,
+    titles: Sequence[str],
+    path: str | Path,
+    spacing: float | None = None,
+    dpi: int = DPI,
+) -> Path:
     """True (left) vs predicted (right) label maps of a few sections, one row per section.
 
     Each map is ``(H, W)`` integers with ``0`` = background (no cells, drawn white) and ``k >= 1`` = region
@@ -119,8 +144,10 @@ def region_maps_figure(true_2d_list: Sequence[np.ndarray], pred_2d_list: Sequenc
     the regions present (the most frequent ones when there are many).
     """
     if not (len(true_2d_list) == len(pred_2d_list) == len(titles)) or not true_2d_list:
-        raise InputError(f"give as many true maps, predicted maps and titles (at least one), got "
-                         f"{len(true_2d_list)}, {len(pred_2d_list)}, {len(titles)}")
+        raise InputError(
+            f"give as many true maps, predicted maps and titles (at least one), got "
+            f"{len(true_2d_list)}, {len(pred_2d_list)}, {len(titles)}"
+        )
     k = len(names)
     colors = list(colors) if colors is not None else default_colors(k)
     if len(colors) != k:
@@ -134,12 +161,15 @@ def region_maps_figure(true_2d_list: Sequence[np.ndarray], pred_2d_list: Sequenc
     for row, (true, pred, title) in enumerate(zip(true_2d_list, pred_2d_list, titles)):
         true, pred = np.asarray(true), np.asarray(pred)
         if true.ndim != 2 or true.shape != pred.shape:
-            raise InputError(f"section {title!r}: true {true.shape} and predicted {pred.shape} maps must be 2D "
-                             f"and of equal shape")
+            raise InputError(
+                f"section {title!r}: true {true.shape} and predicted {pred.shape} maps must be 2D and of equal shape"
+            )
         for ax, img, kind in ((axes[row, 0], true, "true"), (axes[row, 1], pred, "predicted")):
             if img.min() < 0 or img.max() > k:
-                raise InputError(f"section {title!r}: {kind} labels must lie in 0..{k} (0 = background, k = "
-                                 f"names[k-1]), found {img.min()}..{img.max()}")
+                raise InputError(
+                    f"section {title!r}: {kind} labels must lie in 0..{k} (0 = background, k = "
+                    f"names[k-1]), found {img.min()}..{img.max()}"
+                )
             counts += np.bincount(img.reshape(-1).astype(np.int64), minlength=k + 1)
             h, w = img.shape
             extent = None if spacing is None else (0, w * spacing, h * spacing, 0)
@@ -154,8 +184,12 @@ def region_maps_figure(true_2d_list: Sequence[np.ndarray], pred_2d_list: Sequenc
     return _save(fig, path, dpi)
 
 
-def equivariance_curve_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
-                              title: str = "Equivariance under rotation of the input", dpi: int = DPI) -> Path:
+def equivariance_curve_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    title: str = "Equivariance under rotation of the input",
+    dpi: int = DPI,
+) -> Path:
     """One line per model: agreement (fraction of unchanged predictions, see
     :func:`abc_pipeline.evaluate.equivariance_curve`) against the rotation angle in degrees."""
     if not curves:
@@ -175,8 +209,13 @@ def equivariance_curve_figure(curves: Mapping[str, tuple[Sequence[float], Sequen
     return _save(fig, path, dpi)
 
 
-def orientation_bar_figure(scores: Mapping[str, tuple[float, float]], path: str | Path, metric: str = "accuracy",
-                           title: str = "Test score: as is vs worst grid orientation", dpi: int = DPI) -> Path:
+def orientation_bar_figure(
+    scores: Mapping[str, tuple[float, float]],
+    path: str | Path,
+    metric: str = "accuracy",
+    title: str = "Test score: as is vs worst grid orientation",
+    dpi: int = DPI,
+) -> Path:
     """Grouped bars per model: ``scores[model] = (plain, worst)`` — the test ``metric`` as is and its
     minimum over the grid symmetries (:func:`abc_pipeline.evaluate.orientation_scores`), fractions."""
     if not scores:
@@ -197,12 +236,23 @@ def orientation_bar_figure(scores: Mapping[str, tuple[float, float]], path: str 
     return _save(fig, path, dpi)
 
 
-__all__ = ["DPI", "confusion_matrix_figure", "default_colors", "equivariance_curve_figure",
-           "orientation_bar_figure", "region_maps_figure", "training_curves_figure"]
+__all__ = [
+    "DPI",
+    "confusion_matrix_figure",
+    "default_colors",
+    "equivariance_curve_figure",
+    "orientation_bar_figure",
+    "region_maps_figure",
+    "training_curves_figure",
+]
 
 
-def any_angle_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path,
-                     metric: str = "accuracy", dpi: int = DPI) -> Path:
+def any_angle_figure(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | Path,
+    metric: str = "accuracy",
+    dpi: int = DPI,
+) -> Path:
     """One panel per title (e.g. per task), one line per model: the per-cell test ``metric`` of sections
     rotated by each angle (:func:`abc_pipeline.learn.any_angle.any_angle_scores`) against the angle."""
     if not panels or not all(panels.values()):
@@ -214,8 +264,12 @@ def any_angle_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Se
             if len(angles) != len(scores):
                 raise InputError(f"model {name!r}: {len(angles)} angles but {len(scores)} scores")
             ax.plot(angles, scores, "o-", ms=3, label=name)
-        ax.set(xlabel="in-plane rotation of the test sections (degrees)", ylabel=f"per-cell {metric.replace('_', ' ')}",
-               ylim=(0.0, 1.02), title=title)
+        ax.set(
+            xlabel="in-plane rotation of the test sections (degrees)",
+            ylabel=f"per-cell {metric.replace('_', ' ')}",
+            ylim=(0.0, 1.02),
+            title=title,
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path, dpi)

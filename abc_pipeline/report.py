@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import anndata
 import matplotlib
@@ -43,9 +43,15 @@ def metrics_table(run_dirs: Sequence[Path]) -> pd.DataFrame:
         if not path.is_file():
             raise InputError(f"{path} does not exist; train the model first (abc-pipeline train --out {run})")
         metrics = json.loads(path.read_text())
-        row = {"task": run.parent.name, "model": run.name, "parameters": metrics.get("n_params"),
-               "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
-               **_flat_scores("val", metrics.get("val", {})), **_flat_scores("test", metrics.get("test", {}))}
+        row = {
+            "task": run.parent.name,
+            "model": run.name,
+            "parameters": metrics.get("n_params"),
+            "best_epoch": metrics.get("best_epoch"),
+            "epochs_run": metrics.get("epochs_run"),
+            **_flat_scores("val", metrics.get("val", {})),
+            **_flat_scores("test", metrics.get("test", {})),
+        }
         evaluation = run / "evaluation" / "metrics.json"
         if evaluation.is_file():  # abc-pipeline evaluate: test split as is, and under every grid symmetry
             ev = json.loads(evaluation.read_text())
@@ -60,7 +66,9 @@ def metrics_table(run_dirs: Sequence[Path]) -> pd.DataFrame:
             row.update(_flat_scores("cells", ev.get("test_cells") or {}))  # one per-cell score for every model
             angle = ev.get("any_angle") or {}
             for name in angle.get("mean", {}):
-                row.update({f"any_angle_mean_{name}": angle["mean"][name], f"any_angle_worst_{name}": angle["worst"][name]})
+                row.update(
+                    {f"any_angle_mean_{name}": angle["mean"][name], f"any_angle_worst_{name}": angle["worst"][name]}
+                )
             if angle:
                 row["any_angle_worst_angle"] = angle["worst_angle"]["accuracy"]
         rows.append(row)
@@ -76,7 +84,9 @@ def any_angle_panels(run_dirs: Sequence[Path]) -> dict[str, dict[str, tuple[list
         angle = json.loads(path.read_text()).get("any_angle") if path.is_file() else None
         if angle:
             panels.setdefault(f"{run.parent.name}: {angle['n_cells']} test cells", {})[run.name] = (
-                angle["angles"], angle["metrics"]["accuracy"])
+                angle["angles"],
+                angle["metrics"]["accuracy"],
+            )
     return panels
 
 
@@ -98,15 +108,17 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
     test = obs[obs["split"] == "test"] if "split" in obs else obs
     sections = test["brain_section_label"].value_counts().index[:max_sections]
     colors = [c for pair in pairs for c in pair]
-    fig, axes = plt.subplots(len(sections), len(colors), figsize=(4.2 * len(colors), 3.6 * len(sections)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(sections), len(colors), figsize=(4.2 * len(colors), 3.6 * len(sections)), squeeze=False
+    )
     for i, section in enumerate(sections):
         sub = adata[adata.obs["brain_section_label"] == section].to_memory()
         for col in colors:
             sub.obs[col] = sub.obs[col].cat.remove_unused_categories() if col in truth.values() else sub.obs[col]
         for j, col in enumerate(colors):
-            sq.pl.spatial_scatter(sub, shape=None, color=col, size=4, ax=axes[i, j], legend_loc=None,
-                                  title=f"{section}: {col}")
+            sq.pl.spatial_scatter(
+                sub, shape=None, color=col, size=4, ax=axes[i, j], legend_loc=None, title=f"{section}: {col}"
+            )
     fig.tight_layout()
     with staged_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -24,23 +24,32 @@ import torch
 from abc_pipeline.evaluate import rotate
 
 
-def any_angle_accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       angles: Sequence[float]) -> dict:
+def any_angle_accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, angles: Sequence[float]
+) -> dict:
     """Accuracy of ``predict`` (images ``(N, C, H, W)`` -> class scores ``(N, K)``) on ``x`` rotated by each
     angle (degrees) against labels ``y`` ``(N,)``: ``{"angles", "accuracy" (per angle), "mean", "worst",
     "worst_angle"}``."""
     acc = [float((predict(rotate(x, float(a))).argmax(1).cpu() == y).float().mean()) for a in angles]
     worst = int(np.argmin(acc))
-    return {"angles": [float(a) for a in angles], "accuracy": acc, "mean": float(np.mean(acc)),
-            "worst": acc[worst], "worst_angle": float(angles[worst])}
+    return {
+        "angles": [float(a) for a in angles],
+        "accuracy": acc,
+        "mean": float(np.mean(acc)),
+        "worst": acc[worst],
+        "worst_angle": float(angles[worst]),
+    }
 
 
 def format_rows(rows: Sequence[dict]) -> str:
-    lines = ["| model | accuracy at 0° | mean over angles | worst angle | worst accuracy |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | accuracy at 0° | mean over angles | worst angle | worst accuracy |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['accuracy'][0]:.3f} | {r['mean']:.3f} | {r['worst_angle']:g}° | "
-                     f"{r['worst']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {r['accuracy'][0]:.3f} | {r['mean']:.3f} | {r['worst_angle']:g}° | {r['worst']:.3f} |"
+        )
     return "\n".join(lines)
 
 

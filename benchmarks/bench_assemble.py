@@ -42,12 +42,30 @@ def main() -> None:
     if not args.child:  # one process per size, so each size's ru_maxrss is its own
         rows = []
         for n in sorted(args.cells):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", "--cells", str(n), "--work", str(args.work),
-                 "--chunk-cells", str(args.chunk_cells)], check=True, capture_output=True, text=True,
-            ).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "--cells",
+                        str(n),
+                        "--work",
+                        str(args.work),
+                        "--chunk-cells",
+                        str(args.chunk_cells),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             rows.append(out)
-        print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
+        )
         print("| cells | synth s | assemble s | assemble s / M cells | assemble peak RSS MiB |")
         print("|---|---|---|---|---|")
         print("\n".join(rows))
@@ -61,8 +79,19 @@ def main() -> None:
     else:
         synth_s = float("nan")
     out = args.work / f"cells_{n}.zarr"
-    seconds, rss = _run([*cli, "assemble", "--cache", str(release), "--out", str(out), "--chunk-cells",
-                         str(args.chunk_cells), "--no-progress"])
+    seconds, rss = _run(
+        [
+            *cli,
+            "assemble",
+            "--cache",
+            str(release),
+            "--out",
+            str(out),
+            "--chunk-cells",
+            str(args.chunk_cells),
+            "--no-progress",
+        ]
+    )
     print(f"| {n:,} | {synth_s:.0f} | {seconds:.1f} | {seconds / (n / 1e6):.1f} | {rss:.0f} |")
 
 

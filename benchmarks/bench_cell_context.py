@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
-from abc_pipeline.learn.cell_context import cell_expression, channel_plan
+from abc_pipeline.learn.cell_context import cell_expression
 from abc_pipeline.learn.data import cell_splits
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -75,14 +75,34 @@ def main() -> None:
     rows = []
     for level in a.levels:
         t0 = time.perf_counter()
-        metrics = train_atlas_task(a.raster, a.cells, a.task, a.model, a.out / f"{level}-{a.model}", level=level,
-                                   width=a.width, patch_size=a.patch_size, epochs=a.epochs, batch_size=a.batch_size,
-                                   lr=a.lr, patience=a.patience, max_samples_per_epoch=a.max_samples, progress=False,
-                                   architecture="cell-context")
+        metrics = train_atlas_task(
+            a.raster,
+            a.cells,
+            a.task,
+            a.model,
+            a.out / f"{level}-{a.model}",
+            level=level,
+            width=a.width,
+            patch_size=a.patch_size,
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            patience=a.patience,
+            max_samples_per_epoch=a.max_samples,
+            progress=False,
+            architecture="cell-context",
+        )
         seconds = time.perf_counter() - t0
-        rows.append({"level": level, "model": f"{a.model} cell-context", "n_test": metrics["n_test"],
-                     "params": metrics["n_params"], "seconds": round(seconds),
-                     **{s: metrics["test"][s] for s in SCORES}})
+        rows.append(
+            {
+                "level": level,
+                "model": f"{a.model} cell-context",
+                "n_test": metrics["n_test"],
+                "params": metrics["n_params"],
+                "seconds": round(seconds),
+                **{s: metrics["test"][s] for s in SCORES},
+            }
+        )
         data = atlas_data(a.raster, a.cells, a.task, level=level, architecture="cell-context")
         split = np.asarray(cell_splits(data.raster, data.splits).astype(str))
         cat = data.cells.categorical(level)
@@ -99,8 +119,16 @@ def main() -> None:
             t0 = time.perf_counter()
             proba = logreg(x[tr], y[rows_all][tr], x[te])
             m = classification_metrics(y[rows_all][te], proba, data.table.names)
-            rows.append({"level": level, "model": name, "n_test": int(te.sum()), "params": None,
-                         "seconds": round(time.perf_counter() - t0), **{s: m[s] for s in SCORES}})
+            rows.append(
+                {
+                    "level": level,
+                    "model": name,
+                    "n_test": int(te.sum()),
+                    "params": None,
+                    "seconds": round(time.perf_counter() - t0),
+                    **{s: m[s] for s in SCORES},
+                }
+            )
         table = pd.DataFrame(rows)
         table.to_csv(a.out / "bench_cell_context.tsv", sep="\t", index=False, float_format="%.4f")
         print(table.to_string(index=False), flush=True)

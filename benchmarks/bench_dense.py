@@ -70,8 +70,19 @@ def main() -> None:
         rasterize(cells, raster, space="section", voxel_size=a.voxel, genes=genes, labels=["class"], progress=False)
     run = w / "celltype"
     if not (run / "checkpoint.pt").exists():
-        train_atlas_task(raster, cells, "celltype", a.model, run, target_params=a.target_params,
-                         patch_size=a.patch_size, epochs=1, max_samples_per_epoch=2000, batch_size=128, progress=False)
+        train_atlas_task(
+            raster,
+            cells,
+            "celltype",
+            a.model,
+            run,
+            target_params=a.target_params,
+            patch_size=a.patch_size,
+            epochs=1,
+            max_samples_per_epoch=2000,
+            batch_size=128,
+            progress=False,
+        )
 
     def dense_pass() -> tuple[Path, dict]:
         with timed() as t:
@@ -93,15 +104,30 @@ def main() -> None:
     _, again_t = dense_pass()
     idx = np.concatenate([c for c, _ in parts])
     loop = np.concatenate([p for _, p in parts])
-    print(json.dumps({
-        "cells": int(r.voxel_index.shape[0]), "cells_in_loop": len(idx), "voxels": int(np.prod(r.grid.shape)),
-        "grid": list(r.grid.shape), "model": a.model, "params": int(model.n_params), "patch_input": list(model.input_size),
-        "threads": a.threads, "dense_s": round(dense_t["s"], 2), "patch_loop_s": round(loop_t["s"], 2),
-        "speedup": round(loop_t["s"] / dense_t["s"], 1), "dense_cpu_s": round(dense_t["cpu_s"], 2),
-        "patch_loop_cpu_s": round(loop_t["cpu_s"], 2), "cpu_speedup": round(loop_t["cpu_s"] / dense_t["cpu_s"], 1),
-        "load_dense": dense_t["load"], "load_loop": loop_t["load"], "dense_again_s": round(again_t["s"], 2),
-        "max_abs_diff": float(np.abs(dense[idx] - loop).max()),
-    }))
+    print(
+        json.dumps(
+            {
+                "cells": int(r.voxel_index.shape[0]),
+                "cells_in_loop": len(idx),
+                "voxels": int(np.prod(r.grid.shape)),
+                "grid": list(r.grid.shape),
+                "model": a.model,
+                "params": int(model.n_params),
+                "patch_input": list(model.input_size),
+                "threads": a.threads,
+                "dense_s": round(dense_t["s"], 2),
+                "patch_loop_s": round(loop_t["s"], 2),
+                "speedup": round(loop_t["s"] / dense_t["s"], 1),
+                "dense_cpu_s": round(dense_t["cpu_s"], 2),
+                "patch_loop_cpu_s": round(loop_t["cpu_s"], 2),
+                "cpu_speedup": round(loop_t["cpu_s"] / dense_t["cpu_s"], 1),
+                "load_dense": dense_t["load"],
+                "load_loop": loop_t["load"],
+                "dense_again_s": round(again_t["s"], 2),
+                "max_abs_diff": float(np.abs(dense[idx] - loop).max()),
+            }
+        )
+    )
 
 
 @contextmanager

@@ -147,11 +147,13 @@ def main() -> None:
     md5 = _make_file(source, args.size_mb)
     size = source.stat().st_size
     port = _free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(root), "--port", str(port),
-                               "--rate-mb", str(args.rate_mb)])
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(root), "--port", str(port), "--rate-mb", str(args.rate_mb)]
+    )
     base_url = f"http://127.0.0.1:{port}/"
-    entry = FileEntry(directory="bench", file_name="big", relative_path=FILE_NAME, url=base_url + FILE_NAME,
-                      size=size, md5=md5)
+    entry = FileEntry(
+        directory="bench", file_name="big", relative_path=FILE_NAME, url=base_url + FILE_NAME, size=size, md5=md5
+    )
     opts = TransferOptions(retries=1, chunk_size=args.chunk_size)
     times: dict[str, list[float]] = {"curl": [], "curl+md5sum": [], "ours": []}
     cpu: dict[str, list[float]] = {name: [] for name in times}
@@ -185,21 +187,31 @@ def main() -> None:
                 assert file_md5(cache / FILE_NAME) == md5
             shutil.rmtree(cache)
             md5_rates.append(_md5_rate())
-            print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
-                  + f", md5 {md5_rates[-1]:.0f} MB/s", flush=True)
+            print(
+                f"repeat {repeat + 1}: "
+                + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+                + f", md5 {md5_rates[-1]:.0f} MB/s",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(args.workdir, ignore_errors=True)
 
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, curl "
-          f"{subprocess.run([curl, '--version'], capture_output=True, text=True).stdout.split()[1]}")
-    print(f"file: {size / 1e6:.0f} MB, repeats: {args.repeats}, chunk: {args.chunk_size} B, "
-          f"server pace: {args.rate_mb or 'unlimited'} MB/s")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, curl "
+        f"{subprocess.run([curl, '--version'], capture_output=True, text=True).stdout.split()[1]}"
+    )
+    print(
+        f"file: {size / 1e6:.0f} MB, repeats: {args.repeats}, chunk: {args.chunk_size} B, "
+        f"server pace: {args.rate_mb or 'unlimited'} MB/s"
+    )
     for name, seconds in median.items():
-        print(f"{name:<12} median {seconds:6.2f} s  {size / seconds / 1e6:6.0f} MB/s  "
-              f"client CPU {statistics.median(cpu[name]) / (size / 1e9):.2f} s/GB")
+        print(
+            f"{name:<12} median {seconds:6.2f} s  {size / seconds / 1e6:6.0f} MB/s  "
+            f"client CPU {statistics.median(cpu[name]) / (size / 1e9):.2f} s/GB"
+        )
     print(f"md5 (1 core) median {statistics.median(md5_rates):.0f} MB/s")
     print(f"ratio ours/curl throughput: {median['curl'] / median['ours']:.2f} (target >= 0.8)")
     print(f"ratio ours/(curl+md5sum) throughput: {median['curl+md5sum'] / median['ours']:.2f}")

@@ -120,8 +120,11 @@ class EscnnClassifier(_EscnnNet):
         last = width * 2 ** (depth - 1)
         types.append(kind.hidden(last) if kind.regular else kind.scalars(last))
         self.blocks = torch.nn.ModuleList(
-            enn.SequentialModule(kind.conv(types[i], types[i + 1]),
-                                 kind.norm_act(types[i + 1], scalars_only=i == depth - 1)) for i in range(depth))
+            enn.SequentialModule(
+                kind.conv(types[i], types[i + 1]), kind.norm_act(types[i + 1], scalars_only=i == depth - 1)
+            )
+            for i in range(depth)
+        )
         self.pool = enn.GroupPooling(types[-1]) if kind.regular else enn.IdentityModule(types[-1])
         self.linear = torch.nn.Linear(self.pool.out_type.size, n_classes)
         self.first_channels = types[1].size
@@ -181,8 +184,11 @@ class EscnnUNet(_EscnnNet):
 def build(name: str, task: str, in_channels: int, n_classes: int, width: int, initialize: bool = True) -> _EscnnNet:
     """An escnn model; ``initialize=False`` skips the (slow) He initialisation, for counting parameters."""
     kind = _Kind(name, initialize)
-    net = EscnnClassifier(kind, in_channels, n_classes, width) if task == "classify" else \
-        EscnnUNet(kind, in_channels, n_classes, width)
+    net = (
+        EscnnClassifier(kind, in_channels, n_classes, width)
+        if task == "classify"
+        else EscnnUNet(kind, in_channels, n_classes, width)
+    )
     net.name, net.task, net.width, net.n_params = name, task, width, count_parameters(net)
     return net
 
@@ -228,24 +234,44 @@ def main() -> None:
         torch.manual_seed(a.seed)
         model = build(name, task.task, task.in_channels, k, width)
         with PeakMemory(dev) as memory:
-            result = train(model, task.train, task.val, a.out / name, class_names=task.class_names, epochs=a.epochs,
-                           batch_size=a.batch_size, seed=a.seed, device=dev, progress=False,
-                           config={**task.config, "target_params": a.target_params, "width": width},
-                           resume="if-unchanged")
+            result = train(
+                model,
+                task.train,
+                task.val,
+                a.out / name,
+                class_names=task.class_names,
+                epochs=a.epochs,
+                batch_size=a.batch_size,
+                seed=a.seed,
+                device=dev,
+                progress=False,
+                config={**task.config, "target_params": a.target_params, "width": width},
+                resume="if-unchanged",
+            )
         ev = _evaluate(model, task, x_test, y_test, dev, a.batch_size, a.angles, a.curve_samples, 16)
         worst = WORST_METRIC[task.task]
-        row = {"model": name, "width": width, "first_layer_channels": model.first_channels, "params": model.n_params,
-               **{s: ev["test"][s] for s in SCORES[task.task]}, f"worst_{worst}": ev["orientation"]["worst"],
-               "equivariance_error": ev["equivariance_error"],
-               "agreement_45deg": ev["curve"]["agreement"][a.angles.index(45.0)],
-               "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history])),
-               "epochs": result.epochs_run, "peak_memory_mb": memory.mib, "memory": memory.kind}
+        row = {
+            "model": name,
+            "width": width,
+            "first_layer_channels": model.first_channels,
+            "params": model.n_params,
+            **{s: ev["test"][s] for s in SCORES[task.task]},
+            f"worst_{worst}": ev["orientation"]["worst"],
+            "equivariance_error": ev["equivariance_error"],
+            "agreement_45deg": ev["curve"]["agreement"][a.angles.index(45.0)],
+            "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history])),
+            "epochs": result.epochs_run,
+            "peak_memory_mb": memory.mib,
+            "memory": memory.kind,
+        }
         if task.task == "classify":
             model.eval()
-            scores = any_angle_accuracy(lambda v, m=model: predict_proba(m, v, device=dev), x_test, y_test,
-                                        np.arange(0.0, 360.0, 15.0))
-            row.update(any_angle_mean=scores["mean"], any_angle_worst=scores["worst"],
-                       any_angle_worst_at=scores["worst_angle"])
+            scores = any_angle_accuracy(
+                lambda v, m=model: predict_proba(m, v, device=dev), x_test, y_test, np.arange(0.0, 360.0, 15.0)
+            )
+            row.update(
+                any_angle_mean=scores["mean"], any_angle_worst=scores["worst"], any_angle_worst_at=scores["worst_angle"]
+            )
         log.info("%s: %s", name, row)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -254,7 +280,8 @@ def main() -> None:
     if "any_angle_worst" in table:
         extra = "\n\nAny angle (0-345° in 15° steps): " + ", ".join(
             f"{r.model} mean {r.any_angle_mean:.3f}, worst {r.any_angle_worst:.3f} at {r.any_angle_worst_at:g}°"
-            for r in table.itertuples())
+            for r in table.itertuples()
+        )
     text = f"escnn models on {task.name} ({task.task}).\n\n{format_table(table)}{extra}\n"
     atomic_write_text(a.out / "escnn_models.md", text)
     print(text)

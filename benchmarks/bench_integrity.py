@@ -66,13 +66,17 @@ def main() -> None:
         buf = np.empty((a.chunk, a.genes), np.float32)
         decode = _best(lambda: src.read_X(0, a.chunk, out=buf), a.repeat)
         check = _best(lambda: nonfinite_rows(buf), a.repeat)
-        print(f"chunk {a.chunk} x {a.genes}: read_X {decode * 1e3:.1f} ms, nonfinite_rows {check * 1e3:.1f} ms "
-              f"({check / decode:.1%} of the decode)")
+        print(
+            f"chunk {a.chunk} x {a.genes}: read_X {decode * 1e3:.1f} ms, nonfinite_rows {check * 1e3:.1f} ms "
+            f"({check / decode:.1%} of the decode)"
+        )
         n_files = sum(chunk_counts(store).values())
         verify = _best(lambda: verify_store(store, "fix"), a.repeat)
         open_ = _best(lambda: CellSource(store), a.repeat)
-        print(f"store with {n_files} chunk files: verify_store {verify * 1e3:.1f} ms, CellSource() incl. verify "
-              f"{open_ * 1e3:.1f} ms")
+        print(
+            f"store with {n_files} chunk files: verify_store {verify * 1e3:.1f} ms, CellSource() incl. verify "
+            f"{open_ * 1e3:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ def _fwd_bwd(module, x):
     def step():
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
+
     return step
 
 
@@ -71,9 +71,13 @@ def _summary(times: dict, ref: str) -> dict:
     out = {}
     for k, v in times.items():
         paired = [a / b for a, b in zip(v, times[ref])]
-        out[k] = {"median_s": statistics.median(v), "min_s": min(v),
-                  "ratio": statistics.median(v) / statistics.median(times[ref]),
-                  "ratio_min": min(v) / min(times[ref]), "ratio_paired": statistics.median(paired)}
+        out[k] = {
+            "median_s": statistics.median(v),
+            "min_s": min(v),
+            "ratio": statistics.median(v) / statistics.median(times[ref]),
+            "ratio_min": min(v) / min(times[ref]),
+            "ratio_paired": statistics.median(paired),
+        }
     return out
 
 
@@ -82,17 +86,24 @@ def bench_layer(args) -> dict:
     x = torch.randn(args.batch, 32, *(args.size,) * 3, requires_grad=True)
     moment = MomentConv(FIN, FOUT, 3)
     conv = torch.nn.Conv3d(32, 64, 3, padding=1)
-    t = _summary(_time_interleaved({"moment": _fwd_bwd(moment, x), "conv3d": _fwd_bwd(conv, x)}, args.repeats),
-                 "conv3d")
+    t = _summary(
+        _time_interleaved({"moment": _fwd_bwd(moment, x), "conv3d": _fwd_bwd(conv, x)}, args.repeats), "conv3d"
+    )
     with torch.no_grad():  # kernel assembly alone
         t_kernel = statistics.median(_time_interleaved({"kernel": moment.kernel}, 50)["kernel"])
-    out = {**t, "kernel_assembly_s": t_kernel, "moment_params": sum(p.numel() for p in moment.parameters()),
-           "conv3d_params": sum(p.numel() for p in conv.parameters())}
+    out = {
+        **t,
+        "kernel_assembly_s": t_kernel,
+        "moment_params": sum(p.numel() for p in moment.parameters()),
+        "conv3d_params": sum(p.numel() for p in conv.parameters()),
+    }
     out["escnn"] = {}
     for size in args.escnn_sizes:
         e = out["escnn"][str(size)] = bench_escnn(args, size)
         if "r3conv" in e:
-            e["r3conv_over_moment"] = statistics.median(a / b for a, b in zip(e["times"]["r3conv"], e["times"]["moment"]))
+            e["r3conv_over_moment"] = statistics.median(
+                a / b for a, b in zip(e["times"]["r3conv"], e["times"]["moment"])
+            )
     return out
 
 
@@ -143,8 +154,22 @@ def bench_escnn(args, size: int) -> dict:
     if not py or not Path(py).exists():
         return {"unavailable": f"no escnn interpreter at {py!r} (see docs/benchmarks.md for the install)"}
     try:
-        res = subprocess.run([py, "-c", ESCNN_SCRIPT, str(args.threads), str(args.repeats), str(size),
-                              str(args.batch), str(ROOT), args.clock], capture_output=True, text=True, timeout=1800)
+        res = subprocess.run(
+            [
+                py,
+                "-c",
+                ESCNN_SCRIPT,
+                str(args.threads),
+                str(args.repeats),
+                str(size),
+                str(args.batch),
+                str(ROOT),
+                args.clock,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
     except subprocess.TimeoutExpired:
         return {"unavailable": "escnn benchmark timed out (30 min)"}
     if res.returncode != 0:
@@ -203,6 +228,7 @@ def bench_step(args) -> dict:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(m(x), y).backward()
             opt.step()
+
         steps[name] = step
     t = _summary(_time_interleaved(steps, max(3, args.repeats // 3), warmup=1), "moment-trivial-irrep")
     return {name: {"width": m.width, "params": m.n_params, **t[name]} for name, m in models.items()}
@@ -233,7 +259,7 @@ def bench_equivariance() -> list[dict]:
                     model(torch.randn(4, 2, *(8,) * dim, dtype=dtype))  # batch-norm statistics
                 model.eval()
                 err = 0.0
-                for n in ((15, 16) if dim == 2 else (7, 8)):
+                for n in (15, 16) if dim == 2 else (7, 8):
                     x = torch.randn(1, 2, *(n,) * dim, dtype=dtype)
                     err = max(err, fields.equivariance_error(model, x, group, invariant=task == "classify"))
                 row[str(dtype).split(".")[1]] = err
@@ -244,51 +270,89 @@ def bench_equivariance() -> list[dict]:
 def _report(res: dict) -> str:
     L = res["layer"]
     row = "| {} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:,} |"
-    lines = [f"threads={res['threads']}, clock={res['clock']}, torch {res['torch']}, {res['cpu']}", "",
-             f"| layer, fwd+bwd, batch {res['batch']}, {res['size']}^3, float32 | median s | ratio of medians | "
-             "ratio of minima | median paired ratio | parameters |", "|---|---:|---:|---:|---:|---:|",
-             row.format("nn.Conv3d 32 -> 64", L["conv3d"]["median_s"], 1, 1, 1, L["conv3d_params"]),
-             row.format("MomentConv [8s+8v] -> [16s+16v]", L["moment"]["median_s"], L["moment"]["ratio"],
-                        L["moment"]["ratio_min"], L["moment"]["ratio_paired"], L["moment_params"])]
+    lines = [
+        f"threads={res['threads']}, clock={res['clock']}, torch {res['torch']}, {res['cpu']}",
+        "",
+        f"| layer, fwd+bwd, batch {res['batch']}, {res['size']}^3, float32 | median s | ratio of medians | "
+        "ratio of minima | median paired ratio | parameters |",
+        "|---|---:|---:|---:|---:|---:|",
+        row.format("nn.Conv3d 32 -> 64", L["conv3d"]["median_s"], 1, 1, 1, L["conv3d_params"]),
+        row.format(
+            "MomentConv [8s+8v] -> [16s+16v]",
+            L["moment"]["median_s"],
+            L["moment"]["ratio"],
+            L["moment"]["ratio_min"],
+            L["moment"]["ratio_paired"],
+            L["moment_params"],
+        ),
+    ]
     for size, e in L["escnn"].items():
         if "r3conv" not in e:
             lines += ["", f"escnn at {size}^3: {e['unavailable']}"]
             continue
-        lines += ["", f"escnn {e['escnn_version']} process (its own numpy<2 venv), the three layers interleaved, "
-                      f"batch {res['batch']}, {size}^3:", "",
-                  "| layer | median s | ratio of medians | ratio of minima | median paired ratio | parameters |",
-                  "|---|---:|---:|---:|---:|---:|",
-                  row.format("nn.Conv3d 32 -> 64", e["conv3d"]["median_s"], 1, 1, 1, L["conv3d_params"]),
-                  row.format("MomentConv [8s+8v] -> [16s+16v]", e["moment"]["median_s"], e["moment"]["ratio"],
-                             e["moment"]["ratio_min"], e["moment"]["ratio_paired"], L["moment_params"]),
-                  row.format("escnn R3Conv, same field types (O(3))", e["r3conv"]["median_s"], e["r3conv"]["ratio"],
-                             e["r3conv"]["ratio_min"], e["r3conv"]["ratio_paired"], e["r3conv_params"]),
-                  "", f"R3Conv / MomentConv (median paired ratio): {e['r3conv_over_moment']:.2f}; R3Conv build + "
-                      f"init {e['build_s']:.1f} s."]
+        lines += [
+            "",
+            f"escnn {e['escnn_version']} process (its own numpy<2 venv), the three layers interleaved, "
+            f"batch {res['batch']}, {size}^3:",
+            "",
+            "| layer | median s | ratio of medians | ratio of minima | median paired ratio | parameters |",
+            "|---|---:|---:|---:|---:|---:|",
+            row.format("nn.Conv3d 32 -> 64", e["conv3d"]["median_s"], 1, 1, 1, L["conv3d_params"]),
+            row.format(
+                "MomentConv [8s+8v] -> [16s+16v]",
+                e["moment"]["median_s"],
+                e["moment"]["ratio"],
+                e["moment"]["ratio_min"],
+                e["moment"]["ratio_paired"],
+                L["moment_params"],
+            ),
+            row.format(
+                "escnn R3Conv, same field types (O(3))",
+                e["r3conv"]["median_s"],
+                e["r3conv"]["ratio"],
+                e["r3conv"]["ratio_min"],
+                e["r3conv"]["ratio_paired"],
+                e["r3conv_params"],
+            ),
+            "",
+            f"R3Conv / MomentConv (median paired ratio): {e['r3conv_over_moment']:.2f}; R3Conv build + "
+            f"init {e['build_s']:.1f} s.",
+        ]
     lines += ["", f"MomentConv kernel assembly (forward, no grad): {L['kernel_assembly_s'] * 1e3:.2f} ms."]
     M = res["memory"]
-    lines += ["", f"Peak RSS growth of one fwd+bwd: MomentConv {M['moment_peak_mib']:.0f} MiB, Conv3d "
-                  f"{M['conv3d_peak_mib']:.0f} MiB (ratio {M['ratio_moment_vs_conv3d']:.3f})", "",
-              f"| training step, 3D segmentation, batch {res['step_batch']}, {res['step_size']}^3, 8 ch, 10 classes "
-              "| width | parameters | median s | ratio of medians | median paired ratio |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"Peak RSS growth of one fwd+bwd: MomentConv {M['moment_peak_mib']:.0f} MiB, Conv3d "
+        f"{M['conv3d_peak_mib']:.0f} MiB (ratio {M['ratio_moment_vs_conv3d']:.3f})",
+        "",
+        f"| training step, 3D segmentation, batch {res['step_batch']}, {res['step_size']}^3, 8 ch, 10 classes "
+        "| width | parameters | median s | ratio of medians | median paired ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, r in res["step"].items():
-        lines.append(f"| {name} | {r['width']} | {r['params']:,} | {r['median_s']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['ratio_paired']:.2f} |")
+        lines.append(
+            f"| {name} | {r['width']} | {r['params']:,} | {r['median_s']:.2f} | {r['ratio']:.2f} | "
+            f"{r['ratio_paired']:.2f} |"
+        )
     for key, rows in res["params"].items():
         lines += ["", f"Parameter matching ({key}, target 1.5 M):", "", format_model_table(rows)]
     lines += ["", "| model | dim | task | group | max rel. error float64 | float32 |", "|---|---:|---|---:|---:|---:|"]
     for r in res["equivariance"]:
-        lines.append(f"| {r['model']} | {r['dim']} | {r['task']} | {r['group']} | {r['float64']:.1e} | "
-                     f"{r['float32']:.1e} |")
+        lines.append(
+            f"| {r['model']} | {r['dim']} | {r['task']} | {r['group']} | {r['float64']:.1e} | {r['float32']:.1e} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every contender")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)",
+    )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
@@ -303,10 +367,23 @@ def main() -> None:
     CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    res = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__, "cpu": f"{cpu}, {os.cpu_count()} cores",
-           "batch": args.batch, "size": args.size, "step_batch": args.step_batch, "step_size": args.step_size}
-    benches = {"layer": lambda: bench_layer(args), "memory": lambda: bench_memory(args),
-               "step": lambda: bench_step(args), "params": bench_params, "equivariance": bench_equivariance}
+    res = {
+        "threads": args.threads,
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "batch": args.batch,
+        "size": args.size,
+        "step_batch": args.step_batch,
+        "step_size": args.step_size,
+    }
+    benches = {
+        "layer": lambda: bench_layer(args),
+        "memory": lambda: bench_memory(args),
+        "step": lambda: bench_step(args),
+        "params": bench_params,
+        "equivariance": bench_equivariance,
+    }
     for name in args.only:
         t = time.perf_counter()
         res[name] = benches[name]()

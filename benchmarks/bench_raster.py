@@ -56,8 +56,17 @@ def _child(argv: list[str]) -> None:
         x = da.from_zarr(zarr.open_group(a.cells, mode="r")["X"])
         x.sum(axis=0).compute(scheduler="threads", num_workers=a.threads)
     else:
-        rasterize(a.cells, a.out, space="reconstructed", voxel_size=tuple(a.voxel), bounds=BOUNDS, levels=3,
-                  num_workers=a.threads, progress=False, overwrite=True)
+        rasterize(
+            a.cells,
+            a.out,
+            space="reconstructed",
+            voxel_size=tuple(a.voxel),
+            bounds=BOUNDS,
+            levels=3,
+            num_workers=a.threads,
+            progress=False,
+            overwrite=True,
+        )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss_mb}))
@@ -83,7 +92,9 @@ def _raster(cells: Path, workdir: Path, grid: str, threads: int = 2) -> dict:
     # system CPU time 2x when each output was deleted right after its run.
     outputs = workdir / "outputs"
     out = outputs / f"raster_{grid}_{len(list(outputs.glob('*')))}.ome.zarr"
-    r = _run("raster", "--cells", str(cells), "--out", str(out), "--voxel", *map(str, GRIDS[grid]), "--threads", str(threads))
+    r = _run(
+        "raster", "--cells", str(cells), "--out", str(out), "--voxel", *map(str, GRIDS[grid]), "--threads", str(threads)
+    )
     r["output_mb"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     return r
 
@@ -115,10 +126,14 @@ def main() -> None:
         cpu_read = statistics.median(r["cpu_s"] for r in reads)
         cpu_raster = statistics.median(r["cpu_s"] for r in rasters)
         results["ratio"][grid] = {
-            "read_s": [r["wall_s"] for r in reads], "raster_s": [r["wall_s"] for r in rasters], "ratio": t_raster / t_read,
-            "read_cpu_s": [r["cpu_s"] for r in reads], "raster_cpu_s": [r["cpu_s"] for r in rasters],
+            "read_s": [r["wall_s"] for r in reads],
+            "raster_s": [r["wall_s"] for r in rasters],
+            "ratio": t_raster / t_read,
+            "read_cpu_s": [r["cpu_s"] for r in reads],
+            "raster_cpu_s": [r["cpu_s"] for r in rasters],
             "cpu_ratio": cpu_raster / cpu_read,
-            "output_mb": rasters[0]["output_mb"], "peak_rss_mb": max(r["peak_rss_mb"] for r in rasters),
+            "output_mb": rasters[0]["output_mb"],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rasters),
         }
         print(grid, json.dumps(results["ratio"][grid]), file=sys.stderr)
 
@@ -129,22 +144,35 @@ def main() -> None:
 
     one = [_raster(c1m, a.workdir, rss_grid, threads=1)["wall_s"] for _ in range(a.reps)]
     two = [_raster(c1m, a.workdir, rss_grid, threads=2)["wall_s"] for _ in range(a.reps)]
-    results["threads"] = {"grid": rss_grid, "1": one, "2": two, "speedup": statistics.median(one) / statistics.median(two)}
+    results["threads"] = {
+        "grid": rss_grid,
+        "1": one,
+        "2": two,
+        "speedup": statistics.median(one) / statistics.median(two),
+    }
     shutil.rmtree(a.workdir / "outputs")
     print(json.dumps(results, indent=1))
 
-    print("\n| grid (z, y, x mm) | read X (s) | rasterize (s) | ratio | CPU read / rasterize (s) | CPU ratio | output (MB) | peak RSS (MB) |")
+    print(
+        "\n| grid (z, y, x mm) | read X (s) | rasterize (s) | ratio | CPU read / rasterize (s) | CPU ratio | output (MB) | peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for grid, r in results["ratio"].items():
-        print(f"| {grid} {GRIDS[grid]} | {statistics.median(r['read_s']):.1f} | {statistics.median(r['raster_s']):.1f} "
-              f"| {r['ratio']:.2f} | {statistics.median(r['read_cpu_s']):.1f} / {statistics.median(r['raster_cpu_s']):.1f} "
-              f"| {r['cpu_ratio']:.2f} | {r['output_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {grid} {GRIDS[grid]} | {statistics.median(r['read_s']):.1f} | {statistics.median(r['raster_s']):.1f} "
+            f"| {r['ratio']:.2f} | {statistics.median(r['read_cpu_s']):.1f} / {statistics.median(r['raster_cpu_s']):.1f} "
+            f"| {r['cpu_ratio']:.2f} | {r['output_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     rss = results["rss"]
-    print(f"\npeak RSS ({rss_grid}): 0.5 M cells {rss['0.5M']['peak_rss_mb']:.0f} MB, 2 M cells {rss['2M']['peak_rss_mb']:.0f} MB "
-          f"(ratio {rss['2M']['peak_rss_mb'] / rss['0.5M']['peak_rss_mb']:.2f}); times {rss['0.5M']['wall_s']:.1f} s, {rss['2M']['wall_s']:.1f} s")
+    print(
+        f"\npeak RSS ({rss_grid}): 0.5 M cells {rss['0.5M']['peak_rss_mb']:.0f} MB, 2 M cells {rss['2M']['peak_rss_mb']:.0f} MB "
+        f"(ratio {rss['2M']['peak_rss_mb'] / rss['0.5M']['peak_rss_mb']:.2f}); times {rss['0.5M']['wall_s']:.1f} s, {rss['2M']['wall_s']:.1f} s"
+    )
     th = results["threads"]
-    print(f"threads ({rss_grid}, 1 M): 1 -> {statistics.median(th['1']):.1f} s, 2 -> {statistics.median(th['2']):.1f} s, "
-          f"speed-up {th['speedup']:.2f}")
+    print(
+        f"threads ({rss_grid}, 1 M): 1 -> {statistics.median(th['1']):.1f} s, 2 -> {statistics.median(th['2']):.1f} s, "
+        f"speed-up {th['speedup']:.2f}"
+    )
 
 
 if __name__ == "__main__":

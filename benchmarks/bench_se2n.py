@@ -37,6 +37,7 @@ def bench(task: str, size: int, batch: int, target: int, repeats: int) -> dict:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(m(x), y).backward()
             opt.step()
+
         steps[name] = step
     t = bench_nn._summary(bench_nn._time_interleaved(steps, repeats, warmup=1), "moment-trivial-irrep")
     se2n = models["se2n-interp"]
@@ -46,8 +47,10 @@ def bench(task: str, size: int, batch: int, target: int, repeats: int) -> dict:
         for c in convs:
             c.kernel()
     kernel_s = (bench_nn.CLOCK() - start) / repeats
-    return {"models": {n: {"width": m.width, "params": m.n_params, **t[n]} for n, m in models.items()},
-            "se2n_kernel_share": kernel_s / t["se2n-interp"]["median_s"]}
+    return {
+        "models": {n: {"width": m.width, "params": m.n_params, **t[n]} for n, m in models.items()},
+        "se2n_kernel_share": kernel_s / t["se2n-interp"]["median_s"],
+    }
 
 
 def main() -> None:

@@ -29,9 +29,11 @@ import h5py
 import numpy as np
 import pandas as pd
 
-_MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "subprocess.run(sys.argv[1:], check=True); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+_MEASURE = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "subprocess.run(sys.argv[1:], check=True); "
+    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -60,9 +62,13 @@ def write_user_h5ad(path: Path, n: int, genes: list[str], sections: int, seed: i
     g = len(genes)
     per = -(-n // sections)
     xy = np.concatenate([tissue_xy(min(per, n - s * per), rng) for s in range(sections)])
-    obs = pd.DataFrame({"sample": pd.Categorical(np.repeat([f"s{i}" for i in range(sections)], per)[:n]),
-                        "celltype": pd.Categorical(rng.choice(["A", "B", "C", "D"], n))},
-                       index=[f"cell{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {
+            "sample": pd.Categorical(np.repeat([f"s{i}" for i in range(sections)], per)[:n]),
+            "celltype": pd.Categorical(rng.choice(["A", "B", "C", "D"], n)),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
     ad.AnnData(obs=obs, var=pd.DataFrame(index=genes), obsm={"spatial": xy}).write_h5ad(path)  # X written below
     with h5py.File(path, "r+") as f:
         if "X" in f:
@@ -93,11 +99,34 @@ def bench_import(args: argparse.Namespace, cli: list[str]) -> dict:
         write_user_h5ad(src, args.cells, [f"Gene{i}" for i in range(args.genes)], args.sections)
         print(f"wrote {src} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     out = args.work / "imported.zarr"
-    seconds, rss = measure([*cli, "import", "--kind", "anndata", "--input", str(src), "--out", str(out),
-                            "--section", "sample", "--labels", "celltype", "--chunk-cells", str(args.chunk_cells),
-                            "--no-progress"])
-    return {"step": "import", "cells": args.cells, "genes": args.genes, "chunk_cells": args.chunk_cells,
-            "input_mb": round(src.stat().st_size / 2**20), "seconds": round(seconds, 1), "peak_rss_mib": round(rss)}
+    seconds, rss = measure(
+        [
+            *cli,
+            "import",
+            "--kind",
+            "anndata",
+            "--input",
+            str(src),
+            "--out",
+            str(out),
+            "--section",
+            "sample",
+            "--labels",
+            "celltype",
+            "--chunk-cells",
+            str(args.chunk_cells),
+            "--no-progress",
+        ]
+    )
+    return {
+        "step": "import",
+        "cells": args.cells,
+        "genes": args.genes,
+        "chunk_cells": args.chunk_cells,
+        "input_mb": round(src.stat().st_size / 2**20),
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(rss),
+    }
 
 
 def _models(work: Path) -> tuple[list[Path], list[str]]:
@@ -117,12 +146,43 @@ def _models(work: Path) -> tuple[list[Path], list[str]]:
     genes = [g for g, b in zip(src.gene_symbols, src.blank) if not b][::12][:40]
     ids = [dict(zip(src.gene_symbols, src.gene_ids))[g] for g in genes]
     if not all(c.exists() for c in ckpts):
-        raster = rasterize(cells, work / "atlas.ome.zarr", space="section", voxel_size=0.1, genes=genes, pca=8,
-                           labels=["class", "parcellation_division"], progress=False, overwrite=True)
-        train_atlas_task(raster, cells, "celltype", "moment-trivial-irrep", ckpts[0].parent, width=6, depth=2,
-                         patch_size=3, epochs=1, max_samples_per_epoch=500, progress=False)
-        train_atlas_task(raster, cells, "region", "moment-trivial-irrep", ckpts[1].parent, width=4, depth=2,
-                         tile_size=32, epochs=1, batch_size=4, progress=False)
+        raster = rasterize(
+            cells,
+            work / "atlas.ome.zarr",
+            space="section",
+            voxel_size=0.1,
+            genes=genes,
+            pca=8,
+            labels=["class", "parcellation_division"],
+            progress=False,
+            overwrite=True,
+        )
+        train_atlas_task(
+            raster,
+            cells,
+            "celltype",
+            "moment-trivial-irrep",
+            ckpts[0].parent,
+            width=6,
+            depth=2,
+            patch_size=3,
+            epochs=1,
+            max_samples_per_epoch=500,
+            progress=False,
+        )
+        train_atlas_task(
+            raster,
+            cells,
+            "region",
+            "moment-trivial-irrep",
+            ckpts[1].parent,
+            width=4,
+            depth=2,
+            tile_size=32,
+            epochs=1,
+            batch_size=4,
+            progress=False,
+        )
     return ckpts, ids
 
 
@@ -132,10 +192,26 @@ def bench_transfer(args: argparse.Namespace, cli: list[str]) -> dict:
     src = args.work / f"section_{args.cells}.h5ad"
     if not src.exists():
         write_user_h5ad(src, args.cells, model_genes + [f"Other{i}" for i in range(60)], 1, seed=1)
-    seconds, rss = measure([*cli, "transfer", "--checkpoint", *map(str, ckpts), "--input", str(src),
-                            "--out", str(args.work / "transferred.h5ad"), "--no-progress"])
-    return {"step": "transfer (celltype + region)", "cells": args.cells, "genes": len(model_genes) + 60,
-            "seconds": round(seconds, 1), "peak_rss_mib": round(rss)}
+    seconds, rss = measure(
+        [
+            *cli,
+            "transfer",
+            "--checkpoint",
+            *map(str, ckpts),
+            "--input",
+            str(src),
+            "--out",
+            str(args.work / "transferred.h5ad"),
+            "--no-progress",
+        ]
+    )
+    return {
+        "step": "transfer (celltype + region)",
+        "cells": args.cells,
+        "genes": len(model_genes) + 60,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(rss),
+    }
 
 
 def main() -> None:

@@ -62,8 +62,9 @@ def _source(work: Path, cells: int, h5ad: Path | None) -> Path:
         return h5ad
     root = work / "release"
     if not root.exists():
-        subprocess.run(["abc-pipeline", "synth", "--out", str(root), "--cells", str(cells), "--no-progress"],
-                       check=True)
+        subprocess.run(
+            ["abc-pipeline", "synth", "--out", str(root), "--cells", str(cells), "--no-progress"], check=True
+        )
     return next(root.rglob("C57BL6J-638850-log2.h5ad"))
 
 
@@ -86,8 +87,10 @@ def main() -> None:
         x = f["X"]
         ptr = x["indptr"][: args.cells + 1]
         n_vars = int(x.attrs["shape"][1])
-        csr = sp.csr_matrix((x["data"][ptr[0]:ptr[-1]].astype(np.float32), x["indices"][ptr[0]:ptr[-1]], ptr - ptr[0]),
-                            shape=(len(ptr) - 1, n_vars))
+        csr = sp.csr_matrix(
+            (x["data"][ptr[0] : ptr[-1]].astype(np.float32), x["indices"][ptr[0] : ptr[-1]], ptr - ptr[0]),
+            shape=(len(ptr) - 1, n_vars),
+        )
     n = csr.shape[0]
     obs = pd.DataFrame(index=[f"cell{i}" for i in range(n)])
     var = pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)])
@@ -110,10 +113,20 @@ def main() -> None:
         h5ad_s = time.perf_counter() - t
         del matrix
         read, backed = _child("read", hpath), _child("backed", hpath)
-        rows.append({"X": kind, "zarr MB": _size_mb(zpath), "zarr write s": zarr_s, "h5ad MB": _size_mb(hpath),
-                     "h5ad write s": h5ad_s, "read_h5ad s": read["read_s"], "read_h5ad peak MB": read["peak_rss_mb"],
-                     "backed 1000 cells s": backed["rows_s"], "backed 1 gene s": backed["gene_s"],
-                     "backed peak MB": backed["peak_rss_mb"]})
+        rows.append(
+            {
+                "X": kind,
+                "zarr MB": _size_mb(zpath),
+                "zarr write s": zarr_s,
+                "h5ad MB": _size_mb(hpath),
+                "h5ad write s": h5ad_s,
+                "read_h5ad s": read["read_s"],
+                "read_h5ad peak MB": read["peak_rss_mb"],
+                "backed 1000 cells s": backed["rows_s"],
+                "backed 1 gene s": backed["gene_s"],
+                "backed peak MB": backed["peak_rss_mb"],
+            }
+        )
     table = pd.DataFrame(rows).round(2)
     print(table.to_markdown(index=False))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

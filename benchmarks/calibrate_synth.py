@@ -46,15 +46,27 @@ def _volume_errors(n: int = 300_000) -> pd.DataFrame:
     rng = np.random.default_rng(5)
     xyz = np.column_stack([rng.uniform(0, 11, n), rng.uniform(0, 11, n), rng.uniform(-0.4, 15, n)])
     counts = np.bincount(geometry.region_of(xyz), minlength=len(geometry.table))[1:]
-    frame = pd.DataFrame({"division": geometry.table.division[1:], "structure": geometry.table.structure[1:],
-                          "real": geometry.table.volume_mm3[1:], "synthetic": counts})
+    frame = pd.DataFrame(
+        {
+            "division": geometry.table.division[1:],
+            "structure": geometry.table.structure[1:],
+            "real": geometry.table.volume_mm3[1:],
+            "synthetic": counts,
+        }
+    )
     rows = []
     for level in ("division", "structure"):
         g = frame.groupby(level)[["real", "synthetic"]].sum()
         g = g[g.real >= 1.0]
         err = ((g.synthetic / counts.sum()) / (g.real / frame.real.sum()) - 1).abs()
-        rows.append({"level": level, "regions >= 1 mm3": len(g), "median |rel. error|": err.median(),
-                     "max |rel. error|": err.max()})
+        rows.append(
+            {
+                "level": level,
+                "regions >= 1 mm3": len(g),
+                "median |rel. error|": err.median(),
+                "max |rel. error|": err.max(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -75,11 +87,18 @@ def main() -> None:
     excerpts = args.shared / "data" / "abc_real_excerpts"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_release(Path(tmp) / "demo", n_cells=args.cells, n_sections=args.sections, seed=args.seed,
-                                progress=False)
+        write_synthetic_release(
+            Path(tmp) / "demo", n_cells=args.cells, n_sections=args.sections, seed=args.seed, progress=False
+        )
         demo = calibration.load_release_cells(Path(tmp) / "demo")
-        write_synthetic_release(Path(tmp) / "all", n_cells=args.bla_cells, n_sections=args.bla_sections,
-                                seed=args.seed, n_clusters=10**6, progress=False)
+        write_synthetic_release(
+            Path(tmp) / "all",
+            n_cells=args.bla_cells,
+            n_sections=args.bla_sections,
+            seed=args.seed,
+            n_clusters=10**6,
+            progress=False,
+        )
         full = calibration.load_release_cells(Path(tmp) / "all")
     bla = calibration.bla_comparison(full, excerpts)
     summary = calibration.bla_summary(bla)
@@ -88,28 +107,69 @@ def main() -> None:
     nonzero = {name: c.log2.nnz / (c.log2.shape[0] * c.log2.shape[1]) for name, c in (("demo", demo), ("all", full))}
     non_neuronal = float(full.obs["class"].isin(synthetic_model.NON_NEURONAL_CLASSES).mean())
     tol = calibration.TOLERANCES
-    checks = pd.DataFrame([
-        {"statistic": "non-zero entries, whole log2 matrix (demo / all-cluster atlas)",
-         "real": "~0.27 (BLA 11 genes: 0.247)", "synthetic": f"{nonzero['demo']:.3f} / {nonzero['all']:.3f}",
-         "tolerance": f"{tol['overall_nonzero'][0]}-{tol['overall_nonzero'][1]}"},
-        *({"statistic": f"BLA {key.replace('_', ' ')} (over {summary['pairs']} subclass x gene pairs)",
-           "real": "0", "synthetic": f"{summary[key]:.3f}", "tolerance": f"<= {tol[key]}"}
-          for key in ("zero_fraction_median_abs", "zero_fraction_p90_abs", "quantile_median_abs", "quantile_p90_abs")),
-        {"statistic": f"subclass accuracy from the 11 BLA genes ({separability['subclasses']} subclasses, "
-                      f"{separability['cells_per_subclass']} cells each, 5-fold CV)",
-         "real": f"{separability['real']:.3f}", "synthetic": f"{separability['synthetic']:.3f}", "tolerance": "reported"},
-        {"statistic": "demo cells in a division where their real cluster occurs (f > 0.01)", "real": "1",
-         "synthetic": f"{_occurs_fraction(demo):.3f}", "tolerance": "> 0.9"},
-        {"statistic": "non-neuronal cells (all-cluster atlas)", "real": "~0.4 (10x counts: 0.42)",
-         "synthetic": f"{non_neuronal:.3f}", "tolerance": "reported"},
-    ])
-    bla_table = bla[["subclass", "gene", "real_cells", "synthetic_cells", "real_zero_fraction",
-                     "synthetic_zero_fraction", "real_q25", "synthetic_q25", "real_q50", "synthetic_q50", "real_q75",
-                     "synthetic_q75"]]
+    checks = pd.DataFrame(
+        [
+            {
+                "statistic": "non-zero entries, whole log2 matrix (demo / all-cluster atlas)",
+                "real": "~0.27 (BLA 11 genes: 0.247)",
+                "synthetic": f"{nonzero['demo']:.3f} / {nonzero['all']:.3f}",
+                "tolerance": f"{tol['overall_nonzero'][0]}-{tol['overall_nonzero'][1]}",
+            },
+            *(
+                {
+                    "statistic": f"BLA {key.replace('_', ' ')} (over {summary['pairs']} subclass x gene pairs)",
+                    "real": "0",
+                    "synthetic": f"{summary[key]:.3f}",
+                    "tolerance": f"<= {tol[key]}",
+                }
+                for key in (
+                    "zero_fraction_median_abs",
+                    "zero_fraction_p90_abs",
+                    "quantile_median_abs",
+                    "quantile_p90_abs",
+                )
+            ),
+            {
+                "statistic": f"subclass accuracy from the 11 BLA genes ({separability['subclasses']} subclasses, "
+                f"{separability['cells_per_subclass']} cells each, 5-fold CV)",
+                "real": f"{separability['real']:.3f}",
+                "synthetic": f"{separability['synthetic']:.3f}",
+                "tolerance": "reported",
+            },
+            {
+                "statistic": "demo cells in a division where their real cluster occurs (f > 0.01)",
+                "real": "1",
+                "synthetic": f"{_occurs_fraction(demo):.3f}",
+                "tolerance": "> 0.9",
+            },
+            {
+                "statistic": "non-neuronal cells (all-cluster atlas)",
+                "real": "~0.4 (10x counts: 0.42)",
+                "synthetic": f"{non_neuronal:.3f}",
+                "tolerance": "reported",
+            },
+        ]
+    )
+    bla_table = bla[
+        [
+            "subclass",
+            "gene",
+            "real_cells",
+            "synthetic_cells",
+            "real_zero_fraction",
+            "synthetic_zero_fraction",
+            "real_q25",
+            "synthetic_q25",
+            "real_q50",
+            "synthetic_q50",
+            "real_q75",
+            "synthetic_q75",
+        ]
+    ]
     text = f"""# The synthetic atlas and how close it is to the real one
 
 Generated by `python benchmarks/calibrate_synth.py --cells {args.cells} --sections {args.sections} --seed {args.seed}
---bla-cells {args.bla_cells} --bla-sections {args.bla_sections}` on {platform.node()} ({time.strftime('%Y-%m-%d')},
+--bla-cells {args.bla_cells} --bla-sections {args.bla_sections}` on {platform.node()} ({time.strftime("%Y-%m-%d")},
 {time.perf_counter() - started:.0f} s). Do not edit by hand: re-run the command.
 
 ## What is real and what is simulated

@@ -41,13 +41,20 @@ def main() -> None:
     for n in args.cells:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(tmp) / "release"), str(n),
-                                   str(args.chunk_cells)], check=True, capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(Path(tmp) / "release"), str(n), str(args.chunk_cells)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            print(f"| {n:,} | {args.chunk_cells:,} | {result['wall_s']:.1f} | {cpu:.1f} | {after.ru_maxrss / 1024:.0f} "
-                  f"| {result['bytes'] / 1e9:.2f} | {result['wall_s'] / n * 1e6:.1f} |", flush=True)
+            print(
+                f"| {n:,} | {args.chunk_cells:,} | {result['wall_s']:.1f} | {cpu:.1f} | {after.ru_maxrss / 1024:.0f} "
+                f"| {result['bytes'] / 1e9:.2f} | {result['wall_s'] / n * 1e6:.1f} |",
+                flush=True,
+            )
             shutil.rmtree(Path(tmp) / "release", ignore_errors=True)
 
 

@@ -34,15 +34,27 @@ def write_cells(out: Path, n_cells: int, n_genes: int = 500, chunk_cells: int = 
     n_blank = min(10, n_genes - 1)
     symbols = [f"Gene{i}" for i in range(n_genes - n_blank)] + [f"Blank-{i + 1}" for i in range(n_blank)]
     var = pd.DataFrame(
-        {"gene_symbol": symbols, "transcript_identifier": [f"ENSMUST{i:011d}" for i in range(n_genes)],
-         "blank": [s.startswith("Blank") for s in symbols]},
+        {
+            "gene_symbol": symbols,
+            "transcript_identifier": [f"ENSMUST{i:011d}" for i in range(n_genes)],
+            "blank": [s.startswith("Blank") for s in symbols],
+        },
         index=pd.Index([f"ENSMUSG{i:011d}" if not s.startswith("Blank") else s for i, s in enumerate(symbols)]),
     )
     sections = [f"C57BL6J-638850.{i + 1:02d}" for i in range(N_SECTIONS)]
     cats = {name: [f"{name}_{k:03d}" for k in range(n)] for name, n in {**TAXONOMY, **PARCELLATION}.items()}
     writer = ChunkedAnnDataWriter(
-        out, n_cells, var, chunk_rows=chunk_cells, index_name="cell_label",
-        numeric_obs={"z_section": np.float64, "cluster_alias": np.int64, "parcellation_index": np.int64, "has_ccf": bool},
+        out,
+        n_cells,
+        var,
+        chunk_rows=chunk_cells,
+        index_name="cell_label",
+        numeric_obs={
+            "z_section": np.float64,
+            "cluster_alias": np.int64,
+            "parcellation_index": np.int64,
+            "has_ccf": bool,
+        },
         categorical_obs={"brain_section_label": sections, **cats},
         obsm={"spatial": 2, "spatial_3d": 3, "ccf": 3},
     )
@@ -60,13 +72,19 @@ def write_cells(out: Path, n_cells: int, n_genes: int = 500, chunk_cells: int = 
         xyz[~has_ccf] = np.nan
         ccf = xyz[:, [2, 1, 0]] + rng.normal(0, 0.02, (n, 3))
         region = (np.nan_to_num(x) // 0.7).astype(int) * 13 + (np.nan_to_num(y) // 0.9).astype(int)
-        obs = pd.DataFrame({
-            "z_section": z, "cluster_alias": rng.integers(1, 5000, n), "parcellation_index": region, "has_ccf": has_ccf,
-            "brain_section_label": [sections[s] for s in sec],
-            "class": rng.integers(0, TAXONOMY["class"], n), "subclass": rng.integers(0, TAXONOMY["subclass"], n),
-            "parcellation_division": region % PARCELLATION["parcellation_division"],
-            "parcellation_structure": region % PARCELLATION["parcellation_structure"],
-        })
+        obs = pd.DataFrame(
+            {
+                "z_section": z,
+                "cluster_alias": rng.integers(1, 5000, n),
+                "parcellation_index": region,
+                "has_ccf": has_ccf,
+                "brain_section_label": [sections[s] for s in sec],
+                "class": rng.integers(0, TAXONOMY["class"], n),
+                "subclass": rng.integers(0, TAXONOMY["subclass"], n),
+                "parcellation_division": region % PARCELLATION["parcellation_division"],
+                "parcellation_structure": region % PARCELLATION["parcellation_structure"],
+            }
+        )
         for name, c in cats.items():
             obs[name] = np.asarray(c, dtype=object)[obs[name].to_numpy()]
         expr = np.log2(1 + rng.poisson(0.9, (n, n_genes)).astype(np.float32))

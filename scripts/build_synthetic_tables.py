@@ -56,9 +56,15 @@ def bla_targets(excerpts: Path) -> pd.DataFrame:
             values = expr[gene].to_numpy()[idx]
             nonzero = values[values > 0]
             q = np.quantile(nonzero, QUANTILES) if len(nonzero) else np.full(len(QUANTILES), np.nan)
-            rows.append({"subclass": subclass, "gene": gene, "cells": len(idx),
-                         "zero_fraction": round(1 - len(nonzero) / len(idx), 4),
-                         **{f"q{int(p * 100)}": round(v, 4) for p, v in zip(QUANTILES, q)}})
+            rows.append(
+                {
+                    "subclass": subclass,
+                    "gene": gene,
+                    "cells": len(idx),
+                    "zero_fraction": round(1 - len(nonzero) / len(idx), 4),
+                    **{f"q{int(p * 100)}": round(v, 4) for p, v in zip(QUANTILES, q)},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -69,27 +75,40 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
 
     tax = pd.read_csv(excerpts / "wmb_taxonomy_CCN20230722_clusters.tsv", sep="\t", keep_default_na=False)
-    tax = tax.drop(columns="anatomical_annotation").replace({"ccf_broad_freq": {"None": ""},
-                                                             "ccf_acronym_freq": {"None": ""}})
+    tax = tax.drop(columns="anatomical_annotation").replace(
+        {"ccf_broad_freq": {"None": ""}, "ccf_acronym_freq": {"None": ""}}
+    )
     _write(tax, "wmb_clusters.tsv.gz", "wmb_taxonomy_CCN20230722_clusters.tsv (ABC Atlas WMB-taxonomy CCN20230722)")
 
     par = pd.read_csv(excerpts / "parcellation_to_parcellation_term_membership.csv")
-    wide = par.pivot(index="parcellation_index", columns="parcellation_term_set_name",
-                     values=["parcellation_term_acronym", "color_hex_triplet"])
+    wide = par.pivot(
+        index="parcellation_index",
+        columns="parcellation_term_set_name",
+        values=["parcellation_term_acronym", "color_hex_triplet"],
+    )
     table = pd.DataFrame({lvl: wide["parcellation_term_acronym"][lvl] for lvl in LEVELS})
     for lvl in LEVELS:
         table[f"{lvl}_color"] = wide["color_hex_triplet"][lvl]
     table["volume_mm3"] = par.drop_duplicates("parcellation_index").set_index("parcellation_index").volume_mm3
     table = table.reset_index().sort_values("parcellation_index")
-    _write(table, "ccf_parcellation.tsv.gz",
-           "parcellation_to_parcellation_term_membership.csv (ABC Atlas Allen-CCF-2020 20230630)")
+    _write(
+        table,
+        "ccf_parcellation.tsv.gz",
+        "parcellation_to_parcellation_term_membership.csv (ABC Atlas Allen-CCF-2020 20230630)",
+    )
 
     sections = pd.read_csv(excerpts / "section_metadata_C57BL6J-638850_20230830.csv")
-    _write(sections[["brain_section_label", "z_reconstructed"]].rename(columns={"z_reconstructed": "z"}),
-           "sections.tsv.gz", "section_metadata_C57BL6J-638850_20230830.csv (MERFISH-C57BL6J-638850)")
+    _write(
+        sections[["brain_section_label", "z_reconstructed"]].rename(columns={"z_reconstructed": "z"}),
+        "sections.tsv.gz",
+        "section_metadata_C57BL6J-638850_20230830.csv (MERFISH-C57BL6J-638850)",
+    )
 
-    _write(bla_targets(excerpts), "bla_targets.tsv.gz",
-           "bla_merfish_metadata.csv + bla_merfish_expression.csv (8,238 real MERFISH-C57BL6J-638850 BLA cells)")
+    _write(
+        bla_targets(excerpts),
+        "bla_targets.tsv.gz",
+        "bla_merfish_metadata.csv + bla_merfish_expression.csv (8,238 real MERFISH-C57BL6J-638850 BLA cells)",
+    )
 
 
 if __name__ == "__main__":

@@ -63,12 +63,36 @@ def atlas(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         kw = {"genes": genes, "labels": ["class", "parcellation_division"], "progress": False}
         section = rasterize(assembled, out / "raster" / "s.ome.zarr", space="section", voxel_size=0.1, **kw)
         recon = rasterize(assembled, out / "raster" / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), **kw)
-        celltype = train_atlas_task(section, assembled, "celltype", "moment-trivial-irrep", out / "models" / "ct",
-                                    width=6, depth=2, patch_size=3, epochs=4, batch_size=64, lr=5e-3,
-                                    max_samples_per_epoch=800, progress=False, architecture="patch")
-        region = train_atlas_task(recon, assembled, "region", "moment-trivial", out / "models" / "rg", width=4,
-                                  depth=2, tile_size=(2, 32, 32), epochs=4, batch_size=4, lr=1e-2, progress=False)
+        celltype = train_atlas_task(
+            section,
+            assembled,
+            "celltype",
+            "moment-trivial-irrep",
+            out / "models" / "ct",
+            width=6,
+            depth=2,
+            patch_size=3,
+            epochs=4,
+            batch_size=64,
+            lr=5e-3,
+            max_samples_per_epoch=800,
+            progress=False,
+            architecture="patch",
+        )
+        region = train_atlas_task(
+            recon,
+            assembled,
+            "region",
+            "moment-trivial",
+            out / "models" / "rg",
+            width=4,
+            depth=2,
+            tile_size=(2, 32, 32),
+            epochs=4,
+            batch_size=4,
+            lr=1e-2,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(n)
-    return {"out": out, "cells": assembled, "section": section, "recon": recon, "celltype": celltype,
-            "region": region}
+    return {"out": out, "cells": assembled, "section": section, "recon": recon, "celltype": celltype, "region": region}

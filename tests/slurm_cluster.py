@@ -20,8 +20,20 @@ import time
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "slurmdbd", "munge", "mariadb-server"]
-PROGRAMS = ["slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "sacctmgr", "munged", "mungekey",
-            "mariadb-install-db", "mariadbd", "mariadb", "unshare"]
+PROGRAMS = [
+    "slurmctld",
+    "slurmd",
+    "slurmdbd",
+    "sbatch",
+    "sacct",
+    "sacctmgr",
+    "munged",
+    "mungekey",
+    "mariadb-install-db",
+    "mariadbd",
+    "mariadb",
+    "unshare",
+]
 CLUSTER = "abctest"
 ACCOUNT = "abc"
 PARTITION = "cpu"
@@ -42,8 +54,10 @@ def install_slurm(timeout_s: float = 900) -> None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise ClusterUnavailable(f"missing {missing_programs()} and cannot install them (needs root and apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"],
-                    ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", *PACKAGES]):
+    for command in (
+        ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"],
+        ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", *PACKAGES],
+    ):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(command)} failed: {proc.stderr[-2000:]}")
@@ -93,9 +107,23 @@ class LocalSlurmCluster:
         self._spawn("slurmctld", [_program("slurmctld"), "-D", "-i"])
         # Snakemake's job step drops SLURM_CONF before its `srun`, which then reads /etc/slurm/slurm.conf: slurmd
         # (and so every job) runs in a private mount namespace where /etc/slurm is this cluster's etc folder.
-        self._spawn("slurmd", ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               'mount --bind "$0" /etc/slurm && exec "$@"', str(self.etc),
-                               _program("slurmd"), "-D", "-N", self.node])
+        self._spawn(
+            "slurmd",
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount --bind "$0" /etc/slurm && exec "$@"',
+                str(self.etc),
+                _program("slurmd"),
+                "-D",
+                "-N",
+                self.node,
+            ],
+        )
         self._run(["sacctmgr", "-i", "add", "account", ACCOUNT, f"cluster={CLUSTER}"])
         self._run(["sacctmgr", "-i", "add", "user", "root", f"account={ACCOUNT}", f"defaultaccount={ACCOUNT}"])
         self._wait("node idle", lambda: self._out(["sinfo", "-h", "-o", "%T"]).strip() == "idle", timeout_s)
@@ -134,27 +162,55 @@ class LocalSlurmCluster:
         key = self.folder / "munge" / "munge.key"
         self._run([_program("mungekey"), "--create", f"--keyfile={key}"])
         self.munge_socket = self.folder / "munge" / "munge.socket"
-        self._spawn("munged", [
-            _program("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={self.munge_socket}",
-            f"--pid-file={self.folder / 'munge' / 'munged.pid'}", f"--seed-file={self.folder / 'munge' / 'seed'}",
-            f"--log-file={self.logs['munged']}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                _program("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={self.folder / 'munge' / 'munged.pid'}",
+                f"--seed-file={self.folder / 'munge' / 'seed'}",
+                f"--log-file={self.logs['munged']}",
+            ],
+        )
         self._wait("munged socket", self.munge_socket.exists, 30)
 
     def _start_mariadb(self, port: int, timeout_s: float) -> None:
         datadir = self.folder / "db"
-        self._run([_program("mariadb-install-db"), f"--datadir={datadir}", "--user=root",
-                   "--auth-root-authentication-method=normal", "--skip-test-db"])
+        self._run(
+            [
+                _program("mariadb-install-db"),
+                f"--datadir={datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ]
+        )
         self.mysql_socket = self.folder / "db" / "mysql.sock"
-        self._spawn("mariadb", [
-            _program("mariadbd"), "--no-defaults", f"--datadir={datadir}", "--user=root", f"--port={port}",
-            "--bind-address=127.0.0.1", f"--socket={self.mysql_socket}", f"--pid-file={datadir / 'mariadb.pid'}",
-            "--innodb-buffer-pool-size=64M", "--skip-name-resolve",
-        ])
-        sql = ("CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm'; "
-               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")
-        self._wait("mariadb", lambda: self._ok(["mariadb", f"--socket={self.mysql_socket}", "-e", "SELECT 1"]),
-                   timeout_s)
+        self._spawn(
+            "mariadb",
+            [
+                _program("mariadbd"),
+                "--no-defaults",
+                f"--datadir={datadir}",
+                "--user=root",
+                f"--port={port}",
+                "--bind-address=127.0.0.1",
+                f"--socket={self.mysql_socket}",
+                f"--pid-file={datadir / 'mariadb.pid'}",
+                "--innodb-buffer-pool-size=64M",
+                "--skip-name-resolve",
+            ],
+        )
+        sql = (
+            "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+        )
+        self._wait(
+            "mariadb", lambda: self._ok(["mariadb", f"--socket={self.mysql_socket}", "-e", "SELECT 1"]), timeout_s
+        )
         self._run(["mariadb", f"--socket={self.mysql_socket}", "-e", sql])
 
     def _write_configs(self, ports: dict[str, int]) -> None:
@@ -162,16 +218,14 @@ class LocalSlurmCluster:
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
         dbd = self.etc / "slurmdbd.conf"
         dbd.write_text(
-            auth
-            + f"DbdHost=localhost\nDbdAddr=127.0.0.1\nDbdPort={ports['dbd']}\nSlurmUser=root\n"
+            auth + f"DbdHost=localhost\nDbdAddr=127.0.0.1\nDbdPort={ports['dbd']}\nSlurmUser=root\n"
             f"PidFile={f / 'slurmdbd.pid'}\nLogFile={self.logs['slurmdbd']}\nDebugLevel=info\n"
             f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={ports['mysql']}\n"
             "StorageUser=slurm\nStoragePass=slurm\nStorageLoc=slurm_acct_db\n"
         )
         dbd.chmod(0o600)
         (self.etc / "slurm.conf").write_text(
-            auth
-            + f"ClusterName={CLUSTER}\nSlurmctldHost={self.node}(127.0.0.1)\n"
+            auth + f"ClusterName={CLUSTER}\nSlurmctldHost={self.node}(127.0.0.1)\n"
             f"SlurmctldPort={ports['ctld']}\nSlurmdPort={ports['slurmd']}\nSlurmUser=root\nSlurmdUser=root\n"
             f"StateSaveLocation={f / 'state'}\nSlurmdSpoolDir={f / 'spool'}\n"
             f"SlurmctldPidFile={f / 'slurmctld.pid'}\nSlurmdPidFile={f / 'slurmd.pid'}\n"
@@ -190,8 +244,9 @@ class LocalSlurmCluster:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         with open(self.folder / f"{name}.out", "ab") as out:
-            proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         self.processes.append(proc)
         time.sleep(0.2)
         if proc.poll() is not None:

@@ -18,22 +18,42 @@ from abc_pipeline.learn.predict import predict_raster
 def cnn_run(atlas, tmp_path_factory):
     """A CNN patch classifier on the same data as the fixture's moment-trivial-irrep (not invariant)."""
     run = tmp_path_factory.mktemp("any_angle") / "cnn"
-    train_atlas_task(atlas["section"], atlas["cells"], "celltype", "cnn", run, width=6, depth=2, patch_size=3, epochs=2,
-                     batch_size=64, lr=5e-3, max_samples_per_epoch=800, progress=False)
+    train_atlas_task(
+        atlas["section"],
+        atlas["cells"],
+        "celltype",
+        "cnn",
+        run,
+        width=6,
+        depth=2,
+        patch_size=3,
+        epochs=2,
+        batch_size=64,
+        lr=5e-3,
+        max_samples_per_epoch=800,
+        progress=False,
+    )
     return run
 
 
 def test_quarter_turns_give_identical_per_cell_predictions_for_an_invariant_model(atlas, cnn_run):
     angles = [0, 90, 180, 270]
-    moment = any_angle_predictions(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], atlas["cells"],
-                                   angles=angles, sections=2, device="cpu")
+    moment = any_angle_predictions(
+        atlas["out"] / "models" / "ct" / "checkpoint.pt",
+        atlas["section"],
+        atlas["cells"],
+        angles=angles,
+        sections=2,
+        device="cpu",
+    )
     assert moment["proba"].shape[:2] == (4, len(moment["rows"])) and len(moment["units"]) >= 1
     classes = moment["proba"].argmax(2)
     for k in range(1, 4):
         np.testing.assert_array_equal(classes[k], classes[0])
         np.testing.assert_allclose(moment["proba"][k], moment["proba"][0], atol=1e-5)
-    cnn = any_angle_predictions(cnn_run / "checkpoint.pt", atlas["section"], atlas["cells"], angles=angles,
-                                sections=2, device="cpu")
+    cnn = any_angle_predictions(
+        cnn_run / "checkpoint.pt", atlas["section"], atlas["cells"], angles=angles, sections=2, device="cpu"
+    )
     np.testing.assert_array_equal(cnn["rows"], moment["rows"])
     # the CNN's quarter-turn differences are two orders of magnitude above the invariant model's tolerance
     assert np.abs(cnn["proba"][1] - cnn["proba"][0]).max() > 100 * 1e-5
@@ -43,16 +63,23 @@ def test_quarter_turns_give_identical_per_cell_predictions_for_an_invariant_mode
 def test_the_unrotated_image_reproduces_the_stored_predictions(atlas, tmp_path):
     """At 0° the cells are binned exactly as the raster was: each cell reads what predict wrote for it."""
     run = atlas["out"] / "models" / "ct"
-    store = predict_raster(run / "checkpoint.pt", atlas["section"], tmp_path / "p.zarr", cells=atlas["cells"],
-                           progress=False)
+    store = predict_raster(
+        run / "checkpoint.pt", atlas["section"], tmp_path / "p.zarr", cells=atlas["cells"], progress=False
+    )
     got = any_angle_predictions(run / "checkpoint.pt", atlas["section"], atlas["cells"], angles=[0], device="cpu")
     stored = np.asarray(zarr.open_group(str(store), mode="r")["cells/proba"][:])[got["rows"]]
     np.testing.assert_allclose(got["proba"][0], stored, atol=1e-5)
 
 
 def test_scores_per_angle_mean_and_worst(atlas):
-    s = any_angle_scores(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], atlas["cells"],
-                         angles=[0, 45, 90], sections=1, device="cpu")
+    s = any_angle_scores(
+        atlas["out"] / "models" / "ct" / "checkpoint.pt",
+        atlas["section"],
+        atlas["cells"],
+        angles=[0, 45, 90],
+        sections=1,
+        device="cpu",
+    )
     acc = s["metrics"]["accuracy"]
     assert len(acc) == 3 and acc[0] == pytest.approx(acc[2], abs=1e-12)
     assert s["mean"]["accuracy"] == pytest.approx(np.mean(acc)) and s["worst"]["accuracy"] == min(acc)
@@ -63,8 +90,9 @@ def test_rotate_points_is_exact_for_quarter_turns():
     p = np.array([[1.25, -0.5], [3.0, 2.0]])
     np.testing.assert_array_equal(rotate_points(p, (1.0, 1.0), 90), [[2.5, 1.25], [0.0, 3.0]])
     np.testing.assert_array_equal(rotate_points(rotate_points(p, (1.0, 1.0), 90), (1.0, 1.0), 270), p)
-    np.testing.assert_allclose(rotate_points(p, (0.0, 0.0), 30)[:, 0] ** 2 + rotate_points(p, (0.0, 0.0), 30)[:, 1] ** 2,
-                               (p ** 2).sum(axis=1))
+    np.testing.assert_allclose(
+        rotate_points(p, (0.0, 0.0), 30)[:, 0] ** 2 + rotate_points(p, (0.0, 0.0), 30)[:, 1] ** 2, (p**2).sum(axis=1)
+    )
 
 
 @pytest.mark.parametrize("bad", [[0, "ninety"], "0 15", [], [0, float("nan")], [True]])

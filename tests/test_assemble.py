@@ -47,8 +47,16 @@ def test_assembled_store_follows_contract(assembled: Path, synthetic_release: Pa
     assert adata.obs_names.name == "cell_label"
     assert adata.X.dtype == np.float32 and adata.n_vars == 550
     assert adata.var["blank"].sum() == 50
-    for col in ["brain_section_label", "class", "subclass", "supertype", "cluster", "parcellation_division",
-                "parcellation_structure", "parcellation_substructure"]:
+    for col in [
+        "brain_section_label",
+        "class",
+        "subclass",
+        "supertype",
+        "cluster",
+        "parcellation_division",
+        "parcellation_structure",
+        "parcellation_substructure",
+    ]:
         assert isinstance(adata.obs[col].dtype, pd.CategoricalDtype), col
         if col != "brain_section_label":
             colors = adata.uns[f"{col}_colors"]
@@ -80,8 +88,9 @@ def test_expression_rows_match_the_h5ad(assembled: Path, synthetic_release: Path
 
 
 def test_chunk_size_does_not_change_the_result(assembled: Path, synthetic_release: Path, tmp_path: Path) -> None:
-    small = assemble_dataset(DATASET, cache_dir=synthetic_release, out=tmp_path / "small.zarr", chunk_cells=700,
-                             progress=False)
+    small = assemble_dataset(
+        DATASET, cache_dir=synthetic_release, out=tmp_path / "small.zarr", chunk_cells=700, progress=False
+    )
     a, b = anndata.read_zarr(assembled), anndata.read_zarr(small)
     assert a.obs_names.equals(b.obs_names)
     np.testing.assert_array_equal(a.X, b.X)

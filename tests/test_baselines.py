@@ -30,10 +30,39 @@ def baseline_run(atlas, tmp_path_factory) -> Path:
     """logreg-neighborhood (k = 8) on the section raster's cell types, trained and predicted through the CLI."""
     run = tmp_path_factory.mktemp("baseline") / "logreg-neighborhood"
     common = ["--raster", str(atlas["section"]), "--cells", str(atlas["cells"])]
-    assert main(["train", *common, "--task", "celltype", "--model", "logreg-neighborhood", "--neighbors", "8",
-                 "--out", str(run), "--restart-if-changed", "--no-progress"]) == 0
-    assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), *common, "--out",
-                 str(run / "predictions.zarr"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--task",
+                "celltype",
+                "--model",
+                "logreg-neighborhood",
+                "--neighbors",
+                "8",
+                "--out",
+                str(run),
+                "--restart-if-changed",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                *common,
+                "--out",
+                str(run / "predictions.zarr"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -60,9 +89,30 @@ def test_baseline_runs_like_a_network(atlas, baseline_run):
     assert label[z, y, x] == votes.argmax() + 1 and (label > 0).sum() == len({tuple(v) for v in voxels if v[0] >= 0})
     # the evaluation scores its test cells with the same function as the stored metrics
     out = baseline_run / "evaluation"
-    assert main(["evaluate", "--checkpoint", str(baseline_run / "checkpoint.pt"), "--raster", str(atlas["section"]),
-                 "--cells", str(atlas["cells"]), "--predictions", str(baseline_run / "predictions.zarr"), "--out", str(out),
-                 "--any-angles", "0", "90", "45", "--any-angle-sections", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(baseline_run / "checkpoint.pt"),
+                "--raster",
+                str(atlas["section"]),
+                "--cells",
+                str(atlas["cells"]),
+                "--predictions",
+                str(baseline_run / "predictions.zarr"),
+                "--out",
+                str(out),
+                "--any-angles",
+                "0",
+                "90",
+                "45",
+                "--any-angle-sections",
+                "1",
+            ]
+        )
+        == 0
+    )
     ev = json.loads((out / "metrics.json").read_text())
     assert ev["test_cells"]["accuracy"] == pytest.approx(meta["metrics"]["accuracy"])
     assert ev["any_angle"]["angles"] == [0.0, 90.0, 45.0] and len(set(ev["any_angle"]["metrics"]["accuracy"])) == 1
@@ -71,8 +121,9 @@ def test_baseline_runs_like_a_network(atlas, baseline_run):
 
 def test_baseline_predictions_land_in_the_h5ad_beside_the_network(atlas, baseline_run, tmp_path):
     net = atlas["out"] / "models" / "ct"
-    store = predict_raster(net / "checkpoint.pt", atlas["section"], tmp_path / "net.zarr", cells=atlas["cells"],
-                           progress=False)
+    store = predict_raster(
+        net / "checkpoint.pt", atlas["section"], tmp_path / "net.zarr", cells=atlas["cells"], progress=False
+    )
     out = annotate_cells(atlas["cells"], [store, baseline_run / "predictions.zarr"], tmp_path / "annotated.h5ad")
     adata = anndata.read_h5ad(out)
     assert "pred_celltype" in adata.obs and "pred_celltype__logreg-neighborhood" in adata.obs
@@ -83,8 +134,13 @@ def test_baseline_predictions_land_in_the_h5ad_beside_the_network(atlas, baselin
 def test_one_scoring_function_gives_the_hand_computed_metrics_for_any_model(atlas, baseline_run, tmp_path):
     """A network's and a baseline's stores holding the same per-cell predictions score identically, and equal
     accuracy, balanced accuracy and macro-F1 computed by hand."""
-    net = predict_raster(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], tmp_path / "net.zarr",
-                         cells=atlas["cells"], progress=False)
+    net = predict_raster(
+        atlas["out"] / "models" / "ct" / "checkpoint.pt",
+        atlas["section"],
+        tmp_path / "net.zarr",
+        cells=atlas["cells"],
+        progress=False,
+    )
     same = tmp_path / "baseline_same.zarr"
     shutil.copytree(baseline_run / "predictions.zarr", same)
     network_proba = np.asarray(zarr.open_group(str(net), mode="r")["cells/proba"][:])

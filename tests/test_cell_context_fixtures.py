@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from sklearn.linear_model import LogisticRegression
 
@@ -50,9 +49,15 @@ def _atlas(tmp: Path, kind: str) -> tuple[Path, Path]:
     if kind == "own":
         labels = expr[:, :3].argmax(1)
     names = ["A", "B", "C"] if kind == "own" else ["dense", "sparse"]
-    cells = write_cells(tmp / "cells.zarr", expr, spatial=xy, sections=sections,
-                        section_order=[f"S{s}" for s in range(N_SECTIONS)],
-                        labels={"class": ([names[k] for k in labels], names)}, chunk=512)
+    cells = write_cells(
+        tmp / "cells.zarr",
+        expr,
+        spatial=xy,
+        sections=sections,
+        section_order=[f"S{s}" for s in range(N_SECTIONS)],
+        labels={"class": ([names[k] for k in labels], names)},
+        chunk=512,
+    )
     raster = rasterize(cells, tmp / "r.ome.zarr", space="section", voxel_size=0.1, labels=["class"], progress=False)
     return cells, raster
 
@@ -71,8 +76,21 @@ def _logreg_expression(cells: Path, raster: Path) -> tuple[dict, dict]:
 
 
 def _train(cells: Path, raster: Path, out: Path) -> dict:
-    return train_atlas_task(raster, cells, "celltype", "moment-trivial-irrep", out, width=4, depth=2, patch_size=3,
-                            epochs=40, lr=1e-2, patience=40, split_fractions=(4, 1, 1), progress=False)
+    return train_atlas_task(
+        raster,
+        cells,
+        "celltype",
+        "moment-trivial-irrep",
+        out,
+        width=4,
+        depth=2,
+        patch_size=3,
+        epochs=40,
+        lr=1e-2,
+        patience=40,
+        split_fractions=(4, 1, 1),
+        progress=False,
+    )
 
 
 def test_own_expression_reaches_the_network(tmp_path):
@@ -84,8 +102,9 @@ def test_own_expression_reaches_the_network(tmp_path):
     assert m["test"]["accuracy"] >= logreg["accuracy"] - 0.03, (m["test"]["accuracy"], logreg["accuracy"])
 
     # predict: one class per cell (cells sharing a voxel differ), the run's per-cell test scores reproduced
-    out = predict_raster(tmp_path / "run" / "checkpoint.pt", raster, tmp_path / "pred.zarr", cells=cells,
-                         progress=False)
+    out = predict_raster(
+        tmp_path / "run" / "checkpoint.pt", raster, tmp_path / "pred.zarr", cells=cells, progress=False
+    )
     g = zarr.open_group(str(out), mode="r")
     pred, proba = np.asarray(g["cells/pred"][:]), np.asarray(g["cells/proba"][:])
     assert (pred >= 0).all() and np.allclose(proba.sum(1), 1, atol=1e-5)

@@ -15,9 +15,23 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.learn.compare import npz_task, subset_indices
 from abc_pipeline.learn.medmnist import write_synthetic_npz
 
-COLUMNS = ["model", "width", "first_layer_channels", "params", "accuracy", "balanced_accuracy", "auc",
-           "worst_accuracy", "equivariance_error", "agreement_45deg", "seconds_per_epoch", "epochs", "best_epoch",
-           "peak_memory_mb", "memory"]
+COLUMNS = [
+    "model",
+    "width",
+    "first_layer_channels",
+    "params",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "worst_accuracy",
+    "equivariance_error",
+    "agreement_45deg",
+    "seconds_per_epoch",
+    "epochs",
+    "best_epoch",
+    "peak_memory_mb",
+    "memory",
+]
 
 
 def test_subset_indices_stratified_and_deterministic() -> None:
@@ -45,9 +59,26 @@ def test_npz_task_keeps_a_fraction_of_training_data(tmp_path: Path) -> None:
 def test_bench_models_writes_one_table_and_reuses_finished_runs(tmp_path: Path) -> None:
     npz = write_synthetic_npz(tmp_path / "rings.npz", size=12, n_per_split=(48, 24, 24))
     out = tmp_path / "bench"
-    argv = ["-q", "bench-models", "--npz", str(npz), "--out", str(out), "--models", "cnn", "moment-trivial",
-            "--target-params", "15000", "--epochs", "1", "--batch-size", "16", "--curve-samples", "8",
-            "--no-progress"]
+    argv = [
+        "-q",
+        "bench-models",
+        "--npz",
+        str(npz),
+        "--out",
+        str(out),
+        "--models",
+        "cnn",
+        "moment-trivial",
+        "--target-params",
+        "15000",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--curve-samples",
+        "8",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     table = pd.read_csv(out / "bench_models.tsv", sep="\t")
     assert list(table.columns) == COLUMNS and list(table["model"]) == ["cnn", "moment-trivial"]
@@ -61,8 +92,13 @@ def test_bench_models_writes_one_table_and_reuses_finished_runs(tmp_path: Path) 
     assert errors["moment-trivial"] < 1e-4 < errors["cnn"]  # exact invariance vs none
     md = (out / "bench_models.md").read_text()
     assert "| moment-trivial |" in md and "worst-orientation accuracy" in md and "agreement at 45°" in md
-    for name in ("equivariance_curve.png", "orientation.png", "cnn/training_curves.png",
-                 "moment-trivial/confusion_matrix.png", "cnn/checkpoint.pt"):
+    for name in (
+        "equivariance_curve.png",
+        "orientation.png",
+        "cnn/training_curves.png",
+        "moment-trivial/confusion_matrix.png",
+        "cnn/checkpoint.pt",
+    ):
         assert (out / name).stat().st_size > 1000, name
     record = json.loads((out / "moment-trivial" / "bench.json").read_text())
     assert record["curve"]["angles"] == [0, 15, 30, 45, 60, 75, 90] and record["curve"]["agreement"][0] == 1.0
@@ -99,12 +135,39 @@ def test_atlas_task_thins_training_sections(atlas: dict) -> None:
 
 @pytest.mark.parametrize("task", ["celltype", "region"])
 def test_bench_models_on_an_atlas_raster(atlas: dict, tmp_path: Path, task: str) -> None:
-    raster, size = (atlas["section"], ["--patch-size", "3", "--max-samples", "200"]) if task == "celltype" \
+    raster, size = (
+        (atlas["section"], ["--patch-size", "3", "--max-samples", "200"])
+        if task == "celltype"
         else (atlas["recon"], ["--tile-size", "2", "32", "32", "--batch-size", "4"])
+    )
     out = tmp_path / task
-    argv = ["-q", "bench-models", "--raster", str(raster), "--cells", str(atlas["cells"]), "--task", task,
-            "--out", str(out), "--models", "cnn", "moment-trivial", "--target-params", "3000", "--depth", "2",
-            "--epochs", "1", "--train-fraction", "0.5", "--curve-samples", "8", "--no-progress", *size]
+    argv = [
+        "-q",
+        "bench-models",
+        "--raster",
+        str(raster),
+        "--cells",
+        str(atlas["cells"]),
+        "--task",
+        task,
+        "--out",
+        str(out),
+        "--models",
+        "cnn",
+        "moment-trivial",
+        "--target-params",
+        "3000",
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--train-fraction",
+        "0.5",
+        "--curve-samples",
+        "8",
+        "--no-progress",
+        *size,
+    ]
     assert main(argv) == 0
     table = pd.read_csv(out / "bench_models.tsv", sep="\t")
     assert list(table["model"]) == ["cnn", "moment-trivial"]

@@ -39,8 +39,9 @@ def _relative_path(directory: str, file_name: str) -> str:
     return f"metadata/{directory}/20241115/{tag}.csv"
 
 
-def build_release(root: Path, release: str = RELEASE, seed: int = 0,
-                  override: dict[str, str] | None = None) -> dict[str, bytes]:
+def build_release(
+    root: Path, release: str = RELEASE, seed: int = 0, override: dict[str, str] | None = None
+) -> dict[str, bytes]:
     """Write a release tree for the MERFISH profile under ``root``; returns relative_path -> content.
 
     ``override`` maps a real relative path to the relative_path written into the manifest (hostile entries).
@@ -55,16 +56,25 @@ def build_release(root: Path, release: str = RELEASE, seed: int = 0,
         (root / rel).write_bytes(data)
         contents[rel] = data
         listed = (override or {}).get(rel, rel)
-        attrs = {"version": "20241115", "relative_path": listed, "url": f"https://example.invalid/{listed}",
-                 "size": len(data), "file_hash": hashlib.md5(data).hexdigest()}
+        attrs = {
+            "version": "20241115",
+            "relative_path": listed,
+            "url": f"https://example.invalid/{listed}",
+            "size": len(data),
+            "file_hash": hashlib.md5(data).hexdigest(),
+        }
         tag, _, kind = file_name.partition("/")
         if kind:
             kinds = listing.setdefault(directory, {}).setdefault("expression_matrices", {}).setdefault(tag, {})
             kinds[kind] = {"files": {"h5ad": attrs}}
         else:
             listing.setdefault(directory, {}).setdefault("metadata", {})[tag] = {"files": {"csv": attrs}}
-    manifest = {"version": release, "resource_uri": "s3://allen-brain-cell-atlas/", "directory_listing": {},
-                "file_listing": listing}
+    manifest = {
+        "version": release,
+        "resource_uri": "s3://allen-brain-cell-atlas/",
+        "directory_listing": {},
+        "file_listing": listing,
+    }
     path = root / "releases" / release / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest))
@@ -76,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
     """GET with Range support, S3-style release listing and per-path fault injection."""
 
     protocol_version = "HTTP/1.1"
-    server: "ReleaseServer"
+    server: ReleaseServer
 
     def log_message(self, *args: object) -> None:
         pass
@@ -108,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         if fault == "corrupt":
             middle = len(body) // 2
-            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         if status == 206:
@@ -127,12 +137,15 @@ class _Handler(BaseHTTPRequestHandler):
         index = int(query.get("continuation-token", ["0"])[0])
         truncated = index + 1 < len(names)
         token = f"<NextContinuationToken>{index + 1}</NextContinuationToken>" if truncated else ""
-        prefixes = "".join(f"<CommonPrefixes><Prefix>releases/{n}/</Prefix></CommonPrefixes>"
-                           for n in names[index:index + 1])
-        body = ('<?xml version="1.0" encoding="UTF-8"?>'
-                '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>allen-brain-cell-atlas'
-                f"</Name><Prefix>releases/</Prefix><Delimiter>/</Delimiter><IsTruncated>{str(truncated).lower()}"
-                f"</IsTruncated>{token}{prefixes}</ListBucketResult>").encode()
+        prefixes = "".join(
+            f"<CommonPrefixes><Prefix>releases/{n}/</Prefix></CommonPrefixes>" for n in names[index : index + 1]
+        )
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>allen-brain-cell-atlas'
+            f"</Name><Prefix>releases/</Prefix><Delimiter>/</Delimiter><IsTruncated>{str(truncated).lower()}"
+            f"</IsTruncated>{token}{prefixes}</ListBucketResult>"
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -369,13 +382,16 @@ def test_concurrent_runs_on_one_cache_fetch_each_file_once(tmp_path, release, se
     _assert_mirrored(cache, contents)
 
 
-@pytest.mark.parametrize("url", ["ftp://example.org/abc/", "s3://allen-brain-cell-atlas/", "file://relative/dir",
-                                 "/data/abc", "http:///no-host"])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.org/abc/", "s3://allen-brain-cell-atlas/", "file://relative/dir", "/data/abc", "http:///no-host"],
+)
 def test_bad_base_url_refused(tmp_path, url):
     with pytest.raises(InputError, match="base-url"):
         download_dataset(DATASET, release=RELEASE, base_url=url, cache_dir=tmp_path / "cache", **FAST)
     assert check_base_url("https://allen-brain-cell-atlas.s3.us-west-2.amazonaws.com") == (
-        "https://allen-brain-cell-atlas.s3.us-west-2.amazonaws.com/")
+        "https://allen-brain-cell-atlas.s3.us-west-2.amazonaws.com/"
+    )
 
 
 def test_bad_release_and_dataset_refused(tmp_path, server):
@@ -388,8 +404,20 @@ def test_bad_release_and_dataset_refused(tmp_path, server):
 def test_cli_download_end_to_end(tmp_path, release, server, capsys):
     _, contents = release
     cache = tmp_path / "cache"
-    argv = ["download", "--dataset", DATASET, "--release", "latest", "--base-url", server.url,
-            "--cache", str(cache), "--jobs", "2", "--no-progress"]
+    argv = [
+        "download",
+        "--dataset",
+        DATASET,
+        "--release",
+        "latest",
+        "--base-url",
+        server.url,
+        "--cache",
+        str(cache),
+        "--jobs",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     _assert_mirrored(cache, contents)
     assert main(["download", "--release", RELEASE, "--base-url", "ftp://x/", "--cache", str(cache)]) == 2

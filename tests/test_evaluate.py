@@ -14,14 +14,16 @@ from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
 def test_classification_metrics_by_hand() -> None:
     # truth 0,0,0,1,1,2 ; predictions (argmax) 0,0,1,1,1,0 ; class 3 absent from both
     y = np.array([0, 0, 0, 1, 1, 2])
-    proba = np.array([
-        [0.7, 0.2, 0.1, 0.0],
-        [0.6, 0.3, 0.1, 0.0],
-        [0.3, 0.6, 0.1, 0.0],
-        [0.1, 0.8, 0.1, 0.0],
-        [0.2, 0.5, 0.3, 0.0],
-        [0.5, 0.1, 0.4, 0.0],
-    ])
+    proba = np.array(
+        [
+            [0.7, 0.2, 0.1, 0.0],
+            [0.6, 0.3, 0.1, 0.0],
+            [0.3, 0.6, 0.1, 0.0],
+            [0.1, 0.8, 0.1, 0.0],
+            [0.2, 0.5, 0.3, 0.0],
+            [0.5, 0.1, 0.4, 0.0],
+        ]
+    )
     m = classification_metrics(y, proba, ["a", "b", "c", "d"])
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
@@ -46,10 +48,8 @@ def test_classification_metrics_bad_shape() -> None:
 
 
 def test_segmentation_metrics_by_hand() -> None:
-    truth = np.array([[0, 0, 1, 1],
-                      [0, 2, 2, -1]])
-    pred = np.array([[0, 1, 1, 1],
-                     [0, 2, 0, 2]])  # the last voxel is ignored (no cells)
+    truth = np.array([[0, 0, 1, 1], [0, 2, 2, -1]])
+    pred = np.array([[0, 1, 1, 1], [0, 2, 0, 2]])  # the last voxel is ignored (no cells)
     m = segmentation_metrics(truth, pred, ["r0", "r1", "r2", "r3"])
     # r0: |T|=3 |P|=3 overlap 2 -> Dice 4/6, IoU 2/4 ; r1: |T|=2 |P|=3 overlap 2 -> Dice 4/5, IoU 2/3
     # r2: |T|=2 |P|=1 overlap 1 -> Dice 2/3, IoU 1/2 ; r3 absent -> NaN

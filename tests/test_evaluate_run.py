@@ -29,21 +29,41 @@ def runs(atlas: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.set_num_threads(1)
     try:
         cnn = out / "cnn"
-        train_atlas_task(atlas["section"], atlas["cells"], "celltype", "cnn", cnn, width=6, depth=2, patch_size=3,
-                         epochs=4, batch_size=64, lr=5e-3, max_samples_per_epoch=800, progress=False)
+        train_atlas_task(
+            atlas["section"],
+            atlas["cells"],
+            "celltype",
+            "cnn",
+            cnn,
+            width=6,
+            depth=2,
+            patch_size=3,
+            epochs=4,
+            batch_size=64,
+            lr=5e-3,
+            max_samples_per_epoch=800,
+            progress=False,
+        )
         result = {"cnn": cnn, "ct": atlas["out"] / "models" / "ct", "rg": atlas["out"] / "models" / "rg"}
         raster = {"cnn": atlas["section"], "ct": atlas["section"], "rg": atlas["recon"]}
         for key, run in result.items():
-            predict_raster(run / "checkpoint.pt", raster[key], out / f"{key}.zarr", cells=atlas["cells"],
-                           progress=False)
+            predict_raster(
+                run / "checkpoint.pt", raster[key], out / f"{key}.zarr", cells=atlas["cells"], progress=False
+            )
     finally:
         torch.set_num_threads(n)
     return {"out": out, "runs": result, "raster": raster, "cells": atlas["cells"]}
 
 
 def _evaluate(runs: dict, key: str, out: Path, **kw) -> dict:
-    return evaluate_run(runs["runs"][key] / "checkpoint.pt", runs["raster"][key], runs["out"] / f"{key}.zarr", out,
-                        cells=runs["cells"], **kw)
+    return evaluate_run(
+        runs["runs"][key] / "checkpoint.pt",
+        runs["raster"][key],
+        runs["out"] / f"{key}.zarr",
+        out,
+        cells=runs["cells"],
+        **kw,
+    )
 
 
 def _check_outputs(out: Path, result: dict) -> None:
@@ -56,8 +76,14 @@ def _check_outputs(out: Path, result: dict) -> None:
     table = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert not table.duplicated(["scope", "metric"]).any()
     per_cell = {"test_cells", "any_angle", "any_angle_mean", "any_angle_worst"} if result.get("test_cells") else set()
-    assert set(table["scope"]) == {"test", "symmetry_identity", "symmetry_mean", "symmetry_worst",
-                                   "equivariance_curve", *per_cell}
+    assert set(table["scope"]) == {
+        "test",
+        "symmetry_identity",
+        "symmetry_mean",
+        "symmetry_worst",
+        "equivariance_curve",
+        *per_cell,
+    }
     values = table["value"].dropna()
     ari = table["metric"] == "ari"
     assert values[~ari].between(0, 1).all() and values[ari].between(-1, 1).all()
@@ -94,9 +120,26 @@ def test_celltype_2d_cnn_differs_under_the_group(runs, tmp_path):
 def test_region_3d_moment_via_cli(runs, tmp_path):
     out = tmp_path / "evaluation"
     run = runs["runs"]["rg"]
-    assert main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--raster", str(runs["raster"]["rg"]),
-                 "--predictions", str(runs["out"] / "rg.zarr"), "--out", str(out), "--window-size", "32",
-                 "--halo", "4"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--raster",
+                str(runs["raster"]["rg"]),
+                "--predictions",
+                str(runs["out"] / "rg.zarr"),
+                "--out",
+                str(out),
+                "--window-size",
+                "32",
+                "--halo",
+                "4",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "metrics.json").read_text())
     _check_outputs(out, result)
     assert result["symmetry"]["group_size"] == 16 and result["symmetry"]["unit"] == "voxels"

@@ -28,8 +28,9 @@ def test_staged_output_replaces_only_on_success(tmp_path: Path) -> None:
 
 def test_staged_output_removes_leftovers_of_killed_runs(tmp_path: Path) -> None:
     out = tmp_path / "cells.zarr"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a process that has ended
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a process that has ended
     stale = temporary_path(out).name.replace(f"-{os.getpid()}-", f"-{dead}-")
     (tmp_path / stale).mkdir()
     (tmp_path / f"{stale}-scratch").mkdir()

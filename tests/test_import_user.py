@@ -29,8 +29,15 @@ def user_adata(n_per_section: int = 150, sections: int = 3, dim: int = 2, seed: 
     sec = np.repeat([f"s{i}" for i in range(sections)], n_per_section)
     coords = np.column_stack([xy, np.repeat(np.arange(sections) * 200.0, n_per_section)]) if dim == 3 else xy
     x = sp.random(n, len(GENES), density=0.4, random_state=seed, format="csr", dtype=np.float32) * 5
-    obs = pd.DataFrame({"sample": sec, "celltype": rng.choice(["A", "B", "C"], n), "area": rng.random(n),
-                        "cluster": rng.integers(0, 4, n)}, index=[f"cell{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {
+            "sample": sec,
+            "celltype": rng.choice(["A", "B", "C"], n),
+            "area": rng.random(n),
+            "cluster": rng.integers(0, 4, n),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
     obs.loc[obs.index[:5], "celltype"] = None
     var = pd.DataFrame({"gene_ids": [f"ENSMUSG{i:011d}" for i in range(len(GENES))], "panel": "v1"}, index=GENES)
     return ad.AnnData(X=x, obs=obs, var=var, obsm={"spatial": coords})
@@ -41,15 +48,24 @@ def test_anndata_import_follows_the_cells_contract(tmp_path: Path, fmt: str) -> 
     adata = user_adata(dim=3)
     src = tmp_path / f"user.{fmt}"
     adata.write_h5ad(src) if fmt == "h5ad" else adata.write_zarr(src)
-    out = import_user_data("anndata", src, tmp_path / "cells.zarr", section="sample", labels=["celltype", "cluster"],
-                           chunk_cells=100, progress=False)
+    out = import_user_data(
+        "anndata",
+        src,
+        tmp_path / "cells.zarr",
+        section="sample",
+        labels=["celltype", "cluster"],
+        chunk_cells=100,
+        progress=False,
+    )
     got = ad.read_zarr(out)
     assert list(got.obs_names) == list(adata.obs_names)  # input order kept
     np.testing.assert_allclose(got.X, adata.X.toarray(), rtol=1e-6)  # expression log2 by default: copied
     np.testing.assert_allclose(got.obsm["spatial"], adata.obsm["spatial"][:, :2] / 1000)  # µm -> mm
     np.testing.assert_allclose(got.obsm["spatial_3d"], adata.obsm["spatial"] / 1000)
     assert list(got.obs["brain_section_label"].cat.categories) == ["s0", "s1", "s2"]  # ordered by z
-    np.testing.assert_allclose(got.obs.groupby("brain_section_label", observed=True)["z_section"].first(), [0, .2, .4])
+    np.testing.assert_allclose(
+        got.obs.groupby("brain_section_label", observed=True)["z_section"].first(), [0, 0.2, 0.4]
+    )
     assert got.obs["celltype"].dtype == "category" and got.obs["celltype"].isna().sum() == 5
     assert got.obs["cluster"].dtype == "category"  # a numeric label column becomes categorical
     assert got.obs["area"].dtype == np.float64 and "sample" in got.obs  # original columns kept
@@ -68,8 +84,15 @@ def test_ensembl_var_names_take_symbols_from_a_column(tmp_path: Path) -> None:
     adata.var = adata.var.set_index("gene_ids").assign(gene_symbol=GENES)
     adata.obsm["xy_mm"] = adata.obsm.pop("spatial") / 1000
     adata.write_h5ad(tmp_path / "u.h5ad")
-    out = import_user_data("anndata", tmp_path / "u.h5ad", tmp_path / "c.zarr", coordinates="xy_mm", unit="mm",
-                           section_name="slide7", progress=False)
+    out = import_user_data(
+        "anndata",
+        tmp_path / "u.h5ad",
+        tmp_path / "c.zarr",
+        coordinates="xy_mm",
+        unit="mm",
+        section_name="slide7",
+        progress=False,
+    )
     src = CellSource(out)
     assert src.gene_ids[0].startswith("ENSMUSG") and src.gene_symbols == GENES
     assert src.categorical("brain_section_label").categories == ("slide7",)
@@ -86,8 +109,11 @@ def test_counts_are_stored_as_log2(tmp_path: Path) -> None:
 def write_merscope(folder: Path, adata: ad.AnnData, prefix: str = "") -> Path:
     """A MERSCOPE-like output folder: cell_by_gene.csv (counts) and cell_metadata.csv (centres in µm)."""
     folder.mkdir(parents=True, exist_ok=True)
-    counts = pd.DataFrame(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X), index=adata.obs_names,
-                          columns=adata.var_names)
+    counts = pd.DataFrame(
+        np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X),
+        index=adata.obs_names,
+        columns=adata.var_names,
+    )
     counts.index.name = "cell"
     counts.to_csv(folder / f"{prefix}cell_by_gene.csv")
     xy = adata.obsm["spatial"][:, :2]
@@ -101,8 +127,23 @@ def test_merscope_folder(tmp_path: Path) -> None:
     adata.X = adata.X.toarray().round()
     folder = write_merscope(tmp_path / "region_0", adata, prefix="region_0_")
     out = tmp_path / "cells.zarr"
-    assert main(["import", "--kind", "merscope", "--input", str(folder), "--out", str(out), "--chunk-cells", "64",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "--kind",
+                "merscope",
+                "--input",
+                str(folder),
+                "--out",
+                str(out),
+                "--chunk-cells",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = ad.read_zarr(out)
     assert list(got.obs_names) == list(adata.obs_names)
     np.testing.assert_allclose(got.X, np.log2(adata.X + 1), rtol=1e-6)  # counts -> log2(x + 1)
@@ -127,8 +168,13 @@ def _refused(tmp_path: Path, kind: str, src: Path, match: str, **kw) -> None:
 
 
 def test_missing_coordinate_key(tmp_path: Path) -> None:
-    _refused(tmp_path, "anndata", _h5ad(tmp_path, user_adata()), r"obsm\['X_spatial'\].*does not exist.*\['spatial'\]",
-             coordinates="X_spatial")
+    _refused(
+        tmp_path,
+        "anndata",
+        _h5ad(tmp_path, user_adata()),
+        r"obsm\['X_spatial'\].*does not exist.*\['spatial'\]",
+        coordinates="X_spatial",
+    )
 
 
 def test_one_dimensional_coordinates(tmp_path: Path) -> None:
@@ -149,8 +195,13 @@ def test_nonfinite_expression_leaves_nothing(tmp_path: Path) -> None:
     x = adata.X.toarray()
     x[300, 2] = np.nan
     adata.X = x
-    _refused(tmp_path, "anndata", _h5ad(tmp_path, adata), r"expression of 1 cell\(s\) from row 256 is NaN.*cell300",
-             chunk_cells=128)
+    _refused(
+        tmp_path,
+        "anndata",
+        _h5ad(tmp_path, adata),
+        r"expression of 1 cell\(s\) from row 256 is NaN.*cell300",
+        chunk_cells=128,
+    )
 
 
 def test_duplicate_cell_names(tmp_path: Path) -> None:
@@ -169,8 +220,10 @@ def test_unknown_section_column(tmp_path: Path) -> None:
     _refused(tmp_path, "anndata", _h5ad(tmp_path, user_adata()), r"no section column 'slide'", section="slide")
 
 
-@pytest.mark.parametrize("unit, declared, match", [(1.0, "mm", "µm declared as mm: import with unit um"),
-                                                   (1e-3, "um", "mm declared as µm: import with unit mm")])
+@pytest.mark.parametrize(
+    "unit, declared, match",
+    [(1.0, "mm", "µm declared as mm: import with unit um"), (1e-3, "um", "mm declared as µm: import with unit mm")],
+)
 def test_unit_density_check(tmp_path: Path, unit: float, declared: str, match: str) -> None:
     adata = user_adata()
     adata.obsm["spatial"] = adata.obsm["spatial"] * unit  # µm values; * 1e-3 = mm values

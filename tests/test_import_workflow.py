@@ -21,21 +21,38 @@ pytestmark = pytest.mark.slow
 def test_one_section_user_dataset_trains_both_tasks_with_block_splits(assembled: Path, tmp_path: Path) -> None:
     atlas = ad.read_zarr(assembled)
     section = atlas.obs["brain_section_label"].value_counts().index[0]  # the largest section
-    user = export_sections(assembled, [section], angle_deg=30, shift_mm=(2.0, -1.0),
-                           labels={"class": "cell_class", "parcellation_division": "domain"})
+    user = export_sections(
+        assembled,
+        [section],
+        angle_deg=30,
+        shift_mm=(2.0, -1.0),
+        labels={"class": "cell_class", "parcellation_division": "domain"},
+    )
     user.write_h5ad(tmp_path / "slide.h5ad")
     config = {
         "dataset": "my_slide",
-        "source": {"kind": "anndata", "path": str(tmp_path / "slide.h5ad"), "unit": "um",
-                   "labels": ["cell_class", "domain"]},
+        "source": {
+            "kind": "anndata",
+            "path": str(tmp_path / "slide.h5ad"),
+            "unit": "um",
+            "labels": ["cell_class", "domain"],
+        },
         "assemble": {"chunk_cells": 1000},
-        "rasters": [{"name": "slide", "space": "section", "voxel_size": [0.1], "pca": 8,
-                     "labels": ["cell_class", "domain"]}],
-        "tasks": {"celltype": {"raster": "slide", "level": "cell_class", "patch_size": [3]},
-                  "region": {"raster": "slide", "level": "domain", "tile_size": [16]}},
+        "rasters": [
+            {"name": "slide", "space": "section", "voxel_size": [0.1], "pca": 8, "labels": ["cell_class", "domain"]}
+        ],
+        "tasks": {
+            "celltype": {"raster": "slide", "level": "cell_class", "patch_size": [3]},
+            "region": {"raster": "slide", "level": "domain", "tile_size": [16]},
+        },
         "models": ["moment-trivial-irrep"],
-        "training": {"target_params": 2000, "epochs": 1, "batch_size": 32, "max_samples_per_epoch": 300,
-                     "split_block_size": 0.5},
+        "training": {
+            "target_params": 2000,
+            "epochs": 1,
+            "batch_size": 32,
+            "max_samples_per_epoch": 300,
+            "split_block_size": 0.5,
+        },
     }
     work = tmp_path / "work"
     work.mkdir()

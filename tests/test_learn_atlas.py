@@ -47,13 +47,28 @@ def test_training_loss_falls(atlas):
 
 def test_dense_prediction_equals_patch_classifier_per_cell(atlas):
     run = atlas["out"] / "models" / "ct"
-    out = predict_raster(run / "checkpoint.pt", atlas["section"], run / "predictions.zarr", cells=atlas["cells"],
-                         tile_size=40, progress=False)
+    out = predict_raster(
+        run / "checkpoint.pt",
+        atlas["section"],
+        run / "predictions.zarr",
+        cells=atlas["cells"],
+        tile_size=40,
+        progress=False,
+    )
     model, ckpt = load_model(run / "checkpoint.pt")
     a = ckpt["config"]["config"]["atlas"]
     r, src = open_raster(atlas["section"]), CellSource(atlas["cells"])
-    ds = CellPatchDataset(r, src, ClassTable.from_dict(a["classes"]), "test", a["splits"],
-                          Normalizer.from_dict(a["normalizer"]), 2, model.patch_size, model.halo)
+    ds = CellPatchDataset(
+        r,
+        src,
+        ClassTable.from_dict(a["classes"]),
+        "test",
+        a["splits"],
+        Normalizer.from_dict(a["normalizer"]),
+        2,
+        model.patch_size,
+        model.halo,
+    )
     patch = predict_proba(model, ds, device="cpu").numpy()
     g = zarr.open_group(str(out), mode="r")
     dense = np.asarray(g["cells/proba"][:])[ds.cells]
@@ -61,7 +76,8 @@ def test_dense_prediction_equals_patch_classifier_per_cell(atlas):
     np.testing.assert_array_equal(np.asarray(g["cells/pred"][:])[ds.cells], dense.argmax(1))
     meta = g.attrs["abc_pipeline"]["predictions"]
     assert meta["metrics"]["test_cells"]["accuracy"] == pytest.approx(
-        json.loads((run / "metrics.json").read_text())["test"]["accuracy"], abs=1e-9)
+        json.loads((run / "metrics.json").read_text())["test"]["accuracy"], abs=1e-9
+    )
     labels = np.asarray(g["labels/pred_celltype/0"][:])
     tissue = np.asarray(r.n_cells.compute()) > 0
     assert (labels[~tissue] == 0).all() and (labels[tissue] >= 1).all()
@@ -80,10 +96,13 @@ def test_predictions_invariant_for_moment_model_not_cnn(atlas):
         m = build_model(name, 2, 13, 5, task="patch", width=6, depth=3, patch_size=3).double().eval()
         with torch.no_grad():
             ref = m.forward_dense(x)
-            errors = [float((m.forward_dense(transform(x, g)) - transform(ref, g)).abs().max())
-                      for g in grid_group(2)[1:]]
-            changed = [float((m.forward_dense(transform(x, g)).argmax(1) != transform(ref, g).argmax(1)).float().mean())
-                       for g in grid_group(2)[1:]]  # predicted classes
+            errors = [
+                float((m.forward_dense(transform(x, g)) - transform(ref, g)).abs().max()) for g in grid_group(2)[1:]
+            ]
+            changed = [
+                float((m.forward_dense(transform(x, g)).argmax(1) != transform(ref, g).argmax(1)).float().mean())
+                for g in grid_group(2)[1:]
+            ]  # predicted classes
         if equivariant:
             assert max(errors) < 1e-10 and max(changed) == 0
         else:
@@ -98,10 +117,18 @@ def test_annotate_h5ad_opens_in_scanpy_and_squidpy(atlas, tmp_path):
     import squidpy as sq
 
     rg = atlas["out"] / "models" / "rg"
-    pred_rg = predict_raster(rg / "checkpoint.pt", atlas["recon"], tmp_path / "rg.zarr", cells=atlas["cells"],
-                             tile_size=(2, 24, 24), halo=(1, 4, 4), progress=False)
-    pred_rg2 = predict_raster(rg / "checkpoint.pt", atlas["recon"], tmp_path / "rg2.zarr", tile_size=(4, 40, 40),
-                              halo=2, progress=False)
+    pred_rg = predict_raster(
+        rg / "checkpoint.pt",
+        atlas["recon"],
+        tmp_path / "rg.zarr",
+        cells=atlas["cells"],
+        tile_size=(2, 24, 24),
+        halo=(1, 4, 4),
+        progress=False,
+    )
+    pred_rg2 = predict_raster(
+        rg / "checkpoint.pt", atlas["recon"], tmp_path / "rg2.zarr", tile_size=(4, 40, 40), halo=2, progress=False
+    )
     pred_ct = atlas["out"] / "models" / "ct" / "predictions.zarr"
     if not pred_ct.exists():
         predict_raster(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], pred_ct, progress=False)
@@ -137,24 +164,73 @@ def test_annotate_h5ad_opens_in_scanpy_and_squidpy(atlas, tmp_path):
 
 def test_cli_train_predict_annotate_and_resume(atlas, tmp_path):
     run = tmp_path / "models" / "region" / "cnn"
-    args = ["train", "--raster", str(atlas["section"]), "--task", "region", "--model", "cnn", "--width", "4",
-            "--depth", "2", "--tile-size", "32", "--epochs", "2", "--batch-size", "4", "--out", str(run), "--no-progress"]
+    args = [
+        "train",
+        "--raster",
+        str(atlas["section"]),
+        "--task",
+        "region",
+        "--model",
+        "cnn",
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--tile-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
     assert main(args) == 0
     history = (run / "history.tsv").read_text()
     assert main(args) == 0 and (run / "history.tsv").read_text() == history  # finished run: resumed, nothing redone
     pred = tmp_path / "predictions.zarr"
-    assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), "--raster", str(atlas["section"]),
-                 "--cells", str(atlas["cells"]), "--out", str(pred), "--tile-size", "64", "--halo", "8",
-                 "--no-progress"]) == 0
-    assert main(["annotate", "--cells", str(atlas["cells"]), "--predictions", str(pred),
-                 "--out", str(tmp_path / "a.h5ad")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--raster",
+                str(atlas["section"]),
+                "--cells",
+                str(atlas["cells"]),
+                "--out",
+                str(pred),
+                "--tile-size",
+                "64",
+                "--halo",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["annotate", "--cells", str(atlas["cells"]), "--predictions", str(pred), "--out", str(tmp_path / "a.h5ad")]
+        )
+        == 0
+    )
     assert (tmp_path / "a.h5ad").is_file() and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_bad_inputs(atlas, tmp_path):
     ct = atlas["out"] / "models" / "ct" / "checkpoint.pt"
-    other = rasterize(atlas["cells"], tmp_path / "other.ome.zarr", space="section", voxel_size=0.1,
-                      genes=CellSource(atlas["cells"]).gene_symbols[:6], labels=["class"], progress=False)
+    other = rasterize(
+        atlas["cells"],
+        tmp_path / "other.ome.zarr",
+        space="section",
+        voxel_size=0.1,
+        genes=CellSource(atlas["cells"]).gene_symbols[:6],
+        labels=["class"],
+        progress=False,
+    )
     with pytest.raises(InputError, match=r"has 6 feature channels.*trained on 12"):
         predict_raster(ct, other, tmp_path / "p.zarr", progress=False)
     assert not (tmp_path / "p.zarr").exists()
@@ -169,6 +245,9 @@ def test_bad_inputs(atlas, tmp_path):
     with pytest.raises(InputError, match="not rasterized from"):
         predict_raster(ct, atlas["section"], tmp_path / "q.zarr", cells=bad_cells, progress=False)
     with pytest.raises(InputError, match="another cells.zarr"):
-        annotate_cells(bad_cells, [predict_raster(ct, atlas["section"], tmp_path / "c.zarr", progress=False)],
-                       tmp_path / "bad.h5ad")
+        annotate_cells(
+            bad_cells,
+            [predict_raster(ct, atlas["section"], tmp_path / "c.zarr", progress=False)],
+            tmp_path / "bad.h5ad",
+        )
     assert not (tmp_path / "bad.h5ad").exists()

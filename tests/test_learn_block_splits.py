@@ -8,16 +8,25 @@ import numpy as np
 import pytest
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.learn.data import (SPLITS, Normalizer, RasterReader, block_splits, cell_splits, channel_stats,
-                                     raster_splits, split_mask)
+from abc_pipeline.learn.data import (
+    SPLITS,
+    Normalizer,
+    RasterReader,
+    block_splits,
+    cell_splits,
+    channel_stats,
+    raster_splits,
+    split_mask,
+)
 from abc_pipeline.raster import open_raster, rasterize
 
 
 @pytest.fixture(scope="module")
 def raster(assembled: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("blocks") / "s.ome.zarr"
-    return open_raster(rasterize(assembled, out, space="section", voxel_size=0.1, pca=4, labels=["class"],
-                                 progress=False))
+    return open_raster(
+        rasterize(assembled, out, space="section", voxel_size=0.1, pca=4, labels=["class"], progress=False)
+    )
 
 
 def test_whole_blocks_per_split(raster) -> None:

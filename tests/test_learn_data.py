@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.learn.data import (CellPatchDataset, Normalizer, RasterReader, TileDataset, cell_splits,
-                                     channel_stats, class_table, raster_splits, section_splits,
-                                     z_blocks)
+from abc_pipeline.learn.data import (
+    CellPatchDataset,
+    Normalizer,
+    RasterReader,
+    TileDataset,
+    cell_splits,
+    channel_stats,
+    class_table,
+    raster_splits,
+    section_splits,
+    z_blocks,
+)
 from abc_pipeline.raster import open_raster, rasterize
 from abc_pipeline.raster.source import CellSource
 
@@ -21,9 +30,11 @@ def rasters(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("learn_data")
     genes = CellSource(assembled).gene_symbols[:240:40]
     kw = {"genes": genes, "labels": ["class", "parcellation_division"], "progress": False}
-    return {"section": open_raster(rasterize(assembled, out / "s.ome.zarr", space="section", voxel_size=0.1, **kw)),
-            "3d": open_raster(rasterize(assembled, out / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), **kw)),
-            "cells": CellSource(assembled)}
+    return {
+        "section": open_raster(rasterize(assembled, out / "s.ome.zarr", space="section", voxel_size=0.1, **kw)),
+        "3d": open_raster(rasterize(assembled, out / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), **kw)),
+        "cells": CellSource(assembled),
+    }
 
 
 @pytest.mark.parametrize("n", [3, 4, 7, 12, 20, 59])
@@ -43,8 +54,10 @@ def test_section_splits_interleaved_blocks_disjoint_covering(n):
         assert max(lengths) - min(lengths) <= 1  # a split's blocks are as even as possible
         for j in range(k - 1):  # segment j holds block j of every split: the splits all span z
             assert max(r[j][1] for r in runs.values()) <= min(r[j + 1][0] for r in runs.values())
-    orders = {tuple(sorted(section_splits(20, seed=k), key=lambda name: section_splits(20, seed=k)[name][0]))
-              for k in range(10)}
+    orders = {
+        tuple(sorted(section_splits(20, seed=k), key=lambda name: section_splits(20, seed=k)[name][0]))
+        for k in range(10)
+    }
     assert len(orders) > 1  # the seed changes the order of the splits
 
 
@@ -117,7 +130,7 @@ def test_cell_patches_are_centred_on_the_cells_voxel(rasters):
         x, y = ds[i]
         z, yy, xx = vox[ds.cells[i]]
         assert x.shape == (norm.in_channels, 7, 7) and int(y) == int(ds.targets[i])
-        np.testing.assert_array_equal(x.numpy(), padded[:, z, yy:yy + 7, xx:xx + 7])
+        np.testing.assert_array_equal(x.numpy(), padded[:, z, yy : yy + 7, xx : xx + 7])
     capped = CellPatchDataset(r, cells, table, "val", s, norm, 2, (3, 3), (2, 2), max_samples=50, seed=1)
     assert len(capped) == 50 and set(capped.cells) <= set(ds.cells)
 
@@ -139,7 +152,7 @@ def test_tiles_3d_targets_and_split_isolation(rasters):
         for k in range(2):
             if z0 + k not in s["train"]:
                 assert (x[:, k] == 0).all() and (y[k] == -1).all()
-        sub = lut[labels[z0:z0 + 2, y0:y0 + 32, x0:x0 + 32]]
+        sub = lut[labels[z0 : z0 + 2, y0 : y0 + 32, x0 : x0 + 32]]
         ok = np.isin(np.arange(z0, z0 + 2), s["train"])[: sub.shape[0]]
         ref = np.full((2, 32, 32), -1)
         ref[: sub.shape[0], : sub.shape[1], : sub.shape[2]][ok] = sub[ok]

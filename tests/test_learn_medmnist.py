@@ -59,8 +59,9 @@ def test_missing_keys_named(tmp_path: Path) -> None:
 
 
 def test_multilabel_and_mismatch_rejected(tmp_path: Path) -> None:
-    arrays = {k: np.zeros((2, 4, 4), np.uint8) if k.endswith("images") else np.zeros((2, 1), np.uint8)
-              for k in REQUIRED_KEYS}
+    arrays = {
+        k: np.zeros((2, 4, 4), np.uint8) if k.endswith("images") else np.zeros((2, 1), np.uint8) for k in REQUIRED_KEYS
+    }
     np.savez(tmp_path / "ml.npz", **{**arrays, "val_labels": np.zeros((2, 14), np.uint8)})
     with pytest.raises(InputError, match="val_labels.*multi-label"):
         load_npz(tmp_path / "ml.npz")

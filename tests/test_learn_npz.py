@@ -18,8 +18,27 @@ from abc_pipeline.learn.train import predict_proba
 def test_train_npz_cli(tmp_path: Path) -> None:
     npz = write_synthetic_npz(tmp_path / "rings.npz", size=12, n_per_split=(48, 24, 24))
     out = tmp_path / "run"
-    argv = ["-q", "train-npz", "--npz", str(npz), "--model", "cnn", "--width", "4", "--epochs", "3",
-            "--batch-size", "16", "--lr", "0.01", "--device", "cpu", "--no-progress", "--out", str(out)]
+    argv = [
+        "-q",
+        "train-npz",
+        "--npz",
+        str(npz),
+        "--model",
+        "cnn",
+        "--width",
+        "4",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
 
     hist = pd.read_csv(out / "history.tsv", sep="\t")

@@ -27,8 +27,14 @@ class Tiny(nn.Module):
     def __init__(self, n_classes: int = 3, name: str = "tiny") -> None:
         super().__init__()
         self.name, self.task = name, "classify"
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Dropout(0.2), nn.Linear(8, n_classes))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(8, n_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -64,8 +70,7 @@ def _model(seed: int = 0, **kw) -> Tiny:
 
 def test_loss_falls_and_outputs_written(data: NpzDatasets, tmp_path: Path) -> None:
     model = _model()
-    res = train(model, data.train, data.val, tmp_path, class_names=CLASSES, epochs=6, seed=0,
-                **{**FAST, "lr": 2e-2})
+    res = train(model, data.train, data.val, tmp_path, class_names=CLASSES, epochs=6, seed=0, **{**FAST, "lr": 2e-2})
     hist = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert list(hist.columns[:4]) == ["epoch", "train_loss", "val_loss", "val_balanced_accuracy"]
     assert {"lr", "seconds"} <= set(hist.columns) and len(hist) == res.epochs_run == 6
@@ -115,14 +120,16 @@ def test_checkpoint_mismatch_errors(data: NpzDatasets, tmp_path: Path) -> None:
     assert res.epochs_run == 1
 
 
-def test_resume_if_unchanged_starts_over_after_a_config_change(data: NpzDatasets, tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_if_unchanged_starts_over_after_a_config_change(
+    data: NpzDatasets, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The workflow's mode: a changed input (here lr) discards last.pt instead of failing; same config resumes."""
     args = dict(epochs=2, seed=0, **FAST)
     train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, **args)
     with caplog.at_level(logging.WARNING, logger="abc_pipeline"):
-        train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, resume="if-unchanged",
-              **{**args, "lr": 1e-4})
+        train(
+            _model(), data.train, data.val, tmp_path, class_names=CLASSES, resume="if-unchanged", **{**args, "lr": 1e-4}
+        )
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "configuration differs in lr; starting over" in warning and "--restart" not in warning
     history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
@@ -149,8 +156,17 @@ def test_rerun_rewrites_a_removed_best_checkpoint(data: NpzDatasets, tmp_path: P
 
 def test_early_stopping(data: NpzDatasets, tmp_path: Path) -> None:
     # lr = 0: nothing changes, so the validation score never improves after epoch 0
-    res = train(_model(), data.train, data.val, tmp_path, class_names=CLASSES, epochs=10, patience=2, seed=0,
-                **{**FAST, "lr": 0.0})
+    res = train(
+        _model(),
+        data.train,
+        data.val,
+        tmp_path,
+        class_names=CLASSES,
+        epochs=10,
+        patience=2,
+        seed=0,
+        **{**FAST, "lr": 0.0},
+    )
     assert res.stopped_early and res.epochs_run == 3 and res.best_epoch == 0
 
 
@@ -173,8 +189,7 @@ def test_segmentation_with_ignored_voxels(tmp_path: Path) -> None:
     counts = class_counts(ds, 2)
     assert int(counts.sum()) == 32 * 6 * 8
     torch.manual_seed(0)
-    res = train(TinySegmenter(), ds, ds, tmp_path, class_names=["bg", "fg"], epochs=8, seed=0,
-                **{**FAST, "lr": 0.2})
+    res = train(TinySegmenter(), ds, ds, tmp_path, class_names=["bg", "fg"], epochs=8, seed=0, **{**FAST, "lr": 0.2})
     hist = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert res.metric == "mean_dice" and "val_ari" in hist.columns
     assert hist.train_loss.iloc[-1] < hist.train_loss.iloc[0]

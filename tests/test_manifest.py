@@ -26,41 +26,70 @@ REAL_MANIFEST = SHARED / "data" / "abc_real_excerpts" / "manifest_20250531.json"
 EXPECTED = {
     ("MERFISH-C57BL6J-638850", "C57BL6J-638850/log2"): (
         "expression_matrices/MERFISH-C57BL6J-638850/20230830/C57BL6J-638850-log2.h5ad",
-        7_627_589_574, "0630f7a36d36ebd336cd8d0564b07b14"),
+        7_627_589_574,
+        "0630f7a36d36ebd336cd8d0564b07b14",
+    ),
     ("MERFISH-C57BL6J-638850", "C57BL6J-638850/raw"): (
         "expression_matrices/MERFISH-C57BL6J-638850/20230830/C57BL6J-638850-raw.h5ad",
-        7_627_589_574, "9484a3992a4b6d3a7c0281c72e1be522"),
+        7_627_589_574,
+        "9484a3992a4b6d3a7c0281c72e1be522",
+    ),
     ("MERFISH-C57BL6J-638850", "cell_metadata"): (
-        "metadata/MERFISH-C57BL6J-638850/20241115/cell_metadata.csv", 709_894_064,
-        "4df6b53fdcc505e2c8562da1e4b553c9"),
+        "metadata/MERFISH-C57BL6J-638850/20241115/cell_metadata.csv",
+        709_894_064,
+        "4df6b53fdcc505e2c8562da1e4b553c9",
+    ),
     ("MERFISH-C57BL6J-638850", "gene"): (
-        "metadata/MERFISH-C57BL6J-638850/20241115/gene.csv", 48_416, "d9cee1242bc13374b5e2beeea827de3e"),
+        "metadata/MERFISH-C57BL6J-638850/20241115/gene.csv",
+        48_416,
+        "d9cee1242bc13374b5e2beeea827de3e",
+    ),
     ("MERFISH-C57BL6J-638850-CCF", "reconstructed_coordinates"): (
-        "metadata/MERFISH-C57BL6J-638850-CCF/20231215/reconstructed_coordinates.csv", 256_489_776,
-        "125ecd204740b1fbccb3fb361bb63a07"),
+        "metadata/MERFISH-C57BL6J-638850-CCF/20231215/reconstructed_coordinates.csv",
+        256_489_776,
+        "125ecd204740b1fbccb3fb361bb63a07",
+    ),
     ("MERFISH-C57BL6J-638850-CCF", "ccf_coordinates"): (
-        "metadata/MERFISH-C57BL6J-638850-CCF/20231215/ccf_coordinates.csv", 295_901_193,
-        "23628a884aa65616fa2f9d898c30e9ba"),
+        "metadata/MERFISH-C57BL6J-638850-CCF/20231215/ccf_coordinates.csv",
+        295_901_193,
+        "23628a884aa65616fa2f9d898c30e9ba",
+    ),
     ("WMB-taxonomy", "cluster_to_cluster_annotation_membership_pivoted"): (
-        "metadata/WMB-taxonomy/20231215/views/cluster_to_cluster_annotation_membership_pivoted.csv", 530_641,
-        "06a0f8cd2b2181fed0fc6e3597af5c20"),
+        "metadata/WMB-taxonomy/20231215/views/cluster_to_cluster_annotation_membership_pivoted.csv",
+        530_641,
+        "06a0f8cd2b2181fed0fc6e3597af5c20",
+    ),
     ("Allen-CCF-2020", "parcellation_to_parcellation_term_membership_color"): (
-        "metadata/Allen-CCF-2020/20230630/views/parcellation_to_parcellation_term_membership_color.csv", 30_465,
-        "2b143fe11b8ac05c2503fd24a4928a01"),
+        "metadata/Allen-CCF-2020/20230630/views/parcellation_to_parcellation_term_membership_color.csv",
+        30_465,
+        "2b143fe11b8ac05c2503fd24a4928a01",
+    ),
     ("Zhuang-ABCA-1", "Zhuang-ABCA-1/log2"): (
-        "expression_matrices/Zhuang-ABCA-1/20230830/Zhuang-ABCA-1-log2.h5ad", 2_128_478_610,
-        "1fa58179fadc9bb8b7fb2e3449da9df1"),
+        "expression_matrices/Zhuang-ABCA-1/20230830/Zhuang-ABCA-1-log2.h5ad",
+        2_128_478_610,
+        "1fa58179fadc9bb8b7fb2e3449da9df1",
+    ),
     ("Zhuang-ABCA-1", "cell_metadata"): (
-        "metadata/Zhuang-ABCA-1/20241115/cell_metadata.csv", 661_035_596, "5f05c97b15c58bcc05421aff1e4b5bd4"),
-    ("Zhuang-ABCA-1", "gene"): (
-        "metadata/Zhuang-ABCA-1/20241115/gene.csv", 84_677, "44b16a70c9cd2188d30900c29c2d8ba1"),
+        "metadata/Zhuang-ABCA-1/20241115/cell_metadata.csv",
+        661_035_596,
+        "5f05c97b15c58bcc05421aff1e4b5bd4",
+    ),
+    ("Zhuang-ABCA-1", "gene"): ("metadata/Zhuang-ABCA-1/20241115/gene.csv", 84_677, "44b16a70c9cd2188d30900c29c2d8ba1"),
     ("Zhuang-ABCA-1-CCF", "ccf_coordinates"): (
-        "metadata/Zhuang-ABCA-1-CCF/20230830/ccf_coordinates.csv", 220_766_326, "ac72abb78ecd1a03edd2118ec011ea83"),
+        "metadata/Zhuang-ABCA-1-CCF/20230830/ccf_coordinates.csv",
+        220_766_326,
+        "ac72abb78ecd1a03edd2118ec011ea83",
+    ),
     ("Zhuang-ABCA-4", "Zhuang-ABCA-4/log2"): (
-        "expression_matrices/Zhuang-ABCA-4/20230830/Zhuang-ABCA-4-log2.h5ad", 106_739_752,
-        "d4e27da0482c2a1b46750fcc1c07ab31"),
+        "expression_matrices/Zhuang-ABCA-4/20230830/Zhuang-ABCA-4-log2.h5ad",
+        106_739_752,
+        "d4e27da0482c2a1b46750fcc1c07ab31",
+    ),
     ("Zhuang-ABCA-4-CCF", "ccf_coordinates"): (
-        "metadata/Zhuang-ABCA-4-CCF/20230830/ccf_coordinates.csv", 13_750_526, "bc5e785cd5f49ba8b6d233dd8842f368"),
+        "metadata/Zhuang-ABCA-4-CCF/20230830/ccf_coordinates.csv",
+        13_750_526,
+        "bc5e785cd5f49ba8b6d233dd8842f368",
+    ),
 }
 
 
@@ -77,7 +106,8 @@ def test_real_manifest_loads(real):
     assert real.resource_uri == "s3://allen-brain-cell-atlas/"
     assert {"MERFISH-C57BL6J-638850", "WMB-taxonomy", "Allen-CCF-2020", "Zhuang-ABCA-1"} <= set(real.directories)
     assert {"C57BL6J-638850/log2", "C57BL6J-638850/raw", "cell_metadata", "gene"} <= set(
-        real.file_names("MERFISH-C57BL6J-638850"))
+        real.file_names("MERFISH-C57BL6J-638850")
+    )
 
 
 @pytest.mark.parametrize(("key", "expected"), list(EXPECTED.items()), ids=[f"{d}:{n}" for d, n in EXPECTED])
@@ -119,15 +149,31 @@ def test_real_manifest_errors_name_the_fix(real):
 
 # ------------------------------------------------------------------------------------------------ synthetic manifests
 def _manifest(relative_path: str = "metadata/D/20240101/gene.csv", **drop: bool) -> dict:
-    attrs = {"version": "20240101", "relative_path": relative_path, "url": DEFAULT_BASE_URL + relative_path,
-             "size": 12, "file_hash": "0" * 32}
+    attrs = {
+        "version": "20240101",
+        "relative_path": relative_path,
+        "url": DEFAULT_BASE_URL + relative_path,
+        "size": 12,
+        "file_hash": "0" * 32,
+    }
     for key in drop:
         attrs.pop(key)
     return {"version": "20240101", "file_listing": {"D": {"metadata": {"gene": {"files": {"csv": attrs}}}}}}
 
 
-@pytest.mark.parametrize("bad", ["../evil.csv", "metadata/../../evil.csv", "a/b/../../../evil.csv", "..",
-                                 "/etc/passwd", "\\\\server\\share", "C:/Windows/x.csv", ""])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../evil.csv",
+        "metadata/../../evil.csv",
+        "a/b/../../../evil.csv",
+        "..",
+        "/etc/passwd",
+        "\\\\server\\share",
+        "C:/Windows/x.csv",
+        "",
+    ],
+)
 def test_paths_leaving_the_cache_are_refused(bad):
     with pytest.raises(InputError, match="relative_path"):
         safe_relative_path(bad)

@@ -59,8 +59,10 @@ def test_cell_context_is_exactly_invariant(name, dim, spacing):
         tile = _inputs(model, 1, seed=2)[0][:, :, *(slice(None),) * dim]
         dense = model.forward_dense(tile)
         assert dense.shape == (1, K, *tile.shape[2:])
-        derr = max(float((model.forward_dense(fields.transform(tile, g)) - fields.transform(dense, g)).abs().max())
-                   for g in group)
+        derr = max(
+            float((model.forward_dense(fields.transform(tile, g)) - fields.transform(dense, g)).abs().max())
+            for g in group
+        )
         assert derr < 1e-10 * float(dense.abs().max())
 
 

@@ -10,11 +10,19 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.nn import fields as F
 
 
-@pytest.mark.parametrize("dim, spacing, rot_only, size", [
-    (2, None, False, 8), (2, None, True, 4), (2, (2, 1), False, 4),
-    (3, None, False, 48), (3, None, True, 24), (3, (4, 1, 1), False, 16), (3, (4, 1, 1), True, 8),
-    (3, (3, 2, 1), False, 8),
-])
+@pytest.mark.parametrize(
+    "dim, spacing, rot_only, size",
+    [
+        (2, None, False, 8),
+        (2, None, True, 4),
+        (2, (2, 1), False, 4),
+        (3, None, False, 48),
+        (3, None, True, 24),
+        (3, (4, 1, 1), False, 16),
+        (3, (4, 1, 1), True, 8),
+        (3, (3, 2, 1), False, 8),
+    ],
+)
 def test_group_sizes_and_closure(dim, spacing, rot_only, size):
     group = F.grid_group(dim, spacing, rotations_only=rot_only)
     assert len(group) == size and len(set(group)) == size

@@ -7,9 +7,16 @@ import torch
 
 from abc_pipeline.nn import fields
 from abc_pipeline.nn.baselines import ConicConv2d, DFTTransition, GroupConv, conic_masks, group_pool
-from abc_pipeline.nn.layers import (FieldBatchNorm, FieldNonlinearity, InvariantHead, SegmentationHead,
-                                    downsample_axes, next_spacing, parity_downsample, upsample_to)
-
+from abc_pipeline.nn.layers import (
+    FieldBatchNorm,
+    FieldNonlinearity,
+    InvariantHead,
+    SegmentationHead,
+    downsample_axes,
+    next_spacing,
+    parity_downsample,
+    upsample_to,
+)
 
 F64 = torch.float64
 
@@ -102,8 +109,9 @@ def test_heads():
     assert seg(x).shape == (2, 4, 4, 5, 6)
 
 
-@pytest.mark.parametrize("dim, rot_only, size", [(2, False, (7, 7)), (2, True, (6, 6)), (3, False, (4, 4, 4)),
-                                                 (3, True, (5, 5, 5))])
+@pytest.mark.parametrize(
+    "dim, rot_only, size", [(2, False, (7, 7)), (2, True, (6, 6)), (3, False, (4, 4, 4)), (3, True, (5, 5, 5))]
+)
 def test_group_conv_is_equivariant(dim, rot_only, size):
     torch.manual_seed(0)
     group = fields.grid_group(dim, rotations_only=rot_only)

@@ -32,7 +32,8 @@ def test_signature_counts_and_basis_sizes():
     assert b.shape[0] == 1 and np.allclose(b[0, :, :, 0], np.eye(3))
     conv = MomentConv([2, 2], [3, 2, 1], 3)
     assert sum(p.numel() for p in conv.parameters()) == (
-        2 * 3 * 3 + 2 * 3 * 2 + 2 * 2 * 2 + 2 * 2 * 5 + 2 * 1 * 5 + 2 * 1 * 8 + 3 + 1)
+        2 * 3 * 3 + 2 * 3 * 2 + 2 * 2 * 2 + 2 * 2 * 5 + 2 * 1 * 5 + 2 * 1 * 8 + 3 + 1
+    )
 
 
 CASES = [  # dim, in_fields, out_fields, kernel_size, spacing, padding_mode, sizes

@@ -49,7 +49,7 @@ def test_dense_equals_patch_everywhere_with_margin():
     x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
     g = m.margin
     padded = torch.nn.functional.pad(x, (g[1], g[1], g[0], g[0]))
-    dense = m.forward_dense(padded)[:, :, g[0]:-g[0], g[1]:-g[1]]
+    dense = m.forward_dense(padded)[:, :, g[0] : -g[0], g[1] : -g[1]]
     for y in range(6):
         for xx in range(7):
             patch = _patch_at(padded, (y + g[0], xx + g[1]), g)
@@ -73,8 +73,9 @@ def test_dense_logits_equivariant():
     m = _model("moment-trivial", 3, (2.0, 1.0, 1.0), (3, 5, 5))
     x = torch.randn(1, 3, 5, 8, 8, dtype=torch.float64)
     for g in grid_group(3, (2.0, 1.0, 1.0)):
-        torch.testing.assert_close(m.forward_dense(transform(x, g)), transform(m.forward_dense(x), g),
-                                   rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            m.forward_dense(transform(x, g)), transform(m.forward_dense(x), g), rtol=0, atol=1e-10
+        )
 
 
 def test_parameter_matching_and_bad_sizes():

@@ -28,8 +28,11 @@ C4 = fields.grid_group(2, rotations_only=True)
 
 ROT180, FLIP_Y, FLIP_X = fields.rot90(2, k=2), fields.flip(2, 0), fields.flip(2, 1)
 GRID_IN = {  # the pixel-grid symmetries that lie in the group
-    (8, True): D4, (8, False): C4, (12, False): C4,
-    (6, True): [fields.identity(2), ROT180, FLIP_Y, FLIP_X], (5, True): [fields.identity(2), FLIP_Y],
+    (8, True): D4,
+    (8, False): C4,
+    (12, False): C4,
+    (6, True): [fields.identity(2), ROT180, FLIP_Y, FLIP_X],
+    (5, True): [fields.identity(2), FLIP_Y],
 }
 
 

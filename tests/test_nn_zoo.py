@@ -10,7 +10,6 @@ from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.nn import MODELS, build_model, fields, format_model_table, model_table
 
-
 EQUIVARIANT = ["moment-trivial", "moment-trivial-irrep", "gcnn-regular"]
 C4 = [fields.rot90(2, (0, 1), k) for k in range(4)]
 

@@ -35,9 +35,17 @@ def test_confusion_matrix_and_training_curves(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="0..3"):
         plots.confusion_matrix_figure(y, pred - 1, list("abcd"), tmp_path / "bad.png")
 
-    history = pd.DataFrame({"epoch": range(6), "train_loss": np.linspace(1.2, 0.3, 6),
-                            "val_loss": np.linspace(1.1, 0.5, 6), "val_accuracy": np.linspace(0.4, 0.8, 6),
-                            "val_auc": np.linspace(0.6, 0.9, 6), "lr": 1e-3, "seconds": 1.0})
+    history = pd.DataFrame(
+        {
+            "epoch": range(6),
+            "train_loss": np.linspace(1.2, 0.3, 6),
+            "val_loss": np.linspace(1.1, 0.5, 6),
+            "val_accuracy": np.linspace(0.4, 0.8, 6),
+            "val_auc": np.linspace(0.6, 0.9, 6),
+            "lr": 1e-3,
+            "seconds": 1.0,
+        }
+    )
     history.to_csv(tmp_path / "history.tsv", sep="\t", index=False)
     _check_png(plots.training_curves_figure(tmp_path / "history.tsv", tmp_path / "curves.png"))
     history[["epoch", "lr"]].to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
@@ -51,8 +59,15 @@ def test_region_maps_use_the_label_colours(tmp_path: Path) -> None:
     pred = true.copy()
     pred[18:24] = 3
     colors = ["#ff0000", "#00ff00", "#0000ff"]
-    path = plots.region_maps_figure([true, true], [pred, true], ["A", "B", "C"], colors, ["section 1", "section 2"],
-                                    tmp_path / "regions.png", spacing=10.0)
+    path = plots.region_maps_figure(
+        [true, true],
+        [pred, true],
+        ["A", "B", "C"],
+        colors,
+        ["section 1", "section 2"],
+        tmp_path / "regions.png",
+        spacing=10.0,
+    )
     rgb = (_check_png(path)[..., :3] * 255).round().astype(int).reshape(-1, 3)
     found = {tuple(c) for c in np.unique(rgb, axis=0)}
     assert {(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)} <= found  # regions + white background
@@ -64,7 +79,10 @@ def test_region_maps_use_the_label_colours(tmp_path: Path) -> None:
 
 def test_equivariance_curve_and_orientation_bars(tmp_path: Path) -> None:
     angles = [0, 15, 30, 45, 60, 75, 90]
-    curves = {"cnn": (angles, [1, 0.8, 0.7, 0.6, 0.7, 0.8, 0.9]), "moment-trivial": (angles, [1, 1, 0.95, 0.9, 0.95, 1, 1])}
+    curves = {
+        "cnn": (angles, [1, 0.8, 0.7, 0.6, 0.7, 0.8, 0.9]),
+        "moment-trivial": (angles, [1, 1, 0.95, 0.9, 0.95, 1, 1]),
+    }
     img = _check_png(plots.equivariance_curve_figure(curves, tmp_path / "eq.png"))
     assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 2  # lines, text: not a blank canvas
     _check_png(plots.orientation_bar_figure({"cnn": (0.8, 0.6), "moment-trivial": (0.85, 0.85)}, tmp_path / "ob.png"))

@@ -51,7 +51,9 @@ def test_block_layout_keys_are_block_major() -> None:
     q, r = np.divmod(idx, layout.block)  # reference: block id, then the C-order offset in the clipped region
     rs = np.minimum(layout.block, np.asarray(layout.shape) - q * layout.block)
     block_id = (q[:, 0] * layout.grid_blocks[1] + q[:, 1]) * layout.grid_blocks[2] + q[:, 2]
-    np.testing.assert_array_equal(keys, block_id * layout.block_voxels + (r[:, 0] * rs[:, 1] + r[:, 1]) * rs[:, 2] + r[:, 2])
+    np.testing.assert_array_equal(
+        keys, block_id * layout.block_voxels + (r[:, 0] * rs[:, 1] + r[:, 1]) * rs[:, 2] + r[:, 2]
+    )
     for b in range(layout.n_blocks):
         region = layout.region(b)
         inside = np.all([(idx[:, a] >= r.start) & (idx[:, a] < r.stop) for a, r in enumerate(region)], axis=0)

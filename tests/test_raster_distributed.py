@@ -32,9 +32,15 @@ def _all_arrays(store: Path) -> dict[str, np.ndarray]:
 def cells(tmp_path_factory: pytest.TempPathFactory) -> Path:
     xyz, expr, cls = random_atlas(3000, seed=7)
     path = tmp_path_factory.mktemp("atlas") / "cells.zarr"
-    write_cells(path, expr, spatial_3d=xyz, ccf=xyz[:, [2, 1, 0]] + 3.0,
-                symbols=["Gad1", "Slc17a7", "Sst", "Pvalb", "Vip", "Blank-1"],
-                labels={"class": ([CLASSES[c] for c in cls], CLASSES)}, chunk=250)
+    write_cells(
+        path,
+        expr,
+        spatial_3d=xyz,
+        ccf=xyz[:, [2, 1, 0]] + 3.0,
+        symbols=["Gad1", "Slc17a7", "Sst", "Pvalb", "Vip", "Blank-1"],
+        labels={"class": ([CLASSES[c] for c in cls], CLASSES)},
+        chunk=250,
+    )
     return path
 
 
@@ -44,15 +50,28 @@ def test_process_workers_write_the_same_raster_as_threads(cells: Path, tmp_path:
     sums block by block (a different summation order)."""
     from distributed import LocalCluster
 
-    common = {"space": "reconstructed", "voxel_size": (0.2, 0.1, 0.1), "labels": ["class"], "levels": 2,
-              "chunk_cells": 500, "progress": False}
+    common = {
+        "space": "reconstructed",
+        "voxel_size": (0.2, 0.1, 0.1),
+        "labels": ["class"],
+        "levels": 2,
+        "chunk_cells": 500,
+        "progress": False,
+    }
     runs = {"genes": {}, "pca": {"pca": 3}}
-    threaded = {name: rasterize(cells, tmp_path / f"threads_{name}.ome.zarr", scheduler="threads", num_workers=2,
-                                **common, **extra) for name, extra in runs.items()}
+    threaded = {
+        name: rasterize(
+            cells, tmp_path / f"threads_{name}.ome.zarr", scheduler="threads", num_workers=2, **common, **extra
+        )
+        for name, extra in runs.items()
+    }
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        distributed = {name: rasterize(cells, tmp_path / f"distributed_{name}.ome.zarr",
-                                       address=cluster.scheduler_address, **common, **extra)
-                       for name, extra in runs.items()}
+        distributed = {
+            name: rasterize(
+                cells, tmp_path / f"distributed_{name}.ome.zarr", address=cluster.scheduler_address, **common, **extra
+            )
+            for name, extra in runs.items()
+        }
     for name in runs:
         expected, got = _all_arrays(threaded[name]), _all_arrays(distributed[name])
         assert set(got) == set(expected) and len(expected) >= 4  # image and label levels, cell index, ...

@@ -52,7 +52,9 @@ def write_cells(
     uns = {}
     for name, (values, cats) in (labels or {}).items():
         obs[name] = pd.Categorical(values, categories=cats)
-        uns[f"{name}_colors"] = [f"#{(37 * k) % 256:02X}{(91 * k) % 256:02X}{(53 * k) % 256:02X}" for k in range(len(cats))]
+        uns[f"{name}_colors"] = [
+            f"#{(37 * k) % 256:02X}{(91 * k) % 256:02X}{(53 * k) % 256:02X}" for k in range(len(cats))
+        ]
     symbols = symbols or [f"Gene{i}" for i in range(g)]
     var = pd.DataFrame(
         {"gene_symbol": symbols, "blank": blank or [s.startswith("Blank") for s in symbols]},

@@ -13,14 +13,16 @@ from abc_pipeline.raster.grid import Grid, voxel_size_zyx
 
 def test_half_open_voxels_and_skipped_points() -> None:
     g = Grid("ccf", origin=(0.0, 0.0, 0.0), voxel_size=(0.5, 0.25, 0.25), shape=(2, 4, 4))
-    pts = np.array([
-        [0.0, 0.0, 0.0],        # lower corner -> voxel 0
-        [0.49, 0.26, 0.99],     # inside
-        [0.5, 0.25, 0.75],      # on lower faces of voxel (1, 1, 3)
-        [1.0, 0.1, 0.1],        # z == upper bound: outside (half-open)
-        [-1e-9, 0.1, 0.1],      # just below the origin
-        [np.nan, 0.1, 0.1],     # no coordinate
-    ])
+    pts = np.array(
+        [
+            [0.0, 0.0, 0.0],  # lower corner -> voxel 0
+            [0.49, 0.26, 0.99],  # inside
+            [0.5, 0.25, 0.75],  # on lower faces of voxel (1, 1, 3)
+            [1.0, 0.1, 0.1],  # z == upper bound: outside (half-open)
+            [-1e-9, 0.1, 0.1],  # just below the origin
+            [np.nan, 0.1, 0.1],  # no coordinate
+        ]
+    )
     idx = g.to_index(pts)
     assert idx.dtype == np.int32
     np.testing.assert_array_equal(idx[:3], [[0, 0, 0], [0, 1, 3], [1, 1, 3]])
@@ -70,8 +72,14 @@ def test_voxel_size_forms() -> None:
 
 
 def test_attrs_round_trip_through_json() -> None:
-    g = Grid.around("section", (0, -1.0, -2.0), (0, 1.0, 2.0), voxel_size=0.05,
-                    sections=("S1", "S2", "S3"), section_z=(4.0, 4.2, float("nan")))
+    g = Grid.around(
+        "section",
+        (0, -1.0, -2.0),
+        (0, 1.0, 2.0),
+        voxel_size=0.05,
+        sections=("S1", "S2", "S3"),
+        section_z=(4.0, 4.2, float("nan")),
+    )
     attrs = json.loads(json.dumps(g.to_attrs()))
     assert attrs["units"] == ["section", "millimeter", "millimeter"]
     back = Grid.from_attrs(attrs)
@@ -83,7 +91,9 @@ def test_attrs_round_trip_through_json() -> None:
 
 
 def test_section_grid_display_metadata() -> None:
-    g = Grid.around("section", (0, 0, 0), (0, 1, 1), voxel_size=0.1, sections=("a", "b", "c"), section_z=(3.0, 3.2, 3.4))
+    g = Grid.around(
+        "section", (0, 0, 0), (0, 1, 1), voxel_size=0.1, sections=("a", "b", "c"), section_z=(3.0, 3.2, 3.4)
+    )
     assert g.shape[0] == 3 and g.voxel_size[0] == 1.0 and g.origin[0] == -0.5
     np.testing.assert_allclose(g.physical_scale(), (0.2, 0.1, 0.1))
     assert g.physical_translation()[0] == 3.0

@@ -11,7 +11,9 @@ from abc_pipeline.raster.ome import copy_array, create_array, write_chunks
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name[0] != "."}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name[0] != "."
+    }
 
 
 def test_write_chunks_matches_setitem(tmp_path: Path) -> None:
@@ -19,8 +21,12 @@ def test_write_chunks_matches_setitem(tmp_path: Path) -> None:
     image = rng.random((7, 5, 9, 6)).astype(np.float32)  # (c, z, y, x); chunks (3, 2, 4, 4): partial at every end
     labels = rng.integers(0, 3, (5, 9, 6)) * (rng.random((5, 9, 6)) < 0.2)  # many all-zero chunks
     labels[:2, :4, :4] = 0
-    regions = [(slice(0, 2), slice(0, 4), slice(0, 4)), (slice(0, 2), slice(0, 4), slice(4, 6)),
-               (slice(0, 2), slice(4, 9), slice(0, 6)), (slice(2, 5), slice(0, 9), slice(0, 6))]  # whole chunks
+    regions = [
+        (slice(0, 2), slice(0, 4), slice(0, 4)),
+        (slice(0, 2), slice(0, 4), slice(4, 6)),
+        (slice(0, 2), slice(4, 9), slice(0, 6)),
+        (slice(2, 5), slice(0, 9), slice(0, 6)),
+    ]  # whole chunks
     stores = {}
     for how in ("setitem", "direct"):
         root = zarr.open_group(str(tmp_path / how), mode="w", zarr_format=2)
@@ -36,13 +42,19 @@ def test_write_chunks_matches_setitem(tmp_path: Path) -> None:
         stores[how] = tmp_path / how
     direct, setitem = _files(stores["direct"]), _files(stores["setitem"])
     assert direct == setitem
-    assert any(k.startswith("labels/0/") for k in direct) and len([k for k in direct if k.startswith("labels")]) < 3 * 3 * 2
+    assert (
+        any(k.startswith("labels/0/") for k in direct)
+        and len([k for k in direct if k.startswith("labels")]) < 3 * 3 * 2
+    )
     back = zarr.open_group(str(stores["direct"]), mode="r")
     np.testing.assert_array_equal(back["0"][...], image)
     np.testing.assert_array_equal(back["labels/0"][...], labels)
     # an unaligned region falls back to zarr-python
-    write_chunks(back_rw := zarr.open_group(str(stores["direct"]), mode="r+")["0"], (slice(1, 2), slice(0, 1), slice(0, 3), slice(0, 2)),
-                 np.zeros((1, 1, 3, 2), np.float32))
+    write_chunks(
+        back_rw := zarr.open_group(str(stores["direct"]), mode="r+")["0"],
+        (slice(1, 2), slice(0, 1), slice(0, 3), slice(0, 2)),
+        np.zeros((1, 1, 3, 2), np.float32),
+    )
     assert back_rw[1, 0, :3, :2].sum() == 0 and back_rw[0, 0, 0, 0] == image[0, 0, 0, 0]
 
 

@@ -15,8 +15,7 @@ from test_raster_fixtures import write_cells
 
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
-from abc_pipeline.raster import Grid, open_raster, rasterize
-from abc_pipeline.raster import binning
+from abc_pipeline.raster import Grid, binning, open_raster, rasterize
 from abc_pipeline.raster.source import CellSource
 
 rasterize_module = importlib.import_module("abc_pipeline.raster.rasterize")  # the package re-exports the function
@@ -64,57 +63,106 @@ def atlas(tmp_path_factory: pytest.TempPathFactory):
     xyz, expr, cls = random_atlas(400, seed=1)
     symbols = ["Gad1", "Slc17a7", "Sst", "Pvalb", "Vip", "Blank-1"]
     path = tmp_path_factory.mktemp("atlas") / "cells.zarr"
-    write_cells(path, expr, spatial_3d=xyz, ccf=xyz[:, [2, 1, 0]] + 3.0, symbols=symbols,
-                labels={"class": ([CLASSES[c] for c in cls], CLASSES)}, chunk=37)
+    write_cells(
+        path,
+        expr,
+        spatial_3d=xyz,
+        ccf=xyz[:, [2, 1, 0]] + 3.0,
+        symbols=symbols,
+        labels={"class": ([CLASSES[c] for c in cls], CLASSES)},
+        chunk=37,
+    )
     return path, xyz, expr, cls, symbols
 
 
 # ----------------------------------------------------------------------------------- exact small cases
 def test_section_raster_hand_computed(tmp_path: Path) -> None:
     # two used sections (category order S9 before S1, unused S5 dropped), 1 mm pixels on [0, 2)^2
-    spatial = np.array([[0.2, 0.3], [0.7, 0.1], [0.5, 0.5],   # S9 pixel (y0, x0)
-                        [1.5, 1.5], [1.2, 1.7],               # S1 pixel (y1, x1): tie Astro/Neuron
-                        [0.5, 1.5],                           # S1 pixel (y1, x0), x=0.5 y=1.5
-                        [5.0, 0.5]])                          # S1 outside the bounds
+    spatial = np.array(
+        [
+            [0.2, 0.3],
+            [0.7, 0.1],
+            [0.5, 0.5],  # S9 pixel (y0, x0)
+            [1.5, 1.5],
+            [1.2, 1.7],  # S1 pixel (y1, x1): tie Astro/Neuron
+            [0.5, 1.5],  # S1 pixel (y1, x0), x=0.5 y=1.5
+            [5.0, 0.5],
+        ]
+    )  # S1 outside the bounds
     sections = ["S9", "S9", "S9", "S1", "S1", "S1", "S1"]
     expr = np.array([[1, 0], [2, 4], [6, 8], [1, 1], [3, 2], [5, 5], [9, 9]], dtype=np.float32)
     cls = ["Neuron", "Oligo", "Oligo", "Neuron", "Astro", "Neuron", "Astro"]
-    cells = write_cells(tmp_path / "cells.zarr", expr, spatial=spatial, sections=sections,
-                        section_order=["S9", "S5", "S1"], z_section=np.array([7.0] * 3 + [7.4] * 4),
-                        labels={"class": (cls, CLASSES)}, chunk=3)
-    out = rasterize(cells, tmp_path / "r.ome.zarr", space="section", voxel_size=1.0, bounds=[(0, 2), (0, 2)],
-                    labels=["class"], progress=False)
+    cells = write_cells(
+        tmp_path / "cells.zarr",
+        expr,
+        spatial=spatial,
+        sections=sections,
+        section_order=["S9", "S5", "S1"],
+        z_section=np.array([7.0] * 3 + [7.4] * 4),
+        labels={"class": (cls, CLASSES)},
+        chunk=3,
+    )
+    out = rasterize(
+        cells,
+        tmp_path / "r.ome.zarr",
+        space="section",
+        voxel_size=1.0,
+        bounds=[(0, 2), (0, 2)],
+        labels=["class"],
+        progress=False,
+    )
     r = open_raster(out)
     assert r.grid.sections == ("S9", "S1") and r.grid.shape == (2, 2, 2)
     assert r.channels == ("Gene0", "Gene1", "n_cells")
     img = r.image.compute()
-    np.testing.assert_array_equal(img[:, 0, 0, 0], [3.0, 4.0, 3.0])     # means of 3 cells, count 3
+    np.testing.assert_array_equal(img[:, 0, 0, 0], [3.0, 4.0, 3.0])  # means of 3 cells, count 3
     np.testing.assert_array_equal(img[:, 1, 1, 1], [2.0, 1.5, 2.0])
     np.testing.assert_array_equal(img[:, 1, 1, 0], [5.0, 5.0, 1.0])
     assert img[2].sum() == 6  # the outside cell is not counted
     lab = r.labels["class"].data.compute()
     assert lab[0, 0, 0] == CLASSES.index("Oligo") + 1
-    assert lab[1, 1, 1] == CLASSES.index("Astro") + 1    # 1:1 tie -> smaller category code
+    assert lab[1, 1, 1] == CLASSES.index("Astro") + 1  # 1:1 tie -> smaller category code
     assert lab[1, 1, 0] == CLASSES.index("Neuron") + 1
-    assert lab[0, 1, 1] == 0                             # no cells
+    assert lab[0, 1, 1] == 0  # no cells
     assert list(r.labels["class"].names(lab[1, 1])) == ["Neuron", "Astro"]
-    np.testing.assert_array_equal(r.voxel_index[:], [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0], [-1, -1, -1]])
+    np.testing.assert_array_equal(
+        r.voxel_index[:], [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0], [-1, -1, -1]]
+    )
     assert list(r.cell_label[:2]) == ["cell-00000", "cell-00001"]
     counts = r.attrs["counts"]
-    assert counts == {"cells": 7, "rasterized": 6, "missing_coordinates": 0, "outside_grid": 1, "nonfinite_expression": 0}
+    assert counts == {
+        "cells": 7,
+        "rasterized": 6,
+        "missing_coordinates": 0,
+        "outside_grid": 1,
+        "nonfinite_expression": 0,
+    }
     np.testing.assert_allclose(r.grid.physical_scale()[0], 0.4)  # nominal section spacing (7.0 -> 7.4 mm)
 
 
 @pytest.mark.parametrize("space, voxel", [("reconstructed", (0.2, 0.125, 0.125)), ("ccf", 0.25)])
 @pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "spill"])
-def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, voxel, in_memory: bool) -> None:
+def test_3d_matches_brute_force(
+    atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, voxel, in_memory: bool
+) -> None:
     path, xyz, expr, cls, symbols = atlas
     # small blocks and a tiny stage-2 budget exercise many blocks, multi-block runs and the streaming path;
     # max_accumulator_gb=0 forces the disk spill
-    monkeypatch.setattr(binning, "choose_block", lambda shape, n, zd, multiple: tuple(min(b, s) for b, s in zip((2, 4, 8), shape)))
+    monkeypatch.setattr(
+        binning, "choose_block", lambda shape, n, zd, multiple: tuple(min(b, s) for b, s in zip((2, 4, 8), shape))
+    )
     monkeypatch.setattr(rasterize_module, "_STAGE2_BUDGET", 600)
-    out = rasterize(path, tmp_path / "r.ome.zarr", space=space, voxel_size=voxel, labels=["class"],
-                    chunk_cells=37, progress=False, levels=2, max_accumulator_gb=1.0 if in_memory else 0.0)
+    out = rasterize(
+        path,
+        tmp_path / "r.ome.zarr",
+        space=space,
+        voxel_size=voxel,
+        labels=["class"],
+        chunk_cells=37,
+        progress=False,
+        levels=2,
+        max_accumulator_gb=1.0 if in_memory else 0.0,
+    )
     r = open_raster(out)
     coords = xyz[:, ::-1] if space == "reconstructed" else (xyz[:, [2, 1, 0]] + 3.0)[:, ::-1]
     means, counts, labels, index = reference(coords, r.grid, expr[:, :5], cls)
@@ -122,7 +170,7 @@ def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.Monke
     np.testing.assert_allclose(img[:5], means, rtol=1e-6, atol=0)
     np.testing.assert_array_equal(img[5], counts)
     np.testing.assert_array_equal(r.labels["class"].data.compute(), labels)
-    np.testing.assert_array_equal(r.voxel_index[:], index)                   # per-cell index == brute force
+    np.testing.assert_array_equal(r.voxel_index[:], index)  # per-cell index == brute force
     np.testing.assert_array_equal(r.voxel_index[:], r.grid.to_index(coords))  # == the Grid
     n_nan = int(np.isnan(xyz).any(axis=1).sum())
     assert r.attrs["counts"]["missing_coordinates"] == n_nan and counts.sum() == 400 - n_nan
@@ -139,11 +187,27 @@ def test_3d_matches_brute_force(atlas, tmp_path: Path, monkeypatch: pytest.Monke
 def test_shuffled_cells_give_the_same_raster(atlas, tmp_path: Path) -> None:
     path, xyz, expr, cls, symbols = atlas
     perm = np.random.default_rng(5).permutation(len(expr))
-    shuffled = write_cells(tmp_path / "shuffled.zarr", expr[perm], spatial_3d=xyz[perm], symbols=symbols,
-                           labels={"class": ([CLASSES[c] for c in cls[perm]], CLASSES)}, chunk=50)
-    a = open_raster(rasterize(path, tmp_path / "a.ome.zarr", voxel_size=(0.2, 0.25, 0.25), labels=["class"], progress=False))
-    b = open_raster(rasterize(shuffled, tmp_path / "b.ome.zarr", voxel_size=(0.2, 0.25, 0.25), labels=["class"],
-                              chunk_cells=100, progress=False))
+    shuffled = write_cells(
+        tmp_path / "shuffled.zarr",
+        expr[perm],
+        spatial_3d=xyz[perm],
+        symbols=symbols,
+        labels={"class": ([CLASSES[c] for c in cls[perm]], CLASSES)},
+        chunk=50,
+    )
+    a = open_raster(
+        rasterize(path, tmp_path / "a.ome.zarr", voxel_size=(0.2, 0.25, 0.25), labels=["class"], progress=False)
+    )
+    b = open_raster(
+        rasterize(
+            shuffled,
+            tmp_path / "b.ome.zarr",
+            voxel_size=(0.2, 0.25, 0.25),
+            labels=["class"],
+            chunk_cells=100,
+            progress=False,
+        )
+    )
     np.testing.assert_array_equal(a.image.compute(), b.image.compute())  # quarter-integer values: exact sums
     np.testing.assert_array_equal(a.labels["class"].data.compute(), b.labels["class"].data.compute())
     np.testing.assert_array_equal(a.voxel_index[:][perm], b.voxel_index[:])
@@ -154,8 +218,11 @@ def test_cell_labels_are_the_obs_names(atlas, tmp_path: Path, monkeypatch: pytes
     path = atlas[0]
     if not verbatim:  # a store whose chunk files cannot be copied: the stage-1 tasks copy their rows
         monkeypatch.setattr(rasterize_module, "copy_array", lambda *args: None)
-    r = open_raster(rasterize(path, tmp_path / "c.ome.zarr", voxel_size=(0.2, 0.25, 0.25), labels=[], chunk_cells=100,
-                              progress=False))
+    r = open_raster(
+        rasterize(
+            path, tmp_path / "c.ome.zarr", voxel_size=(0.2, 0.25, 0.25), labels=[], chunk_cells=100, progress=False
+        )
+    )
     names = CellSource(path).obs_names()
     np.testing.assert_array_equal(r.cell_label[:], names[:])
     task_rows = r.voxel_index.chunks[:1]  # cells per stage-1 task
@@ -168,7 +235,9 @@ def test_ome_zarr_reader_reads_axes_scales_channels_and_labels(atlas, tmp_path: 
     from ome_zarr.reader import Label, Multiscales, Reader
 
     path, *_ = atlas
-    out = rasterize(path, tmp_path / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), labels=["class"], levels=3, progress=False)
+    out = rasterize(
+        path, tmp_path / "r.ome.zarr", voxel_size=(0.2, 0.1, 0.1), labels=["class"], levels=3, progress=False
+    )
     nodes = list(Reader(parse_url(str(out)))())
     image = next(n for n in nodes if n.load(Multiscales) and not n.load(Label))
     axes = image.metadata["axes"]
@@ -194,7 +263,9 @@ def test_ome_zarr_reader_reads_axes_scales_channels_and_labels(atlas, tmp_path: 
 # ----------------------------------------------------------------------------------- channels
 def test_gene_list_and_unknown_genes(atlas, tmp_path: Path) -> None:
     path, xyz, expr, *_ = atlas
-    r = open_raster(rasterize(path, tmp_path / "g.ome.zarr", genes=["Sst", "ENSMUSG00000000000"], labels=[], progress=False))
+    r = open_raster(
+        rasterize(path, tmp_path / "g.ome.zarr", genes=["Sst", "ENSMUSG00000000000"], labels=[], progress=False)
+    )
     assert r.channels == ("Sst", "Gad1", "n_cells") and r.labels == {}
     full = open_raster(rasterize(path, tmp_path / "f.ome.zarr", labels=[], progress=False))
     np.testing.assert_array_equal(r.image[:2].compute(), full.image[[2, 0]].compute())
@@ -207,8 +278,17 @@ def test_gene_list_and_unknown_genes(atlas, tmp_path: Path) -> None:
 
 def test_pca_channels_store_the_model(atlas, tmp_path: Path) -> None:
     path, xyz, expr, *_ = atlas
-    r = open_raster(rasterize(path, tmp_path / "p.ome.zarr", pca=3, pca_sample=300, voxel_size=(0.2, 0.25, 0.25),
-                              labels=[], progress=False))
+    r = open_raster(
+        rasterize(
+            path,
+            tmp_path / "p.ome.zarr",
+            pca=3,
+            pca_sample=300,
+            voxel_size=(0.2, 0.25, 0.25),
+            labels=[],
+            progress=False,
+        )
+    )
     assert r.channels == ("PC1", "PC2", "PC3", "n_cells") and r.attrs["channel_mode"] == "pca"
     p = r.pca
     assert p["components"].shape == (3, 5) and list(p["genes"]) == ["Gad1", "Slc17a7", "Sst", "Pvalb", "Vip"]
@@ -222,8 +302,16 @@ def test_pca_channels_store_the_model(atlas, tmp_path: Path) -> None:
 def test_outside_bounds_counted_and_reported(atlas, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path, xyz, *_ = atlas
     with caplog.at_level(logging.WARNING):
-        r = open_raster(rasterize(path, tmp_path / "b.ome.zarr", bounds=[(0.9, 1.9), (0, 1), (0, 1)],
-                                  voxel_size=(0.2, 0.1, 0.1), labels=[], progress=False))
+        r = open_raster(
+            rasterize(
+                path,
+                tmp_path / "b.ome.zarr",
+                bounds=[(0.9, 1.9), (0, 1), (0, 1)],
+                voxel_size=(0.2, 0.1, 0.1),
+                labels=[],
+                progress=False,
+            )
+        )
     ok = ~np.isnan(xyz).any(axis=1)
     inside = ok & (xyz[:, 1] < 1) & (xyz[:, 0] < 1) & (xyz[:, 2] < 1.9)
     assert r.attrs["counts"]["outside_grid"] == int((ok & ~inside).sum()) > 0
@@ -270,10 +358,15 @@ def test_distributed_cluster_gives_the_same_raster(atlas, tmp_path: Path) -> Non
     from distributed import LocalCluster
 
     path, *_ = atlas
-    local = open_raster(rasterize(path, tmp_path / "l.ome.zarr", labels=["class"], progress=False, scheduler="synchronous"))
+    local = open_raster(
+        rasterize(path, tmp_path / "l.ome.zarr", labels=["class"], progress=False, scheduler="synchronous")
+    )
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        dist = open_raster(rasterize(path, tmp_path / "d.ome.zarr", labels=["class"], address=cluster.scheduler_address,
-                                     progress=False))
+        dist = open_raster(
+            rasterize(
+                path, tmp_path / "d.ome.zarr", labels=["class"], address=cluster.scheduler_address, progress=False
+            )
+        )
     np.testing.assert_array_equal(local.image.compute(), dist.image.compute())
     np.testing.assert_array_equal(local.levels[1].compute(), dist.levels[1].compute())
     np.testing.assert_array_equal(local.labels["class"].data.compute(), dist.labels["class"].data.compute())
@@ -284,8 +377,24 @@ def test_cli_rasterize(atlas, tmp_path: Path) -> None:
     out = tmp_path / "c.ome.zarr"
     genes = tmp_path / "genes.txt"
     genes.write_text("# channels\nVip\nSst\n")
-    argv = ["rasterize", "--cells", str(path), "--out", str(out), "--space", "ccf", "--voxel-size", "0.5",
-            "--genes-file", str(genes), "--labels", "class", "--levels", "2", "--no-progress"]
+    argv = [
+        "rasterize",
+        "--cells",
+        str(path),
+        "--out",
+        str(out),
+        "--space",
+        "ccf",
+        "--voxel-size",
+        "0.5",
+        "--genes-file",
+        str(genes),
+        "--labels",
+        "class",
+        "--levels",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     r = open_raster(out)
     assert r.channels == ("Vip", "Sst", "n_cells") and r.grid.space == "ccf" and r.grid.voxel_size == (0.5, 0.5, 0.5)
@@ -305,7 +414,9 @@ def test_assembled_synthetic_atlas(assembled: Path, tmp_path: Path) -> None:
     sec = open_raster(rasterize(assembled, tmp_path / "s.ome.zarr", space="section", voxel_size=0.2, progress=False))
     assert sec.n_cells.sum().compute() == n and sec.attrs["counts"]["missing_coordinates"] == 0
     assert "class" in sec.labels and len(sec.grid.sections) == sec.image.shape[1]
-    rec = open_raster(rasterize(assembled, tmp_path / "r.ome.zarr", space="reconstructed", voxel_size=(0.2, 0.2, 0.2), progress=False))
+    rec = open_raster(
+        rasterize(assembled, tmp_path / "r.ome.zarr", space="reconstructed", voxel_size=(0.2, 0.2, 0.2), progress=False)
+    )
     assert rec.n_cells.sum().compute() == has_ccf.sum()
     assert rec.attrs["counts"]["missing_coordinates"] == n - has_ccf.sum()
     blank = np.asarray(src["var/blank"][:]).astype(bool)

@@ -19,8 +19,14 @@ def test_read_x_into_buffer_matches_zarr(tmp_path: Path, filters: bool) -> None:
         root.require_group(key)
     for key, n in (("obs", 10), ("var", 6)):  # the indexes CellSource checks against X's shape
         root[key].create_array("_index", shape=(n,), dtype="int64", fill_value=0)
-    x = root.create_array("X", shape=(10, 6), chunks=(4, 6), dtype="float32", fill_value=0.0,
-                          filters=[numcodecs.Delta(dtype="<f4")] if filters else None)
+    x = root.create_array(
+        "X",
+        shape=(10, 6),
+        chunks=(4, 6),
+        dtype="float32",
+        fill_value=0.0,
+        filters=[numcodecs.Delta(dtype="<f4")] if filters else None,
+    )
     values = np.random.default_rng(0).random((10, 6), dtype=np.float32)
     x[:4], x[8:] = values[:4], values[8:]  # rows 4:8 stay an unwritten chunk (fill value); 8:10 a partial chunk
     values[4:8] = 0

@@ -32,25 +32,63 @@ def _cells(grid_lo, size, shape, seed: int):
 def _raster(tmp: Path, name: str, space: str, zyx, expr, cls, sections, bounds, voxel, levels: int):
     labels = {"class": ([CLASSES[c] for c in cls], CLASSES)}
     if space == "section":
-        kw = {"spatial": zyx[:, [2, 1]], "sections": [sections[int(round(z))] for z in zyx[:, 0]], "section_order": sections}
+        kw = {
+            "spatial": zyx[:, [2, 1]],
+            "sections": [sections[int(round(z))] for z in zyx[:, 0]],
+            "section_order": sections,
+        }
     else:
-        kw = {"spatial_3d": zyx[:, ::-1]} if space == "reconstructed" else {"ccf": zyx[:, ::-1], "spatial_3d": zyx[:, ::-1]}
+        kw = (
+            {"spatial_3d": zyx[:, ::-1]}
+            if space == "reconstructed"
+            else {"ccf": zyx[:, ::-1], "spatial_3d": zyx[:, ::-1]}
+        )
     cells = write_cells(tmp / f"{name}.zarr", expr, labels=labels, chunk=150, **kw)
-    return open_raster(rasterize(cells, tmp / f"{name}.ome.zarr", space=space, voxel_size=voxel, bounds=bounds,
-                                 labels=["class"], levels=levels, progress=False))
+    return open_raster(
+        rasterize(
+            cells,
+            tmp / f"{name}.ome.zarr",
+            space=space,
+            voxel_size=voxel,
+            bounds=bounds,
+            labels=["class"],
+            levels=levels,
+            progress=False,
+        )
+    )
 
 
 # (space, bounds (z, y, x) in mm, voxel, operation on centred coordinates, the same operation on arrays (z, y, x))
 CASES = {
-    "section-rot90": ("section", [(-1, 1), (-1, 1)], 0.25, lambda c: np.column_stack([c[:, 0], c[:, 2], -c[:, 1]]),
-                      lambda a: np.rot90(a, k=-1, axes=(-2, -1))),
+    "section-rot90": (
+        "section",
+        [(-1, 1), (-1, 1)],
+        0.25,
+        lambda c: np.column_stack([c[:, 0], c[:, 2], -c[:, 1]]),
+        lambda a: np.rot90(a, k=-1, axes=(-2, -1)),
+    ),
     "section-mirror-x": ("section", [(-1, 1), (-1, 1)], 0.25, lambda c: c * [1, 1, -1], lambda a: a[..., ::-1]),
-    "reconstructed-rot90": ("reconstructed", [(0.9, 1.9), (-1, 1), (-1, 1)], (0.2, 0.125, 0.125),
-                            lambda c: np.column_stack([c[:, 0], c[:, 2], -c[:, 1]]), lambda a: np.rot90(a, k=-1, axes=(-2, -1))),
-    "reconstructed-mirror-z": ("reconstructed", [(0.9, 1.9), (-1, 1), (-1, 1)], (0.2, 0.125, 0.125),
-                               lambda c: c * [-1, 1, 1], lambda a: a[..., ::-1, :, :]),
-    "ccf-rot90-zy": ("ccf", [(-1, 1), (-1, 1), (-1, 1)], 0.25, lambda c: np.column_stack([c[:, 1], -c[:, 0], c[:, 2]]),
-                     lambda a: np.rot90(a, k=-1, axes=(-3, -2))),
+    "reconstructed-rot90": (
+        "reconstructed",
+        [(0.9, 1.9), (-1, 1), (-1, 1)],
+        (0.2, 0.125, 0.125),
+        lambda c: np.column_stack([c[:, 0], c[:, 2], -c[:, 1]]),
+        lambda a: np.rot90(a, k=-1, axes=(-2, -1)),
+    ),
+    "reconstructed-mirror-z": (
+        "reconstructed",
+        [(0.9, 1.9), (-1, 1), (-1, 1)],
+        (0.2, 0.125, 0.125),
+        lambda c: c * [-1, 1, 1],
+        lambda a: a[..., ::-1, :, :],
+    ),
+    "ccf-rot90-zy": (
+        "ccf",
+        [(-1, 1), (-1, 1), (-1, 1)],
+        0.25,
+        lambda c: np.column_stack([c[:, 1], -c[:, 0], c[:, 2]]),
+        lambda a: np.rot90(a, k=-1, axes=(-3, -2)),
+    ),
     "ccf-mirror-y": ("ccf", [(-1, 1), (-1, 1), (-1, 1)], 0.25, lambda c: c * [1, -1, 1], lambda a: a[..., ::-1, :]),
 }
 
@@ -88,4 +126,6 @@ def test_transformed_cells_give_the_transformed_raster(case: str, tmp_path: Path
     # the pyramid (even grid sizes) is symmetric too
     for k in range(1, levels):
         np.testing.assert_allclose(b.levels[k].compute(), op_array(a.levels[k].compute()), rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(b.labels["class"].levels[k].compute(), op_array(a.labels["class"].levels[k].compute()))
+        np.testing.assert_array_equal(
+            b.labels["class"].levels[k].compute(), op_array(a.labels["class"].levels[k].compute())
+        )

@@ -19,14 +19,19 @@ def _with(**changes) -> dict:
 
 
 CASES = {
-    "primary_model not in models": (_with(primary_model="gcnn-regular"),
-                                    "primary_model 'gcnn-regular' is not one of models (cnn, moment-trivial-irrep"),
-    "two rasters with one name": (_with(rasters=[FULL_CONFIG["rasters"][0], {**FULL_CONFIG["rasters"][1],
-                                                                             "name": "section_2d"}]),
-                                  "the name(s) section_2d are given to more than one grid"),
+    "primary_model not in models": (
+        _with(primary_model="gcnn-regular"),
+        "primary_model 'gcnn-regular' is not one of models (cnn, moment-trivial-irrep",
+    ),
+    "two rasters with one name": (
+        _with(rasters=[FULL_CONFIG["rasters"][0], {**FULL_CONFIG["rasters"][1], "name": "section_2d"}]),
+        "the name(s) section_2d are given to more than one grid",
+    ),
     "models: []": (_with(models=[]), "models is empty but tasks celltype, region are configured"),
-    "task on an unknown raster": (_with(tasks={"region": {"raster": "nope"}}),
-                                  "tasks.region.raster is 'nope', which is not the name of a grid"),
+    "task on an unknown raster": (
+        _with(tasks={"region": {"raster": "nope"}}),
+        "tasks.region.raster is 'nope', which is not the name of a grid",
+    ),
 }
 
 

@@ -65,7 +65,11 @@ def test_shared_cache_files_get_the_umask_permissions(tmp_path: Path, release) -
         atomic_write_text(tmp_path / "note.txt", "x")
     finally:
         os.umask(old)
-    written = [cache / "releases" / RELEASE / "manifest.json", cache / "_verified.json", cache / GENE,
-               tmp_path / "note.txt"]
+    written = [
+        cache / "releases" / RELEASE / "manifest.json",
+        cache / "_verified.json",
+        cache / GENE,
+        tmp_path / "note.txt",
+    ]
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path  # not mkstemp's 0600

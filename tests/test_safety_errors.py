@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tmpfs(path: Path, options: str = "size=1m"):
     """A tmpfs of ``options`` mounted at ``path`` (skips the test where mounting is not allowed)."""
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); run as root to test a full disk")
     try:
@@ -55,13 +56,30 @@ def test_disk_full_during_annotate(tmp_path: Path, atlas: dict) -> None:
     """In a process of its own: after failed writes HDF5's library state is not to be trusted for more work."""
     from abc_pipeline.learn.predict import predict_raster
 
-    store = predict_raster(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"],
-                           tmp_path / "p.zarr", progress=False)
+    store = predict_raster(
+        atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], tmp_path / "p.zarr", progress=False
+    )
     with tmpfs(tmp_path / "small") as small:
         out = small / "cells_annotated.h5ad"
-        proc = subprocess.run([sys.executable, "-m", "abc_pipeline.cli", "annotate", "--cells", str(atlas["cells"]),
-                               "--predictions", str(store), "--out", str(out)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "abc_pipeline.cli",
+                "annotate",
+                "--cells",
+                str(atlas["cells"]),
+                "--predictions",
+                str(store),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=300,
+            check=False,
+        )
         # HDF5 itself prints the failed writes of its buffers; ours is the one error line
         errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
         assert len(errors) == 1 and f"{out}: No space left on device; the disk is full" in errors[0]
@@ -92,8 +110,10 @@ def test_corrupt_chunk_names_the_store(tmp_path: Path, capsys) -> None:
     chunk = cells / "X" / "0.0"
     chunk.write_bytes(b"\x00garbage" * (chunk.stat().st_size // 8 + 1))  # same store layout, undecodable bytes
     before = tree(tmp_path)
-    assert main(["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--labels",
-                 "--no-progress"]) == 2
+    assert (
+        main(["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--labels", "--no-progress"])
+        == 2
+    )
     line = _error_line(capsys)
     assert f"{cells}: X rows 0..199 cannot be decoded" in line and "a chunk file of X is corrupt" in line
     assert tree(tmp_path) == before
@@ -103,12 +123,18 @@ def test_bad_options_are_one_line(tmp_path: Path, capsys) -> None:
     cells = _cells(tmp_path / "cells.zarr")
     genes = tmp_path / "genes.txt"
     genes.write_text("# no genes here\n\n")
-    assert main(["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--genes-file",
-                 str(genes)]) == 2
+    assert (
+        main(["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--genes-file", str(genes)])
+        == 2
+    )
     assert f"--genes-file {genes} names no gene" in _error_line(capsys)
-    for argv, message in ((["assemble", "--cache", "c", "--out", "o", "--chunk-cells", "0"], "must be at least 1"),
-                          (["evaluate", "--checkpoint", "c", "--raster", "r", "--predictions", "p", "--out", "o",
-                            "--angles", "nan"], "must be a finite number")):
+    for argv, message in (
+        (["assemble", "--cache", "c", "--out", "o", "--chunk-cells", "0"], "must be at least 1"),
+        (
+            ["evaluate", "--checkpoint", "c", "--raster", "r", "--predictions", "p", "--out", "o", "--angles", "nan"],
+            "must be a finite number",
+        ),
+    ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -121,8 +147,22 @@ def test_cuda_on_a_cpu_build(tmp_path: Path, capsys) -> None:
         pick_device("cuda")
     with pytest.raises(InputError, match="is not a device"):
         pick_device("gpu0")
-    assert main(["predict", "--checkpoint", str(tmp_path / "c.pt"), "--raster", str(tmp_path / "r"), "--out",
-                 str(tmp_path / "p.zarr"), "--device", "cuda"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "c.pt"),
+                "--raster",
+                str(tmp_path / "r"),
+                "--out",
+                str(tmp_path / "p.zarr"),
+                "--device",
+                "cuda",
+            ]
+        )
+        == 2
+    )
     assert "--device cuda: this torch build" in _error_line(capsys)
 
 
@@ -140,8 +180,23 @@ def test_manifest_fields_of_the_wrong_type(tmp_path: Path, capsys) -> None:
                     for attrs in files.values():
                         attrs["size"] = [1, 2]
     manifest.write_text(json.dumps(data))
-    assert main(["download", "--dataset", DATASET, "--release", RELEASE, "--base-url", root.as_uri(), "--cache",
-                 str(cache), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "download",
+                "--dataset",
+                DATASET,
+                "--release",
+                RELEASE,
+                "--base-url",
+                root.as_uri(),
+                "--cache",
+                str(cache),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     assert f"{manifest}: entry" in line and "has a field of the wrong type" in line
     assert sorted(p.name for p in cache.iterdir()) == ["releases"]

@@ -31,8 +31,13 @@ def tree(*folders: Path) -> dict[str, str]:
     out = {}
     for folder in folders:
         for p in [folder, *sorted(folder.rglob("*"))]:
-            out[str(p)] = (f"link:{os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir()
-                           else hashlib.md5(p.read_bytes()).hexdigest())
+            out[str(p)] = (
+                f"link:{os.readlink(p)}"
+                if p.is_symlink()
+                else "dir"
+                if p.is_dir()
+                else hashlib.md5(p.read_bytes()).hexdigest()
+            )
     return out
 
 
@@ -69,7 +74,9 @@ def test_assemble_never_replaces_a_users_folder(tmp_path: Path, synthetic_releas
 def test_annotate_never_writes_over_its_cells_store(tmp_path: Path, capsys) -> None:
     cells = _cells(tmp_path / "X.zarr")
     before = tree(tmp_path)
-    assert main(["annotate", "--cells", str(cells), "--predictions", str(tmp_path / "p.zarr"), "--out", str(cells)]) == 2
+    assert (
+        main(["annotate", "--cells", str(cells), "--predictions", str(tmp_path / "p.zarr"), "--out", str(cells)]) == 2
+    )
     assert f"output {cells} is the input {cells}; writing it would destroy the input" in _error_line(capsys)
     assert tree(tmp_path) == before
 
@@ -79,8 +86,22 @@ def test_predict_never_writes_over_its_raster(tmp_path: Path, atlas: dict, capsy
     shutil.copytree(atlas["section"], raster)
     checkpoint = atlas["out"] / "models" / "ct" / "checkpoint.pt"
     before = tree(tmp_path, checkpoint.parent)
-    assert main(["predict", "--checkpoint", str(checkpoint), "--raster", str(raster), "--out", str(raster),
-                 "--no-progress", "--overwrite"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--raster",
+                str(raster),
+                "--out",
+                str(raster),
+                "--no-progress",
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
     assert f"output {raster} is the input {raster}" in _error_line(capsys)
     assert tree(tmp_path, checkpoint.parent) == before
 
@@ -91,12 +112,42 @@ def test_evaluate_never_replaces_a_folder_with_other_files(tmp_path: Path, atlas
     folder.mkdir()
     (folder / "notes.md").write_text("mine")
     before = tree(tmp_path, run)
-    assert main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--raster", str(atlas["section"]),
-                 "--predictions", str(tmp_path / "none.zarr"), "--out", str(folder)]) == 2
-    assert f"output {folder} already exists and was not written by abc-pipeline (it holds notes.md" in _error_line(capsys)
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--raster",
+                str(atlas["section"]),
+                "--predictions",
+                str(tmp_path / "none.zarr"),
+                "--out",
+                str(folder),
+            ]
+        )
+        == 2
+    )
+    assert f"output {folder} already exists and was not written by abc-pipeline (it holds notes.md" in _error_line(
+        capsys
+    )
     # the run folder itself holds the checkpoint: an --out there would contain an input
-    assert main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--raster", str(atlas["section"]),
-                 "--predictions", str(tmp_path / "none.zarr"), "--out", str(run)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--raster",
+                str(atlas["section"]),
+                "--predictions",
+                str(tmp_path / "none.zarr"),
+                "--out",
+                str(run),
+            ]
+        )
+        == 2
+    )
     assert f"output {run} contains the input {run / 'checkpoint.pt'}" in _error_line(capsys)
     assert tree(tmp_path, run) == before
 
@@ -152,7 +203,11 @@ def test_links_and_files_of_the_user_are_never_outputs(tmp_path: Path) -> None:
     empty.mkdir()
     with staged_output(empty, "cells") as tmp:  # an empty folder holds nothing to lose
         tmp.mkdir()
-    assert tree(tmp_path) == {**before, str(empty): "dir", str(empty / MARKER_NAME): tree(empty)[str(empty / MARKER_NAME)]}
+    assert tree(tmp_path) == {
+        **before,
+        str(empty): "dir",
+        str(empty / MARKER_NAME): tree(empty)[str(empty / MARKER_NAME)],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ temporaries
@@ -182,8 +237,7 @@ def test_concurrent_rasterize_runs_to_one_output_both_finish(tmp_path: Path) -> 
     rng = np.random.default_rng(1)
     n = 6_000
     xyz = np.column_stack([rng.uniform(0, 4, n), rng.uniform(0, 4, n), rng.uniform(0, 2, n)])
-    cells = write_cells(tmp_path / "cells.zarr", rng.normal(size=(n, 4)).astype(np.float32), spatial_3d=xyz,
-                        chunk=25)
+    cells = write_cells(tmp_path / "cells.zarr", rng.normal(size=(n, 4)).astype(np.float32), spatial_3d=xyz, chunk=25)
     out = tmp_path / "r.ome.zarr"
     kwargs = {"voxel_size": 0.2, "labels": [], "progress": False, "overwrite": True, "scheduler": "synchronous"}
 

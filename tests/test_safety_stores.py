@@ -31,8 +31,11 @@ def test_cells_store_with_a_deleted_chunk_is_refused(tmp_path: Path, assembled: 
     cells = tmp_path / "cells.zarr"
     shutil.copytree(assembled, cells)
     (cells / "X" / "0.0").unlink()
-    with pytest.raises(InputError, match=r"cells.zarr is damaged: array 'X' has \d+ chunk files but abc_pipeline .* "
-                                         r"wrote \d+ \(missing: X/0.0\); a missing chunk would read as zeros"):
+    with pytest.raises(
+        InputError,
+        match=r"cells.zarr is damaged: array 'X' has \d+ chunk files but abc_pipeline .* "
+        r"wrote \d+ \(missing: X/0.0\); a missing chunk would read as zeros",
+    ):
         CellSource(cells)
     before = tree(tmp_path)
     assert main(["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--no-progress"]) == 2
@@ -50,8 +53,27 @@ def test_raster_with_deleted_chunks_is_refused_by_train(tmp_path: Path, atlas: d
         open_raster(raster)
     before = tree(tmp_path)
     run = tmp_path / "run"
-    assert main(["train", "--raster", str(raster), "--cells", str(atlas["cells"]), "--task", "celltype", "--model",
-                 "cnn", "--out", str(run), "--epochs", "1", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--raster",
+                str(raster),
+                "--cells",
+                str(atlas["cells"]),
+                "--task",
+                "celltype",
+                "--model",
+                "cnn",
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "s.ome.zarr is damaged: array '0'" in _error_line(capsys)
     assert tree(tmp_path) == before and not run.exists()
 
@@ -59,12 +81,14 @@ def test_raster_with_deleted_chunks_is_refused_by_train(tmp_path: Path, atlas: d
 @pytest.fixture(scope="module")
 def predictions(atlas: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("safety_predict") / "predictions.zarr"
-    return predict_raster(atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], out, cells=atlas["cells"],
-                          progress=False)
+    return predict_raster(
+        atlas["out"] / "models" / "ct" / "checkpoint.pt", atlas["section"], out, cells=atlas["cells"], progress=False
+    )
 
 
-def test_predictions_with_a_deleted_chunk_are_refused_by_annotate(tmp_path: Path, atlas: dict, predictions: Path,
-                                                                   capsys) -> None:
+def test_predictions_with_a_deleted_chunk_are_refused_by_annotate(
+    tmp_path: Path, atlas: dict, predictions: Path, capsys
+) -> None:
     store = tmp_path / "predictions.zarr"
     shutil.copytree(predictions, store)
     (store / "cells" / "pred" / "0").unlink()
@@ -72,7 +96,9 @@ def test_predictions_with_a_deleted_chunk_are_refused_by_annotate(tmp_path: Path
     out = tmp_path / "annotated.h5ad"
     assert main(["annotate", "--cells", str(atlas["cells"]), "--predictions", str(store), "--out", str(out)]) == 2
     line = _error_line(capsys)
-    assert "predictions.zarr is damaged: array 'cells/pred' has 0 chunk files" in line and "missing: cells/pred/0" in line
+    assert (
+        "predictions.zarr is damaged: array 'cells/pred' has 0 chunk files" in line and "missing: cells/pred/0" in line
+    )
     assert tree(tmp_path) == before
 
 
@@ -95,8 +121,10 @@ def test_cells_without_probabilities_get_no_class(tmp_path: Path, atlas: dict, p
     assert (pred[written] == 2).all() and (pred[~written] == -1).all()
     assert np.isnan(cell_proba[~written]).all() and (cell_proba[written].sum(axis=1) == 1).all()
     # the real predictions: every cell with a class has probabilities summing to 1
-    pred, cell_proba = np.asarray(zarr.open_group(str(predictions))["cells/pred"][:]), \
-        np.asarray(zarr.open_group(str(predictions))["cells/proba"][:])
+    pred, cell_proba = (
+        np.asarray(zarr.open_group(str(predictions))["cells/pred"][:]),
+        np.asarray(zarr.open_group(str(predictions))["cells/proba"][:]),
+    )
     np.testing.assert_allclose(cell_proba[pred >= 0].sum(axis=1), 1, atol=1e-4)
     assert np.isnan(cell_proba[pred < 0]).all()
 
@@ -116,8 +144,11 @@ def test_h5ad_with_a_forged_shape_is_refused_before_any_scratch_file(tmp_path: P
         f["X"].attrs["shape"] = np.array([10**12, n_genes])
     results = tmp_path / "results"
     results.mkdir()
-    with pytest.raises(InputError, match=rf"X \(cells x genes\) has shape \(1000000000000, {n_genes}\) but "
-                                         rf"\(\d+, {n_genes}\) is expected; the file is damaged or forged"):
+    with pytest.raises(
+        InputError,
+        match=rf"X \(cells x genes\) has shape \(1000000000000, {n_genes}\) but "
+        rf"\(\d+, {n_genes}\) is expected; the file is damaged or forged",
+    ):
         assemble_dataset(DATASET, cache_dir=release, out=results / "cells.zarr", progress=False)
     with h5py.File(h5ad, "r+") as f:  # X's shape right, its indptr short
         f["X"].attrs["shape"] = np.array([f["obs"]["cell_label"].shape[0], n_genes])
@@ -142,7 +173,9 @@ def test_raster_whose_levels_disagree_with_the_grid_is_refused(tmp_path: Path, a
     shutil.copytree(atlas["section"], raster)
     shape = json.loads((raster / "0" / ".zarray").read_text())["shape"]
     _forge_shape(raster / "0", [shape[0], shape[1], shape[2] * 40, shape[3]])
-    with pytest.raises(InputError, match=r"image level 0 has shape .* but .* is expected; the file is damaged or forged"):
+    with pytest.raises(
+        InputError, match=r"image level 0 has shape .* but .* is expected; the file is damaged or forged"
+    ):
         open_raster(raster)
     _forge_shape(raster / "0", shape)
     label = raster / "labels" / "class" / "0"
@@ -162,12 +195,44 @@ def test_voxel_cap_and_its_override(tmp_path: Path, capsys) -> None:
     cells = _cells(tmp_path / "cells.zarr")
     out = tmp_path / "r.ome.zarr"
     before = tree(tmp_path)
-    assert main(["rasterize", "--cells", str(cells), "--out", str(out), "--voxel-size", "0.0001", "--labels",
-                 "--no-progress"]) == 2
-    assert "voxels, more than the cap 2,147,483,648; check the voxel size and bounds, or raise the cap with " \
-           "--max-voxels N" in _error_line(capsys)
-    assert main(["rasterize", "--cells", str(cells), "--out", str(out), "--voxel-size", "0.1", "--labels",
-                 "--no-progress", "--max-voxels", "100"]) == 2
+    assert (
+        main(
+            [
+                "rasterize",
+                "--cells",
+                str(cells),
+                "--out",
+                str(out),
+                "--voxel-size",
+                "0.0001",
+                "--labels",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "voxels, more than the cap 2,147,483,648; check the voxel size and bounds, or raise the cap with "
+        "--max-voxels N" in _error_line(capsys)
+    )
+    assert (
+        main(
+            [
+                "rasterize",
+                "--cells",
+                str(cells),
+                "--out",
+                str(out),
+                "--voxel-size",
+                "0.1",
+                "--labels",
+                "--no-progress",
+                "--max-voxels",
+                "100",
+            ]
+        )
+        == 2
+    )
     assert "more than the cap 100" in _error_line(capsys)
     assert tree(tmp_path) == before
     rasterize(cells, out, voxel_size=0.1, labels=[], progress=False, max_voxels=None)  # explicit: no cap

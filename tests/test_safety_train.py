@@ -28,8 +28,27 @@ def permuted(atlas: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_refuses_the_same_cells_in_another_order(tmp_path: Path, atlas: dict, permuted: Path, capsys) -> None:
     run = tmp_path / "run"
     before = tree(tmp_path, permuted)
-    assert main(["train", "--raster", str(atlas["section"]), "--cells", str(permuted), "--task", "celltype",
-                 "--model", "cnn", "--out", str(run), "--epochs", "1", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--raster",
+                str(atlas["section"]),
+                "--cells",
+                str(permuted),
+                "--task",
+                "celltype",
+                "--model",
+                "cnn",
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     assert f"{atlas['section']} was not rasterized from {permuted}: the cell names or their order differ" in line
     assert tree(tmp_path, permuted) == before and not run.exists()

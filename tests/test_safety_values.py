@@ -27,8 +27,18 @@ def _cells_with_nonfinite(path: Path, n: int = 400) -> tuple[Path, np.ndarray]:
 def test_nonfinite_expression_is_refused(tmp_path: Path, pca: int | None, capsys) -> None:
     cells, _ = _cells_with_nonfinite(tmp_path / "cells.zarr")
     before = tree(tmp_path)
-    argv = ["rasterize", "--cells", str(cells), "--out", str(tmp_path / "r.ome.zarr"), "--voxel-size", "0.25",
-            "--labels", "--no-progress", *(["--pca", str(pca)] if pca else [])]
+    argv = [
+        "rasterize",
+        "--cells",
+        str(cells),
+        "--out",
+        str(tmp_path / "r.ome.zarr"),
+        "--voxel-size",
+        "0.25",
+        "--labels",
+        "--no-progress",
+        *(["--pca", str(pca)] if pca else []),
+    ]
     assert main(argv) == 2
     line = _error_line(capsys)
     assert f"{cells}: X holds NaN or inf in" in line and "pass --drop-nonfinite" in line
@@ -40,8 +50,9 @@ def test_nonfinite_expression_is_refused(tmp_path: Path, pca: int | None, capsys
 @pytest.mark.parametrize("pca", [None, 2], ids=["genes", "pca"])
 def test_nonfinite_cells_dropped_with_a_logged_count(tmp_path: Path, pca: int | None, caplog) -> None:
     cells, bad = _cells_with_nonfinite(tmp_path / "cells.zarr")
-    out = rasterize(cells, tmp_path / "r.ome.zarr", voxel_size=0.25, labels=[], pca=pca, progress=False,
-                    drop_nonfinite=True)
+    out = rasterize(
+        cells, tmp_path / "r.ome.zarr", voxel_size=0.25, labels=[], pca=pca, progress=False, drop_nonfinite=True
+    )
     r = open_raster(out)
     assert r.attrs["counts"]["nonfinite_expression"] == 3 and r.attrs["counts"]["rasterized"] == 400 - 3
     assert "3 of 400 cells have NaN or inf in X (skipped" in caplog.text

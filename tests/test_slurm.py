@@ -29,8 +29,16 @@ pytestmark = pytest.mark.slow
 
 # --max-threads: the rules ask for 8 threads, the test node has 2 CPUs. Status checks start 2 s after a
 # submission instead of the plugin's 40 s.
-SLURM_ARGS = ["--workflow-profile", "profiles/slurm", "--max-threads", "2", "--latency-wait", "10",
-              "--slurm-init-seconds-before-status-checks", "2"]
+SLURM_ARGS = [
+    "--workflow-profile",
+    "profiles/slurm",
+    "--max-threads",
+    "2",
+    "--latency-wait",
+    "10",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +73,9 @@ def _snakemake(*args: str) -> list[str]:
 
 
 def _run(cluster: LocalSlurmCluster, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_snakemake(*args), cwd=workdir, env=_env(cluster), capture_output=True, text=True,
-                          timeout=600, check=False)
+    return subprocess.run(
+        _snakemake(*args), cwd=workdir, env=_env(cluster), capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def _declared(cluster: LocalSlurmCluster, workdir: Path) -> dict[str, dict[str, int]]:
@@ -80,8 +89,11 @@ def _declared(cluster: LocalSlurmCluster, workdir: Path) -> dict[str, dict[str, 
             continue
         resources = dict(re.findall(r"(\w+)=(\d+)", block.split("resources:")[1].splitlines()[0]))
         threads = re.search(r"threads: (\d+)", block)
-        declared[rule] = {"threads": int(threads.group(1)) if threads else 1,
-                          "mem_mb": int(resources["mem_mb"]), "runtime": int(resources["runtime"])}
+        declared[rule] = {
+            "threads": int(threads.group(1)) if threads else 1,
+            "mem_mb": int(resources["mem_mb"]),
+            "runtime": int(resources["runtime"]),
+        }
     return declared
 
 
@@ -115,8 +127,9 @@ def test_workflow_runs_on_slurm_with_declared_resources_and_reruns_a_cancelled_j
         deadline = time.time() + 900  # synth and download come first
         cancelled = None
         while time.time() < deadline and cancelled is None and run.poll() is None:
-            running = [job for job in cluster.squeue()
-                       if _rule(job["comment"]) == "assemble" and job["state"] == "RUNNING"]
+            running = [
+                job for job in cluster.squeue() if _rule(job["comment"]) == "assemble" and job["state"] == "RUNNING"
+            ]
             if running and assemble_log.exists():  # the rule's command has started inside the SLURM job
                 cancelled = running[0]["id"]
                 subprocess.run(["scancel", cancelled], env=cluster.env, check=True)
@@ -144,7 +157,11 @@ def test_workflow_runs_on_slurm_with_declared_resources_and_reruns_a_cancelled_j
     for job in jobs:
         by_rule.setdefault(_rule(job["Comment"]), []).append(job)
     assert {rule: len(rows) for rule, rows in by_rule.items()} == {
-        "synth": 1, "download": 1, "assemble": 2, "rasterize": 2}
+        "synth": 1,
+        "download": 1,
+        "assemble": 2,
+        "rasterize": 2,
+    }
     assert [job["State"].split()[0] for job in by_rule["assemble"]] == ["CANCELLED", "COMPLETED"]
     for rule, rows in by_rule.items():
         for job in rows:

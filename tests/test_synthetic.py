@@ -18,7 +18,12 @@ from sklearn.tree import DecisionTreeClassifier
 
 from abc_pipeline.atlas.manifest import Manifest, get_profile
 from abc_pipeline.atlas.synthetic import (
-    CELL_METADATA_COLUMNS, COORDINATE_COLUMNS, RELEASE_FILES, file_md5, relative_path, write_synthetic_release,
+    CELL_METADATA_COLUMNS,
+    COORDINATE_COLUMNS,
+    RELEASE_FILES,
+    file_md5,
+    relative_path,
+    write_synthetic_release,
 )
 from abc_pipeline.atlas.synthetic_tables import SECTION_NUMBERS, section_z
 from abc_pipeline.cli import main as cli_main
@@ -57,8 +62,11 @@ def joined(synthetic_release: Path) -> pd.DataFrame:
     rec = _csv(synthetic_release, "reconstructed_coordinates.csv")
     tax = _csv(synthetic_release, "cluster_to_cluster_annotation_membership_pivoted.csv", keep_default_na=False)
     par = _csv(synthetic_release, "parcellation_to_parcellation_term_membership_acronym.csv")
-    return (meta.merge(rec, on="cell_label", suffixes=("_section", "_rec"))
-            .merge(tax, on="cluster_alias").merge(par, on="parcellation_index"))
+    return (
+        meta.merge(rec, on="cell_label", suffixes=("_section", "_rec"))
+        .merge(tax, on="cluster_alias")
+        .merge(par, on="parcellation_index")
+    )
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -81,7 +89,8 @@ def test_paths_and_manifest_keys_match_the_real_release(synthetic_release: Path,
             real_d = real["directory_listing"][directory]["directories"][kind]
             assert set(d) == set(real_d)
             assert {k: d[k] for k in ("version", "relative_path", "url", "view_link")} == {
-                k: real_d[k] for k in ("version", "relative_path", "url", "view_link")}
+                k: real_d[k] for k in ("version", "relative_path", "url", "view_link")
+            }
 
 
 def test_manifest_sizes_and_md5s_are_true_and_resolve_with_the_profile(synthetic_release: Path) -> None:
@@ -108,14 +117,21 @@ def test_csv_columns_and_dtypes(synthetic_release: Path) -> None:
     assert (meta.average_correlation_score >= 0.5).all()
     assert all(meta[c].dtype == np.float64 for c in "xyz")
     assert set(meta.donor_genotype) == {"wt/wt"} and set(meta.donor_sex) == {"M"}
-    assert meta.abc_sample_id.str.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}").all()
+    assert meta.abc_sample_id.str.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    ).all()
     for name in ("reconstructed_coordinates.csv", "ccf_coordinates.csv"):
         coords = _csv(synthetic_release, name)
         assert list(coords.columns) == COORDINATE_COLUMNS and coords.parcellation_index.dtype == np.int64
 
     genes = _csv(synthetic_release, "gene.csv")
-    assert list(genes.columns) == ["gene_identifier", "gene_symbol", "transcript_identifier", "name",
-                                   "mapped_ncbi_identifier"]
+    assert list(genes.columns) == [
+        "gene_identifier",
+        "gene_symbol",
+        "transcript_identifier",
+        "name",
+        "mapped_ncbi_identifier",
+    ]
     blank = genes.gene_identifier.str.startswith("Blank-")
     assert len(genes) == 550 and blank.sum() == 50 and genes.gene_identifier.is_unique
     assert (genes[blank].gene_symbol == genes[blank].gene_identifier).all()
@@ -130,8 +146,14 @@ def test_csv_columns_and_dtypes(synthetic_release: Path) -> None:
     assert tax.supertype.str.fullmatch(r"\d{4} .+_\d+").all() and tax.cluster.str.fullmatch(r"\d{4} .+_\d+").all()
     assert tax.groupby("subclass")["class"].nunique().eq(1).all()
     tax_colors = _csv(synthetic_release, "cluster_to_cluster_annotation_membership_color.csv")
-    assert list(tax_colors.columns) == ["cluster_alias", "neurotransmitter_color", "class_color", "subclass_color",
-                                        "supertype_color", "cluster_color"]
+    assert list(tax_colors.columns) == [
+        "cluster_alias",
+        "neurotransmitter_color",
+        "class_color",
+        "subclass_color",
+        "supertype_color",
+        "cluster_color",
+    ]
 
     par = _csv(synthetic_release, "parcellation_to_parcellation_term_membership_acronym.csv")
     par_colors = _csv(synthetic_release, "parcellation_to_parcellation_term_membership_color.csv")
@@ -175,7 +197,7 @@ def test_h5ad_layout(synthetic_release: Path) -> None:
         counts, values, indptr = raw["X/data"][:], log2["X/data"][:], raw["X/indptr"][:]
     assert (counts == np.round(counts)).all() and (counts >= 1).all()
     # log2 = log2(counts * per-cell volume factor + 1): one factor per cell.
-    factor = (2.0 ** values - 1.0) / counts
+    factor = (2.0**values - 1.0) / counts
     row = np.repeat(np.arange(3000), np.diff(indptr))
     spread = pd.Series(factor).groupby(row).agg(lambda f: f.max() / f.min() - 1.0)
     assert spread.max() < 1e-9
@@ -264,8 +286,26 @@ def test_bad_arguments_and_foreign_output_leave_nothing_behind(tmp_path: Path) -
 def test_cli_rewrites_an_earlier_tree(tmp_path: Path) -> None:
     out = tmp_path / "release"
     write_synthetic_release(out, n_cells=400, seed=3, progress=False)
-    assert cli_main(["-q", "synth", "--out", str(out), "--cells", "600", "--sections", "2", "--seed", "4",
-                     "--release", "20240101", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "-q",
+                "synth",
+                "--out",
+                str(out),
+                "--cells",
+                "600",
+                "--sections",
+                "2",
+                "--seed",
+                "4",
+                "--release",
+                "20240101",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]  # no temporary or old trees left
     assert sorted(p.name for p in (out / "releases").iterdir()) == ["20240101"]
     adata = anndata.read_h5ad(out / REL["C57BL6J-638850-log2.h5ad"], backed="r")
@@ -282,8 +322,12 @@ def test_cell_type_needs_many_genes(synthetic_release: Path, joined: pd.DataFram
     lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
     all_genes = lda.fit(x[~test], y[~test]).score(x[test], y[test])
     top = np.argsort(-x.var(0))[:60]
-    single = max(DecisionTreeClassifier(max_depth=5, random_state=0).fit(x[~test][:, [g]], y[~test])
-                 .score(x[test][:, [g]], y[test]) for g in top)
+    single = max(
+        DecisionTreeClassifier(max_depth=5, random_state=0)
+        .fit(x[~test][:, [g]], y[~test])
+        .score(x[test][:, [g]], y[test])
+        for g in top
+    )
     assert all_genes > 0.85 and single < all_genes - 0.3, (all_genes, single)
     blanks = adata[:, 500:].X
     assert blanks.nnz / np.prod(blanks.shape) < 0.1 < adata[:, :500].X.nnz / (adata.n_obs * 500)

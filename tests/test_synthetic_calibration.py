@@ -33,8 +33,9 @@ def all_cluster_cells(tmp_path_factory: pytest.TempPathFactory) -> calibration.R
     return calibration.load_release_cells(root)
 
 
-def test_labels_and_hierarchy_are_the_real_taxonomy(subset_cells: calibration.ReleaseCells,
-                                                    synthetic_release: Path) -> None:
+def test_labels_and_hierarchy_are_the_real_taxonomy(
+    subset_cells: calibration.ReleaseCells, synthetic_release: Path
+) -> None:
     real = synthetic_tables.clusters().set_index("cluster")
     obs = subset_cells.obs.drop_duplicates("cluster").set_index("cluster")
     assert set(obs.index) <= set(real.index)
@@ -80,8 +81,9 @@ def test_cells_lie_where_their_real_cluster_occurs(atlas: str, request: pytest.F
             assert obs[obs["class"] == cls].division.value_counts().index[0] == division, cls
 
 
-def test_bla_statistics_within_documented_tolerances(all_cluster_cells: calibration.ReleaseCells,
-                                                     real_excerpts: Path) -> None:
+def test_bla_statistics_within_documented_tolerances(
+    all_cluster_cells: calibration.ReleaseCells, real_excerpts: Path
+) -> None:
     table = calibration.bla_comparison(all_cluster_cells, real_excerpts)
     summary = calibration.bla_summary(table)
     assert summary["subclasses"] >= 5 and summary["pairs"] >= 55, summary

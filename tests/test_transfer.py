@@ -38,18 +38,53 @@ def trained(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         src = CellSource(assembled)
         usable = [g for g, b in zip(src.gene_symbols, src.blank) if not b]
         genes = usable[::12][:40]
-        raster = rasterize(assembled, out / "s.ome.zarr", space="section", voxel_size=0.1, genes=genes, pca=8,
-                           labels=["class", "parcellation_division"], progress=False)
+        raster = rasterize(
+            assembled,
+            out / "s.ome.zarr",
+            space="section",
+            voxel_size=0.1,
+            genes=genes,
+            pca=8,
+            labels=["class", "parcellation_division"],
+            progress=False,
+        )
         runs = {
-            "celltype": train_atlas_task(raster, assembled, "celltype", "moment-trivial-irrep", out / "ct", width=6,
-                                         depth=2, patch_size=3, epochs=4, batch_size=64, lr=5e-3,
-                                         max_samples_per_epoch=800, progress=False),
-            "region": train_atlas_task(raster, assembled, "region", "moment-trivial-irrep", out / "rg", width=4,
-                                       depth=2, tile_size=32, epochs=4, batch_size=4, lr=1e-2, progress=False),
+            "celltype": train_atlas_task(
+                raster,
+                assembled,
+                "celltype",
+                "moment-trivial-irrep",
+                out / "ct",
+                width=6,
+                depth=2,
+                patch_size=3,
+                epochs=4,
+                batch_size=64,
+                lr=5e-3,
+                max_samples_per_epoch=800,
+                progress=False,
+            ),
+            "region": train_atlas_task(
+                raster,
+                assembled,
+                "region",
+                "moment-trivial-irrep",
+                out / "rg",
+                width=4,
+                depth=2,
+                tile_size=32,
+                epochs=4,
+                batch_size=4,
+                lr=1e-2,
+                progress=False,
+            ),
         }
-        preds = {task: predict_raster(out / d / "checkpoint.pt", raster, out / d / "predictions.zarr",
-                                      cells=assembled, progress=False)
-                 for task, d in (("celltype", "ct"), ("region", "rg"))}
+        preds = {
+            task: predict_raster(
+                out / d / "checkpoint.pt", raster, out / d / "predictions.zarr", cells=assembled, progress=False
+            )
+            for task, d in (("celltype", "ct"), ("region", "rg"))
+        }
     finally:
         torch.set_num_threads(n)
     labels = zarr.open_group(str(raster), mode="r")["cells/cell_label"][:]
@@ -59,13 +94,21 @@ def trained(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         g = zarr.open_group(str(store), mode="r")
         names = g.attrs["abc_pipeline"]["predictions"]["class_names"]
         codes = np.asarray(g["cells/pred"][:])
-        atlas_pred[task] = pd.Series(np.where(codes >= 0, np.asarray(names, dtype=object)[np.clip(codes, 0, None)],
-                                              None), index=cells)
+        atlas_pred[task] = pd.Series(
+            np.where(codes >= 0, np.asarray(names, dtype=object)[np.clip(codes, 0, None)], None), index=cells
+        )
     test_z = runs["celltype"]["splits"]["test"]
     r = open_raster(raster)
     held_out = [r.grid.sections[z] for z in test_z]
-    return {"out": out, "raster": r, "genes": genes, "held_out": held_out, "atlas_pred": atlas_pred,
-            "checkpoints": [out / "ct" / "checkpoint.pt", out / "rg" / "checkpoint.pt"], "cells": assembled}
+    return {
+        "out": out,
+        "raster": r,
+        "genes": genes,
+        "held_out": held_out,
+        "atlas_pred": atlas_pred,
+        "checkpoints": [out / "ct" / "checkpoint.pt", out / "rg" / "checkpoint.pt"],
+        "cells": assembled,
+    }
 
 
 def _user_genes(trained: dict, rng: np.random.Generator, drop: int = 0) -> list[str]:
@@ -94,8 +137,11 @@ def _agreement(adata: ad.AnnData, trained: dict) -> dict:
         ref = trained["atlas_pred"][task].loc[adata.obs_names]
         got = adata.obs[f"pred_{task}"].astype(object)
         both = ref.notna().to_numpy() & got.notna().to_numpy()
-        out[task] = {"agreement": float((ref[both].to_numpy() == got[both].to_numpy()).mean()),
-                     "cells": int(both.sum()), "classes_predicted": int(got[both].nunique())}
+        out[task] = {
+            "agreement": float((ref[both].to_numpy() == got[both].to_numpy()).mean()),
+            "cells": int(both.sum()),
+            "classes_predicted": int(got[both].nunique()),
+        }
     return out
 
 
@@ -104,12 +150,19 @@ def test_transfer_agrees_with_the_atlas_run(trained: dict, tmp_path: Path) -> No
     report = {"exact_90": [], "any_angle": []}
     for fmt, k in (("h5ad", int(rng.integers(1, 4))), ("merscope", int(rng.integers(1, 4)))):
         angle = 90.0 * k
-        user = export_sections(trained["cells"], trained["held_out"], angle_deg=angle, genes=_user_genes(trained, rng),
-                               var_names="ids" if fmt == "h5ad" else "symbols", **_lattice_transform(trained, rng))
+        user = export_sections(
+            trained["cells"],
+            trained["held_out"],
+            angle_deg=angle,
+            genes=_user_genes(trained, rng),
+            var_names="ids" if fmt == "h5ad" else "symbols",
+            **_lattice_transform(trained, rng),
+        )
         if fmt == "h5ad":
             user.write_h5ad(tmp_path / "new.h5ad")
-            out = transfer(trained["checkpoints"], tmp_path / "new.h5ad", tmp_path / "a.h5ad", section="slide",
-                           progress=False)
+            out = transfer(
+                trained["checkpoints"], tmp_path / "new.h5ad", tmp_path / "a.h5ad", section="slide", progress=False
+            )
         else:
             folder = write_merscope(tmp_path / "merscope", user[user.obs["slide"] == trained["held_out"][0]])
             out = transfer(trained["checkpoints"], folder, tmp_path / "m.h5ad", kind="merscope", progress=False)
@@ -125,11 +178,23 @@ def test_transfer_agrees_with_the_atlas_run(trained: dict, tmp_path: Path) -> No
         assert meta["missing_fraction"] == 0 and meta["channel_mode"] == "pca" and meta["genes_used"] == 40
         assert ("slide" if fmt == "h5ad" else "volume") in annotated.obs and annotated.n_vars == 100  # the user's data
     for angle in rng.uniform(0, 360, 2).round(1):
-        user = export_sections(trained["cells"], trained["held_out"], angle_deg=float(angle), shift_mm=(3.3, -7.1),
-                               genes=_user_genes(trained, rng))
+        user = export_sections(
+            trained["cells"],
+            trained["held_out"],
+            angle_deg=float(angle),
+            shift_mm=(3.3, -7.1),
+            genes=_user_genes(trained, rng),
+        )
         user.write_h5ad(tmp_path / "any.h5ad")
-        annotated = ad.read_h5ad(transfer(trained["checkpoints"], tmp_path / "any.h5ad", tmp_path / "any_out.h5ad",
-                                          section="slide", progress=False))
+        annotated = ad.read_h5ad(
+            transfer(
+                trained["checkpoints"],
+                tmp_path / "any.h5ad",
+                tmp_path / "any_out.h5ad",
+                section="slide",
+                progress=False,
+            )
+        )
         report["any_angle"].append({"format": "h5ad", "angle": float(angle), **_agreement(annotated, trained)})
     logging.getLogger(__name__).warning("transfer agreement: %s", json.dumps(report))  # shown with pytest -rA
 
@@ -142,8 +207,13 @@ def test_missing_genes_refused_or_zero_filled(trained: dict, tmp_path: Path, cap
         transfer(trained["checkpoints"][:1], tmp_path / "u.h5ad", tmp_path / "o.h5ad", progress=False)
     assert not (tmp_path / "o.h5ad").exists() and not list(tmp_path.glob(".o.h5ad*"))
     with caplog.at_level(logging.WARNING):
-        out = transfer(trained["checkpoints"][:1], tmp_path / "u.h5ad", tmp_path / "o.h5ad", fill_missing_genes=True,
-                       progress=False)
+        out = transfer(
+            trained["checkpoints"][:1],
+            tmp_path / "u.h5ad",
+            tmp_path / "o.h5ad",
+            fill_missing_genes=True,
+            progress=False,
+        )
     assert "2 of the 40 genes" in caplog.text
     meta = ad.read_h5ad(out).uns["abc_pipeline"]["transfer"]["pred_celltype"]
     assert meta["missing_fraction"] == pytest.approx(0.05) and len(meta["genes_missing"]) == 2
@@ -154,13 +224,26 @@ def test_no_gene_overlap(trained: dict, tmp_path: Path) -> None:
     user.var_names = [f"other{i}" for i in range(user.n_vars)]
     user.write_h5ad(tmp_path / "u.h5ad")
     with pytest.raises(InputError, match="shares no gene with the model"):
-        transfer(trained["checkpoints"][:1], tmp_path / "u.h5ad", tmp_path / "o.h5ad", fill_missing_genes=True,
-                 progress=False)
+        transfer(
+            trained["checkpoints"][:1],
+            tmp_path / "u.h5ad",
+            tmp_path / "o.h5ad",
+            fill_missing_genes=True,
+            progress=False,
+        )
 
 
 def test_channels_with_the_same_names_but_other_loadings_are_refused(trained: dict, tmp_path: Path) -> None:
-    other = rasterize(trained["cells"], tmp_path / "other.ome.zarr", space="section", voxel_size=0.1,
-                      genes=trained["genes"][::-1], pca=8, labels=[], progress=False)  # PC1..PC8 of other loadings
+    other = rasterize(
+        trained["cells"],
+        tmp_path / "other.ome.zarr",
+        space="section",
+        voxel_size=0.1,
+        genes=trained["genes"][::-1],
+        pca=8,
+        labels=[],
+        progress=False,
+    )  # PC1..PC8 of other loadings
     assert open_raster(other).feature_channels == trained["raster"].feature_channels
     with pytest.raises(InputError, match="channel names of .* but not their definition"):
         predict_raster(trained["checkpoints"][0], other, tmp_path / "p.zarr", progress=False)

@@ -25,8 +25,12 @@ TINY_CONFIG = {
     "assemble": {"chunk_cells": 1500},
     "rasters": [
         {"name": "section_2d", "space": "section", "voxel_size": [0.2], "labels": ["class", "parcellation_division"]},
-        {"name": "reconstructed_3d", "space": "reconstructed", "voxel_size": [0.2, 0.2, 0.2],
-         "labels": ["class", "parcellation_division"]},
+        {
+            "name": "reconstructed_3d",
+            "space": "reconstructed",
+            "voxel_size": [0.2, 0.2, 0.2],
+            "labels": ["class", "parcellation_division"],
+        },
     ],
 }
 
@@ -66,8 +70,12 @@ def _env() -> dict[str, str]:
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=_env(),
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -130,11 +138,18 @@ def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
 def test_report_builds(finished: Path) -> None:
     table = pd.read_csv(finished / "results" / DATASET / "report" / "metrics.tsv", sep="\t")
     assert sorted(zip(table["task"], table["model"])) == [
-        (task, model) for task in ("celltype", "region") for model in ("cnn", "logreg-neighborhood", "moment-trivial-irrep")
+        (task, model)
+        for task in ("celltype", "region")
+        for model in ("cnn", "logreg-neighborhood", "moment-trivial-irrep")
     ]
     # every model, baseline or network, has the per-cell test scores and the any-angle scores
-    for column in ("cells_accuracy", "cells_balanced_accuracy", "cells_macro_f1", "any_angle_mean_accuracy",
-                   "any_angle_worst_accuracy"):
+    for column in (
+        "cells_accuracy",
+        "cells_balanced_accuracy",
+        "cells_macro_f1",
+        "any_angle_mean_accuracy",
+        "any_angle_worst_accuracy",
+    ):
         assert table[column].between(0, 1).all(), column
     snakemake(finished, "--report", "report.html")
     html = (finished / "report.html").read_text(errors="replace")
@@ -171,10 +186,17 @@ def test_deleting_an_intermediate_reruns_only_its_dependents(finished: Path) -> 
     assert _jobs_planned(snakemake(finished, "-n")) == {}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"assemble": {"chunk_cells": "many"}}, "'many' is not of type 'integer'"),
-    ({"evaluation": {"any_angles": [0, "ninety"]}}, "config key evaluation.any_angles must list angles in degrees as numbers"),
-], ids=["chunk_cells", "any_angles"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"assemble": {"chunk_cells": "many"}}, "'many' is not of type 'integer'"),
+        (
+            {"evaluation": {"any_angles": [0, "ninety"]}},
+            "config key evaluation.any_angles must list angles in degrees as numbers",
+        ),
+    ],
+    ids=["chunk_cells", "any_angles"],
+)
 def test_invalid_config_fails_before_any_job(tmp_path: Path, bad: dict, message: str) -> None:
     workdir = _workdir(tmp_path, {**TINY_CONFIG, **bad})
     proc = snakemake(workdir, check=False)
@@ -186,8 +208,12 @@ def test_invalid_config_fails_before_any_job(tmp_path: Path, bad: dict, message:
 
 def _start_and_kill_during_assemble(workdir: Path, sig: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "--cores", "2"], cwd=workdir, env=_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, "-m", "snakemake", "--cores", "2"],
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.time() + 300
     assemble_log = workdir / "logs" / f"assemble_{DATASET}.log"
@@ -219,8 +245,10 @@ def test_killed_run_restarts_and_completes(tmp_path: Path, sig: int) -> None:
 
 def test_task_overrides_win_over_training_and_bench_settings(tmp_path: Path) -> None:
     config = {**FULL_CONFIG, "bench": {**FULL_CONFIG["bench"], "target_params": 2500, "epochs": 3}}
-    config["tasks"] = {**FULL_CONFIG["tasks"],
-                       "region": {**FULL_CONFIG["tasks"]["region"], "target_params": 3000, "batch_size": 4, "epochs": 2}}
+    config["tasks"] = {
+        **FULL_CONFIG["tasks"],
+        "region": {**FULL_CONFIG["tasks"]["region"], "target_params": 3000, "batch_size": 4, "epochs": 2},
+    }
     workdir = _workdir(tmp_path, config)
     proc = snakemake(workdir, "-n", "-p", "all", "bench")
     commands = re.findall(r"abc-pipeline (?:train|bench-models) .*", proc.stdout + proc.stderr)
@@ -247,8 +275,9 @@ def test_real_atlas_config_dry_runs_offline(tmp_path: Path) -> None:
 
 def test_lint_is_clean_except_the_justified_environment_lint() -> None:
     """`snakemake --lint` reports nothing but the per-rule conda/container lint justified in config/README.md."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     out = proc.stdout + proc.stderr
     lints = {line.strip() for line in out.splitlines() if line.strip().startswith("* ")}
     assert lints <= {"* Specify a conda environment or container for each rule.:"}, out

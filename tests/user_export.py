@@ -11,9 +11,17 @@ import numpy as np
 import pandas as pd
 
 
-def export_sections(cells: Path, sections: Sequence[str], *, angle_deg: float = 0.0, center_mm=(0.0, 0.0),
-                    shift_mm=(0.0, 0.0), genes: Sequence[str] | None = None, var_names: str = "ids",
-                    labels: dict[str, str] | None = None) -> ad.AnnData:
+def export_sections(
+    cells: Path,
+    sections: Sequence[str],
+    *,
+    angle_deg: float = 0.0,
+    center_mm=(0.0, 0.0),
+    shift_mm=(0.0, 0.0),
+    genes: Sequence[str] | None = None,
+    var_names: str = "ids",
+    labels: dict[str, str] | None = None,
+) -> ad.AnnData:
     """The cells of ``sections`` as a user AnnData: ``obsm['spatial']`` = (R(angle) (xy - center) + center + shift)
     in µm, X = log2 expression of ``genes`` (ids, in the given order; default all), var_names gene ids
     (``var_names="ids"``, no symbol column) or symbols (``"symbols"``), obs ``slide`` (the section) and the
@@ -36,8 +44,9 @@ def write_merscope(folder: Path, adata: ad.AnnData) -> Path:
     """A MERSCOPE output folder of ``adata`` (var_names = gene symbols): counts ``2**X - 1`` in cell_by_gene.csv,
     centres (µm) in cell_metadata.csv (rows in another order, as the instrument does not promise one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    counts = pd.DataFrame(np.exp2(np.asarray(adata.X, dtype=np.float64)) - 1, index=adata.obs_names,
-                          columns=adata.var_names)
+    counts = pd.DataFrame(
+        np.exp2(np.asarray(adata.X, dtype=np.float64)) - 1, index=adata.obs_names, columns=adata.var_names
+    )
     counts.index.name = "cell"
     counts.to_csv(folder / "cell_by_gene.csv", float_format="%.9g")
     xy = adata.obsm["spatial"]

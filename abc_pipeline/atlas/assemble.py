@@ -74,8 +74,12 @@ def _check_columns(path: Path, required: list[str], optional: list[str] = ()) ->
 def _iter_csv(path: Path, required: list[str], optional: list[str], chunk_rows: int, dtype: dict):
     usecols = _check_columns(path, required, optional)
     reader = pd.read_csv(
-        path, usecols=usecols, dtype={k: v for k, v in dtype.items() if k in usecols}, chunksize=chunk_rows,
-        keep_default_na=False, na_values=["", "NA", "NaN", "nan"],
+        path,
+        usecols=usecols,
+        dtype={k: v for k, v in dtype.items() if k in usecols},
+        chunksize=chunk_rows,
+        keep_default_na=False,
+        na_values=["", "NA", "NaN", "nan"],
     )
     try:
         yield from reader
@@ -94,8 +98,11 @@ class LabelTable:
 def read_taxonomy(pivoted: Path, colors: Path) -> LabelTable:
     """WMB taxonomy views: ``cluster_alias`` -> neurotransmitter/class/subclass/supertype/cluster names and colours."""
     names = read_csv_checked(
-        pivoted, ["cluster_alias", *TAXONOMY_LEVELS], dtype={lvl: str for lvl in TAXONOMY_LEVELS},
-        keep_default_na=False, na_values=[""],
+        pivoted,
+        ["cluster_alias", *TAXONOMY_LEVELS],
+        dtype={lvl: str for lvl in TAXONOMY_LEVELS},
+        keep_default_na=False,
+        na_values=[""],
     ).set_index("cluster_alias")
     cols = read_csv_checked(
         colors, ["cluster_alias", *(f"{lvl}_color" for lvl in TAXONOMY_LEVELS)], dtype=str, keep_default_na=False
@@ -108,11 +115,15 @@ def read_taxonomy(pivoted: Path, colors: Path) -> LabelTable:
 def read_parcellation(acronyms: Path, colors: Path) -> LabelTable:
     """Allen-CCF-2020 views: ``parcellation_index`` -> organ ... substructure acronyms and colours."""
     names = read_csv_checked(
-        acronyms, ["parcellation_index", *PARCELLATION_LEVELS], dtype={lvl: str for lvl in PARCELLATION_LEVELS},
+        acronyms,
+        ["parcellation_index", *PARCELLATION_LEVELS],
+        dtype={lvl: str for lvl in PARCELLATION_LEVELS},
         keep_default_na=False,
     ).set_index("parcellation_index")
     cols = read_csv_checked(
-        colors, ["parcellation_index", *(f"{lvl}_color" for lvl in PARCELLATION_LEVELS)], dtype=str,
+        colors,
+        ["parcellation_index", *(f"{lvl}_color" for lvl in PARCELLATION_LEVELS)],
+        dtype=str,
         keep_default_na=False,
     ).set_index("parcellation_index")
     cols.index = cols.index.astype(names.index.dtype)
@@ -132,7 +143,7 @@ class ExpressionFile:
     gene_ids: pd.Index
 
     @classmethod
-    def open(cls, path: Path) -> "ExpressionFile":
+    def open(cls, path: Path) -> ExpressionFile:
         """Open and check the layout: X's stated shape against the obs and var indexes, and for CSR the
         lengths of ``indptr``, ``indices`` and ``data`` (a forged shape never sizes a loop)."""
         fix = "The file is not the release's expression matrix: delete it and download it again"
@@ -280,16 +291,33 @@ def assemble_dataset(
     with staged_output(out, "cells", inputs=paths.values(), overwrite=overwrite) as staging:
         scratch = staging.with_name(staging.name + "-scratch")
         try:
-            tables = _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_cells, counts,
-                                progress)
+            tables = _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_cells, counts, progress)
             by_position = _join(tables, profile, scratch, n_buckets, chunk_cells, counts, progress)
-            _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_cells, counts, progress,
-                   uns_meta={"dataset": dataset, "release": manifest.version,
-                             "files": {role: str(p.relative_to(cache_dir)) for role, p in paths.items()}})
+            _write(
+                staging,
+                expression,
+                var,
+                by_position,
+                taxonomy,
+                parcellation,
+                chunk_cells,
+                counts,
+                progress,
+                uns_meta={
+                    "dataset": dataset,
+                    "release": manifest.version,
+                    "files": {role: str(p.relative_to(cache_dir)) for role, p in paths.items()},
+                },
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     log.info(
-        "assembled %s: %d cells x %d genes in %.1f s -> %s", dataset, counts.cells, len(var), time.perf_counter() - t0, out
+        "assembled %s: %d cells x %d genes in %.1f s -> %s",
+        dataset,
+        counts.cells,
+        len(var),
+        time.perf_counter() - t0,
+        out,
     )
     return out
 
@@ -313,7 +341,11 @@ def _read_genes(gene_csv: Path, expression: ExpressionFile) -> pd.DataFrame:
     if not genes.index.equals(expression.gene_ids):
         only_h5 = expression.gene_ids.difference(genes.index)[:5].tolist()
         only_csv = genes.index.difference(expression.gene_ids)[:5].tolist()
-        detail = f"only in h5ad: {only_h5}; only in gene.csv: {only_csv}" if (only_h5 or only_csv) else "same genes, different order"
+        detail = (
+            f"only in h5ad: {only_h5}; only in gene.csv: {only_csv}"
+            if (only_h5 or only_csv)
+            else "same genes, different order"
+        )
         raise InputError(
             f"genes of {expression.path} disagree with {gene_csv} ({detail}); both files must come from the same "
             "dataset and release: download them again"
@@ -325,8 +357,15 @@ def _read_genes(gene_csv: Path, expression: ExpressionFile) -> pd.DataFrame:
     return var
 
 
-_META_DTYPES = {"cell_label": str, "brain_section_label": str, "cluster_alias": "Int64",
-                "average_correlation_score": "float64", "x": "float64", "y": "float64", "z": "float64"}
+_META_DTYPES = {
+    "cell_label": str,
+    "brain_section_label": str,
+    "cluster_alias": "Int64",
+    "average_correlation_score": "float64",
+    "x": "float64",
+    "y": "float64",
+    "z": "float64",
+}
 _COORD_DTYPES = {"cell_label": str, "x": "float64", "y": "float64", "z": "float64", "parcellation_index": "Int64"}
 
 
@@ -341,13 +380,21 @@ def _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_c
     bar.close()
 
     sources = {
-        "metadata": (paths["cell_metadata"], ["cell_label", "brain_section_label", "cluster_alias", "x", "y", "z"],
-                     ["average_correlation_score"], _META_DTYPES),
+        "metadata": (
+            paths["cell_metadata"],
+            ["cell_label", "brain_section_label", "cluster_alias", "x", "y", "z"],
+            ["average_correlation_score"],
+            _META_DTYPES,
+        ),
         "ccf": (paths["ccf_coordinates"], ["cell_label", "x", "y", "z"], ["parcellation_index"], _COORD_DTYPES),
     }
     if profile.has_reconstructed:
-        sources["reconstructed"] = (paths["reconstructed_coordinates"], ["cell_label", "x", "y", "z", "parcellation_index"],
-                                    [], _COORD_DTYPES)
+        sources["reconstructed"] = (
+            paths["reconstructed_coordinates"],
+            ["cell_label", "x", "y", "z", "parcellation_index"],
+            [],
+            _COORD_DTYPES,
+        )
     known_clusters = taxonomy.names.index
     for name, (path, required, optional, dtypes) in sources.items():
         tables[name] = _Buckets(scratch, name, n_buckets)
@@ -367,11 +414,15 @@ def _partition(profile, paths, expression, taxonomy, scratch, n_buckets, chunk_c
             bar.update(len(chunk))
         bar.close()
     if counts.metadata_nan_coordinates:
-        log.warning("%s: dropped %d cells with NaN section coordinates", paths["cell_metadata"],
-                    counts.metadata_nan_coordinates)
+        log.warning(
+            "%s: dropped %d cells with NaN section coordinates", paths["cell_metadata"], counts.metadata_nan_coordinates
+        )
     if counts.metadata_unknown_cluster:
-        log.warning("%s: dropped %d cells whose cluster_alias is not in the taxonomy", paths["cell_metadata"],
-                    counts.metadata_unknown_cluster)
+        log.warning(
+            "%s: dropped %d cells whose cluster_alias is not in the taxonomy",
+            paths["cell_metadata"],
+            counts.metadata_unknown_cluster,
+        )
     return tables
 
 
@@ -396,8 +447,9 @@ def _join(tables, profile, scratch, n_buckets, chunk_cells, counts, progress) ->
         meta = tables["metadata"].read(b, ["cell_label"])
         _check_unique(expr, "expression h5ad obs")
         _check_unique(meta, "cell_metadata.csv")
-        joined = expr.merge(meta.rename(columns={"x": "x_section", "y": "y_section", "z": "z_section"}),
-                            on="cell_label", how="inner")
+        joined = expr.merge(
+            meta.rename(columns={"x": "x_section", "y": "y_section", "z": "z_section"}), on="cell_label", how="inner"
+        )
         counts.expression_without_metadata += len(expr) - len(joined)
         counts.metadata_without_expression += len(meta) - len(joined)
         ccf = tables["ccf"].read(b, ["cell_label"])
@@ -430,8 +482,12 @@ def _join(tables, profile, scratch, n_buckets, chunk_cells, counts, progress) ->
     log.info(
         "join: %d expression cells, %d metadata cells -> %d cells (%d expression cells without metadata, %d metadata "
         "cells without expression, %d cells without CCF coordinates kept with parcellation 'unassigned')",
-        counts.expression_cells, counts.metadata_cells, counts.cells, counts.expression_without_metadata,
-        counts.metadata_without_expression, counts.cells_without_ccf,
+        counts.expression_cells,
+        counts.metadata_cells,
+        counts.cells,
+        counts.expression_without_metadata,
+        counts.metadata_without_expression,
+        counts.cells_without_ccf,
     )
     if counts.cells == 0:
         raise InputError(
@@ -461,14 +517,32 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
     for level in PARCELLATION_LEVELS:
         col = f"parcellation_{level}"
         categorical[col], colors[col] = _categories(parcellation, observed["parcels"], level)
-    numeric = {"z_section": "float64", "cluster_alias": "int64", "average_correlation_score": "float64",
-               "parcellation_index": "int64", "has_ccf": "bool"}
+    numeric = {
+        "z_section": "float64",
+        "cluster_alias": "int64",
+        "average_correlation_score": "float64",
+        "parcellation_index": "int64",
+        "has_ccf": "bool",
+    }
     writer = ChunkedAnnDataWriter(
-        staging, n_obs=counts.cells, var=var, chunk_rows=chunk_cells, index_name="cell_label",
-        numeric_obs=numeric, categorical_obs=categorical, obsm={"spatial": 2, "spatial_3d": 3, "ccf": 3},
-        obs_order=["brain_section_label", "z_section", "cluster_alias", "average_correlation_score",
-                   *TAXONOMY_LEVELS, "parcellation_index", *(f"parcellation_{lvl}" for lvl in PARCELLATION_LEVELS),
-                   "has_ccf"],
+        staging,
+        n_obs=counts.cells,
+        var=var,
+        chunk_rows=chunk_cells,
+        index_name="cell_label",
+        numeric_obs=numeric,
+        categorical_obs=categorical,
+        obsm={"spatial": 2, "spatial_3d": 3, "ccf": 3},
+        obs_order=[
+            "brain_section_label",
+            "z_section",
+            "cluster_alias",
+            "average_correlation_score",
+            *TAXONOMY_LEVELS,
+            "parcellation_index",
+            *(f"parcellation_{lvl}" for lvl in PARCELLATION_LEVELS),
+            "has_ccf",
+        ],
     )
     start_out = 0
     bar = tqdm(total=expression.n_obs, desc="write cells.zarr", unit="cell", disable=not progress)
@@ -487,7 +561,10 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
             rows["cluster_alias"] = alias
             dense = X[rows["position"].to_numpy() - start].astype(np.float32).toarray()
             writer.write_rows(
-                start_out, rows["cell_label"].to_numpy(), dense, rows,
+                start_out,
+                rows["cell_label"].to_numpy(),
+                dense,
+                rows,
                 {
                     "spatial": rows[["x_section", "y_section"]].to_numpy(np.float64),
                     "spatial_3d": rows[["x_reconstructed", "y_reconstructed", "z_reconstructed"]].to_numpy(np.float64),

@@ -8,8 +8,9 @@ the big arrays (X, obs columns, obsm) with their final shapes and fill them slic
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import anndata
 import numpy as np

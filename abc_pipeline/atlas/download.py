@@ -45,10 +45,11 @@ import time
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import requests
 import urllib3
@@ -137,8 +138,12 @@ class DownloadSummary:
 
     def write_json(self, path: Path) -> None:
         """Record the run (files by role, what was fetched or skipped) as JSON, atomically."""
-        record = {**dataclasses.asdict(self), "manifest_path": str(self.manifest_path),
-                  "files": {role: str(p) for role, p in self.files.items()}, MARKER_KEY: "download-summary"}
+        record = {
+            **dataclasses.asdict(self),
+            "manifest_path": str(self.manifest_path),
+            "files": {role: str(p) for role, p in self.files.items()},
+            MARKER_KEY: "download-summary",
+        }
         check_output(Path(path), "download-summary", inputs=[self.manifest_path, *self.files.values()])
         atomic_write_text(Path(path), json.dumps(record, indent=1))
 
@@ -228,16 +233,20 @@ def _open_stream(
         if status in _RETRY_STATUS:
             raise _Transient(f"GET {url}: HTTP {status} {response.reason}")
         if status == 416:
-            raise _Corrupt(f"GET {url}: server refused range bytes={offset}- (HTTP 416): the partial file is "
-                           "longer than the server's file")
+            raise _Corrupt(
+                f"GET {url}: server refused range bytes={offset}- (HTTP 416): the partial file is "
+                "longer than the server's file"
+            )
         if status not in (200, 206):
             raise _Fatal(f"GET {url}: HTTP {status} {response.reason}")
         start = 0
         if status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
-                raise _Corrupt(f"GET {url}: asked for bytes={offset}- but got Content-Range "
-                               f"{response.headers.get('Content-Range')!r}")
+                raise _Corrupt(
+                    f"GET {url}: asked for bytes={offset}- but got Content-Range "
+                    f"{response.headers.get('Content-Range')!r}"
+                )
             start = offset
         yield start, _read_chunks(response, url, opts.chunk_size)
 
@@ -448,8 +457,16 @@ class _Progress:
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(1, slots + 1):
             self._slots.put(slot)
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="download",
-                        disable=not enabled, dynamic_ncols=True, position=0)
+        self.bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="download",
+            disable=not enabled,
+            dynamic_ncols=True,
+            position=0,
+        )
 
     def advance(self, n: int) -> None:
         with self._lock:
@@ -465,8 +482,17 @@ class _Progress:
     def file_bar(self, name: str, size: int) -> Iterator[tqdm]:
         """Yields one file's byte bar (disabled, i.e. a no-op, without per-file bars)."""
         slot = self._slots.get()
-        bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=name[-40:], position=slot,
-                   leave=False, dynamic_ncols=True, disable=not self._file_bars)
+        bar = tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=name[-40:],
+            position=slot,
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self._file_bars,
+        )
         try:
             yield bar
         finally:
@@ -481,8 +507,15 @@ class _Progress:
 class _FileTask:
     """Fetch and verify one manifest entry into the cache (resume, MD5, rename, record)."""
 
-    def __init__(self, entry: FileEntry, base_url: str, cache_dir: Path, registry: VerifiedRegistry,
-                 opts: TransferOptions, progress: _Progress) -> None:
+    def __init__(
+        self,
+        entry: FileEntry,
+        base_url: str,
+        cache_dir: Path,
+        registry: VerifiedRegistry,
+        opts: TransferOptions,
+        progress: _Progress,
+    ) -> None:
         self.entry = entry
         self.url = entry.url_for(base_url)
         self.dest = entry.local_path(cache_dir)
@@ -537,8 +570,9 @@ class _FileTask:
             if file_md5(self.dest, self.opts.chunk_size) == self.entry.md5:
                 self.registry.record(self.entry, self.dest)
                 return True
-        log.warning("%s exists but does not match the manifest (size or MD5); downloading it again",
-                    self.entry.relative_path)
+        log.warning(
+            "%s exists but does not match the manifest (size or MD5); downloading it again", self.entry.relative_path
+        )
         self.registry.forget(self.entry.relative_path)
         self.dest.unlink()
         return False
@@ -561,8 +595,12 @@ class _FileTask:
         else:
             with _open_stream(self.url, offset, self.opts, self._session) as (start, chunks):
                 if offset:
-                    log.info("%s: resuming at byte %s%s", self.entry.relative_path, f"{offset:,}",
-                             "" if start == offset else " refused by the server; restarting at 0")
+                    log.info(
+                        "%s: resuming at byte %s%s",
+                        self.entry.relative_path,
+                        f"{offset:,}",
+                        "" if start == offset else " refused by the server; restarting at 0",
+                    )
                 self._reserve(size - start)
                 writer = _HashingWriter(self.part, keep=start, chunk_size=self.opts.chunk_size)
                 assert self._bar is not None
@@ -626,13 +664,19 @@ def _list_s3_releases(base_url: str, opts: TransferOptions) -> list[str]:
             if token:
                 query["continuation-token"] = token
             url = f"{base_url}?{urllib.parse.urlencode(query)}"
-            body = _with_retries(functools.partial(_get_bytes, url, opts, session), f"listing releases at {url}", opts,
-                                 fix="Check the network and --base-url, or pass an explicit --release YYYYMMDD")
+            body = _with_retries(
+                functools.partial(_get_bytes, url, opts, session),
+                f"listing releases at {url}",
+                opts,
+                fix="Check the network and --base-url, or pass an explicit --release YYYYMMDD",
+            )
             try:
                 tree = ET.fromstring(body)
             except ET.ParseError as exc:
-                raise DownloadError(f"listing {url} did not return S3 ListObjectsV2 XML ({exc}); this mirror cannot "
-                                    "list releases: pass an explicit --release YYYYMMDD") from None
+                raise DownloadError(
+                    f"listing {url} did not return S3 ListObjectsV2 XML ({exc}); this mirror cannot "
+                    "list releases: pass an explicit --release YYYYMMDD"
+                ) from None
             for element in tree.iter():
                 tag = element.tag.rsplit("}", 1)[-1]
                 if tag in ("Prefix", "Key") and element.text and element.text.startswith("releases/"):
@@ -659,8 +703,10 @@ def resolve_release(release: str, base_url: str, cache_dir: Path, opts: Transfer
     except DownloadError as exc:
         cached = cached_releases(cache_dir)
         if not cached:
-            raise DownloadError(f"cannot find the latest release ({exc}) and {cache_dir} holds no cached manifest; "
-                                "connect to the network or pass an explicit --release YYYYMMDD") from None
+            raise DownloadError(
+                f"cannot find the latest release ({exc}) and {cache_dir} holds no cached manifest; "
+                "connect to the network or pass an explicit --release YYYYMMDD"
+            ) from None
         log.warning("cannot list releases online (%s); using the newest cached release %s", exc, cached[-1])
         return cached[-1]
     if not versions:
@@ -669,8 +715,9 @@ def resolve_release(release: str, base_url: str, cache_dir: Path, opts: Transfer
     return check_release_name(versions[-1])
 
 
-def load_manifest(release: str, base_url: str, cache_dir: Path,
-                  opts: TransferOptions | None = None) -> tuple[Manifest, Path]:
+def load_manifest(
+    release: str, base_url: str, cache_dir: Path, opts: TransferOptions | None = None
+) -> tuple[Manifest, Path]:
     """The manifest of ``release`` (a version, not ``latest``) and its cached path.
 
     Uses ``<cache>/releases/<ver>/manifest.json`` when present (no network), else fetches
@@ -686,8 +733,12 @@ def load_manifest(release: str, base_url: str, cache_dir: Path,
         url = check_base_url(base_url) + relative
         session = None if _is_file_url(url) else _new_session()
         try:
-            body = _with_retries(lambda: _get_bytes(url, opts, session), f"release manifest {url}", opts,
-                                 fix=f"Check that release {release} exists (try --release latest) and --base-url")
+            body = _with_retries(
+                lambda: _get_bytes(url, opts, session),
+                f"release manifest {url}",
+                opts,
+                fix=f"Check that release {release} exists (try --release latest) and --base-url",
+            )
         finally:
             if session is not None:
                 session.close()
@@ -698,15 +749,24 @@ def load_manifest(release: str, base_url: str, cache_dir: Path,
         atomic_write_text(path, body.decode())
         log.info("fetched manifest %s -> %s", url, path)
     if manifest.version != release:
-        raise InputError(f"{path}: manifest field 'version' is {manifest.version!r} but release {release} was asked "
-                         "for; delete the file to fetch it again")
+        raise InputError(
+            f"{path}: manifest field 'version' is {manifest.version!r} but release {release} was asked "
+            "for; delete the file to fetch it again"
+        )
     return manifest, path
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def download_entries(entries: dict[str, FileEntry], *, base_url: str, cache_dir: Path, jobs: int = 4,
-                     opts: TransferOptions | None = None, progress: bool = True,
-                     file_bars: bool = False) -> tuple[list[str], list[str], int]:
+def download_entries(
+    entries: dict[str, FileEntry],
+    *,
+    base_url: str,
+    cache_dir: Path,
+    jobs: int = 4,
+    opts: TransferOptions | None = None,
+    progress: bool = True,
+    file_bars: bool = False,
+) -> tuple[list[str], list[str], int]:
     """Fetch manifest entries into ``cache_dir`` in parallel.
 
     Returns ``(fetched, skipped, transferred_bytes)`` with relative paths. Raises ``DownloadError`` listing every
@@ -724,8 +784,13 @@ def download_entries(entries: dict[str, FileEntry], *, base_url: str, cache_dir:
         log.debug("already verified: %s", rel)
     pending = [entry for entry in unique.values() if entry.relative_path not in skipped]
     _check_free_space(pending, cache_dir)
-    log.info("%d files: %d already verified, %d to fetch or check (%s bytes)", len(unique), len(skipped),
-             len(pending), f"{sum(e.size for e in pending):,}")
+    log.info(
+        "%d files: %d already verified, %d to fetch or check (%s bytes)",
+        len(unique),
+        len(skipped),
+        len(pending),
+        f"{sum(e.size for e in pending):,}",
+    )
     fetched: list[str] = []
     failures: list[str] = []
     transferred = 0
@@ -737,8 +802,10 @@ def download_entries(entries: dict[str, FileEntry], *, base_url: str, cache_dir:
             logging_redirect_tqdm() if progress else contextlib.nullcontext(),
             ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="download") as pool,
         ):
-            tasks = {pool.submit(task.run): task for task in
-                     (_FileTask(e, base_url, cache_dir, registry, opts, bar) for e in pending)}
+            tasks = {
+                pool.submit(task.run): task
+                for task in (_FileTask(e, base_url, cache_dir, registry, opts, bar) for e in pending)
+            }
             for future in as_completed(tasks):
                 task = tasks[future]
                 transferred += task.transferred
@@ -765,14 +832,26 @@ def _check_free_space(pending: list[FileEntry], cache_dir: Path) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise DownloadError(f"--cache {cache_dir} has {free / 1e9:.1f} GB free but the remaining files need "
-                            f"{needed / 1e9:.1f} GB; free space or choose a cache on a larger filesystem")
+        raise DownloadError(
+            f"--cache {cache_dir} has {free / 1e9:.1f} GB free but the remaining files need "
+            f"{needed / 1e9:.1f} GB; free space or choose a cache on a larger filesystem"
+        )
 
 
-def download_dataset(dataset: str, *, release: str = "latest", base_url: str = DEFAULT_BASE_URL,
-                     cache_dir: Path, jobs: int = 4, retries: int = 5, progress: bool = True,
-                     backoff: float = 1.0, timeout: float = 60.0, chunk_size: int = 1 << 20,
-                     file_bars: bool = False) -> DownloadSummary:
+def download_dataset(
+    dataset: str,
+    *,
+    release: str = "latest",
+    base_url: str = DEFAULT_BASE_URL,
+    cache_dir: Path,
+    jobs: int = 4,
+    retries: int = 5,
+    progress: bool = True,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    chunk_size: int = 1 << 20,
+    file_bars: bool = False,
+) -> DownloadSummary:
     """Download and verify every file of a dataset profile into ``<cache_dir>/<relative_path>``.
 
     Args:
@@ -801,14 +880,26 @@ def download_dataset(dataset: str, *, release: str = "latest", base_url: str = D
     version = resolve_release(release, base_url, cache_dir, opts)
     manifest, manifest_path = load_manifest(version, base_url, cache_dir, opts)
     entries = profile.entries(manifest)
-    fetched, skipped, transferred = download_entries(entries, base_url=base_url, cache_dir=cache_dir, jobs=jobs,
-                                                     opts=opts, progress=progress, file_bars=file_bars)
+    fetched, skipped, transferred = download_entries(
+        entries, base_url=base_url, cache_dir=cache_dir, jobs=jobs, opts=opts, progress=progress, file_bars=file_bars
+    )
     summary = DownloadSummary(
-        dataset=dataset, release=version, manifest_path=manifest_path,
+        dataset=dataset,
+        release=version,
+        manifest_path=manifest_path,
         files={role: entry.local_path(cache_dir) for role, entry in entries.items()},
-        fetched=sorted(fetched), skipped=sorted(skipped), transferred_bytes=transferred,
+        fetched=sorted(fetched),
+        skipped=sorted(skipped),
+        transferred_bytes=transferred,
         seconds=time.perf_counter() - started,
     )
-    log.info("%s release %s: %d files fetched, %d already verified, %s bytes in %.1f s", dataset, version,
-             len(summary.fetched), len(summary.skipped), f"{transferred:,}", summary.seconds)
+    log.info(
+        "%s release %s: %d files fetched, %d already verified, %s bytes in %.1f s",
+        dataset,
+        version,
+        len(summary.fetched),
+        len(summary.skipped),
+        f"{transferred:,}",
+        summary.seconds,
+    )
     return summary

@@ -52,8 +52,11 @@ UNITS = {"um": 1e-3, "mm": 1.0}
 EXPRESSION = ("log2", "counts")
 SECTION = "brain_section_label"
 #: Blank / negative-control probe names (MERSCOPE ``Blank-NN``, Xenium ``NegControlProbe_*``, ...).
-BLANK_PATTERN = re.compile(r"^(blank|negcontrol|negprb|neg_control|unassignedcodeword|deprecatedcodeword|"
-                           r"intergenic|antisense)", re.IGNORECASE)
+BLANK_PATTERN = re.compile(
+    r"^(blank|negcontrol|negprb|neg_control|unassignedcodeword|deprecatedcodeword|"
+    r"intergenic|antisense)",
+    re.IGNORECASE,
+)
 #: Median distance (mm) between neighbouring cells that a tissue section can have; outside it the declared
 #: unit is wrong (µm read as mm gives ~1000x the distance, mm read as µm ~1/1000).
 NEIGHBOUR_DISTANCE_MM = (1e-4, 2.0)
@@ -89,17 +92,21 @@ def _open_anndata(path: Path, coordinates: str) -> UserTable:
     try:
         root = zarr.open_group(str(path), mode="r") if path.is_dir() else h5py.File(path, "r")
     except Exception as exc:  # noqa: BLE001 (h5py and zarr raise several types for "not this format")
-        raise InputError(f"{path} is not a readable AnnData .h5ad / .zarr ({exc}); write it with "
-                         f"adata.write_h5ad or adata.write_zarr") from None
+        raise InputError(
+            f"{path} is not a readable AnnData .h5ad / .zarr ({exc}); write it with "
+            f"adata.write_h5ad or adata.write_zarr"
+        ) from None
     for key in ("X", "obs", "var"):
         if key not in root:
             raise InputError(f"{path} has no '{key}'; it is not an AnnData file (write it with adata.write_h5ad)")
     obs, var = read_elem(root["obs"]), read_elem(root["var"])
     keys = list(root["obsm"].keys()) if "obsm" in root else []
     if coordinates not in keys:
-        raise InputError(f"{path}: obsm['{coordinates}'] (the cell coordinates) does not exist; obsm has "
-                         f"{keys or 'no keys'}. Pass the key of your coordinates (CLI --coordinates, config "
-                         f"source.coordinates) or store them as adata.obsm['spatial'] (n_cells x 2 or 3)")
+        raise InputError(
+            f"{path}: obsm['{coordinates}'] (the cell coordinates) does not exist; obsm has "
+            f"{keys or 'no keys'}. Pass the key of your coordinates (CLI --coordinates, config "
+            f"source.coordinates) or store them as adata.obsm['spatial'] (n_cells x 2 or 3)"
+        )
     coords = read_elem(root["obsm"][coordinates])
     coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
     x = root["X"]
@@ -113,8 +120,10 @@ def _open_anndata(path: Path, coordinates: str) -> UserTable:
             yield start, (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(np.float32, copy=False)
 
     if (n_obs, n_vars) != (len(obs), len(var)):
-        raise InputError(f"{path}: X is {n_obs} x {n_vars} but obs/var have {len(obs)} / {len(var)} rows; the file "
-                         f"is corrupt: write it again")
+        raise InputError(
+            f"{path}: X is {n_obs} x {n_vars} but obs/var have {len(obs)} / {len(var)} rows; the file "
+            f"is corrupt: write it again"
+        )
     return UserTable(path, "anndata", obs, var, coords, f"obsm['{coordinates}']", rows, {"anndata": str(path)})
 
 
@@ -127,15 +136,18 @@ def _merscope_file(folder: Path, name: str) -> Path:
         return found[0]
     listing = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     what = f"several files end with {name}: {[p.name for p in found]}" if found else f"no {name}"
-    raise InputError(f"MERSCOPE folder {folder}: {what} (files: {listing[:12]}); the folder needs "
-                     f"cell_by_gene.csv and cell_metadata.csv as written by the MERSCOPE Instrument/Vizualizer")
+    raise InputError(
+        f"MERSCOPE folder {folder}: {what} (files: {listing[:12]}); the folder needs "
+        f"cell_by_gene.csv and cell_metadata.csv as written by the MERSCOPE Instrument/Vizualizer"
+    )
 
 
 def _open_merscope(folder: Path) -> UserTable:
     """A MERSCOPE output folder: cell ids and metadata read, ``cell_by_gene.csv`` streamed."""
     if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder; give the MERSCOPE output folder (with cell_by_gene.csv "
-                         f"and cell_metadata.csv)")
+        raise InputError(
+            f"{folder} is not a folder; give the MERSCOPE output folder (with cell_by_gene.csv and cell_metadata.csv)"
+        )
     counts, meta_path = _merscope_file(folder, "cell_by_gene.csv"), _merscope_file(folder, "cell_metadata.csv")
     header = list(pd.read_csv(counts, nrows=0).columns)
     if len(header) < 2:
@@ -146,13 +158,17 @@ def _open_merscope(folder: Path) -> UserTable:
     meta.index = meta.index.astype(str)
     missing = [c for c in ("center_x", "center_y") if c not in meta.columns]
     if missing:
-        raise InputError(f"{meta_path} lacks the column(s) {missing} (cell centres in µm); it has "
-                         f"{list(meta.columns)}. Export cell_metadata.csv from MERSCOPE with the cell centres")
+        raise InputError(
+            f"{meta_path} lacks the column(s) {missing} (cell centres in µm); it has "
+            f"{list(meta.columns)}. Export cell_metadata.csv from MERSCOPE with the cell centres"
+        )
     ids.index = ids.to_numpy()
     absent = ids.index.difference(meta.index)
     if len(absent):
-        raise InputError(f"{meta_path}: {len(absent)} cell(s) of {counts.name} have no row, e.g. "
-                         f"{absent[:5].tolist()}; both files must come from the same MERSCOPE run")
+        raise InputError(
+            f"{meta_path}: {len(absent)} cell(s) of {counts.name} have no row, e.g. "
+            f"{absent[:5].tolist()}; both files must come from the same MERSCOPE run"
+        )
     if ids.index.has_duplicates:
         dup = ids.index[ids.index.duplicated()].unique()[:5].tolist()
         raise InputError(f"{counts}: duplicate cell ids {dup} in the first column; cell names must be unique")
@@ -177,8 +193,16 @@ def _open_merscope(folder: Path) -> UserTable:
         if start != n_obs:
             raise InputError(f"{counts}: read {start} rows, expected {n_obs}; the file changed while importing")
 
-    return UserTable(folder, "merscope", obs, var, coords, f"{meta_path.name} center_x, center_y", rows,
-                     {"counts": str(counts), "metadata": str(meta_path)})
+    return UserTable(
+        folder,
+        "merscope",
+        obs,
+        var,
+        coords,
+        f"{meta_path.name} center_x, center_y",
+        rows,
+        {"counts": str(counts), "metadata": str(meta_path)},
+    )
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -187,8 +211,10 @@ def _check_coordinates(table: UserTable, unit: str) -> np.ndarray:
     c = np.asarray(table.coords)
     where = f"{table.path}: {table.coords_field}"
     if c.ndim != 2 or c.shape[1] < 2:
-        raise InputError(f"{where} has shape {c.shape}; cell coordinates need 2 (x, y) or 3 (x, y, z) columns. "
-                         f"Store them as an (n_cells, 2) or (n_cells, 3) array")
+        raise InputError(
+            f"{where} has shape {c.shape}; cell coordinates need 2 (x, y) or 3 (x, y, z) columns. "
+            f"Store them as an (n_cells, 2) or (n_cells, 3) array"
+        )
     if c.shape[1] > 3:
         raise InputError(f"{where} has {c.shape[1]} columns; cell coordinates need 2 (x, y) or 3 (x, y, z)")
     if c.shape[0] != len(table.obs):
@@ -200,8 +226,10 @@ def _check_coordinates(table: UserTable, unit: str) -> np.ndarray:
     bad = ~np.isfinite(c).all(axis=1)
     if bad.any():
         names = table.obs.index[bad][:5].tolist()
-        raise InputError(f"{where}: {int(bad.sum())} cell(s) have NaN or infinite coordinates, e.g. {names}; "
-                         f"drop those cells (adata = adata[np.isfinite(adata.obsm[key]).all(1)]) before importing")
+        raise InputError(
+            f"{where}: {int(bad.sum())} cell(s) have NaN or infinite coordinates, e.g. {names}; "
+            f"drop those cells (adata = adata[np.isfinite(adata.obsm[key]).all(1)]) before importing"
+        )
     if unit not in UNITS:
         raise InputError(f"unit must be one of {', '.join(UNITS)} (of the coordinates), got {unit!r}")
     return c * UNITS[unit]
@@ -230,13 +258,21 @@ def _check_density(distance: float, unit: str, where: str) -> None:
     if not np.isfinite(distance) or lo <= distance <= hi:
         return
     if distance > hi:
-        fix = "the coordinates look like µm declared as mm: import with unit um" if unit == "mm" else \
-            "the coordinates are in a unit larger than µm (pixels of a downscaled image?): convert them to µm or mm"
+        fix = (
+            "the coordinates look like µm declared as mm: import with unit um"
+            if unit == "mm"
+            else "the coordinates are in a unit larger than µm (pixels of a downscaled image?): convert them to µm or mm"
+        )
     else:
-        fix = "the coordinates look like mm declared as µm: import with unit mm" if unit == "um" else \
-            "the coordinates are in a unit smaller than mm: convert them to µm or mm"
-    raise InputError(f"{where}: cells are a median {distance:.3g} mm from their nearest neighbour after reading "
-                     f"the coordinates as {unit}, outside the {lo}-{hi} mm a tissue section has; {fix}")
+        fix = (
+            "the coordinates look like mm declared as µm: import with unit mm"
+            if unit == "um"
+            else "the coordinates are in a unit smaller than mm: convert them to µm or mm"
+        )
+    raise InputError(
+        f"{where}: cells are a median {distance:.3g} mm from their nearest neighbour after reading "
+        f"the coordinates as {unit}, outside the {lo}-{hi} mm a tissue section has; {fix}"
+    )
 
 
 def _sections(table: UserTable, section: str | None, section_name: str | None) -> pd.Series:
@@ -244,13 +280,16 @@ def _sections(table: UserTable, section: str | None, section_name: str | None) -
         name = section_name or table.path.name.split(".")[0]
         return pd.Series(name, index=table.obs.index, dtype=object)
     if section not in table.obs.columns:
-        raise InputError(f"{table.path}: obs has no section column {section!r}; columns: "
-                         f"{list(table.obs.columns)}. Name the section/batch column (CLI --section) or leave it "
-                         f"out for one section")
+        raise InputError(
+            f"{table.path}: obs has no section column {section!r}; columns: "
+            f"{list(table.obs.columns)}. Name the section/batch column (CLI --section) or leave it "
+            f"out for one section"
+        )
     col = table.obs[section]
     if col.isna().any():
-        raise InputError(f"{table.path}: obs['{section}'] is missing for {int(col.isna().sum())} cell(s); every "
-                         f"cell needs a section")
+        raise InputError(
+            f"{table.path}: obs['{section}'] is missing for {int(col.isna().sum())} cell(s); every cell needs a section"
+        )
     return col.astype(str)
 
 
@@ -261,8 +300,10 @@ def _obs_columns(obs: pd.DataFrame, labels: Sequence[str], path: Path) -> tuple[
         if name not in obs.columns:
             raise InputError(f"{path}: label column {name!r} is not in obs; columns: {list(obs.columns)}")
         if obs[name].isna().all():
-            raise InputError(f"{path}: label column obs['{name}'] is missing for every cell; label at least some "
-                             f"cells or leave it out of the labels")
+            raise InputError(
+                f"{path}: label column obs['{name}'] is missing for every cell; label at least some "
+                f"cells or leave it out of the labels"
+            )
     for name in obs.columns:
         col = obs[name]
         if "/" in str(name):
@@ -289,8 +330,9 @@ def _gene_table(var: pd.DataFrame, gene_symbols: str | None, path: Path) -> pd.D
     names = pd.Index(var.index.astype(str))
     if names.has_duplicates:
         dup = names[names.duplicated()].unique()[:5].tolist()
-        raise InputError(f"{path}: duplicate gene names {dup} in var_names; make them unique "
-                         f"(adata.var_names_make_unique())")
+        raise InputError(
+            f"{path}: duplicate gene names {dup} in var_names; make them unique (adata.var_names_make_unique())"
+        )
     if gene_symbols is not None and gene_symbols not in var.columns:
         raise InputError(f"{path}: var has no gene symbol column {gene_symbols!r}; columns: {list(var.columns)}")
     if gene_symbols is None:
@@ -301,8 +343,9 @@ def _gene_table(var: pd.DataFrame, gene_symbols: str | None, path: Path) -> pd.D
     var.index = names
     var.index.name = "gene_identifier"
     var["gene_symbol"] = symbols
-    var["blank"] = np.array([bool(BLANK_PATTERN.match(s)) or bool(BLANK_PATTERN.match(g))
-                             for s, g in zip(symbols, names)], dtype=bool)
+    var["blank"] = np.array(
+        [bool(BLANK_PATTERN.match(s)) or bool(BLANK_PATTERN.match(g)) for s, g in zip(symbols, names)], dtype=bool
+    )
     for col in var.columns:
         if var[col].dtype == object or isinstance(var[col].dtype, pd.StringDtype):
             var[col] = var[col].astype(str)
@@ -310,10 +353,21 @@ def _gene_table(var: pd.DataFrame, gene_symbols: str | None, path: Path) -> pd.D
 
 
 # ------------------------------------------------------------------------------------------ main
-def import_user_data(kind: str, path: str | Path, out: str | Path, *, coordinates: str = "spatial",
-                     unit: str = "um", section: str | None = None, section_name: str | None = None,
-                     labels: Sequence[str] = (), gene_symbols: str | None = None, expression: str | None = None,
-                     chunk_cells: int = 100_000, progress: bool = True) -> Path:
+def import_user_data(
+    kind: str,
+    path: str | Path,
+    out: str | Path,
+    *,
+    coordinates: str = "spatial",
+    unit: str = "um",
+    section: str | None = None,
+    section_name: str | None = None,
+    labels: Sequence[str] = (),
+    gene_symbols: str | None = None,
+    expression: str | None = None,
+    chunk_cells: int = 100_000,
+    progress: bool = True,
+) -> Path:
     """Import a user dataset into a ``cells.zarr`` at ``out`` (replaced atomically); returns ``out``.
 
     Args:
@@ -344,8 +398,9 @@ def import_user_data(kind: str, path: str | Path, out: str | Path, *, coordinate
         raise InputError(f"expression must be one of {', '.join(EXPRESSION)}, got {expression!r}")
     if table.obs.index.has_duplicates:
         dup = table.obs.index[table.obs.index.duplicated()].unique()[:5].tolist()
-        raise InputError(f"{path}: duplicate cell names {dup}; cell names (obs_names) must be unique "
-                         f"(adata.obs_names_make_unique())")
+        raise InputError(
+            f"{path}: duplicate cell names {dup}; cell names (obs_names) must be unique (adata.obs_names_make_unique())"
+        )
     if len(table.obs) == 0:
         raise InputError(f"{path} holds no cells")
     coords = _check_coordinates(table, unit)
@@ -353,8 +408,11 @@ def import_user_data(kind: str, path: str | Path, out: str | Path, *, coordinate
     var = _gene_table(table.var, gene_symbols, path)
     labels = list(labels)
     numeric, categorical, obs = _obs_columns(table.obs, labels, path)
-    section_z = (pd.Series(coords[:, 2], index=obs.index).groupby(sections.to_numpy()).median()
-                 if coords.shape[1] == 3 else pd.Series(np.nan, index=sorted(sections.unique())))
+    section_z = (
+        pd.Series(coords[:, 2], index=obs.index).groupby(sections.to_numpy()).median()
+        if coords.shape[1] == 3
+        else pd.Series(np.nan, index=sorted(sections.unique()))
+    )
     order = sorted(section_z.index, key=lambda s: (section_z[s] if np.isfinite(section_z[s]) else 0.0, s))
     obs[SECTION] = sections.to_numpy()
     obs["z_section"] = section_z.loc[sections.to_numpy()].to_numpy(np.float64)
@@ -365,32 +423,58 @@ def import_user_data(kind: str, path: str | Path, out: str | Path, *, coordinate
     obsm = {"spatial": 2, **({"spatial_3d": 3} if coords.shape[1] == 3 else {})}
     columns = [c for c in obs.columns if c not in (SECTION, "z_section")]
     n, n_genes = len(obs), len(var)
-    log.info("importing %s (%s): %d cells x %d genes (%d blank), %d section(s), coordinates %dD in %s",
-             path, kind, n, n_genes, int(var["blank"].sum()), len(order), coords.shape[1], unit)
+    log.info(
+        "importing %s (%s): %d cells x %d genes (%d blank), %d section(s), coordinates %dD in %s",
+        path,
+        kind,
+        n,
+        n_genes,
+        int(var["blank"].sum()),
+        len(order),
+        coords.shape[1],
+        unit,
+    )
     with staged_output(out) as staging:
-        writer = ChunkedAnnDataWriter(staging, n_obs=n, var=var, chunk_rows=chunk_cells, index_name="cell_label",
-                                      numeric_obs=numeric, categorical_obs=categorical, obsm=obsm,
-                                      obs_order=[SECTION, "z_section", *columns])
+        writer = ChunkedAnnDataWriter(
+            staging,
+            n_obs=n,
+            var=var,
+            chunk_rows=chunk_cells,
+            index_name="cell_label",
+            numeric_obs=numeric,
+            categorical_obs=categorical,
+            obsm=obsm,
+            obs_order=[SECTION, "z_section", *columns],
+        )
         names = obs.index.to_numpy(dtype=object)
         done = 0
         from tqdm.auto import tqdm
 
-        for start, x in tqdm(table.rows(chunk_cells), total=-(-n // chunk_cells), desc="import", unit="chunk",
-                             disable=not progress):
+        for start, x in tqdm(
+            table.rows(chunk_cells), total=-(-n // chunk_cells), desc="import", unit="chunk", disable=not progress
+        ):
             stop = start + len(x)
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():
                 bad = names[start:stop][~finite][:5].tolist()
-                raise InputError(f"{path}: expression of {int((~finite).sum())} cell(s) from row {start} is NaN "
-                                 f"or infinite, e.g. {bad}; fix or drop those cells before importing")
+                raise InputError(
+                    f"{path}: expression of {int((~finite).sum())} cell(s) from row {start} is NaN "
+                    f"or infinite, e.g. {bad}; fix or drop those cells before importing"
+                )
             if expression == "counts":
                 if (x < 0).any():
-                    raise InputError(f"{path}: negative values in rows {start}-{stop} but expression='counts'; "
-                                     f"give raw counts or import with expression log2")
+                    raise InputError(
+                        f"{path}: negative values in rows {start}-{stop} but expression='counts'; "
+                        f"give raw counts or import with expression log2"
+                    )
                 x = np.log2(x + np.float32(1))
             elif start == 0 and x.size and x.max() > 30:
-                log.warning("%s: X reaches %.0f, more than log2 expression does; if X holds counts, import with "
-                            "expression counts", path, float(x.max()))
+                log.warning(
+                    "%s: X reaches %.0f, more than log2 expression does; if X holds counts, import with "
+                    "expression counts",
+                    path,
+                    float(x.max()),
+                )
             rows = obs.iloc[start:stop]
             block = {"spatial": coords[start:stop, :2]}
             if coords.shape[1] == 3:
@@ -399,12 +483,29 @@ def import_user_data(kind: str, path: str | Path, out: str | Path, *, coordinate
             done = stop
         if done != n:
             raise InputError(f"{path}: X has {done} rows, expected {n}")
-        writer.write_uns({"abc_pipeline": {"import": {
-            "kind": kind, "source": str(path.resolve()), "files": table.files, "coordinates": table.coords_field,
-            "input_unit": unit, "units": "mm", "section_column": section or "None", "labels": labels,
-            "expression": expression, "stored": "log2(x + 1)" if expression == "counts" else "as given",
-            "n_cells": n, "n_genes": n_genes, "n_blank": int(var["blank"].sum()), "n_sections": len(order),
-            "median_neighbour_distance_mm": distance}}})
+        writer.write_uns(
+            {
+                "abc_pipeline": {
+                    "import": {
+                        "kind": kind,
+                        "source": str(path.resolve()),
+                        "files": table.files,
+                        "coordinates": table.coords_field,
+                        "input_unit": unit,
+                        "units": "mm",
+                        "section_column": section or "None",
+                        "labels": labels,
+                        "expression": expression,
+                        "stored": "log2(x + 1)" if expression == "counts" else "as given",
+                        "n_cells": n,
+                        "n_genes": n_genes,
+                        "n_blank": int(var["blank"].sum()),
+                        "n_sections": len(order),
+                        "median_neighbour_distance_mm": distance,
+                    }
+                }
+            }
+        )
         writer.close()
     log.info("imported %d cells x %d genes in %.1f s -> %s", n, n_genes, time.perf_counter() - t0, out)
     return out

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from abc_pipeline.errors import InputError
 
@@ -56,7 +57,11 @@ class FileEntry:
 
 def safe_relative_path(relative_path: str) -> str:
     """Return ``relative_path`` normalised, or raise if it is absolute or escapes its root with ``..``."""
-    if not relative_path or relative_path.startswith(("/", "\\")) or (len(relative_path) > 1 and relative_path[1] == ":"):
+    if (
+        not relative_path
+        or relative_path.startswith(("/", "\\"))
+        or (len(relative_path) > 1 and relative_path[1] == ":")
+    ):
         raise InputError(
             f"manifest entry relative_path {relative_path!r} is absolute; a release manifest must only hold paths "
             "relative to the bucket root. The manifest is corrupt or not an ABC Atlas manifest."
@@ -80,8 +85,10 @@ class Manifest:
 
     def __init__(self, data: Mapping[str, Any], source: str = "<manifest>") -> None:
         if not isinstance(data, Mapping) or not isinstance(data.get("file_listing", {}), Mapping):
-            raise InputError(f"{source}: not an ABC Atlas release manifest (the top level and 'file_listing' must be "
-                             "JSON objects); delete it and download it again")
+            raise InputError(
+                f"{source}: not an ABC Atlas release manifest (the top level and 'file_listing' must be "
+                "JSON objects); delete it and download it again"
+            )
         for key in ("version", "file_listing"):
             if key not in data:
                 raise InputError(f"{source}: manifest has no {key!r} key; expected an ABC Atlas release manifest.json")
@@ -92,7 +99,7 @@ class Manifest:
         self.data = data
 
     @classmethod
-    def from_path(cls, path: Path) -> "Manifest":
+    def from_path(cls, path: Path) -> Manifest:
         try:
             text = Path(path).read_text()
         except FileNotFoundError:
@@ -136,8 +143,10 @@ class Manifest:
         try:
             return self._resolve(directory, file_name)
         except (TypeError, ValueError, AttributeError) as exc:  # a field of the wrong JSON type
-            raise InputError(f"{self.source}: entry {directory}/{file_name} has a field of the wrong type ({exc}); the "
-                             "manifest is damaged or not an ABC Atlas manifest: delete it and download it again") from None
+            raise InputError(
+                f"{self.source}: entry {directory}/{file_name} has a field of the wrong type ({exc}); the "
+                "manifest is damaged or not an ABC Atlas manifest: delete it and download it again"
+            ) from None
 
     def _resolve(self, directory: str, file_name: str) -> FileEntry:
         tag, _, kind = file_name.partition("/")

@@ -82,18 +82,30 @@ RELEASE_FILES: tuple[tuple[str, str, str, str], ...] = (
     ("Allen-CCF-2020", "metadata", "20230630", "views/parcellation_to_parcellation_term_membership_color.csv"),
 )
 CELL_METADATA_COLUMNS = [
-    "cell_label", "brain_section_label", "cluster_alias", "average_correlation_score", "feature_matrix_label",
-    "donor_label", "donor_genotype", "donor_sex", "x", "y", "z", "abc_sample_id",
+    "cell_label",
+    "brain_section_label",
+    "cluster_alias",
+    "average_correlation_score",
+    "feature_matrix_label",
+    "donor_label",
+    "donor_genotype",
+    "donor_sex",
+    "x",
+    "y",
+    "z",
+    "abc_sample_id",
 ]
 COORDINATE_COLUMNS = ["cell_label", "x", "y", "z", "parcellation_index"]
 PARCELLATION_LEVELS = ("organ", "category", "division", "structure", "substructure")
 
 # Reconstructed (x LR, y DV, z AP 0-14.6; mm) -> CCF (x AP 0-13.2, y DV, z LR; mm): axis swap, scale, pitch and offset.
-CCF_AFFINE = np.array([
-    [0.0, 0.05, 0.85],
-    [0.0, 0.98, -0.02],
-    [1.02, 0.0, 0.0],
-])
+CCF_AFFINE = np.array(
+    [
+        [0.0, 0.05, 0.85],
+        [0.0, 0.98, -0.02],
+        [1.02, 0.0, 0.0],
+    ]
+)
 CCF_OFFSET = np.array([6.6, 4.0, 5.7]) - CCF_AFFINE @ np.array([5.5, 5.3, 7.3])
 _SECTION_CENTER = np.array([5.5, 5.5])  # rotation centre of the section transforms, mm
 
@@ -161,11 +173,13 @@ class _H5adAppender:
             write_elem(self._file, "obs", obs, dataset_kwargs={"maxshape": (None,)})
             write_elem(self._file, "X", matrix)
         else:
-            for key, values in (("obs/cell_label", labels.astype(object)),
-                                ("obs/brain_section_label/codes", section_codes)):
+            for key, values in (
+                ("obs/cell_label", labels.astype(object)),
+                ("obs/brain_section_label/codes", section_codes),
+            ):
                 dset = self._file[key]
                 dset.resize((self.n_obs + n,))
-                dset[self.n_obs:] = values
+                dset[self.n_obs :] = values
             sparse_dataset(self._file["X"]).append(matrix)
         self.n_obs += n
 
@@ -212,10 +226,16 @@ def _plan_sections(n_cells: int, n_sections: int, seed: int) -> list[_Section]:
         rng = np.random.default_rng([seed, 2, int(k)])
         z = section_z(SECTION_NUMBERS[k])
         over_precise = z > 0 and rng.random() < 0.3
-        sections.append(_Section(
-            number=SECTION_NUMBERS[k], k=int(k), n_cells=int(n), angle=float(rng.uniform(-0.35, 0.35)),
-            shift=rng.uniform(-0.6, 0.6, 2), z_written=float(f"{z - 1e-7:.7f}") if over_precise else z,
-        ))
+        sections.append(
+            _Section(
+                number=SECTION_NUMBERS[k],
+                k=int(k),
+                n_cells=int(n),
+                angle=float(rng.uniform(-0.35, 0.35)),
+                shift=rng.uniform(-0.6, 0.6, 2),
+                z_written=float(f"{z - 1e-7:.7f}") if over_precise else z,
+            )
+        )
     return sections
 
 
@@ -255,9 +275,9 @@ class _Chunk:
         return m
 
 
-def _simulate_block(model: BrainModel, section: _Section, block: int, n: int, seed: int,
-                    ccf_fraction_missing: float) -> tuple[np.ndarray, CellBlock, pd.DataFrame, pd.DataFrame,
-                                                          pd.DataFrame]:
+def _simulate_block(
+    model: BrainModel, section: _Section, block: int, n: int, seed: int, ccf_fraction_missing: float
+) -> tuple[np.ndarray, CellBlock, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Cells ``block * BLOCK_CELLS ...`` of one section: labels, expression and the three CSV row sets.
 
     CSV rows are shuffled within the block (the real files are not in expression-file order).
@@ -276,16 +296,32 @@ def _simulate_block(model: BrainModel, section: _Section, block: int, n: int, se
     in_metadata, has_ccf = in_metadata[order], has_ccf[order]
     alias = model.taxonomy.cluster_alias.to_numpy()[cells.cluster]
     pindex = model.parcellation.parcellation_index.to_numpy()[cells.leaf]
-    metadata = pd.DataFrame({
-        "cell_label": labels[order], "brain_section_label": section.label, "cluster_alias": alias[order],
-        "average_correlation_score": score[order], "feature_matrix_label": FEATURE_MATRIX,
-        "donor_label": FEATURE_MATRIX, "donor_genotype": "wt/wt", "donor_sex": "M",
-        "x": section_xy[order, 0], "y": section_xy[order, 1], "z": section.z_written,
-        "abc_sample_id": _uuids(rng, n),
-    })[in_metadata]
+    metadata = pd.DataFrame(
+        {
+            "cell_label": labels[order],
+            "brain_section_label": section.label,
+            "cluster_alias": alias[order],
+            "average_correlation_score": score[order],
+            "feature_matrix_label": FEATURE_MATRIX,
+            "donor_label": FEATURE_MATRIX,
+            "donor_genotype": "wt/wt",
+            "donor_sex": "M",
+            "x": section_xy[order, 0],
+            "y": section_xy[order, 1],
+            "z": section.z_written,
+            "abc_sample_id": _uuids(rng, n),
+        }
+    )[in_metadata]
     xyz = cells.xyz[order][has_ccf]
-    rec = pd.DataFrame({"cell_label": labels[order][has_ccf], "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
-                        "parcellation_index": pindex[order][has_ccf]})
+    rec = pd.DataFrame(
+        {
+            "cell_label": labels[order][has_ccf],
+            "x": xyz[:, 0],
+            "y": xyz[:, 1],
+            "z": xyz[:, 2],
+            "parcellation_index": pindex[order][has_ccf],
+        }
+    )
     ccf_xyz = xyz @ CCF_AFFINE.T + CCF_OFFSET
     ccf = rec.assign(x=ccf_xyz[:, 0], y=ccf_xyz[:, 1], z=ccf_xyz[:, 2])
     return labels, cells, metadata, rec, ccf
@@ -309,13 +345,23 @@ def build_manifest(release: str, files: dict[str, tuple[int, str]]) -> dict:
             tag, ext = base.rsplit(".", 1)
             kinds[tag] = {"files": {ext: entry}}
         dir_rel = relative_path(directory, kind, version, "").rstrip("/")
-        listing = directory_listing.setdefault(directory, {"directories": {}})["directories"].setdefault(kind, {
-            "version": version, "relative_path": dir_rel, "url": f"{BUCKET_URL}{dir_rel}/",
-            "view_link": f"{BUCKET_URL}index.html#{dir_rel}/", "total_size": 0,
-        })
+        listing = directory_listing.setdefault(directory, {"directories": {}})["directories"].setdefault(
+            kind,
+            {
+                "version": version,
+                "relative_path": dir_rel,
+                "url": f"{BUCKET_URL}{dir_rel}/",
+                "view_link": f"{BUCKET_URL}index.html#{dir_rel}/",
+                "total_size": 0,
+            },
+        )
         listing["total_size"] += size
-    return {"version": release, "resource_uri": RESOURCE_URI, "directory_listing": directory_listing,
-            "file_listing": file_listing}
+    return {
+        "version": release,
+        "resource_uri": RESOURCE_URI,
+        "directory_listing": directory_listing,
+        "file_listing": file_listing,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- tree
@@ -324,13 +370,17 @@ def _write_static_tables(model: BrainModel, root: Path, files: dict[str, tuple[i
     tables = {
         "gene.csv": model.genes,
         "views/cluster_to_cluster_annotation_membership_pivoted.csv": model.taxonomy[
-            ["cluster_alias", *TAXONOMY_LEVELS]],
+            ["cluster_alias", *TAXONOMY_LEVELS]
+        ],
         "views/cluster_to_cluster_annotation_membership_color.csv": model.taxonomy[
-            ["cluster_alias", *(f"{lvl}_color" for lvl in TAXONOMY_LEVELS)]],
+            ["cluster_alias", *(f"{lvl}_color" for lvl in TAXONOMY_LEVELS)]
+        ],
         "views/parcellation_to_parcellation_term_membership_acronym.csv": model.parcellation[
-            ["parcellation_index", *PARCELLATION_LEVELS]],
+            ["parcellation_index", *PARCELLATION_LEVELS]
+        ],
         "views/parcellation_to_parcellation_term_membership_color.csv": model.parcellation[
-            ["parcellation_index", *(f"{lvl}_color" for lvl in PARCELLATION_LEVELS)]],
+            ["parcellation_index", *(f"{lvl}_color" for lvl in PARCELLATION_LEVELS)]
+        ],
     }
     for directory, kind, version, name in RELEASE_FILES:
         if name in tables:
@@ -376,27 +426,40 @@ def write_synthetic_release(
     log.info("synthetic release %s: %d cells in %d sections, seed %d -> %s", release, n_cells, n_sections, seed, out)
     with staged_output(out, "synthetic-release") as tmp:
         n_clusters = default_n_clusters(n_cells) if n_clusters is None else max(n_clusters, 1)
-        manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, n_clusters,
-                                    progress)
+        manifest_path = _write_tree(tmp, n_cells, seed, release, max(chunk_cells, 1), n_sections, n_clusters, progress)
     log.info("synthetic release written: %s", out / manifest_path)
     return out / manifest_path
 
 
-def _write_tree(root: Path, n_cells: int, seed: int, release: str, chunk_cells: int, n_sections: int,
-                n_clusters: int, progress: bool) -> Path:
+def _write_tree(
+    root: Path,
+    n_cells: int,
+    seed: int,
+    release: str,
+    chunk_cells: int,
+    n_sections: int,
+    n_clusters: int,
+    progress: bool,
+) -> Path:
     sections = _plan_sections(n_cells, n_sections, seed)
     model = BrainModel(seed, [s.z for s in sections], n_clusters)
     files: dict[str, tuple[int, str]] = {}
     _write_static_tables(model, root, files)
     rel = {name: relative_path(d, k, v, name) for d, k, v, name in RELEASE_FILES}
-    csv = {name: _HashingWriter(root / rel[name])
-           for name in ("cell_metadata.csv", "reconstructed_coordinates.csv", "ccf_coordinates.csv")}
+    csv = {
+        name: _HashingWriter(root / rel[name])
+        for name in ("cell_metadata.csv", "reconstructed_coordinates.csv", "ccf_coordinates.csv")
+    }
     var = model.genes.set_index("gene_identifier")[["gene_symbol", "transcript_identifier"]]
-    uns = {"accessed_on": f"{release[:4]}-{release[4:6]}-{release[6:]}",
-           "src": f"synthetic ABC release (abc_pipeline.atlas.synthetic, seed {seed})"}
+    uns = {
+        "accessed_on": f"{release[:4]}-{release[4:6]}-{release[6:]}",
+        "src": f"synthetic ABC release (abc_pipeline.atlas.synthetic, seed {seed})",
+    }
     section_labels = [s.label for s in sections]
-    h5 = {variant: _H5adAppender(root / rel[f"C57BL6J-638850-{variant}.h5ad"], var, section_labels, uns)
-          for variant in ("raw", "log2")}
+    h5 = {
+        variant: _H5adAppender(root / rel[f"C57BL6J-638850-{variant}.h5ad"], var, section_labels, uns)
+        for variant in ("raw", "log2")
+    }
     header = True
 
     def flush(chunk: _Chunk) -> None:
@@ -404,9 +467,11 @@ def _write_tree(root: Path, n_cells: int, seed: int, release: str, chunk_cells: 
         labels, codes = np.concatenate(chunk.labels), np.concatenate(chunk.codes)
         for variant, values in (("raw", "counts"), ("log2", "log2")):
             h5[variant].append(labels, codes, chunk.matrix(values, len(var)))
-        for name, frames in (("cell_metadata.csv", chunk.metadata), ("reconstructed_coordinates.csv",
-                                                                     chunk.reconstructed),
-                             ("ccf_coordinates.csv", chunk.ccf)):
+        for name, frames in (
+            ("cell_metadata.csv", chunk.metadata),
+            ("reconstructed_coordinates.csv", chunk.reconstructed),
+            ("ccf_coordinates.csv", chunk.ccf),
+        ):
             csv[name].write_csv(pd.concat(frames, ignore_index=True), header=header)
         header = False
 

@@ -58,9 +58,12 @@ def load_release_cells(root: Path) -> ReleaseCells:
     rec = pd.read_csv(paths["reconstructed_coordinates.csv"], dtype={"cell_label": str})
     tax = pd.read_csv(paths["cluster_to_cluster_annotation_membership_pivoted.csv"], keep_default_na=False)
     par = pd.read_csv(paths["parcellation_to_parcellation_term_membership_acronym.csv"])
-    obs = (meta[["cell_label", "brain_section_label", "cluster_alias", "x", "y"]]
-           .merge(rec[["cell_label", "parcellation_index"]], on="cell_label")
-           .merge(tax, on="cluster_alias").merge(par, on="parcellation_index"))
+    obs = (
+        meta[["cell_label", "brain_section_label", "cluster_alias", "x", "y"]]
+        .merge(rec[["cell_label", "parcellation_index"]], on="cell_label")
+        .merge(tax, on="cluster_alias")
+        .merge(par, on="parcellation_index")
+    )
     adata = anndata.read_h5ad(paths["C57BL6J-638850-log2.h5ad"])
     log2 = adata[obs.cell_label.to_numpy()].X.tocsr()
     return ReleaseCells(obs, log2, adata.var.gene_symbol.to_numpy())
@@ -87,19 +90,33 @@ def bla_comparison(cells: ReleaseCells, real_excerpts: Path) -> pd.DataFrame:
         for gene in expr.columns[1:]:
             real = _stats(expr[gene].to_numpy()[idx])
             synth = _stats(cells.log2[synthetic][:, column[gene]].toarray().ravel())
-            rows.append({"subclass": subclass, "gene": gene, "real_cells": len(idx), "synthetic_cells": len(synthetic),
-                         **{f"real_{k}": v for k, v in real.items()}, **{f"synthetic_{k}": v for k, v in synth.items()}})
+            rows.append(
+                {
+                    "subclass": subclass,
+                    "gene": gene,
+                    "real_cells": len(idx),
+                    "synthetic_cells": len(synthetic),
+                    **{f"real_{k}": v for k, v in real.items()},
+                    **{f"synthetic_{k}": v for k, v in synth.items()},
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def bla_summary(table: pd.DataFrame) -> dict[str, float]:
     """Median and 90th percentile absolute differences of :func:`bla_comparison` (keys as in TOLERANCES)."""
     zero = (table.synthetic_zero_fraction - table.real_zero_fraction).abs()
-    quant = pd.concat([(table[f"synthetic_q{int(q * 100)}"] - table[f"real_q{int(q * 100)}"]).abs()
-                       for q in QUANTILES]).dropna()
-    return {"zero_fraction_median_abs": float(zero.median()), "zero_fraction_p90_abs": float(zero.quantile(0.9)),
-            "quantile_median_abs": float(quant.median()), "quantile_p90_abs": float(quant.quantile(0.9)),
-            "pairs": len(table), "subclasses": table.subclass.nunique()}
+    quant = pd.concat(
+        [(table[f"synthetic_q{int(q * 100)}"] - table[f"real_q{int(q * 100)}"]).abs() for q in QUANTILES]
+    ).dropna()
+    return {
+        "zero_fraction_median_abs": float(zero.median()),
+        "zero_fraction_p90_abs": float(zero.quantile(0.9)),
+        "quantile_median_abs": float(quant.median()),
+        "quantile_p90_abs": float(quant.quantile(0.9)),
+        "pairs": len(table),
+        "subclasses": table.subclass.nunique(),
+    }
 
 
 def held_out_sections(sections: np.ndarray, every: int = 4) -> np.ndarray:
@@ -108,8 +125,13 @@ def held_out_sections(sections: np.ndarray, every: int = 4) -> np.ndarray:
     return pd.Series(sections).isin(set(labels[1::every])).to_numpy()
 
 
-def learnability(cells: ReleaseCells, levels: tuple[str, ...] = ("class", "subclass", "supertype", "cluster"),
-                 n_neighbours: int = 15, n_components: int = 50, seed: int = 0) -> pd.DataFrame:
+def learnability(
+    cells: ReleaseCells,
+    levels: tuple[str, ...] = ("class", "subclass", "supertype", "cluster"),
+    n_neighbours: int = 15,
+    n_components: int = 50,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Held-out-section accuracy per level of a logistic regression on the cell's own expression (first
     ``n_components`` principal components of the 500 panel genes) and on own + the mean of its ``n_neighbours``
     nearest cells in the section. Test cells whose label is absent from training are left out; ``chance`` is
@@ -132,8 +154,13 @@ def learnability(cells: ReleaseCells, levels: tuple[str, ...] = ("class", "subcl
         y = cells.obs[level].to_numpy()
         keep = test & pd.Series(y).isin(set(y[~test])).to_numpy()
         majority = pd.Series(y[~test]).value_counts().index[0]
-        row = {"level": level, "labels": len(np.unique(y)), "train_cells": int((~test).sum()),
-               "test_cells": int(keep.sum()), "chance": float((y[keep] == majority).mean())}
+        row = {
+            "level": level,
+            "labels": len(np.unique(y)),
+            "train_cells": int((~test).sum()),
+            "test_cells": int(keep.sum()),
+            "chance": float((y[keep] == majority).mean()),
+        }
         for name, features in (("own", own), ("own+neighbourhood", both)):
             model = LogisticRegression(max_iter=200, tol=1e-3, random_state=seed)
             row[name] = float(model.fit(features[~test], y[~test]).score(features[keep], y[keep]))
@@ -141,8 +168,9 @@ def learnability(cells: ReleaseCells, levels: tuple[str, ...] = ("class", "subcl
     return pd.DataFrame(rows)
 
 
-def bla_gene_separability(cells: ReleaseCells, real_excerpts: Path, subclasses: list[str], seed: int = 0
-                          ) -> dict[str, float]:
+def bla_gene_separability(
+    cells: ReleaseCells, real_excerpts: Path, subclasses: list[str], seed: int = 0
+) -> dict[str, float]:
     """Subclass accuracy from the 11 real BLA genes alone (5-fold cross-validated logistic regression over the
     ``subclasses``, balanced by subsampling each to the smallest count), real cells vs synthetic cells."""
     from sklearn.model_selection import cross_val_score
@@ -155,8 +183,10 @@ def bla_gene_separability(cells: ReleaseCells, real_excerpts: Path, subclasses: 
     n = min(min((real_y == s).sum(), (synth_y == s).sum()) for s in subclasses)
     rng = np.random.default_rng(seed)
     out = {"subclasses": len(subclasses), "cells_per_subclass": int(n)}
-    for name, x, y in (("real", expr[genes].to_numpy(), real_y),
-                       ("synthetic", cells.log2[:, column].toarray(), synth_y)):
+    for name, x, y in (
+        ("real", expr[genes].to_numpy(), real_y),
+        ("synthetic", cells.log2[:, column].toarray(), synth_y),
+    ):
         idx = np.concatenate([rng.choice(np.flatnonzero(y == s), n, replace=False) for s in subclasses])
         model = LogisticRegression(max_iter=500, random_state=seed)
         out[name] = float(cross_val_score(model, x[idx], y[idx], cv=5).mean())

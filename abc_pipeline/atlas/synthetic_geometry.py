@@ -37,8 +37,9 @@ CORTEX_LAYERS = ("1", "2/3", "4", "5", "6a", "6b")
 # Division anchors (|x|, y, z) in normalised coordinates: x 0 medial .. 1 lateral, y -1 dorsal .. 1 ventral,
 # z -1 anterior .. 1 posterior. One fitted weight per division.
 _ANCHORS: dict[str, list[tuple[float, float, float]]] = {
-    "Isocortex": [(a, b, c) for c in (-0.62, -0.38, -0.14, 0.1, 0.32) for a, b in ((0.22, -0.88), (0.58, -0.7),
-                                                                                   (0.86, -0.25))],
+    "Isocortex": [
+        (a, b, c) for c in (-0.62, -0.38, -0.14, 0.1, 0.32) for a, b in ((0.22, -0.88), (0.58, -0.7), (0.86, -0.25))
+    ],
     "OLF": [(0.2, 0.0, -0.9), (0.32, 0.25, -0.75), (0.82, 0.5, -0.3), (0.75, 0.6, -0.02)],
     "HPF": [(0.35, -0.5, 0.22), (0.55, -0.32, 0.35), (0.72, 0.2, 0.42), (0.82, -0.05, 0.52)],
     "STR": [(0.4, 0.0, -0.45), (0.35, 0.22, -0.25), (0.55, 0.1, -0.2)],
@@ -100,8 +101,9 @@ class _PowerCells:
 _METRIC = np.array([1.0, 1.0, 0.7])
 
 
-def _fit_weights(pts: np.ndarray, seeds: np.ndarray, owner: np.ndarray, target: np.ndarray,
-                 iterations: int = 40) -> np.ndarray:
+def _fit_weights(
+    pts: np.ndarray, seeds: np.ndarray, owner: np.ndarray, target: np.ndarray, iterations: int = 40
+) -> np.ndarray:
     """Per-owner weights (len(target),) so that owner i's power cells hold ``target[i]`` of ``pts``.
 
     ``seeds`` (k, 3) belong to owners ``owner`` (k,); ``target`` sums to 1. Damped log-ratio updates.
@@ -179,7 +181,7 @@ class BrainGeometry:
                     self._leaves[sid] = ("leaf", int(sub_rows[0]))
                     continue
                 share = sub.volume_mm3.to_numpy() / sub.volume_mm3.sum()
-                layers = [s[len(name):] for s in sub.substructure]
+                layers = [s[len(name) :] for s in sub.substructure]
                 if division == "Isocortex" and set(layers) <= set(CORTEX_LAYERS):
                     order = np.argsort([CORTEX_LAYERS.index(x) for x in layers])
                     cuts = np.cumsum(share[order])[:-1]
@@ -190,8 +192,11 @@ class BrainGeometry:
                 if len(sub_pts) < len(sub):
                     sub_pts = np.concatenate([sub_pts, self._structures[d].seeds[sid - ids[0]][None]])
                 seeds = _kmeans_seeds(rng, sub_pts, len(sub))
-                w = _fit_weights(sub_pts, seeds, np.arange(len(sub)), share) if len(sub_pts) > len(sub) else \
-                    np.zeros(len(sub))
+                w = (
+                    _fit_weights(sub_pts, seeds, np.arange(len(sub)), share)
+                    if len(sub_pts) > len(sub)
+                    else np.zeros(len(sub))
+                )
                 self._leaves[sid] = ("power", _PowerCells(seeds, w, sub_rows))
 
     # --------------------------------------------------------------------------------------- shape

@@ -91,8 +91,18 @@ def _jitter_color(base: str, rng: np.random.Generator, spread: float) -> str:
     return _hex_color(rgb, lower=bool(rng.random() < 0.4))
 
 
-_NT_COLOR = {"Glut": "#2B93DF", "GABA": "#FF3358", "GABA-Glyc": "#0a9964", "Dopa": "#fcf04b", "Sero": "#533691",
-             "Glut-GABA": "#1d9db3", "Chol": "#73E785", "Nora": "#FF6F00", "Hist": "#c4b7a6", "": "#666666"}
+_NT_COLOR = {
+    "Glut": "#2B93DF",
+    "GABA": "#FF3358",
+    "GABA-Glyc": "#0a9964",
+    "Dopa": "#fcf04b",
+    "Sero": "#533691",
+    "Glut-GABA": "#1d9db3",
+    "Chol": "#73E785",
+    "Nora": "#FF6F00",
+    "Hist": "#c4b7a6",
+    "": "#666666",
+}
 
 
 # ---------------------------------------------------------------------------------------------- real tables
@@ -148,8 +158,11 @@ def _marker_matrix() -> np.ndarray:
 def _zero_fraction_curve(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(log mean grid, P(count = 0)) of the measurement model without spillover, for inverting zero fractions."""
     n = 20_000
-    mult = (rng.lognormal(0.0, VOLUME_LOG_SD, n) * rng.lognormal(0.0, CELL_GENE_NOISE_SD, n)
-            * rng.lognormal(0.0, SECTION_EFFICIENCY_SD, n))
+    mult = (
+        rng.lognormal(0.0, VOLUME_LOG_SD, n)
+        * rng.lognormal(0.0, CELL_GENE_NOISE_SD, n)
+        * rng.lognormal(0.0, SECTION_EFFICIENCY_SD, n)
+    )
     grid = np.linspace(-8.0, 6.0, 281)
     p0 = np.exp(-np.exp(grid)[:, None] * mult[None]).mean(1)
     return grid, p0
@@ -212,8 +225,9 @@ class BrainModel:
         share = np.bincount(np.concatenate(leaves), weights=weights, minlength=len(self.parcellation))
         return share / share.sum()
 
-    def _choose_clusters(self, rng: np.random.Generator, p_full: np.ndarray, leaf_share: np.ndarray,
-                         n_clusters: int) -> np.ndarray:
+    def _choose_clusters(
+        self, rng: np.random.Generator, p_full: np.ndarray, leaf_share: np.ndarray, n_clusters: int
+    ) -> np.ndarray:
         """Rows of the real cluster table to simulate, ascending.
 
         All clusters when ``n_clusters`` >= 5,322. Otherwise whole supertypes (their up to
@@ -275,11 +289,13 @@ class BrainModel:
         colors: dict[str, str] = {}
         for cls in pd.unique(real["class"]):
             colors[cls] = _hex_color(rng.integers(0, 256, 3), lower=bool(rng.random() < 0.4))
-        for parent, child, spread in (("class", "subclass", 40), ("subclass", "supertype", 25),
-                                      ("supertype", "cluster", 15)):
+        for parent, child, spread in (
+            ("class", "subclass", 40),
+            ("subclass", "supertype", 25),
+            ("supertype", "cluster", 15),
+        ):
             for p, c in real[[parent, child]].drop_duplicates(child).itertuples(index=False):
-                colors[f"{child}:{c}"] = _jitter_color(colors[p if parent == "class" else f"{parent}:{p}"], rng,
-                                                       spread)
+                colors[f"{child}:{c}"] = _jitter_color(colors[p if parent == "class" else f"{parent}:{p}"], rng, spread)
         table = real.iloc[self._rows][list(TAXONOMY_LEVELS)].reset_index(drop=True)
         table.insert(0, "cluster_alias", table.cluster.str.split(" ").str[0].astype(np.int64))
         table["neurotransmitter_color"] = table.neurotransmitter.map(_NT_COLOR)
@@ -306,16 +322,25 @@ class BrainModel:
         ids = 10_000 + rng.choice(110_000, N_GENES, replace=False)
         tx = 10_000 + rng.choice(230_000, N_GENES, replace=False)
         ncbi = 11_000 + rng.choice(110_000_000, N_GENES, replace=False)
-        genes = pd.DataFrame({
-            "gene_identifier": [f"ENSMUSG{n:011d}" for n in ids],
-            "gene_symbol": symbols,
-            "transcript_identifier": [f"ENSMUST{n:011d}" for n in tx],
-            "name": [f"{s} (synthetic identifier)" for s in symbols],
-            "mapped_ncbi_identifier": [f"NCBIGene:{n}" for n in ncbi],
-        })
+        genes = pd.DataFrame(
+            {
+                "gene_identifier": [f"ENSMUSG{n:011d}" for n in ids],
+                "gene_symbol": symbols,
+                "transcript_identifier": [f"ENSMUST{n:011d}" for n in tx],
+                "name": [f"{s} (synthetic identifier)" for s in symbols],
+                "mapped_ncbi_identifier": [f"NCBIGene:{n}" for n in ncbi],
+            }
+        )
         blanks = [f"Blank-{i:02d}" for i in range(1, N_BLANKS + 1)]
-        blank_rows = pd.DataFrame({"gene_identifier": blanks, "gene_symbol": blanks, "transcript_identifier": blanks,
-                                   "name": np.nan, "mapped_ncbi_identifier": np.nan})
+        blank_rows = pd.DataFrame(
+            {
+                "gene_identifier": blanks,
+                "gene_symbol": blanks,
+                "transcript_identifier": blanks,
+                "name": np.nan,
+                "mapped_ncbi_identifier": np.nan,
+            }
+        )
         return pd.concat([genes, blank_rows], ignore_index=True)
 
     def _build_expression(self, rng: np.random.Generator, real: pd.DataFrame) -> np.ndarray:
@@ -398,6 +423,8 @@ class BrainModel:
         if k < 1:
             return np.zeros_like(expected)
         _, nearest = cKDTree(xy).query(xy, k=k + 1)
-        mean = sp.csr_matrix((np.full(n * k, 1.0 / k, dtype=np.float32), nearest[:, 1:].ravel(),
-                              np.arange(0, n * k + 1, k)), shape=(n, n))
+        mean = sp.csr_matrix(
+            (np.full(n * k, 1.0 / k, dtype=np.float32), nearest[:, 1:].ravel(), np.arange(0, n * k + 1, k)),
+            shape=(n, n),
+        )
         return (mean @ expected) * np.float32(_SPILL)

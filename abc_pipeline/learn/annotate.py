@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -70,8 +70,9 @@ def _copy(src: zarr.Group | zarr.Array, dst: h5py.Group, name: str) -> None:
             row_bytes = max(1, math.prod(src.shape[1:]) * (64 if strings else src.dtype.itemsize))
             step = max(src.chunks[0], (_COPY_BYTES // row_bytes) // src.chunks[0] * src.chunks[0])
             chunks = (min(src.shape[0], step, 1 << 16) or 1, *src.shape[1:]) if src.shape[0] else None
-            node = dst.create_dataset(name, shape=src.shape, dtype=dtype, chunks=chunks,
-                                      compression="lzf" if chunks and not strings else None)
+            node = dst.create_dataset(
+                name, shape=src.shape, dtype=dtype, chunks=chunks, compression="lzf" if chunks and not strings else None
+            )
             for s in range(0, src.shape[0], step):
                 block = np.asarray(src[s : s + step])
                 node[s : s + len(block)] = block.astype(object) if strings else block
@@ -101,20 +102,26 @@ def _open_predictions(path: Path, n_cells: int, digest: str, cells: Path) -> tup
     except Exception as exc:
         raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc})") from exc
     if meta["n_cells"] != n_cells or meta["cell_names_digest"] != digest:
-        raise InputError(f"{path} predicts {meta['n_cells']} cells of another cells.zarr than {cells} "
-                         f"({n_cells} cells); predict with the raster made from {cells}")
+        raise InputError(
+            f"{path} predicts {meta['n_cells']} cells of another cells.zarr than {cells} "
+            f"({n_cells} cells); predict with the raster made from {cells}"
+        )
     fix = "Re-run `abc-pipeline predict` to rebuild it"
     verify_store(path, fix)
-    for key, shape in (("cells/pred", (n_cells,)), ("cells/proba", (n_cells, len(meta["class_names"]))),
-                       ("cells/split", (n_cells,))):
+    for key, shape in (
+        ("cells/pred", (n_cells,)),
+        ("cells/proba", (n_cells, len(meta["class_names"]))),
+        ("cells/split", (n_cells,)),
+    ):
         if not isinstance(group.get(key), zarr.Array):
             raise InputError(f"{path}: {key} is missing; the store is damaged. {fix}")
         check_shape(path, key, group[key].shape, shape, fix)
     return group, meta
 
 
-def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: str | Path, *,
-                   overwrite: bool = False) -> Path:
+def annotate_cells(
+    cells: str | Path, predictions: Sequence[str | Path], out: str | Path, *, overwrite: bool = False
+) -> Path:
     """Write ``out`` (h5ad): ``cells`` plus the predictions of every store in ``predictions``.
 
     ``overwrite``: replace an existing abc-pipeline artifact of another kind at ``out``
@@ -137,8 +144,9 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
     obs_cols = set(src.obs_columns())
     clash = [c for c, *_ in columns if c in obs_cols] + (["split"] if "split" in obs_cols else [])
     if clash:
-        raise InputError(f"{src.path}: obs already has {clash}; annotate the cells.zarr of `assemble`, not an "
-                         f"annotated one")
+        raise InputError(
+            f"{src.path}: obs already has {clash}; annotate the cells.zarr of `assemble`, not an annotated one"
+        )
     out = Path(out)
     with staged_output(out, "annotated", inputs=[src.path, *(p for p, *_ in stores)], overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -149,18 +157,24 @@ def annotate_cells(cells: str | Path, predictions: Sequence[str | Path], out: st
             f.attrs[MARKER_KEY] = "annotated"
             index_key = f["obs"].attrs["_index"]
             order = list(src.obs_columns())
-            for col, path, group, meta in columns:
+            for col, _path, group, meta in columns:
                 _write_prediction(f, col, group, meta, n, index_key)
                 order.append(col)
             first = columns[0][2]
-            split = pd.Categorical.from_codes(np.asarray(first["cells/split"][:]),
-                                              categories=columns[0][3]["split_categories"])
+            split = pd.Categorical.from_codes(
+                np.asarray(first["cells/split"][:]), categories=columns[0][3]["split_categories"]
+            )
             write_elem(f["obs"], "split", split)
             f["obs"].attrs["column-order"] = _h5_attr(order + ["split"])
             uns = f["uns"] if "uns" in f else f.create_group("uns")
             ours = uns.get("abc_pipeline")
-            entries = {col: _plain({k: v for k, v in meta.items() if k not in ("split_categories",)} |
-                                   {"predictions": str(path.resolve())}) for col, path, _, meta in columns}
+            entries = {
+                col: _plain(
+                    {k: v for k, v in meta.items() if k not in ("split_categories",)}
+                    | {"predictions": str(path.resolve())}
+                )
+                for col, path, _, meta in columns
+            }
             if ours is None:
                 write_elem(uns, "abc_pipeline", {"predict": entries})
             else:
@@ -177,8 +191,14 @@ def _write_prediction(f: h5py.File, col: str, group: zarr.Group, meta: dict, n: 
     write_elem(f["uns"], f"{col}_colors", np.array(meta["colors"], dtype=object))
     obsm = f["obsm"] if "obsm" in f else f.create_group("obsm")
     frame = obsm.create_group(f"{col}_proba")
-    frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
-                        "column-order": _h5_attr(classes)})
+    frame.attrs.update(
+        {
+            "encoding-type": "dataframe",
+            "encoding-version": "0.2.0",
+            "_index": "_index",
+            "column-order": _h5_attr(classes),
+        }
+    )
     _copy_index(f["obs"][index_key], frame)
     proba = group["cells/proba"]
     step = proba.chunks[0]

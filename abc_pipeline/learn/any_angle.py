@@ -82,16 +82,19 @@ class _Unit:
     centre: np.ndarray
 
 
-def _units(r: Raster, src: CellSource, plan: ChannelPlan, table: ClassTable, test_z: Sequence[int], dim: int,
-           n: int) -> list[_Unit]:
+def _units(
+    r: Raster, src: CellSource, plan: ChannelPlan, table: ClassTable, test_z: Sequence[int], dim: int, n: int
+) -> list[_Unit]:
     """Up to ``n`` test units evenly spaced along z: z-planes (2D) or z-blocks (3D) of the test split with cells."""
     per_z = np.asarray((r.n_cells[list(test_z)] > 0).sum(axis=(1, 2)).compute())
     occupied = [int(z) for z, c in zip(test_z, per_z) if c > 0]
     if not occupied:
         raise InputError(f"{r.path}: the test z indices {list(test_z)} hold no cells; nothing to evaluate")
     candidates = [(z, z + 1) for z in occupied] if dim == 2 else z_blocks(occupied)
-    chosen = [candidates[i] for i in np.unique(np.linspace(0, len(candidates) - 1, min(n, len(candidates))).round()
-                                               .astype(int))]
+    chosen = [
+        candidates[i]
+        for i in np.unique(np.linspace(0, len(candidates) - 1, min(n, len(candidates))).round().astype(int))
+    ]
     index = r.voxel_index
     z_all = np.concatenate([np.asarray(index[s : s + _CELL_CHUNK, 0]) for s in range(0, index.shape[0], _CELL_CHUNK)])
     unit_rows = [np.flatnonzero((z_all >= a) & (z_all < b)) for a, b in chosen]
@@ -106,8 +109,19 @@ def _units(r: Raster, src: CellSource, plan: ChannelPlan, table: ClassTable, tes
         xy = np.asarray(src.coordinates("spatial")[ur][:, :2].compute(), dtype=np.float64)
         mid = (yx.min(axis=0) + yx.max(axis=0)) / 2
         centre = origin + np.round((mid - origin) / size) * size  # a voxel corner: 90° turns map voxels to voxels
-        out.append(_Unit((a, b), ur, z_all[ur] - a, yx, xy, np.asarray(section[ur].compute()).astype(np.int32), values[pos],
-                         cell_targets(src, table.level, table.names, ur), centre))
+        out.append(
+            _Unit(
+                (a, b),
+                ur,
+                z_all[ur] - a,
+                yx,
+                xy,
+                np.asarray(section[ur].compute()).astype(np.int32),
+                values[pos],
+                cell_targets(src, table.level, table.names, ur),
+                centre,
+            )
+        )
     return out
 
 
@@ -123,8 +137,14 @@ def _rows_of_x(src: CellSource, plan: ChannelPlan, rows: np.ndarray) -> np.ndarr
     return out
 
 
-def _image(unit: _Unit, yx: np.ndarray, normalizer: Normalizer, size: np.ndarray, margin: int, margin_z: int,
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _image(
+    unit: _Unit,
+    yx: np.ndarray,
+    normalizer: Normalizer,
+    size: np.ndarray,
+    margin: int,
+    margin_z: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Bin the unit's cells at ``yx`` (mm) on the raster's voxel size, aligned with the voxel corner
     ``unit.centre``, over their bounding box plus ``margin`` voxels in-plane: the model input
     ``(C_in, Z, Y, X)`` (``Z`` = the unit's z indices plus ``margin_z`` zero planes per side) and each cell's
@@ -146,9 +166,17 @@ def _image(unit: _Unit, yx: np.ndarray, normalizer: Normalizer, size: np.ndarray
 
 
 @torch.no_grad()
-def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str | Path, *,
-                          angles: Sequence[float] = DEFAULT_ANY_ANGLES, sections: int = DEFAULT_ANY_ANGLE_SECTIONS,
-                          halo: int = DEFAULT_HALO, z_halo: int = DEFAULT_Z_HALO, device: str = "auto") -> dict:
+def any_angle_predictions(
+    checkpoint: str | Path,
+    raster: str | Path,
+    cells: str | Path,
+    *,
+    angles: Sequence[float] = DEFAULT_ANY_ANGLES,
+    sections: int = DEFAULT_ANY_ANGLE_SECTIONS,
+    halo: int = DEFAULT_HALO,
+    z_halo: int = DEFAULT_Z_HALO,
+    device: str = "auto",
+) -> dict:
     """Per-cell class probabilities of the model of ``checkpoint`` (network or baseline) on its test sections
     of ``raster`` rotated by each of ``angles`` (see the module docstring).
 
@@ -175,8 +203,10 @@ def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str
     check_channels(atlas, r.path, r.feature_channels, checkpoint)
     src = CellSource(cells)
     if src.n_cells != r.voxel_index.shape[0]:
-        raise InputError(f"{src.path} has {src.n_cells} cells but {r.path} indexes {r.voxel_index.shape[0]}; give the "
-                         f"cells.zarr the raster was made from")
+        raise InputError(
+            f"{src.path} has {src.n_cells} cells but {r.path} indexes {r.voxel_index.shape[0]}; give the "
+            f"cells.zarr the raster was made from"
+        )
     test_z = [int(z) for z in atlas["splits"].get("test", [])]
     if not test_z:
         raise InputError(f"{checkpoint}: the run has no test split; retrain with a positive test fraction")
@@ -205,12 +235,21 @@ def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str
                     at = u.section == code
                     mid = (u.xy[at].min(axis=0) + u.xy[at].max(axis=0)) / 2
                     xy[at] = rotate_points(u.xy[at], mid, angle)
-                neighbours = (SectionNeighbours(xy, u.section, model.neighbors, key="neighbors (of the checkpoint)")
-                              if model.kind == "neighborhood" else None)
+                neighbours = (
+                    SectionNeighbours(xy, u.section, model.neighbors, key="neighbors (of the checkpoint)")
+                    if model.kind == "neighborhood"
+                    else None
+                )
                 proba[a, start : start + n] = model.proba(cell_features(model.kind, np.arange(n), u.values, neighbours))
             else:
-                x, vox = _image(u, rotate_points(u.yx, u.centre, angle), normalizer, size, max(margin[-2:]),
-                                min(margin[0], z_halo) if dim == 3 else 0)
+                x, vox = _image(
+                    u,
+                    rotate_points(u.yx, u.centre, angle),
+                    normalizer,
+                    size,
+                    max(margin[-2:]),
+                    min(margin[0], z_halo) if dim == 3 else 0,
+                )
                 inp = torch.from_numpy(x[:, 0] if dim == 2 else x)[None].to(dev)
                 at = (slice(None), vox[:, 1], vox[:, 2]) if dim == 2 else (slice(None), *vox.T)
                 if architecture == "cell-context":  # each cell: the context embedding at its voxel + its expression
@@ -222,9 +261,13 @@ def any_angle_predictions(checkpoint: str | Path, raster: str | Path, cells: str
                     p = torch.softmax(logits, dim=1)[0].cpu().numpy()  # (K, *spatial)
                     proba[a, start : start + n] = p[at].T
             start += n
-    return {"angles": list(angles), "rows": np.concatenate([u.rows for u in units]),
-            "y": np.concatenate([u.y for u in units]), "proba": proba,
-            "units": [{"z": list(u.z_range), "cells": len(u.rows), "centre_mm": u.centre.tolist()} for u in units]}
+    return {
+        "angles": list(angles),
+        "rows": np.concatenate([u.rows for u in units]),
+        "y": np.concatenate([u.y for u in units]),
+        "proba": proba,
+        "units": [{"z": list(u.z_range), "cells": len(u.rows), "centre_mm": u.centre.tolist()} for u in units],
+    }
 
 
 def any_angle_scores(checkpoint: str | Path, raster: str | Path, cells: str | Path, **kwargs) -> dict:
@@ -242,11 +285,23 @@ def any_angle_scores(checkpoint: str | Path, raster: str | Path, cells: str | Pa
         for m in ANY_ANGLE_METRICS:
             per[m].append(float(scores[m]))
     worst = {m: int(np.argmin(v)) for m, v in per.items()}
-    return {"angles": pred["angles"], "metrics": per, "mean": {m: float(np.mean(v)) for m, v in per.items()},
-            "worst": {m: per[m][i] for m, i in worst.items()},
-            "worst_angle": {m: pred["angles"][i] for m, i in worst.items()},
-            "n_cells": int(keep.sum()), "units": pred["units"]}
+    return {
+        "angles": pred["angles"],
+        "metrics": per,
+        "mean": {m: float(np.mean(v)) for m, v in per.items()},
+        "worst": {m: per[m][i] for m, i in worst.items()},
+        "worst_angle": {m: pred["angles"][i] for m, i in worst.items()},
+        "n_cells": int(keep.sum()),
+        "units": pred["units"],
+    }
 
 
-__all__ = ["ANY_ANGLE_METRICS", "DEFAULT_ANY_ANGLES", "DEFAULT_ANY_ANGLE_SECTIONS", "any_angle_predictions",
-           "any_angle_scores", "check_angles", "rotate_points"]
+__all__ = [
+    "ANY_ANGLE_METRICS",
+    "DEFAULT_ANY_ANGLES",
+    "DEFAULT_ANY_ANGLE_SECTIONS",
+    "any_angle_predictions",
+    "any_angle_scores",
+    "check_angles",
+    "rotate_points",
+]

@@ -39,9 +39,23 @@ from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
 from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
-from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS, CellPatchDataset,
-                                     ClassTable, Normalizer, TileDataset, block_splits, channel_stats, class_table,
-                                     default_dim, model_spacing, names_digest, raster_splits, split_mask)
+from abc_pipeline.learn.data import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_FRACTIONS,
+    DEFAULT_SPLIT_BLOCKS,
+    CellPatchDataset,
+    ClassTable,
+    Normalizer,
+    TileDataset,
+    block_splits,
+    channel_stats,
+    class_table,
+    default_dim,
+    model_spacing,
+    names_digest,
+    raster_splits,
+    split_mask,
+)
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
@@ -96,46 +110,109 @@ class AtlasData:
     cell_names_digest: str
     plan: ChannelPlan | None = None  # cell-context: the raster's channels applied to a cell's genes
 
-
     def dataset(self, split: str, halo: Sequence[int] = (), max_samples: int | None = None) -> Dataset:
         """Samples of ``split``: cell patches of ``patch + 2 * halo`` voxels (``halo`` = the model's,
         ``max_samples`` caps the cells to a fixed seeded subset), with each cell's own expression for the
         cell-context architecture in 3D; whole sections with all their cells and expression for the
         cell-context architecture in 2D (``max_samples`` does not apply); or label tiles (segment)."""
         if self.architecture == "cell-context" and self.dim == 2:
-            return CellSectionDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
-                                      self.plan, [p // 2 + h for p, h in zip(self.patch, halo)],
-                                      cache_bytes=self.cache_bytes)
+            return CellSectionDataset(
+                self.raster,
+                self.cells,
+                self.table,
+                split,
+                self.splits,
+                self.normalizer,
+                self.plan,
+                [p // 2 + h for p, h in zip(self.patch, halo)],
+                cache_bytes=self.cache_bytes,
+            )
         if self.architecture == "cell-context":
-            return CellContextDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
-                                      self.dim, self.patch, halo, self.plan, max_samples=max_samples, seed=self.seed,
-                                      cache_bytes=self.cache_bytes)
+            return CellContextDataset(
+                self.raster,
+                self.cells,
+                self.table,
+                split,
+                self.splits,
+                self.normalizer,
+                self.dim,
+                self.patch,
+                halo,
+                self.plan,
+                max_samples=max_samples,
+                seed=self.seed,
+                cache_bytes=self.cache_bytes,
+            )
         if self.architecture == "patch":
-            return CellPatchDataset(self.raster, self.cells, self.table, split, self.splits, self.normalizer,
-                                    self.dim, self.patch, halo, max_samples=max_samples, seed=self.seed,
-                                    cache_bytes=self.cache_bytes)
-        return TileDataset(self.raster, self.table, split, self.splits, self.normalizer, self.dim, self.tile,
-                           cache_bytes=self.cache_bytes)
+            return CellPatchDataset(
+                self.raster,
+                self.cells,
+                self.table,
+                split,
+                self.splits,
+                self.normalizer,
+                self.dim,
+                self.patch,
+                halo,
+                max_samples=max_samples,
+                seed=self.seed,
+                cache_bytes=self.cache_bytes,
+            )
+        return TileDataset(
+            self.raster,
+            self.table,
+            split,
+            self.splits,
+            self.normalizer,
+            self.dim,
+            self.tile,
+            cache_bytes=self.cache_bytes,
+        )
 
     def describe(self, halo: Sequence[int] = ()) -> dict:
         """What a run on this data records (``config["atlas"]`` of the checkpoint; what predict needs)."""
         r = self.raster
-        sizes = ({"patch_size": list(self.patch), "halo": list(halo)} if self.architecture in PER_CELL
-                 else {"tile_size": list(self.tile)})
-        return {"task": self.task, "architecture": self.architecture, "raster": str(Path(r.path).resolve()),
-                "channels": list(r.feature_channels), "channel_definition": channel_definition(r, self.cells),
-                "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
-                "classes": self.table.to_dict(), "splits": self.splits,
-                "split_fractions": list(self.split_fractions), "normalizer": self.normalizer.to_dict(),
-                "dim": self.dim, "cell_names_digest": self.cell_names_digest, **sizes}
+        sizes = (
+            {"patch_size": list(self.patch), "halo": list(halo)}
+            if self.architecture in PER_CELL
+            else {"tile_size": list(self.tile)}
+        )
+        return {
+            "task": self.task,
+            "architecture": self.architecture,
+            "raster": str(Path(r.path).resolve()),
+            "channels": list(r.feature_channels),
+            "channel_definition": channel_definition(r, self.cells),
+            "space": r.grid.space,
+            "grid_shape": list(r.grid.shape),
+            "voxel_size": list(r.grid.voxel_size),
+            "classes": self.table.to_dict(),
+            "splits": self.splits,
+            "split_fractions": list(self.split_fractions),
+            "normalizer": self.normalizer.to_dict(),
+            "dim": self.dim,
+            "cell_names_digest": self.cell_names_digest,
+            **sizes,
+        }
 
 
-def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level: str | None = None,
-               dim: int | str = "auto", patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64,
-               seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-               split_blocks: int = DEFAULT_SPLIT_BLOCKS, train_sections: float = 1.0,
-               split_block_size: float | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-               architecture: str | None = None) -> AtlasData:
+def atlas_data(
+    raster: str | Path,
+    cells: str | Path | None,
+    task: str,
+    *,
+    level: str | None = None,
+    dim: int | str = "auto",
+    patch_size: int | Sequence[int] = 5,
+    tile_size: int | Sequence[int] = 64,
+    seed: int = 0,
+    split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    split_blocks: int = DEFAULT_SPLIT_BLOCKS,
+    train_sections: float = 1.0,
+    split_block_size: float | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    architecture: str | None = None,
+) -> AtlasData:
     """Open ``raster`` for ``task`` (``celltype`` | ``region``): splits, classes, normalisation.
 
     ``architecture``: the :func:`abc_pipeline.nn.build_model` task trained (``ARCHITECTURES[task]``; default
@@ -152,19 +229,24 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
         raise InputError(f"task must be one of {', '.join(ARCHITECTURES)}, got {task!r}")
     architecture = architecture or ARCHITECTURES[task][0]
     if architecture not in ARCHITECTURES[task]:
-        raise InputError(f"the {task} task trains the architectures {', '.join(ARCHITECTURES[task])}; "
-                         f"got --architecture {architecture!r}")
+        raise InputError(
+            f"the {task} task trains the architectures {', '.join(ARCHITECTURES[task])}; "
+            f"got --architecture {architecture!r}"
+        )
     r = open_raster(raster)
     level = level or DEFAULT_LEVELS[task]
     if architecture in PER_CELL and cells is None:
-        raise InputError(f"the {architecture} architecture ({task}) needs --cells (the cells.zarr the raster was "
-                         f"made from)")
+        raise InputError(
+            f"the {architecture} architecture ({task}) needs --cells (the cells.zarr the raster was made from)"
+        )
     src = CellSource(cells) if cells is not None else None
     digest = names_digest(r.cell_label)
     if src is not None and names_digest(src.obs_names()) != digest:
-        raise InputError(f"{r.path} was not rasterized from {src.path}: the cell names or their order differ, so "
-                         f"the labels would not match the voxels. Give the cells.zarr the raster was made from, or "
-                         f"rasterize {src.path} again")
+        raise InputError(
+            f"{r.path} was not rasterized from {src.path}: the cell names or their order differ, so "
+            f"the labels would not match the voxels. Give the cells.zarr the raster was made from, or "
+            f"rasterize {src.path} again"
+        )
     dim = default_dim(r) if dim == "auto" else int(dim)
     if dim not in (2, 3):
         raise InputError(f"dim must be 'auto', 2 or 3, got {dim}")
@@ -176,19 +258,30 @@ def atlas_data(raster: str | Path, cells: str | Path | None, task: str, *, level
         splits = raster_splits(r, split_fractions, seed, split_blocks)
     if train_sections != 1.0:
         splits["train"] = _thin_sections(r, splits["train"], train_sections)
-    return AtlasData(raster=r, cells=src, task=task, architecture=architecture, level=level, dim=dim,
-                     spacing=model_spacing(r, dim),
-                     splits=splits, split_fractions=tuple(float(f) for f in split_fractions),
-                     table=class_table(r, src, level),
-                     normalizer=channel_stats(r, splits["train"], split_mask(splits, "train", r.grid.shape)),
-                     patch=check_patch_size(patch_size, dim), tile=_clamp_tile(r, _sizes(tile_size, dim, "tile_size")),
-                     seed=seed, cache_bytes=cache_bytes, cell_names_digest=digest,
-                     plan=channel_plan(r, src) if architecture == "cell-context" else None)
+    return AtlasData(
+        raster=r,
+        cells=src,
+        task=task,
+        architecture=architecture,
+        level=level,
+        dim=dim,
+        spacing=model_spacing(r, dim),
+        splits=splits,
+        split_fractions=tuple(float(f) for f in split_fractions),
+        table=class_table(r, src, level),
+        normalizer=channel_stats(r, splits["train"], split_mask(splits, "train", r.grid.shape)),
+        patch=check_patch_size(patch_size, dim),
+        tile=_clamp_tile(r, _sizes(tile_size, dim, "tile_size")),
+        seed=seed,
+        cache_bytes=cache_bytes,
+        cell_names_digest=digest,
+        plan=channel_plan(r, src) if architecture == "cell-context" else None,
+    )
 
 
 def _clamp_tile(raster: Raster, tile: tuple[int, ...]) -> tuple[int, ...]:
     """``tile`` (per model axis) cut to the volume's extent: a larger tile only adds padding (and memory)."""
-    clamped = tuple(min(t, n) for t, n in zip(tile, raster.grid.shape[-len(tile):]))
+    clamped = tuple(min(t, n) for t, n in zip(tile, raster.grid.shape[-len(tile) :]))
     if clamped != tile:
         log.info("tile %s is larger than the volume %s; using %s", tile, tuple(raster.grid.shape), clamped)
     return clamped
@@ -205,16 +298,37 @@ def _thin_sections(raster: Raster, z_indices: Sequence[int], fraction: float) ->
     return z[np.unique(np.round(np.linspace(0, len(z) - 1, keep)).astype(np.int64))].tolist()
 
 
-def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, model_name: str,
-                     out_dir: str | Path, *, level: str | None = None, width: int | None = None,
-                     target_params: int | None = None, dim: int | str = "auto", depth: int | None = None,
-                     patch_size: int | Sequence[int] = 5, tile_size: int | Sequence[int] = 64, epochs: int = 30,
-                     batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, patience: int = 10,
-                     seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                     split_blocks: int = DEFAULT_SPLIT_BLOCKS, split_block_size: float | None = None,
-                     max_samples_per_epoch: int | None = None, device: str = "auto", num_workers: int = 0,
-                     progress: bool = True, resume: bool | str = True,
-                     cache_bytes: int = DEFAULT_CACHE_BYTES, architecture: str | None = None) -> dict:
+def train_atlas_task(
+    raster: str | Path,
+    cells: str | Path | None,
+    task: str,
+    model_name: str,
+    out_dir: str | Path,
+    *,
+    level: str | None = None,
+    width: int | None = None,
+    target_params: int | None = None,
+    dim: int | str = "auto",
+    depth: int | None = None,
+    patch_size: int | Sequence[int] = 5,
+    tile_size: int | Sequence[int] = 64,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 10,
+    seed: int = 0,
+    split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    split_blocks: int = DEFAULT_SPLIT_BLOCKS,
+    split_block_size: float | None = None,
+    max_samples_per_epoch: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    progress: bool = True,
+    resume: bool | str = True,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    architecture: str | None = None,
+) -> dict:
     """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
 
     Data arguments: :func:`atlas_data` (``patch_size``: window ``P`` of the cell-type classifier, odd;
@@ -222,33 +336,88 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
     training (and validation) split to a fixed seeded subset. ``width`` / ``target_params`` / ``depth``:
     see :func:`abc_pipeline.nn.build_model`. The rest: :func:`abc_pipeline.learn.train.train`.
     """
-    data = atlas_data(raster, cells, task, level=level, dim=dim, patch_size=patch_size, tile_size=tile_size,
-                      seed=seed, split_fractions=split_fractions, split_blocks=split_blocks,
-                      split_block_size=split_block_size, cache_bytes=cache_bytes, architecture=architecture)
+    data = atlas_data(
+        raster,
+        cells,
+        task,
+        level=level,
+        dim=dim,
+        patch_size=patch_size,
+        tile_size=tile_size,
+        seed=seed,
+        split_fractions=split_fractions,
+        split_blocks=split_blocks,
+        split_block_size=split_block_size,
+        cache_bytes=cache_bytes,
+        architecture=architecture,
+    )
     n_classes = len(data.table.names)
     torch.manual_seed(seed)
-    model = build_model(model_name, data.dim, data.normalizer.in_channels, n_classes, data.architecture,
-                        width=width, target_params=target_params, spacing=data.spacing, depth=depth,
-                        patch_size=data.patch)
-    log.info("%s: %s %dD, %d input channels, %d %s classes, width %d, %d parameters; splits (z) %s", task,
-             model_name, data.dim, data.normalizer.in_channels, n_classes, data.level, model.width, model.n_params,
-             {k: v for k, v in data.splits.items() if k != "blocks"})
+    model = build_model(
+        model_name,
+        data.dim,
+        data.normalizer.in_channels,
+        n_classes,
+        data.architecture,
+        width=width,
+        target_params=target_params,
+        spacing=data.spacing,
+        depth=depth,
+        patch_size=data.patch,
+    )
+    log.info(
+        "%s: %s %dD, %d input channels, %d %s classes, width %d, %d parameters; splits (z) %s",
+        task,
+        model_name,
+        data.dim,
+        data.normalizer.in_channels,
+        n_classes,
+        data.level,
+        model.width,
+        model.n_params,
+        {k: v for k, v in data.splits.items() if k != "blocks"},
+    )
     halo = getattr(model, "halo", ())
     train_ds = data.dataset("train", halo, max_samples_per_epoch)
     val_ds = data.dataset("val", halo, max_samples_per_epoch)
     if isinstance(train_ds, CellSectionDataset):  # a batch of whole sections, every cell of them in the loss
         batch_size = SECTIONS_PER_BATCH
     if data.architecture == "cell-context":  # the cells' expression statistics and the raster's normalisation
-        model.set_normalization(*expression_stats(train_ds.expression.numpy()), data.normalizer.mean,
-                                data.normalizer.std)
-    model_kwargs = {"name": model_name, "dim": data.dim, "in_channels": data.normalizer.in_channels,
-                    "n_classes": n_classes, "task": data.architecture, "width": model.width,
-                    "spacing": list(data.spacing), "depth": depth, "patch_size": list(data.patch)}
+        model.set_normalization(
+            *expression_stats(train_ds.expression.numpy()), data.normalizer.mean, data.normalizer.std
+        )
+    model_kwargs = {
+        "name": model_name,
+        "dim": data.dim,
+        "in_channels": data.normalizer.in_channels,
+        "n_classes": n_classes,
+        "task": data.architecture,
+        "width": model.width,
+        "spacing": list(data.spacing),
+        "depth": depth,
+        "patch_size": list(data.patch),
+    }
     atlas = {**data.describe(halo), "split_blocks": split_blocks, "max_samples_per_epoch": max_samples_per_epoch}
-    result = train(model, train_ds, val_ds, out_dir, class_names=data.table.names, epochs=epochs,
-                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, patience=patience,
-                   device=device, num_workers=num_workers, progress=progress, config={"atlas": atlas},
-                   model_kwargs=model_kwargs, resume=resume, inputs=[raster, cells])
+    result = train(
+        model,
+        train_ds,
+        val_ds,
+        out_dir,
+        class_names=data.table.names,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        patience=patience,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        config={"atlas": atlas},
+        model_kwargs=model_kwargs,
+        resume=resume,
+        inputs=[raster, cells],
+    )
     test, n_test = {}, 0
     if data.splits["test"]:
         test_ds = data.dataset("test", halo)
@@ -261,16 +430,37 @@ def train_atlas_task(raster: str | Path, cells: str | Path | None, task: str, mo
             test = _segment_test(model, test_ds, data.table.names, batch_size, dev)
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    metrics.update(atlas_task=task, architecture=data.architecture, level=data.level, width=model.width,
-                   splits=data.splits, n_test=n_test, test=test)
+    metrics.update(
+        atlas_task=task,
+        architecture=data.architecture,
+        level=data.level,
+        width=model.width,
+        splits=data.splits,
+        n_test=n_test,
+        test=test,
+    )
     write_json(metrics, out_dir / "metrics.json")
-    log.info("%s %s: best epoch %d, validation %s %.3f; test %s", task, model_name, result.best_epoch,
-             result.metric, result.best_score, {k: round(v, 3) for k, v in test.items() if isinstance(v, float)})
+    log.info(
+        "%s %s: best epoch %d, validation %s %.3f; test %s",
+        task,
+        model_name,
+        result.best_epoch,
+        result.metric,
+        result.best_score,
+        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
+    )
     return metrics
 
 
-def atlas_task(raster: str | Path, cells: str | Path | None, task: str, *, depth: int | None = None,
-               max_samples: int | None = None, **data_kwargs) -> BenchTask:
+def atlas_task(
+    raster: str | Path,
+    cells: str | Path | None,
+    task: str,
+    *,
+    depth: int | None = None,
+    max_samples: int | None = None,
+    **data_kwargs,
+) -> BenchTask:
     """A :class:`abc_pipeline.learn.compare.BenchTask` (``abc-pipeline bench-models --raster``) for an atlas
     task; ``data_kwargs``: :func:`atlas_data` (``train_sections`` thins the training split). ``max_samples``
     caps the cells of every split (celltype) to a fixed seeded subset. The patch halo is the zoo's (every
@@ -279,8 +469,17 @@ def atlas_task(raster: str | Path, cells: str | Path | None, task: str, *, depth
     if data_kwargs.get("architecture") is None:
         data_kwargs["architecture"] = "patch" if task == "celltype" else "segment"
     data = atlas_data(raster, cells, task, **data_kwargs)
-    probe = build_model("cnn", data.dim, data.normalizer.in_channels, len(data.table.names), data.architecture,
-                        width=1, spacing=data.spacing, depth=depth, patch_size=data.patch)
+    probe = build_model(
+        "cnn",
+        data.dim,
+        data.normalizer.in_channels,
+        len(data.table.names),
+        data.architecture,
+        width=1,
+        spacing=data.spacing,
+        depth=depth,
+        patch_size=data.patch,
+    )
     halo = getattr(probe, "halo", ())
     options = {"depth": depth, **({"patch_size": data.patch} if data.architecture == "patch" else {})}
     name = f"{data.task} ({data.level}) on {Path(data.raster.path).name}"
@@ -288,17 +487,25 @@ def atlas_task(raster: str | Path, cells: str | Path | None, task: str, *, depth
     if train_sections != 1.0:
         name += f", {train_sections:.0%} of training sections"
     return BenchTask(
-        name=name, train=data.dataset("train", halo, max_samples), val=data.dataset("val", halo, max_samples),
-        test=data.dataset("test", halo, max_samples), class_names=list(data.table.names), dim=data.dim,
+        name=name,
+        train=data.dataset("train", halo, max_samples),
+        val=data.dataset("val", halo, max_samples),
+        test=data.dataset("test", halo, max_samples),
+        class_names=list(data.table.names),
+        dim=data.dim,
         in_channels=data.normalizer.in_channels,
-        task="classify" if data.architecture == "patch" else "segment", model_task=data.architecture,
-        spacing=tuple(data.spacing), model_options=options,
-        config={"atlas": {**data.describe(halo), "train_sections": train_sections, "max_samples": max_samples}})
+        task="classify" if data.architecture == "patch" else "segment",
+        model_task=data.architecture,
+        spacing=tuple(data.spacing),
+        model_options=options,
+        config={"atlas": {**data.describe(halo), "train_sections": train_sections, "max_samples": max_samples}},
+    )
 
 
 @torch.no_grad()
-def _segment_test(model: torch.nn.Module, ds: TileDataset, class_names: Sequence[str], batch_size: int,
-                  device: torch.device) -> dict:
+def _segment_test(
+    model: torch.nn.Module, ds: TileDataset, class_names: Sequence[str], batch_size: int, device: torch.device
+) -> dict:
     """Voxel-level segmentation metrics over the labelled voxels of ``ds``."""
     model.eval().to(device)
     y_true, y_pred = [], []

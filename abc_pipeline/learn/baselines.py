@@ -62,9 +62,9 @@ from abc_pipeline.learn.data import (
     cell_splits,
     class_table,
     default_dim,
+    names_digest,
     raster_splits,
 )
-from abc_pipeline.learn.data import names_digest
 from abc_pipeline.learn.predict import atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets, score_cells
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
@@ -107,8 +107,7 @@ class CellInputs:
         """Stream X in chunks of rows through ``plan`` into ``scratch/values.f32``; read coordinates and
         section codes."""
         n, width = source.n_cells, len(plan.names)
-        values = np.lib.format.open_memmap(Path(scratch) / "values.npy", mode="w+", dtype=np.float32,
-                                           shape=(n, width))
+        values = np.lib.format.open_memmap(Path(scratch) / "values.npy", mode="w+", dtype=np.float32, shape=(n, width))
         step = max(1, _CELL_CHUNK // source.row_chunk) * source.row_chunk
         for s in range(0, n, step):
             values[s : s + step] = plan.apply(source.read_X(s, min(n, s + step)))
@@ -126,8 +125,9 @@ class SectionNeighbours:
     :class:`InputError` when a section holds ``k`` cells or fewer (naming ``key``, the option that sets k).
     """
 
-    def __init__(self, xy: np.ndarray, section: np.ndarray, k: int, sections: Sequence[str] = (),
-                 key: str = "--neighbors") -> None:
+    def __init__(
+        self, xy: np.ndarray, section: np.ndarray, k: int, sections: Sequence[str] = (), key: str = "--neighbors"
+    ) -> None:
         self.xy, self.section, self.k = xy, section, check_neighbors(k, key)
         valid = (section >= 0) & np.isfinite(xy).all(axis=1)
         self.section = np.where(valid, section, -1)
@@ -136,8 +136,10 @@ class SectionNeighbours:
         if small.size:
             s = int(small[np.argmin(counts[small])])
             name = sections[s] if s < len(sections) else str(s)
-            raise InputError(f"{key} is {k}, but section {name!r} holds only {int(counts[s])} cells (each cell needs "
-                             f"{k} other cells of its section); set {key} to at most {int(counts[s]) - 1}")
+            raise InputError(
+                f"{key} is {k}, but section {name!r} holds only {int(counts[s])} cells (each cell needs "
+                f"{k} other cells of its section); set {key} to at most {int(counts[s]) - 1}"
+            )
         self._members: dict[int, np.ndarray] = {}
         self._trees: dict[int, cKDTree] = {}
 
@@ -164,8 +166,7 @@ class SectionNeighbours:
         return out
 
 
-def cell_features(kind: str, rows: np.ndarray, values: np.ndarray, neighbours: SectionNeighbours | None
-                  ) -> np.ndarray:
+def cell_features(kind: str, rows: np.ndarray, values: np.ndarray, neighbours: SectionNeighbours | None) -> np.ndarray:
     """Features ``(len(rows), F)`` float32: own values (``expression``), own + neighbourhood mean
     (``neighborhood``, ``F = 2 C``)."""
     own = np.asarray(values[rows], dtype=np.float32)
@@ -193,8 +194,9 @@ class LogisticModel:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, kind: str, neighbors: int, n_classes: int, x: np.ndarray, y: np.ndarray, c: float,
-            max_iter: int, seed: int) -> LogisticModel:
+    def fit(
+        cls, kind: str, neighbors: int, n_classes: int, x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int
+    ) -> LogisticModel:
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
@@ -203,8 +205,16 @@ class LogisticModel:
         coef, intercept = lr.coef_, lr.intercept_
         if len(lr.classes_) == 2:  # binary: sigmoid(w.x + b) == softmax over (-(w.x + b)/2, (w.x + b)/2)
             coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
-        return cls(kind, neighbors, n_classes, lr.classes_.astype(np.int64), coef.astype(np.float64),
-                   intercept.astype(np.float64), scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64))
+        return cls(
+            kind,
+            neighbors,
+            n_classes,
+            lr.classes_.astype(np.int64),
+            coef.astype(np.float64),
+            intercept.astype(np.float64),
+            scaler.mean_.astype(np.float64),
+            scaler.scale_.astype(np.float64),
+        )
 
     @property
     def n_params(self) -> int:
@@ -222,14 +232,20 @@ class LogisticModel:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.asarray(getattr(self, k)).copy())
-                for k in ("classes", "coef", "intercept", "mean", "scale")}
+        return {
+            k: torch.from_numpy(np.asarray(getattr(self, k)).copy())
+            for k in ("classes", "coef", "intercept", "mean", "scale")
+        }
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> LogisticModel:
         b, m = ckpt["baseline"], ckpt["model"]
-        return cls(b["features"], int(b["neighbors"]), len(ckpt["class_names"]),
-                   *(m[k].numpy() for k in ("classes", "coef", "intercept", "mean", "scale")))
+        return cls(
+            b["features"],
+            int(b["neighbors"]),
+            len(ckpt["class_names"]),
+            *(m[k].numpy() for k in ("classes", "coef", "intercept", "mean", "scale")),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -244,19 +260,24 @@ class _Cells:
 
 def _open_cells(source: CellSource, r: Raster, kind: str, neighbors: int, scratch: Path) -> _Cells:
     if r.voxel_index.shape[0] != source.n_cells:
-        raise InputError(f"{source.path} has {source.n_cells} cells but {r.path} indexes {r.voxel_index.shape[0]}; "
-                         f"give the cells.zarr the raster was rasterized from")
+        raise InputError(
+            f"{source.path} has {source.n_cells} cells but {r.path} indexes {r.voxel_index.shape[0]}; "
+            f"give the cells.zarr the raster was rasterized from"
+        )
     inputs = CellInputs.read(source, raster_channel_plan(source, r.feature_channels, r.pca), scratch)
-    neighbours = (SectionNeighbours(inputs.xy, inputs.section, neighbors, inputs.sections)
-                  if kind == "neighborhood" else None)
+    neighbours = (
+        SectionNeighbours(inputs.xy, inputs.section, neighbors, inputs.sections) if kind == "neighborhood" else None
+    )
     return _Cells(source, inputs, neighbours)
 
 
 def _check_level(source: CellSource, task: str, level: str) -> None:
     columns = source.obs_columns()
     if level not in columns:
-        raise InputError(f"{source.path}: obs has no column {level!r} (the --level option, tasks.{task}.level in the "
-                         f"workflow config){close_matches(level, columns)}; choose one of {', '.join(columns)}")
+        raise InputError(
+            f"{source.path}: obs has no column {level!r} (the --level option, tasks.{task}.level in the "
+            f"workflow config){close_matches(level, columns)}; choose one of {', '.join(columns)}"
+        )
 
 
 def _sample(rows: np.ndarray, y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
@@ -265,8 +286,10 @@ def _sample(rows: np.ndarray, y: np.ndarray, cap: int | None, seed: int) -> np.n
     if cap is None or len(rows) <= cap:
         return rows
     rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(y == c), size=max(1, round(cap * int((y == c).sum()) / len(rows))),
-                       replace=False) for c in np.unique(y)]
+    keep = [
+        rng.choice(np.flatnonzero(y == c), size=max(1, round(cap * int((y == c).sum()) / len(rows))), replace=False)
+        for c in np.unique(y)
+    ]
     return rows[np.sort(np.concatenate(keep))]
 
 
@@ -279,12 +302,24 @@ def _predict_rows(model: LogisticModel, cells: _Cells, rows: np.ndarray) -> np.n
     return out
 
 
-def train_baseline(raster: str | Path, cells: str | Path | None, task: str, model_name: str, out_dir: str | Path, *,
-                   level: str | None = None, neighbors: int = DEFAULT_NEIGHBORS,
-                   max_train_cells: int | None = DEFAULT_MAX_TRAIN_CELLS, c: float = DEFAULT_C,
-                   max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                   split_blocks: int = DEFAULT_SPLIT_BLOCKS, dim: int | str = "auto", train_sections: float = 1.0
-                   ) -> dict:
+def train_baseline(
+    raster: str | Path,
+    cells: str | Path | None,
+    task: str,
+    model_name: str,
+    out_dir: str | Path,
+    *,
+    level: str | None = None,
+    neighbors: int = DEFAULT_NEIGHBORS,
+    max_train_cells: int | None = DEFAULT_MAX_TRAIN_CELLS,
+    c: float = DEFAULT_C,
+    max_iter: int = DEFAULT_MAX_ITER,
+    seed: int = 0,
+    split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    split_blocks: int = DEFAULT_SPLIT_BLOCKS,
+    dim: int | str = "auto",
+    train_sections: float = 1.0,
+) -> dict:
     """Fit baseline ``model_name`` (a key of :data:`BASELINES`) for ``task`` on the training cells of
     ``raster``'s split; write ``out_dir`` (``checkpoint.pt``, ``history.tsv``, ``metrics.json``) and return
     ``metrics.json``'s contents.
@@ -303,11 +338,15 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
     if task not in TASKS:
         raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if cells is None:
-        raise InputError(f"the {model_name} baseline reads each cell's expression: give --cells (the cells.zarr "
-                         f"the raster was made from)")
+        raise InputError(
+            f"the {model_name} baseline reads each cell's expression: give --cells (the cells.zarr "
+            f"the raster was made from)"
+        )
     if max_train_cells is not None and max_train_cells < 2:
-        raise InputError(f"max_train_cells (--max-train-cells, baselines.max_train_cells) must be >= 2 or None, "
-                         f"got {max_train_cells}")
+        raise InputError(
+            f"max_train_cells (--max-train-cells, baselines.max_train_cells) must be >= 2 or None, "
+            f"got {max_train_cells}"
+        )
     kind = BASELINES[model_name]
     if kind == "neighborhood":
         check_neighbors(neighbors)
@@ -325,52 +364,123 @@ def train_baseline(raster: str | Path, cells: str | Path | None, task: str, mode
         raise InputError(f"{r.path}: no training cell has a {level!r} class; choose other --split-fractions or --seed")
     present = np.unique(y[rows["train"]])
     if present.size < 2:
-        raise InputError(f"level {level!r} has a single class ({table.names[int(present[0])]!r}) among the training "
-                         f"cells, nothing to classify; choose a finer level (--level, tasks.{task}.level) or other "
-                         f"--split-fractions")
+        raise InputError(
+            f"level {level!r} has a single class ({table.names[int(present[0])]!r}) among the training "
+            f"cells, nothing to classify; choose a finer level (--level, tasks.{task}.level) or other "
+            f"--split-fractions"
+        )
     with tempfile.TemporaryDirectory(prefix="abc_baseline_") as scratch:
         data = _open_cells(src, r, kind, neighbors, Path(scratch))
         train_rows = _sample(rows["train"], y[rows["train"]], max_train_cells, seed)
         x = cell_features(kind, train_rows, data.inputs.values, data.neighbours)
-        log.info("%s %s (%s): fitting on %d of %d training cells, %d features, %d classes", task, model_name, level,
-                 len(train_rows), len(rows["train"]), x.shape[1], present.size)
+        log.info(
+            "%s %s (%s): fitting on %d of %d training cells, %d features, %d classes",
+            task,
+            model_name,
+            level,
+            len(train_rows),
+            len(rows["train"]),
+            x.shape[1],
+            present.size,
+        )
         fit_start = time.perf_counter()
         model = LogisticModel.fit(kind, neighbors, len(table.names), x, y[train_rows], c, max_iter, seed)
         fit_seconds = time.perf_counter() - fit_start
         scores = {}
         for name in ("val", "test"):
             chosen = _sample(rows[name], y[rows[name]], max_train_cells, seed)
-            scores[name] = (classification_metrics(y[chosen], _predict_rows(model, data, chosen), table.names)
-                            if chosen.size else {})
-    atlas = {"task": task, "raster": str(Path(r.path).resolve()), "channels": list(r.feature_channels),
-             "space": r.grid.space, "grid_shape": list(r.grid.shape), "voxel_size": list(r.grid.voxel_size),
-             "classes": table.to_dict(), "splits": splits, "split_fractions": [float(f) for f in split_fractions],
-             "split_blocks": split_blocks, "dim": default_dim(r) if dim == "auto" else int(dim),
-             "train_sections": train_sections}
-    baseline = {"features": kind, "neighbors": int(neighbors) if kind == "neighborhood" else 0,
-                "section_key": SECTION_KEY, "coordinates": SECTION_COORDINATES, "c": float(c), "max_iter": max_iter,
-                "max_train_cells": max_train_cells, "seed": seed}
-    run_config = {"config": {"atlas": atlas, "baseline": baseline}, "model_name": model_name, "task": "classify",
-                  "model_kwargs": {}}
+            scores[name] = (
+                classification_metrics(y[chosen], _predict_rows(model, data, chosen), table.names)
+                if chosen.size
+                else {}
+            )
+    atlas = {
+        "task": task,
+        "raster": str(Path(r.path).resolve()),
+        "channels": list(r.feature_channels),
+        "space": r.grid.space,
+        "grid_shape": list(r.grid.shape),
+        "voxel_size": list(r.grid.voxel_size),
+        "classes": table.to_dict(),
+        "splits": splits,
+        "split_fractions": [float(f) for f in split_fractions],
+        "split_blocks": split_blocks,
+        "dim": default_dim(r) if dim == "auto" else int(dim),
+        "train_sections": train_sections,
+    }
+    baseline = {
+        "features": kind,
+        "neighbors": int(neighbors) if kind == "neighborhood" else 0,
+        "section_key": SECTION_KEY,
+        "coordinates": SECTION_COORDINATES,
+        "c": float(c),
+        "max_iter": max_iter,
+        "max_train_cells": max_train_cells,
+        "seed": seed,
+    }
+    run_config = {
+        "config": {"atlas": atlas, "baseline": baseline},
+        "model_name": model_name,
+        "task": "classify",
+        "model_kwargs": {},
+    }
     chash = config_hash(run_config)
     val = scores["val"]
-    history = [{"epoch": 0, "train_cells": len(train_rows), **{f"val_{k}": val.get(k) for k in
-                ("accuracy", "balanced_accuracy", "macro_f1")}, "seconds": fit_seconds}]
+    history = [
+        {
+            "epoch": 0,
+            "train_cells": len(train_rows),
+            **{f"val_{k}": val.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+            "seconds": fit_seconds,
+        }
+    ]
     out_dir = claim_directory(Path(out_dir), "train-run", inputs=[raster, cells])
-    ckpt = {"model": model.state(), "model_name": model_name, "task": "classify", "class_names": list(table.names),
-            "config": run_config, "config_hash": chash, "epoch": 0, "best_epoch": 0, "best_val": val,
-            "history": history, "model_kwargs": {}, "baseline": baseline}
+    ckpt = {
+        "model": model.state(),
+        "model_name": model_name,
+        "task": "classify",
+        "class_names": list(table.names),
+        "config": run_config,
+        "config_hash": chash,
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_val": val,
+        "history": history,
+        "model_kwargs": {},
+        "baseline": baseline,
+    }
     save_checkpoint(ckpt, out_dir / "checkpoint.pt")
     atomic_write_text(out_dir / "history.tsv", pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))
-    metrics = {"model": model_name, "task": "classify", "atlas_task": task, "level": level, "metric": "balanced_accuracy",
-               "best_epoch": 0, "epochs_run": 1, "val": val, "test": scores["test"] if task == "celltype" else {},
-               "test_cells": scores["test"], "config_hash": chash, "device": "cpu", "n_params": model.n_params,
-               "n_train": len(train_rows), "splits": splits, "baseline": baseline,
-               "fit_seconds": fit_seconds, "seconds": time.perf_counter() - start}
+    metrics = {
+        "model": model_name,
+        "task": "classify",
+        "atlas_task": task,
+        "level": level,
+        "metric": "balanced_accuracy",
+        "best_epoch": 0,
+        "epochs_run": 1,
+        "val": val,
+        "test": scores["test"] if task == "celltype" else {},
+        "test_cells": scores["test"],
+        "config_hash": chash,
+        "device": "cpu",
+        "n_params": model.n_params,
+        "n_train": len(train_rows),
+        "splits": splits,
+        "baseline": baseline,
+        "fit_seconds": fit_seconds,
+        "seconds": time.perf_counter() - start,
+    }
     write_json(metrics, out_dir / "metrics.json")
-    log.info("%s %s: validation balanced accuracy %.3f, test accuracy %.3f (%d cells); %.1f s", task, model_name,
-             val.get("balanced_accuracy", float("nan")), scores["test"].get("accuracy", float("nan")),
-             len(rows["test"]), metrics["seconds"])
+    log.info(
+        "%s %s: validation balanced accuracy %.3f, test accuracy %.3f (%d cells); %.1f s",
+        task,
+        model_name,
+        val.get("balanced_accuracy", float("nan")),
+        scores["test"].get("accuracy", float("nan")),
+        len(rows["test"]),
+        metrics["seconds"],
+    )
     return metrics
 
 
@@ -383,8 +493,14 @@ def load_baseline(checkpoint: str | Path) -> tuple[LogisticModel, dict]:
     return LogisticModel.from_checkpoint(ckpt), ckpt
 
 
-def predict_baseline(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
-                     overwrite: bool = False) -> Path:
+def predict_baseline(
+    checkpoint: str | Path,
+    raster: str | Path,
+    out: str | Path,
+    *,
+    cells: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Predict every cell with the baseline of ``checkpoint`` and write ``out`` (a ``predictions.zarr`` in
     the layout of :func:`abc_pipeline.learn.predict.predict_raster`, voxel volumes from the cells' predicted
     classes; see the module docstring). Test-split cells are scored (attributes' ``metrics``)."""
@@ -393,20 +509,26 @@ def predict_baseline(checkpoint: str | Path, raster: str | Path, out: str | Path
     r = open_raster(raster)
     check_channels(atlas, r.path, r.feature_channels, checkpoint)
     if cells is None:
-        raise InputError(f"{checkpoint} is a {ckpt['model_name']} baseline: predict needs --cells (the cells.zarr "
-                         f"of {r.path}) to read each cell's expression")
+        raise InputError(
+            f"{checkpoint} is a {ckpt['model_name']} baseline: predict needs --cells (the cells.zarr "
+            f"of {r.path}) to read each cell's expression"
+        )
     src = CellSource(cells)
     digest = names_digest(src.obs_names())
     if digest != names_digest(r.cell_label):
-        raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the cells.zarr "
-                         f"the raster was made from")
+        raise InputError(
+            f"{r.path} was not rasterized from {cells} (cell names/order differ); give the cells.zarr "
+            f"the raster was made from"
+        )
     table = ClassTable.from_dict(atlas["classes"])
     same_grid = atlas["space"] == r.grid.space and list(atlas["grid_shape"]) == list(r.grid.shape)
     splits = {k: list(v) for k, v in atlas["splits"].items()} if same_grid else {}
     task, n, k = atlas["task"], src.n_cells, len(table.names)
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="abc_baseline_") as scratch, staged_output(
-            out, "predictions", inputs=[checkpoint, raster, cells], overwrite=overwrite) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="abc_baseline_") as scratch,
+        staged_output(out, "predictions", inputs=[checkpoint, raster, cells], overwrite=overwrite) as tmp,
+    ):
         data = _open_cells(src, r, model.kind, model.neighbors, Path(scratch))
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         group = root.require_group("cells")
@@ -419,14 +541,26 @@ def predict_baseline(checkpoint: str | Path, raster: str | Path, out: str | Path
             cell_proba[s : s + len(rows)] = p
         create_array(group, "pred", (n,), (_CELL_CHUNK,), np.int16, fill_value=-1)[:] = pred
         create_array(group, "split", (n,), (_CELL_CHUNK,), np.int8)[:] = (
-            cell_splits(r, splits).codes if splits else np.full(n, len(SPLITS), np.int8))
+            cell_splits(r, splits).codes if splits else np.full(n, len(SPLITS), np.int8)
+        )
         _write_voxel_votes(root, r, pred, table, task)
         meta = {
-            "task": task, "level": table.level, "model": ckpt["model_name"], "checkpoint": str(Path(checkpoint).resolve()),
-            "config_hash": ckpt["config_hash"], "best_epoch": 0, "raster": str(r.path.resolve()),
-            "class_names": list(table.names), "colors": list(table.colors), "split_categories": [*SPLITS, "none"],
-            "splits": splits, "dim": int(atlas["dim"]), "n_cells": n, "cell_names_digest": digest,
-            "val_metrics": ckpt.get("best_val", {}), "baseline": ckpt["baseline"],
+            "task": task,
+            "level": table.level,
+            "model": ckpt["model_name"],
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "config_hash": ckpt["config_hash"],
+            "best_epoch": 0,
+            "raster": str(r.path.resolve()),
+            "class_names": list(table.names),
+            "colors": list(table.colors),
+            "split_categories": [*SPLITS, "none"],
+            "splits": splits,
+            "dim": int(atlas["dim"]),
+            "n_cells": n,
+            "cell_names_digest": digest,
+            "val_metrics": ckpt.get("best_val", {}),
+            "baseline": ckpt["baseline"],
             "voxels": "fraction of the voxel's cells predicted as each class; label = majority class",
         }
         root.attrs[ATTRS_KEY] = {"predictions": meta}
@@ -465,12 +599,18 @@ def _write_voxel_votes(root: zarr.Group, r: Raster, pred: np.ndarray, table: Cla
     write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
 
 
-
-
 # ----------------------------------------------------------------------------------------------- bench
-def bench_baseline_rows(raster: str | Path, cells: str | Path, task: str, names: Sequence[str], out_dir: str | Path,
-                        *, test_rows: np.ndarray | None = None, test_targets: np.ndarray | None = None,
-                        **train_kwargs) -> list[dict]:
+def bench_baseline_rows(
+    raster: str | Path,
+    cells: str | Path,
+    task: str,
+    names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    test_rows: np.ndarray | None = None,
+    test_targets: np.ndarray | None = None,
+    **train_kwargs,
+) -> list[dict]:
     """Rows of the ``bench-models`` table (:func:`abc_pipeline.learn.compare.bench_models`) for the baselines
     ``names``, each fitted into ``out_dir/<name>/`` with :func:`train_baseline` (``train_kwargs``, e.g.
     ``train_sections``) and scored like the networks: ``celltype``: accuracy, balanced accuracy, AUC of the
@@ -499,24 +639,47 @@ def bench_baseline_rows(raster: str | Path, cells: str | Path, task: str, names:
         else:
             store_path = predict_baseline(run / "checkpoint.pt", raster, run / "predictions.zarr", cells=cells)
             r = open_raster(raster)
-            y_true, y_pred = ev._test_voxels(zarr.open_group(str(store_path), mode="r"), store_path, r, table,
-                                             atlas["splits"]["test"])
+            y_true, y_pred = ev._test_voxels(
+                zarr.open_group(str(store_path), mode="r"), store_path, r, table, atlas["splits"]["test"]
+            )
             seg = segmentation_metrics(y_true, y_pred, table.names, ignore=-1)
             scores, worst = {k: seg[k] for k in ("accuracy", "mean_dice", "mean_iou")}, "worst_mean_dice"
         nan = float("nan")
-        rows.append({"model": name, "width": nan, "first_layer_channels": nan, "params": metrics["n_params"], **scores,
-                     worst: nan, "equivariance_error": nan, "agreement_45deg": nan,
-                     "seconds_per_epoch": metrics["fit_seconds"], "epochs": 1, "best_epoch": 0, "peak_memory_mb": nan,
-                     "memory": "not measured for baselines"})
+        rows.append(
+            {
+                "model": name,
+                "width": nan,
+                "first_layer_channels": nan,
+                "params": metrics["n_params"],
+                **scores,
+                worst: nan,
+                "equivariance_error": nan,
+                "agreement_45deg": nan,
+                "seconds_per_epoch": metrics["fit_seconds"],
+                "epochs": 1,
+                "best_epoch": 0,
+                "peak_memory_mb": nan,
+                "memory": "not measured for baselines",
+            }
+        )
         log.info("%s: %s", name, {k: round(v, 3) for k, v in scores.items()})
     return rows
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
-def evaluate_baseline(checkpoint: str | Path, raster: str | Path, predictions: str | Path, out: str | Path, *,
-                      cells: str | Path | None, map_sections: int = 3, max_test_cells: int | None = 500_000,
-                      any_angles: Sequence[float] | None = None, any_angle_sections: int | None = None,
-                      overwrite: bool = False) -> dict:
+def evaluate_baseline(
+    checkpoint: str | Path,
+    raster: str | Path,
+    predictions: str | Path,
+    out: str | Path,
+    *,
+    cells: str | Path | None,
+    map_sections: int = 3,
+    max_test_cells: int | None = 500_000,
+    any_angles: Sequence[float] | None = None,
+    any_angle_sections: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """``abc-pipeline evaluate`` of a baseline run: the outputs of
     :func:`abc_pipeline.learn.evaluate_run.evaluate_run` without the grid-symmetry windows and the
     equivariance curve (the features of a cell do not change under a rotation of its section: the any-angle
@@ -545,8 +708,10 @@ def evaluate_baseline(checkpoint: str | Path, raster: str | Path, predictions: s
     src = ev._cells(cells, r, digest, task)
     splits = {k: [int(z) for z in v] for k, v in atlas["splits"].items()}
     if not splits.get("test"):
-        raise InputError(f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
-                         f"third --split-fractions value to evaluate")
+        raise InputError(
+            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
+            f"third --split-fractions value to evaluate"
+        )
     names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
     test_cells = score_cells(predictions, src, max_cells=max_test_cells)
     if task == "celltype":
@@ -555,31 +720,63 @@ def evaluate_baseline(checkpoint: str | Path, raster: str | Path, predictions: s
     else:
         y_true, y_pred = ev._test_voxels(store, predictions, r, table, splits["test"])
         test, unit = segmentation_metrics(y_true, y_pred, names, ignore=-1), "voxels"
-    any_angle = any_angle_scores(checkpoint, r.path, src.path, angles=any_angles or DEFAULT_ANY_ANGLES,
-                                 sections=any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS)
+    any_angle = any_angle_scores(
+        checkpoint,
+        r.path,
+        src.path,
+        angles=any_angles or DEFAULT_ANY_ANGLES,
+        sections=any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS,
+    )
     with staged_output(out, "evaluation", inputs=[checkpoint, raster, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = [plots.confusion_matrix_figure(y_true, y_pred, names, tmp / "confusion_matrix.png",
-                                                 title=f"{title}: test {unit}")]
+        figures = [
+            plots.confusion_matrix_figure(
+                y_true, y_pred, names, tmp / "confusion_matrix.png", title=f"{title}: test {unit}"
+            )
+        ]
         if table.level in r.labels:
-            figures.append(ev._maps_figure(store, r, table, task, splits["test"], int(atlas["dim"]), map_sections,
-                                           tmp / "maps.png"))
+            figures.append(
+                ev._maps_figure(
+                    store, r, table, task, splits["test"], int(atlas["dim"]), map_sections, tmp / "maps.png"
+                )
+            )
         figures.append(ev.any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
         result = {
-            "task": task, "level": table.level, "model": ckpt["model_name"], "dim": int(atlas["dim"]),
-            "checkpoint": str(checkpoint.resolve()), "config_hash": ckpt["config_hash"], "raster": str(r.path.resolve()),
-            "predictions": str(predictions.resolve()), "splits": splits, "n_test": len(y_true), "test_unit": unit,
-            "test": test, "test_cells": test_cells, "any_angle": any_angle,
-            "caps": {"map_sections": map_sections, "max_test_cells": max_test_cells,
-                     "any_angle_sections": any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS},
-            "figures": [p.name for p in figures], "seconds": time.perf_counter() - start,
+            "task": task,
+            "level": table.level,
+            "model": ckpt["model_name"],
+            "dim": int(atlas["dim"]),
+            "checkpoint": str(checkpoint.resolve()),
+            "config_hash": ckpt["config_hash"],
+            "raster": str(r.path.resolve()),
+            "predictions": str(predictions.resolve()),
+            "splits": splits,
+            "n_test": len(y_true),
+            "test_unit": unit,
+            "test": test,
+            "test_cells": test_cells,
+            "any_angle": any_angle,
+            "caps": {
+                "map_sections": map_sections,
+                "max_test_cells": max_test_cells,
+                "any_angle_sections": any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS,
+            },
+            "figures": [p.name for p in figures],
+            "seconds": time.perf_counter() - start,
         }
         write_json(result, tmp / "metrics.json")
         ev._metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
-    log.info("%s: test %s; per cell accuracy %.3f; any angle: mean accuracy %.3f, worst %.3f (%g°); %.1f s -> %s",
-             title, {k: round(v, 3) for k, v in test.items() if isinstance(v, float)}, test_cells["accuracy"],
-             any_angle["mean"]["accuracy"], any_angle["worst"]["accuracy"], any_angle["worst_angle"]["accuracy"],
-             result["seconds"], out)
+    log.info(
+        "%s: test %s; per cell accuracy %.3f; any angle: mean accuracy %.3f, worst %.3f (%g°); %.1f s -> %s",
+        title,
+        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
+        test_cells["accuracy"],
+        any_angle["mean"]["accuracy"],
+        any_angle["worst"]["accuracy"],
+        any_angle["worst_angle"]["accuracy"],
+        result["seconds"],
+        out,
+    )
     return result
 
 

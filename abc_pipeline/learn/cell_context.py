@@ -68,12 +68,37 @@ class CellContextDataset(Dataset):
     with ``patch`` ``(C_in, *(P + 2*halo))`` and ``expression`` ``(F,)`` float32 (raw channel values; the model
     standardises them). Attributes ``targets``, ``cells``, ``voxels`` and ``expression`` ``(N, F)``."""
 
-    def __init__(self, raster: Raster, cells: CellSource, table: ClassTable, split: str,
-                 splits: dict[str, Sequence[int]], normalizer: Normalizer, dim: int, patch_size: Sequence[int],
-                 halo: Sequence[int], plan: ChannelPlan, *, max_samples: int | None = None, seed: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.patches = CellPatchDataset(raster, cells, table, split, splits, normalizer, dim, patch_size, halo,
-                                        max_samples=max_samples, seed=seed, cache_bytes=cache_bytes)
+    def __init__(
+        self,
+        raster: Raster,
+        cells: CellSource,
+        table: ClassTable,
+        split: str,
+        splits: dict[str, Sequence[int]],
+        normalizer: Normalizer,
+        dim: int,
+        patch_size: Sequence[int],
+        halo: Sequence[int],
+        plan: ChannelPlan,
+        *,
+        max_samples: int | None = None,
+        seed: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.patches = CellPatchDataset(
+            raster,
+            cells,
+            table,
+            split,
+            splits,
+            normalizer,
+            dim,
+            patch_size,
+            halo,
+            max_samples=max_samples,
+            seed=seed,
+            cache_bytes=cache_bytes,
+        )
         self.targets, self.cells, self.voxels = self.patches.targets, self.patches.cells, self.patches.voxels
         self.expression = torch.from_numpy(cell_expression(cells, plan, self.cells))
 
@@ -96,11 +121,22 @@ class CellSectionDataset(Dataset):
     stacks planes and prefixes each cell's voxel with its plane's position in the batch. Attributes
     ``targets`` / ``cells`` / ``expression``: all cells, plane by plane (the order of the samples)."""
 
-    def __init__(self, raster: Raster, cells: CellSource, table: ClassTable, split: str,
-                 splits: dict[str, Sequence[int]], normalizer: Normalizer, plan: ChannelPlan, margin: Sequence[int],
-                 *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        base = CellPatchDataset(raster, cells, table, split, splits, normalizer, 2, (1, 1), (0, 0),
-                                cache_bytes=cache_bytes)
+    def __init__(
+        self,
+        raster: Raster,
+        cells: CellSource,
+        table: ClassTable,
+        split: str,
+        splits: dict[str, Sequence[int]],
+        normalizer: Normalizer,
+        plan: ChannelPlan,
+        margin: Sequence[int],
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        base = CellPatchDataset(
+            raster, cells, table, split, splits, normalizer, 2, (1, 1), (0, 0), cache_bytes=cache_bytes
+        )
         self.reader, self.margin = base.reader, tuple(int(m) for m in margin)
         self.size = (1, *(n + 2 * m for n, m in zip(raster.grid.shape[1:], self.margin)))
         expression = cell_expression(cells, plan, base.cells)
@@ -124,14 +160,26 @@ class CellSectionDataset(Dataset):
         """Planes stacked ``(B, C_in, Y, X)``, cells ``(N, 3)`` (plane in batch, y, x), expression ``(N, F)``,
         targets ``(N,)``."""
         planes = torch.stack([x[0] for x, _ in batch])
-        cells = torch.cat([torch.cat([torch.full((len(x[1]), 1), b, dtype=torch.int64), x[1]], dim=1)
-                           for b, (x, _) in enumerate(batch)])
+        cells = torch.cat(
+            [
+                torch.cat([torch.full((len(x[1]), 1), b, dtype=torch.int64), x[1]], dim=1)
+                for b, (x, _) in enumerate(batch)
+            ]
+        )
         return (planes, torch.cat([x[2] for x, _ in batch]), cells), torch.cat([y for _, y in batch])
 
 
 @torch.inference_mode()
-def predict_cells(model, context: zarr.Array, raster: Raster, cells: CellSource, plan: ChannelPlan,
-                  cell_proba: zarr.Array, cell_pred: zarr.Array, device: torch.device) -> None:
+def predict_cells(
+    model,
+    context: zarr.Array,
+    raster: Raster,
+    cells: CellSource,
+    plan: ChannelPlan,
+    cell_proba: zarr.Array,
+    cell_pred: zarr.Array,
+    device: torch.device,
+) -> None:
     """Per-cell probabilities of a cell-context model: ``context`` ``(embed, z, y, x)`` (the dense context
     embedding of every voxel) gathered at each cell's voxel, fused with the cell's own expression; written
     to ``cell_proba`` ``(n_cells, K)`` (NaN rows: no voxel) and ``cell_pred`` ``(n_cells,)`` (-1: no voxel),
@@ -147,8 +195,9 @@ def predict_cells(model, context: zarr.Array, raster: Raster, cells: CellSource,
             v = vox[ok]
             emb = context.vindex[channels, v[None, :, 0], v[None, :, 1], v[None, :, 2]].T
             expr = cell_expression(cells, plan, np.flatnonzero(ok) + s)
-            logits = model.cell_logits(torch.from_numpy(np.ascontiguousarray(emb)).to(device),
-                                       torch.from_numpy(expr).to(device))
+            logits = model.cell_logits(
+                torch.from_numpy(np.ascontiguousarray(emb)).to(device), torch.from_numpy(expr).to(device)
+            )
             p[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         cell_proba[s : s + len(vox)] = p
         cell_pred[s : s + len(vox)] = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +59,7 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def checkpoint_mismatches(ckpt: Mapping[str, Any], model_name: str, task: str,
-                          class_names: Sequence[str]) -> list[str]:
+def checkpoint_mismatches(ckpt: Mapping[str, Any], model_name: str, task: str, class_names: Sequence[str]) -> list[str]:
     """Every difference between ``ckpt`` and the model/task/classes at hand, one phrase each (empty: compatible)."""
     diffs = []
     if ckpt["model_name"] != model_name:
@@ -68,8 +68,11 @@ def checkpoint_mismatches(ckpt: Mapping[str, Any], model_name: str, task: str,
         diffs.append(f"task {ckpt['task']!r} != {task!r}")
     if list(ckpt["class_names"]) != list(class_names):
         old, new = list(ckpt["class_names"]), list(class_names)
-        detail = (f"{len(old)} vs {len(new)} classes" if len(old) != len(new)
-                  else f"first difference at index {next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)}")
+        detail = (
+            f"{len(old)} vs {len(new)} classes"
+            if len(old) != len(new)
+            else f"first difference at index {next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)}"
+        )
         diffs.append(f"class list differs ({detail}: {old[:5]}... vs {new[:5]}...)")
     return diffs
 
@@ -95,8 +98,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     ckpt = load_checkpoint(path)
     if not ckpt.get("model_kwargs"):
-        raise InputError(f"{path}: the checkpoint has no 'model_kwargs' (trained on a custom model); rebuild the "
-                         f"model yourself and load ckpt['model']")
+        raise InputError(
+            f"{path}: the checkpoint has no 'model_kwargs' (trained on a custom model); rebuild the "
+            f"model yourself and load ckpt['model']"
+        )
     model = build_model(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -42,9 +42,10 @@ import logging
 import math
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
+from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import config_hash, write_json
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
@@ -70,11 +71,20 @@ SCORES = {"classify": ("accuracy", "balanced_accuracy", "auc"), "segment": ("acc
 WORST_METRIC = {"classify": "accuracy", "segment": "mean_dice"}
 CURVE_ANGLE = 45.0
 _HEADERS = {
-    "model": "model", "first_layer_channels": "first-layer channels", "params": "parameters",
-    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "AUC", "mean_dice": "mean Dice",
-    "mean_iou": "mean IoU", "worst_accuracy": "worst-orientation accuracy",
-    "worst_mean_dice": "worst-orientation mean Dice", "equivariance_error": "equivariance error",
-    "agreement_45deg": "agreement at 45°", "seconds_per_epoch": "s / epoch", "epochs": "epochs",
+    "model": "model",
+    "first_layer_channels": "first-layer channels",
+    "params": "parameters",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "auc": "AUC",
+    "mean_dice": "mean Dice",
+    "mean_iou": "mean IoU",
+    "worst_accuracy": "worst-orientation accuracy",
+    "worst_mean_dice": "worst-orientation mean Dice",
+    "equivariance_error": "equivariance error",
+    "agreement_45deg": "agreement at 45°",
+    "seconds_per_epoch": "s / epoch",
+    "epochs": "epochs",
     "peak_memory_mb": "peak memory (MiB)",
 }
 
@@ -128,8 +138,9 @@ def subset_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int
     return np.sort(np.concatenate(keep))
 
 
-def npz_task(source: str | Path, train_fraction: float = 1.0, seed: int = 0,
-             download_root: str | Path = "data/medmnist") -> BenchTask:
+def npz_task(
+    source: str | Path, train_fraction: float = 1.0, seed: int = 0, download_root: str | Path = "data/medmnist"
+) -> BenchTask:
     """A :class:`BenchTask` from a MedMNIST-format file (path, or MedMNIST name downloaded into
     ``download_root``), keeping a stratified ``train_fraction`` of the training split (:func:`subset_indices`
     with ``seed``); validation and test splits are kept whole."""
@@ -137,10 +148,24 @@ def npz_task(source: str | Path, train_fraction: float = 1.0, seed: int = 0,
     keep = torch.from_numpy(subset_indices(data.train.targets.numpy(), train_fraction, seed))
     train_ds = NpzClassification(data.train.images[keep], data.train.targets[keep], data.class_names)
     label = data.path.name if train_fraction == 1.0 else f"{data.path.name}, {train_fraction:.0%} of training data"
-    config = {"npz": str(data.path), "image_shape": list(data.train.images.shape[1:]), "train_fraction": train_fraction,
-              "subset_seed": seed, "n": {"train": len(train_ds), "val": len(data.val), "test": len(data.test)}}
-    return BenchTask(name=label, train=train_ds, val=data.val, test=data.test, class_names=data.class_names,
-                     dim=data.dim, in_channels=data.in_channels, task="classify", config={"data": config})
+    config = {
+        "npz": str(data.path),
+        "image_shape": list(data.train.images.shape[1:]),
+        "train_fraction": train_fraction,
+        "subset_seed": seed,
+        "n": {"train": len(train_ds), "val": len(data.val), "test": len(data.test)},
+    }
+    return BenchTask(
+        name=label,
+        train=train_ds,
+        val=data.val,
+        test=data.test,
+        class_names=data.class_names,
+        dim=data.dim,
+        in_channels=data.in_channels,
+        task="classify",
+        config={"data": config},
+    )
 
 
 def _release_freed_memory() -> None:
@@ -171,7 +196,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self._peak = max(self._peak, process.memory_info().rss)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -200,12 +225,30 @@ def _stack(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tens
 def _warm_up(task: BenchTask, device: torch.device) -> None:
     """A one-epoch run of a width-1 CNN on 4 training/validation samples into a temporary directory: the
     process' one-time initialisation then does not count in the first model's memory and time."""
-    model = build_model("cnn", task.dim, task.in_channels, len(task.class_names), task.model_task, width=1,
-                        spacing=task.spacing, **task.model_options)
+    model = build_model(
+        "cnn",
+        task.dim,
+        task.in_channels,
+        len(task.class_names),
+        task.model_task,
+        width=1,
+        spacing=task.spacing,
+        **task.model_options,
+    )
     few = range(min(4, len(task.train), len(task.val)))
     with tempfile.TemporaryDirectory() as tmp:
-        train(model, Subset(task.train, few), Subset(task.val, few), tmp, class_names=task.class_names, epochs=1,
-              batch_size=4, device=device, progress=False, resume=False)
+        train(
+            model,
+            Subset(task.train, few),
+            Subset(task.val, few),
+            tmp,
+            class_names=task.class_names,
+            epochs=1,
+            batch_size=4,
+            device=device,
+            progress=False,
+            resume=False,
+        )
 
 
 def _test_scores(task: BenchTask, proba: torch.Tensor, y: torch.Tensor) -> dict:
@@ -214,8 +257,17 @@ def _test_scores(task: BenchTask, proba: torch.Tensor, y: torch.Tensor) -> dict:
     return segmentation_metrics(y.numpy(), proba.argmax(1).numpy(), task.class_names, ignore=IGNORE_INDEX)
 
 
-def _evaluate(model: torch.nn.Module, task: BenchTask, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-              batch_size: int, angles: Sequence[float], curve_samples: int, equivariance_samples: int) -> dict:
+def _evaluate(
+    model: torch.nn.Module,
+    task: BenchTask,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    angles: Sequence[float],
+    curve_samples: int,
+    equivariance_samples: int,
+) -> dict:
     """Test scores, orientation scores, equivariance error and curve of a trained model."""
     model.eval()
 
@@ -230,18 +282,39 @@ def _evaluate(model: torch.nn.Module, task: BenchTask, x: torch.Tensor, y: torch
     orient = orientation_scores(predict, x, y, group, task.class_names, metric=WORST_METRIC[task.task])
     error = equivariance_error(logits, x[:equivariance_samples], group, invariant=task.task == "classify")
     xc, yc = x[:curve_samples], y[:curve_samples]
-    curve = equivariance_curve(predict, xc, angles, task=task.task,
-                               mask=None if task.task == "classify" else yc != IGNORE_INDEX)
-    return {"test": _test_scores(task, proba, y), "orientation": orient, "equivariance_error": error,
-            "curve": curve, "y_pred": proba.argmax(1)}
+    curve = equivariance_curve(
+        predict, xc, angles, task=task.task, mask=None if task.task == "classify" else yc != IGNORE_INDEX
+    )
+    return {
+        "test": _test_scores(task, proba, y),
+        "orientation": orient,
+        "equivariance_error": error,
+        "curve": curve,
+        "y_pred": proba.argmax(1),
+    }
 
 
-def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = DEFAULT_MODELS, *,
-                 target_params: int = 50_000, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, patience: int = 10, seed: int = 0, device: str = "auto",
-                 num_workers: int = 0, angles: Sequence[float] = range(0, 91, 15), curve_samples: int = 256,
-                 equivariance_samples: int = 16, progress: bool = True, resume: bool = True,
-                 extra_rows: Sequence[dict] = ()) -> pd.DataFrame:
+def bench_models(
+    task: BenchTask,
+    out_dir: str | Path,
+    models: Sequence[str] = DEFAULT_MODELS,
+    *,
+    target_params: int = 50_000,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 10,
+    seed: int = 0,
+    device: str = "auto",
+    num_workers: int = 0,
+    angles: Sequence[float] = range(0, 91, 15),
+    curve_samples: int = 256,
+    equivariance_samples: int = 16,
+    progress: bool = True,
+    resume: bool = True,
+    extra_rows: Sequence[dict] = (),
+) -> pd.DataFrame:
     """Train every zoo model in ``models`` with about ``target_params`` parameters on ``task``; one table.
 
     Training arguments are those of :func:`abc_pipeline.learn.train.train` (early stopping on balanced
@@ -266,17 +339,48 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
     curves, rows = {}, []
     for name in models:
         torch.manual_seed(seed)
-        model = build_model(name, task.dim, task.in_channels, k, task.model_task, target_params=target_params,
-                            spacing=task.spacing, **task.model_options)
-        first = model_table(task.dim, task.in_channels, k, task.model_task, width=model.width,
-                            spacing=task.spacing, names=[name])[0]
-        model_kwargs = {"name": name, "dim": task.dim, "in_channels": task.in_channels, "n_classes": k,
-                        "task": task.model_task, "width": model.width, "spacing": task.spacing, **task.model_options}
-        train_args = {"class_names": task.class_names, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                      "weight_decay": weight_decay, "seed": seed, "patience": patience}
+        model = build_model(
+            name,
+            task.dim,
+            task.in_channels,
+            k,
+            task.model_task,
+            target_params=target_params,
+            spacing=task.spacing,
+            **task.model_options,
+        )
+        first = model_table(
+            task.dim, task.in_channels, k, task.model_task, width=model.width, spacing=task.spacing, names=[name]
+        )[0]
+        model_kwargs = {
+            "name": name,
+            "dim": task.dim,
+            "in_channels": task.in_channels,
+            "n_classes": k,
+            "task": task.model_task,
+            "width": model.width,
+            "spacing": task.spacing,
+            **task.model_options,
+        }
+        train_args = {
+            "class_names": task.class_names,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "patience": patience,
+        }
         eval_args = {"angles": angles, "curve_samples": curve_samples, "equivariance_samples": equivariance_samples}
-        key = config_hash({"model_kwargs": model_kwargs, "train": train_args, "eval": eval_args,
-                           "config": task.config, "target_params": target_params})
+        key = config_hash(
+            {
+                "model_kwargs": model_kwargs,
+                "train": train_args,
+                "eval": eval_args,
+                "config": task.config,
+                "target_params": target_params,
+            }
+        )
         run_dir = out_dir / name
         cached = _cached(run_dir / "bench.json", key) if resume else None
         if cached is not None:
@@ -285,38 +389,77 @@ def bench_models(task: BenchTask, out_dir: str | Path, models: Sequence[str] = D
             curves[name] = (cached["curve"]["angles"], cached["curve"]["agreement"])
             continue
         with PeakMemory(dev) as memory:
-            result = train(model, task.train, task.val, run_dir, metric=None, device=dev, num_workers=num_workers,
-                           progress=progress, config={**task.config, "target_params": target_params},
-                           model_kwargs=model_kwargs, resume="if-unchanged" if resume else False, **train_args)
+            result = train(
+                model,
+                task.train,
+                task.val,
+                run_dir,
+                metric=None,
+                device=dev,
+                num_workers=num_workers,
+                progress=progress,
+                config={**task.config, "target_params": target_params},
+                model_kwargs=model_kwargs,
+                resume="if-unchanged" if resume else False,
+                **train_args,
+            )
         ev = _evaluate(model, task, x_test, y_test, dev, batch_size, angles, curve_samples, equivariance_samples)
         worst = WORST_METRIC[task.task]
-        row = {"model": name, "width": model.width, "first_layer_channels": first["first_layer_channels"],
-               "params": model.n_params, **{s: ev["test"][s] for s in SCORES[task.task]},
-               f"worst_{worst}": ev["orientation"]["worst"], "equivariance_error": ev["equivariance_error"],
-               "agreement_45deg": ev["curve"]["agreement"][angles.index(CURVE_ANGLE)],
-               "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history])),
-               "epochs": result.epochs_run, "best_epoch": result.best_epoch,
-               "peak_memory_mb": memory.mib, "memory": memory.kind}
+        row = {
+            "model": name,
+            "width": model.width,
+            "first_layer_channels": first["first_layer_channels"],
+            "params": model.n_params,
+            **{s: ev["test"][s] for s in SCORES[task.task]},
+            f"worst_{worst}": ev["orientation"]["worst"],
+            "equivariance_error": ev["equivariance_error"],
+            "agreement_45deg": ev["curve"]["agreement"][angles.index(CURVE_ANGLE)],
+            "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history])),
+            "epochs": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "peak_memory_mb": memory.mib,
+            "memory": memory.kind,
+        }
         rows.append(row)
         curves[name] = (angles, ev["curve"]["agreement"])
-        plots.training_curves_figure(run_dir / "history.tsv", run_dir / "training_curves.png",
-                                     title=f"{name} on {task.name}")
+        plots.training_curves_figure(
+            run_dir / "history.tsv", run_dir / "training_curves.png", title=f"{name} on {task.name}"
+        )
         if task.task == "classify":
-            plots.confusion_matrix_figure(y_test.numpy(), ev["y_pred"].numpy(), task.class_names,
-                                          run_dir / "confusion_matrix.png", title=f"{name}: test split")
-        write_json({"key": key, "row": row, "test": ev["test"], "orientation": ev["orientation"],
-                    "curve": ev["curve"]}, run_dir / "bench.json")
-        log.info("%s: %s %.3f, worst %s %.3f, equivariance error %.2e, agreement at 45° %.3f", name,
-                 SCORES[task.task][0], row[SCORES[task.task][0]], worst, row[f"worst_{worst}"],
-                 row["equivariance_error"], row["agreement_45deg"])
+            plots.confusion_matrix_figure(
+                y_test.numpy(),
+                ev["y_pred"].numpy(),
+                task.class_names,
+                run_dir / "confusion_matrix.png",
+                title=f"{name}: test split",
+            )
+        write_json(
+            {"key": key, "row": row, "test": ev["test"], "orientation": ev["orientation"], "curve": ev["curve"]},
+            run_dir / "bench.json",
+        )
+        log.info(
+            "%s: %s %.3f, worst %s %.3f, equivariance error %.2e, agreement at 45° %.3f",
+            name,
+            SCORES[task.task][0],
+            row[SCORES[task.task][0]],
+            worst,
+            row[f"worst_{worst}"],
+            row["equivariance_error"],
+            row["agreement_45deg"],
+        )
     table = pd.DataFrame([*rows, *extra_rows])
     _write_table(table, out_dir, task)
-    plots.equivariance_curve_figure(curves, out_dir / "equivariance_curve.png",
-                                    title=f"Equivariance under rotation: {task.name}")
+    plots.equivariance_curve_figure(
+        curves, out_dir / "equivariance_curve.png", title=f"Equivariance under rotation: {task.name}"
+    )
     worst = f"worst_{WORST_METRIC[task.task]}"
     plain = WORST_METRIC[task.task]
-    plots.orientation_bar_figure({r["model"]: (r[plain], r[worst]) for r in rows}, out_dir / "orientation.png",
-                                 metric=plain, title=f"Test {plain.replace('_', ' ')}: {task.name}")
+    plots.orientation_bar_figure(
+        {r["model"]: (r[plain], r[worst]) for r in rows},
+        out_dir / "orientation.png",
+        metric=plain,
+        title=f"Test {plain.replace('_', ' ')}: {task.name}",
+    )
     return table
 
 
@@ -332,15 +475,23 @@ def format_table(table: pd.DataFrame) -> str:
     """Markdown rendering of a :func:`bench_models` table (scores to 3 decimals, errors in scientific)."""
     columns = [c for c in _HEADERS if c in table.columns]
     formats: dict[str, Callable[[Any], str]] = {
-        "params": lambda v: f"{int(v):,}", "first_layer_channels": lambda v: str(int(v)),
-        "epochs": lambda v: str(int(v)), "equivariance_error": lambda v: f"{v:.1e}",
-        "seconds_per_epoch": lambda v: f"{v:.2f}", "peak_memory_mb": lambda v: f"{v:.0f}", "model": str,
+        "params": lambda v: f"{int(v):,}",
+        "first_layer_channels": lambda v: str(int(v)),
+        "epochs": lambda v: str(int(v)),
+        "equivariance_error": lambda v: f"{v:.1e}",
+        "seconds_per_epoch": lambda v: f"{v:.2f}",
+        "peak_memory_mb": lambda v: f"{v:.0f}",
+        "model": str,
     }
-    lines = ["| " + " | ".join(_HEADERS[c] for c in columns) + " |",
-             "|" + "|".join("---" if c == "model" else "---:" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(_HEADERS[c] for c in columns) + " |",
+        "|" + "|".join("---" if c == "model" else "---:" for c in columns) + "|",
+    ]
     for _, r in table.iterrows():
-        cells = ["n/a" if isinstance(r[c], float) and math.isnan(r[c]) else formats.get(c, lambda v: f"{v:.3f}")(r[c])
-                 for c in columns]
+        cells = [
+            "n/a" if isinstance(r[c], float) and math.isnan(r[c]) else formats.get(c, lambda v: f"{v:.3f}")(r[c])
+            for c in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -349,9 +500,10 @@ def _write_table(table: pd.DataFrame, out_dir: Path, task: BenchTask) -> None:
     """``bench_models.tsv`` and ``bench_models.md`` (a title line, the table, the memory note), atomically."""
     atomic_write_text(out_dir / "bench_models.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g"))
     kinds = ", ".join(sorted(set(table["memory"])))
-    atomic_write_text(out_dir / "bench_models.md",
-                      f"Models on {task.name} ({task.task}); peak memory: {kinds}.\n\n{format_table(table)}\n")
+    atomic_write_text(
+        out_dir / "bench_models.md",
+        f"Models on {task.name} ({task.task}); peak memory: {kinds}.\n\n{format_table(table)}\n",
+    )
 
 
-__all__ = ["DEFAULT_MODELS", "BenchTask", "PeakMemory", "bench_models", "format_table",
-           "npz_task", "subset_indices"]
+__all__ = ["DEFAULT_MODELS", "BenchTask", "PeakMemory", "bench_models", "format_table", "npz_task", "subset_indices"]

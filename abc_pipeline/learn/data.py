@@ -32,8 +32,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -67,8 +67,9 @@ def names_digest(names: zarr.Array, chunk: int = 1 << 16) -> str:
     return h.hexdigest()[:16]
 
 
-def section_splits(n_sections: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
-                   blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict[str, list[int]]:
+def section_splits(
+    n_sections: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0, blocks: int = DEFAULT_SPLIT_BLOCKS
+) -> dict[str, list[int]]:
     """Interleaved contiguous blocks of z indices ``0..n_sections-1`` for ``train``, ``val``, ``test``.
 
     Split sizes are the fractions (normalised) rounded by largest remainder, each split with a positive
@@ -86,8 +87,10 @@ def section_splits(n_sections: int, fractions: Sequence[float] = DEFAULT_FRACTIO
         raise InputError(f"split blocks must be >= 1 (blocks per split along z), got {blocks}")
     wanted = int((f > 0).sum())
     if n_sections < wanted:
-        raise InputError(f"{n_sections} sections cannot be split into {wanted} non-empty blocks "
-                         f"(fractions {list(fractions)}); rasterize more sections or set a fraction to 0")
+        raise InputError(
+            f"{n_sections} sections cannot be split into {wanted} non-empty blocks "
+            f"(fractions {list(fractions)}); rasterize more sections or set a fraction to 0"
+        )
     exact = f / f.sum() * n_sections
     sizes = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - sizes), kind="stable")[: n_sections - sizes.sum()]:
@@ -108,8 +111,9 @@ def section_splits(n_sections: int, fractions: Sequence[float] = DEFAULT_FRACTIO
     return out
 
 
-def raster_splits(raster: Raster, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
-                  blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict[str, list[int]]:
+def raster_splits(
+    raster: Raster, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0, blocks: int = DEFAULT_SPLIT_BLOCKS
+) -> dict[str, list[int]]:
     """:func:`section_splits` of the z indices that hold cells, widened to cover every z index.
 
     Empty z indices (margins, gaps) join the split of the occupied index below them (those before the
@@ -126,8 +130,13 @@ def raster_splits(raster: Raster, fractions: Sequence[float] = DEFAULT_FRACTIONS
     return {name: np.flatnonzero(code == k).tolist() for k, name in enumerate(SPLITS)}
 
 
-def block_splits(raster: Raster, block_size: float, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
-                 blocks: int = DEFAULT_SPLIT_BLOCKS) -> dict:
+def block_splits(
+    raster: Raster,
+    block_size: float,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    blocks: int = DEFAULT_SPLIT_BLOCKS,
+) -> dict:
     """Splits of whole (y, x) blocks of ``block_size`` mm inside each z-plane, for one or a few sections.
 
     The occupied blocks (those holding a cell), in raster order (z, then y, then x), are cut like sections
@@ -151,8 +160,9 @@ def block_splits(raster: Raster, block_size: float, fractions: Sequence[float] =
     try:
         cut = section_splits(ids.size, fractions, seed, blocks)
     except InputError as exc:
-        raise InputError(f"{raster.path}: {ids.size} occupied blocks of {block_size} mm: {exc}; choose a smaller "
-                         f"split block size") from None
+        raise InputError(
+            f"{raster.path}: {ids.size} occupied blocks of {block_size} mm: {exc}; choose a smaller split block size"
+        ) from None
     codes = np.full(nz * nby * nbx, -1, np.int8)
     for k, name in enumerate(SPLITS):
         codes[ids[np.asarray(cut[name], dtype=np.int64)]] = k
@@ -205,8 +215,11 @@ def cell_splits(raster: Raster, splits: dict[str, Sequence[int]]) -> pd.Categori
         if blocks:  # the split of the cell's block
             by, bx = blocks["size"]
             table = np.asarray(blocks["codes"], dtype=np.int8)
-            c = np.where(z >= 0, table[np.clip(z, 0, None), np.clip(vox[:, 1], 0, None) // by,
-                                       np.clip(vox[:, 2], 0, None) // bx], -1)
+            c = np.where(
+                z >= 0,
+                table[np.clip(z, 0, None), np.clip(vox[:, 1], 0, None) // by, np.clip(vox[:, 2], 0, None) // bx],
+                -1,
+            )
         else:
             c = np.where(z >= 0, lut[np.clip(z, 0, None)], -1)
         codes[s : s + len(z)] = np.where(c >= 0, c, len(SPLITS))
@@ -237,16 +250,21 @@ class ClassTable:
         return np.concatenate([[-1], self.lookup(self.categories)])
 
     def to_dict(self) -> dict:
-        return {"level": self.level, "names": list(self.names), "colors": list(self.colors),
-                "categories": list(self.categories)}
+        return {
+            "level": self.level,
+            "names": list(self.names),
+            "colors": list(self.colors),
+            "categories": list(self.categories),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassTable:
         return cls(d["level"], tuple(d["names"]), tuple(d["colors"]), tuple(d["categories"]))
 
 
-def class_table(raster: Raster, cells: CellSource | None, level: str,
-                ignore: Sequence[str] = IGNORE_CATEGORIES) -> ClassTable:
+def class_table(
+    raster: Raster, cells: CellSource | None, level: str, ignore: Sequence[str] = IGNORE_CATEGORIES
+) -> ClassTable:
     """Classes of ``level`` from ``raster.labels[level]``, else from the categorical ``cells.obs[level]``."""
     if level in raster.labels:
         lv = raster.labels[level]
@@ -255,8 +273,10 @@ def class_table(raster: Raster, cells: CellSource | None, level: str,
         cat = cells.categorical(level)
         categories, colors = cat.categories, cat.colors or default_colors(len(cat.categories))
     else:
-        raise InputError(f"{raster.path}: no labels/{level} (label volumes: {', '.join(raster.labels) or 'none'}); "
-                         f"rasterize with --labels {level} or give the cells.zarr")
+        raise InputError(
+            f"{raster.path}: no labels/{level} (label volumes: {', '.join(raster.labels) or 'none'}); "
+            f"rasterize with --labels {level} or give the cells.zarr"
+        )
     keep = [i for i, c in enumerate(categories) if c not in set(ignore)]
     if not keep:
         raise InputError(f"{raster.path}: level {level!r} has no categories besides {list(ignore)}")
@@ -309,8 +329,10 @@ def channel_stats(raster: Raster, z_indices: Sequence[int], mask: np.ndarray | N
     feats = da.where(tissue, sel[:-1], 0).astype(np.float64)
     s, s2, n = da.compute(feats.sum(axis=(1, 2, 3)), (feats**2).sum(axis=(1, 2, 3)), tissue.sum())
     if n == 0:
-        raise InputError(f"{raster.path}: the training sections (z {z[0]}..{z[-1]}) hold no cells; "
-                         f"choose other --split-fractions or --seed")
+        raise InputError(
+            f"{raster.path}: the training sections (z {z[0]}..{z[-1]}) hold no cells; "
+            f"choose other --split-fractions or --seed"
+        )
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 0))
     return Normalizer(mean, np.where(std < 1e-6, 1.0, std))
@@ -329,15 +351,24 @@ class RasterReader:
     ``cache_bytes``.
     """
 
-    def __init__(self, raster: Raster, normalizer: Normalizer, allowed_z: Sequence[int] | None = None,
-                 label: str | None = None, table: ClassTable | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, mask: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        raster: Raster,
+        normalizer: Normalizer,
+        allowed_z: Sequence[int] | None = None,
+        label: str | None = None,
+        table: ClassTable | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        mask: np.ndarray | None = None,
+    ) -> None:
         root = zarr.open_group(str(raster.path), mode="r")
         self.path = raster.path
         self.image = _level0(root)
         self.shape = tuple(int(n) for n in raster.grid.shape)
         self.normalizer = normalizer
-        self.allowed = np.ones(self.shape[0], bool) if allowed_z is None else np.isin(np.arange(self.shape[0]), allowed_z)
+        self.allowed = (
+            np.ones(self.shape[0], bool) if allowed_z is None else np.isin(np.arange(self.shape[0]), allowed_z)
+        )
         self.labels = _level0(root["labels"][label]) if label is not None else None
         self.lut = table.label_lookup() if table is not None else None
         self.cache_bytes = cache_bytes
@@ -364,6 +395,7 @@ class RasterReader:
 
     def plane(self, z: int) -> np.ndarray:
         """Model input of z-plane ``z``: ``(C_in, Y, X)`` float32."""
+
         def read() -> np.ndarray:
             x = self.normalizer.apply(np.asarray(self.image[:, z]))
             return x if self.mask is None else x * self.mask[z]
@@ -374,6 +406,7 @@ class RasterReader:
         """Class indices of z-plane ``z``: ``(Y, X)`` int64, -1 where unlabelled."""
         if self.labels is None:
             raise InputError(f"{self.path}: this reader was opened without a label volume")
+
         def read() -> np.ndarray:
             y = self.lut[np.asarray(self.labels[z]).astype(np.int64)]
             return y if self.mask is None else np.where(self.mask[z], y, -1)
@@ -404,8 +437,9 @@ class RasterReader:
         return self._window(lo, size, out, self.label_plane)
 
 
-def clip_box(lo: Sequence[int], size: Sequence[int], shape: Sequence[int]
-             ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+def clip_box(
+    lo: Sequence[int], size: Sequence[int], shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
     """The part of the box ``lo .. lo + size`` (may reach outside) that lies in an array of ``shape``: its
     slices in the array and in the box, per axis; ``None`` when they do not overlap."""
     src = tuple(slice(max(a, 0), min(a + n, lim)) for a, n, lim in zip(lo, size, shape))
@@ -439,18 +473,32 @@ class CellPatchDataset(Dataset):
     int64 row numbers in cells.zarr, ``voxels`` (N, 3) int64.
     """
 
-    def __init__(self, raster: Raster, cells: CellSource, table: ClassTable, split: str,
-                 splits: dict[str, Sequence[int]], normalizer: Normalizer, dim: int,
-                 patch_size: Sequence[int], halo: Sequence[int], *, max_samples: int | None = None,
-                 seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        raster: Raster,
+        cells: CellSource,
+        table: ClassTable,
+        split: str,
+        splits: dict[str, Sequence[int]],
+        normalizer: Normalizer,
+        dim: int,
+        patch_size: Sequence[int],
+        halo: Sequence[int],
+        *,
+        max_samples: int | None = None,
+        seed: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         self.split, self.dim = split, dim
         zs = _split_z(splits, split)
         self.size = _box(dim, [p + 2 * h for p, h in zip(patch_size, halo)])
         mask = split_mask(splits, split, raster.grid.shape)
         self.reader = RasterReader(raster, normalizer, zs if dim == 3 else None, cache_bytes=cache_bytes, mask=mask)
         if cells.n_cells != raster.voxel_index.shape[0]:
-            raise InputError(f"{cells.path} has {cells.n_cells} cells but {raster.path} indexes "
-                             f"{raster.voxel_index.shape[0]}; rasterize this cells.zarr")
+            raise InputError(
+                f"{cells.path} has {cells.n_cells} cells but {raster.path} indexes "
+                f"{raster.voxel_index.shape[0]}; rasterize this cells.zarr"
+            )
         codes = cells.categorical(table.level)
         lut = table.lookup(codes.categories)
         allowed = np.isin(np.arange(raster.grid.shape[0]), zs)
@@ -472,8 +520,10 @@ class CellPatchDataset(Dataset):
             pick = np.sort(np.random.default_rng(seed).choice(len(self.cells), max_samples, replace=False))
             self.cells, self.voxels, targets = self.cells[pick], self.voxels[pick], targets[pick]
         if not len(self.cells):
-            raise InputError(f"{raster.path}: split {split!r} (z {zs}) has no cell with a voxel and a "
-                             f"{table.level!r} class; choose other --split-fractions or --seed")
+            raise InputError(
+                f"{raster.path}: split {split!r} (z {zs}) has no cell with a voxel and a "
+                f"{table.level!r} class; choose other --split-fractions or --seed"
+            )
         self.targets = torch.as_tensor(targets, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -506,17 +556,36 @@ class TileDataset(Dataset):
     class-balanced loss weights).
     """
 
-    def __init__(self, raster: Raster, table: ClassTable, split: str, splits: dict[str, Sequence[int]],
-                 normalizer: Normalizer, dim: int, tile_size: Sequence[int], *, overlap: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        raster: Raster,
+        table: ClassTable,
+        split: str,
+        splits: dict[str, Sequence[int]],
+        normalizer: Normalizer,
+        dim: int,
+        tile_size: Sequence[int],
+        *,
+        overlap: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         if table.level not in raster.labels:
-            raise InputError(f"{raster.path}: no labels/{table.level} volume for region training; rasterize with "
-                             f"--labels {table.level}")
+            raise InputError(
+                f"{raster.path}: no labels/{table.level} volume for region training; rasterize with "
+                f"--labels {table.level}"
+            )
         self.split, self.dim = split, dim
         zs = _split_z(splits, split)
         self.size = _box(dim, tile_size)
-        self.reader = RasterReader(raster, normalizer, zs, table.level, table, cache_bytes=cache_bytes,
-                                   mask=split_mask(splits, split, raster.grid.shape))
+        self.reader = RasterReader(
+            raster,
+            normalizer,
+            zs,
+            table.level,
+            table,
+            cache_bytes=cache_bytes,
+            mask=split_mask(splits, split, raster.grid.shape),
+        )
         steps = [max(1, n - overlap) for n in self.size]
         ny, nx = self.reader.shape[1:]
         zstarts = list(zs) if dim == 2 else [s for a, b in z_blocks(zs) for s in _starts(a, b, self.size[0], steps[0])]
@@ -531,8 +600,10 @@ class TileDataset(Dataset):
                         self.tiles.append((z0, y0, x0))
                         counts += np.bincount(t, minlength=len(counts))
         if not self.tiles:
-            raise InputError(f"{raster.path}: split {split!r} (z {zs}) has no voxel labelled with a "
-                             f"{table.level!r} class; choose other --split-fractions or --seed")
+            raise InputError(
+                f"{raster.path}: split {split!r} (z {zs}) has no voxel labelled with a "
+                f"{table.level!r} class; choose other --split-fractions or --seed"
+            )
         self.targets = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
 
     def __len__(self) -> int:
@@ -555,9 +626,28 @@ def model_spacing(raster: Raster, dim: int) -> tuple[float, ...]:
     """Physical voxel size per model axis: (y, x) in 2D, (z, y, x) in 3D (mm)."""
     if dim == 3 and raster.grid.space == "section":
         raise InputError(f"{raster.path} is a section raster (2D per section); use --dim 2")
-    return tuple(raster.grid.voxel_size[3 - dim:])
+    return tuple(raster.grid.voxel_size[3 - dim :])
 
 
-__all__ = ["CellPatchDataset", "ClassTable", "DEFAULT_FRACTIONS", "DEFAULT_SPLIT_BLOCKS", "NO_SPLIT", "Normalizer", "RasterReader", "SPLITS", "TileDataset",
-           "block_splits", "cell_splits", "channel_stats", "class_table", "default_dim", "model_spacing", "raster_splits", "section_splits",
-           "split_mask", "z_blocks", "z_split_codes"]
+__all__ = [
+    "CellPatchDataset",
+    "ClassTable",
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_SPLIT_BLOCKS",
+    "NO_SPLIT",
+    "Normalizer",
+    "RasterReader",
+    "SPLITS",
+    "TileDataset",
+    "block_splits",
+    "cell_splits",
+    "channel_stats",
+    "class_table",
+    "default_dim",
+    "model_spacing",
+    "raster_splits",
+    "section_splits",
+    "split_mask",
+    "z_blocks",
+    "z_split_codes",
+]

@@ -65,8 +65,17 @@ from abc_pipeline.integrity import verify_store
 from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles, is_baseline
-from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, clip_box,
-                                     names_digest, split_mask, z_blocks)
+from abc_pipeline.learn.data import (
+    DEFAULT_CACHE_BYTES,
+    SPLITS,
+    ClassTable,
+    Normalizer,
+    RasterReader,
+    clip_box,
+    names_digest,
+    split_mask,
+    z_blocks,
+)
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import score_cells
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
@@ -80,18 +89,34 @@ log = logging.getLogger(__name__)
 DEFAULT_ANGLES = tuple(range(0, 91, 15))
 DEFAULT_WINDOW = {2: 128, 3: 64}
 #: scalar metrics scored under every grid symmetry; the first is the headline (orientation figure)
-SYMMETRY_METRICS = {"celltype": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
-                    "region": ("mean_dice", "mean_iou", "accuracy", "ari", "nmi")}
+SYMMETRY_METRICS = {
+    "celltype": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
+    "region": ("mean_dice", "mean_iou", "accuracy", "ari", "nmi"),
+}
 _CELL_CHUNK = 1 << 16  # cells per read of the per-cell predictions
 
 
-def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | Path, out: str | Path, *,
-                 cells: str | Path | None = None, windows: int = 2, window_size: int | None = None,
-                 window_depth: int = 8, halo: int = DEFAULT_HALO, angles: Sequence[float] = DEFAULT_ANGLES,
-                 map_sections: int = 3, max_test_cells: int | None = 500_000, batch_size: int = 8,
-                 device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES, overwrite: bool = False,
-                 any_angles: Sequence[float] = DEFAULT_ANY_ANGLES,
-                 any_angle_sections: int = DEFAULT_ANY_ANGLE_SECTIONS) -> dict:
+def evaluate_run(
+    checkpoint: str | Path,
+    raster: str | Path,
+    predictions: str | Path,
+    out: str | Path,
+    *,
+    cells: str | Path | None = None,
+    windows: int = 2,
+    window_size: int | None = None,
+    window_depth: int = 8,
+    halo: int = DEFAULT_HALO,
+    angles: Sequence[float] = DEFAULT_ANGLES,
+    map_sections: int = 3,
+    max_test_cells: int | None = 500_000,
+    batch_size: int = 8,
+    device: str = "auto",
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    overwrite: bool = False,
+    any_angles: Sequence[float] = DEFAULT_ANY_ANGLES,
+    any_angle_sections: int = DEFAULT_ANY_ANGLE_SECTIONS,
+) -> dict:
     """Evaluate the model of ``checkpoint`` on the test split of ``raster``; write ``out`` (see the module
     docstring) and return the contents of ``metrics.json``.
 
@@ -116,11 +141,26 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     check_output(out, "evaluation", inputs=[checkpoint, raster, predictions, cells], overwrite=overwrite)  # fail early
     any_angles = check_angles(any_angles)
     if is_baseline(load_checkpoint(checkpoint)["model_name"]):
-        return evaluate_baseline(checkpoint, raster, predictions, out, cells=cells, map_sections=map_sections,
-                                 max_test_cells=max_test_cells, any_angles=any_angles,
-                                 any_angle_sections=any_angle_sections, overwrite=overwrite)
-    for value, what in ((windows, "windows"), (window_size or 1, "window_size"), (window_depth, "window_depth"),
-                        (halo + 1, "halo + 1"), (batch_size, "batch_size"), (map_sections, "map_sections")):
+        return evaluate_baseline(
+            checkpoint,
+            raster,
+            predictions,
+            out,
+            cells=cells,
+            map_sections=map_sections,
+            max_test_cells=max_test_cells,
+            any_angles=any_angles,
+            any_angle_sections=any_angle_sections,
+            overwrite=overwrite,
+        )
+    for value, what in (
+        (windows, "windows"),
+        (window_size or 1, "window_size"),
+        (window_depth, "window_depth"),
+        (halo + 1, "halo + 1"),
+        (batch_size, "batch_size"),
+        (map_sections, "map_sections"),
+    ):
         if value < 1:
             raise InputError(f"{what} must be >= 1, got {value}")
     dev = pick_device(device)
@@ -136,8 +176,10 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
     splits = {k: [int(z) for z in v] if k in SPLITS else v for k, v in atlas["splits"].items()}
     test_mask = split_mask(splits, "test", r.grid.shape)  # block splits: the test blocks, else None
     if not splits.get("test"):
-        raise InputError(f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
-                         f"third --split-fractions value to evaluate")
+        raise InputError(
+            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
+            f"third --split-fractions value to evaluate"
+        )
     spacing = tuple(float(s) for s in ckpt["model_kwargs"]["spacing"])
     names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
 
@@ -152,37 +194,57 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
         unit, margin, net = "voxels", (halo,) * dim, model
         if atlas.get("architecture") == "cell-context":  # a per-cell model's dense map: each voxel's mean cell
             margin, net = tuple(model.margin), model.forward_dense
-    boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin,
-                     windows)
-    readers = {w.block: RasterReader(r, normalizer, list(range(*w.block)), table.level if task == "region" else None,
-                                     table if task == "region" else None, cache_bytes=cache_bytes, mask=test_mask)
-               for w in boxes}
-    x = torch.from_numpy(np.stack([readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2
-                                   else readers[w.block].window(w.lo, w.size) for w in boxes]))  # (n, C, *box)
+    boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin, windows)
+    readers = {
+        w.block: RasterReader(
+            r,
+            normalizer,
+            list(range(*w.block)),
+            table.level if task == "region" else None,
+            table if task == "region" else None,
+            cache_bytes=cache_bytes,
+            mask=test_mask,
+        )
+        for w in boxes
+    }
+    x = torch.from_numpy(
+        np.stack(
+            [
+                readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2 else readers[w.block].window(w.lo, w.size)
+                for w in boxes
+            ]
+        )
+    )  # (n, C, *box)
     if task == "celltype":
         cells_in = _window_cells(r, boxes, test_cells, np.stack([y_true, y_pred], axis=1), dim)
         targets = [(coords, labels[:, 0]) for coords, labels in cells_in]
         stored = np.concatenate([labels[:, 1] for _, labels in cells_in])
     else:
         targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
-        stored = np.concatenate([_read_box(store["labels/pred_region/0"], w.core_lo, w.core).ravel() - 1
-                                 for w in boxes])
+        stored = np.concatenate(
+            [_read_box(store["labels/pred_region/0"], w.core_lo, w.core).ravel() - 1 for w in boxes]
+        )
     logits = _on_device(net, dev, batch_size)
-    symmetry = _symmetry_scores(logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim,
-                                batch_size, stored)
+    symmetry = _symmetry_scores(
+        logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim, batch_size, stored
+    )
     symmetry.update(spacing=list(spacing), windows=[w.describe() for w in boxes])
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
     test_cells, any_angle = {}, {}
     if src is not None:
         test_cells = score_cells(predictions, src, max_cells=max_test_cells)
-        any_angle = any_angle_scores(checkpoint, r.path, src.path, angles=any_angles, sections=any_angle_sections,
-                                     halo=halo, device=device)
+        any_angle = any_angle_scores(
+            checkpoint, r.path, src.path, angles=any_angles, sections=any_angle_sections, halo=halo, device=device
+        )
 
     with staged_output(out, "evaluation", inputs=[checkpoint, r.path, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = [plots.confusion_matrix_figure(y_true, y_pred, names, tmp / "confusion_matrix.png",
-                                                 title=f"{title}: test {unit}")]
+        figures = [
+            plots.confusion_matrix_figure(
+                y_true, y_pred, names, tmp / "confusion_matrix.png", title=f"{title}: test {unit}"
+            )
+        ]
         if table.level in r.labels:
             figures.append(_maps_figure(store, r, table, task, splits["test"], dim, map_sections, tmp / "maps.png"))
         else:
@@ -194,30 +256,65 @@ def evaluate_run(checkpoint: str | Path, raster: str | Path, predictions: str | 
             log.warning("no %s next to the checkpoint: no training curves", history)
         if any_angle:
             figures.append(any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
-        figures.append(plots.equivariance_curve_figure({ckpt["model_name"]: (curve["angles"], curve["agreement"])},
-                                                       tmp / "equivariance_curve.png", title=f"Equivariance: {title}"))
+        figures.append(
+            plots.equivariance_curve_figure(
+                {ckpt["model_name"]: (curve["angles"], curve["agreement"])},
+                tmp / "equivariance_curve.png",
+                title=f"Equivariance: {title}",
+            )
+        )
         head = symmetry["metrics"][SYMMETRY_METRICS[task][0]]
-        figures.append(plots.orientation_bar_figure(
-            {ckpt["model_name"]: (head["identity"], head["worst"])}, tmp / "orientation.png",
-            metric=SYMMETRY_METRICS[task][0],
-            title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation"))
+        figures.append(
+            plots.orientation_bar_figure(
+                {ckpt["model_name"]: (head["identity"], head["worst"])},
+                tmp / "orientation.png",
+                metric=SYMMETRY_METRICS[task][0],
+                title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation",
+            )
+        )
         result = {
-            "task": task, "level": table.level, "model": ckpt["model_name"], "dim": dim,
-            "checkpoint": str(checkpoint.resolve()), "config_hash": ckpt["config_hash"],
-            "raster": str(r.path.resolve()), "predictions": str(predictions.resolve()), "splits": splits,
-            "n_test": len(y_true), "test_unit": unit, "test": test, "test_cells": test_cells, "any_angle": any_angle,
-            "symmetry": symmetry, "equivariance_curve": curve,
-            "caps": {"windows": windows, "window_size": window_size or DEFAULT_WINDOW[dim],
-                     "window_depth": window_depth, "margin": list(margin), "map_sections": map_sections,
-                     "max_test_cells": max_test_cells, "any_angle_sections": any_angle_sections},
-            "figures": [p.name for p in figures], "seconds": time.perf_counter() - start,
+            "task": task,
+            "level": table.level,
+            "model": ckpt["model_name"],
+            "dim": dim,
+            "checkpoint": str(checkpoint.resolve()),
+            "config_hash": ckpt["config_hash"],
+            "raster": str(r.path.resolve()),
+            "predictions": str(predictions.resolve()),
+            "splits": splits,
+            "n_test": len(y_true),
+            "test_unit": unit,
+            "test": test,
+            "test_cells": test_cells,
+            "any_angle": any_angle,
+            "symmetry": symmetry,
+            "equivariance_curve": curve,
+            "caps": {
+                "windows": windows,
+                "window_size": window_size or DEFAULT_WINDOW[dim],
+                "window_depth": window_depth,
+                "margin": list(margin),
+                "map_sections": map_sections,
+                "max_test_cells": max_test_cells,
+                "any_angle_sections": any_angle_sections,
+            },
+            "figures": [p.name for p in figures],
+            "seconds": time.perf_counter() - start,
         }
         write_json(result, tmp / "metrics.json")
         _metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
-    log.info("%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s", title,
-             {k: round(v, 3) for k, v in test.items() if isinstance(v, float)}, SYMMETRY_METRICS[task][0],
-             head["worst"], head["worst_symmetry"], curve["angles"], [round(a, 3) for a in curve["agreement"]],
-             result["seconds"], out)
+    log.info(
+        "%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s",
+        title,
+        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
+        SYMMETRY_METRICS[task][0],
+        head["worst"],
+        head["worst_symmetry"],
+        curve["angles"],
+        [round(a, 3) for a in curve["agreement"]],
+        result["seconds"],
+        out,
+    )
     return result
 
 
@@ -227,8 +324,10 @@ def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
     want = (atlas["space"], [int(n) for n in atlas["grid_shape"]])
     have = (r.grid.space, [int(n) for n in r.grid.shape])
     if want != have:
-        raise InputError(f"{r.path} ({have[0]} grid {have[1]}) is not the raster {checkpoint} was trained on "
-                         f"({want[0]} grid {want[1]}, {atlas['raster']}); give --raster the training raster")
+        raise InputError(
+            f"{r.path} ({have[0]} grid {have[1]}) is not the raster {checkpoint} was trained on "
+            f"({want[0]} grid {want[1]}, {atlas['raster']}); give --raster the training raster"
+        )
     check_channels(atlas, r.path, r.feature_channels, checkpoint, raster_digest(r))
 
 
@@ -239,24 +338,32 @@ def _open_predictions(path: Path, ckpt: dict, atlas: dict, r: Raster, digest: st
         store = zarr.open_group(str(path), mode="r")
         meta = dict(store.attrs[ATTRS_KEY]["predictions"])
     except Exception as exc:
-        raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc}); give the "
-                         f"predictions.zarr written with {checkpoint}") from exc
+        raise InputError(
+            f"{path} is not a predictions store of `abc-pipeline predict` ({exc}); give the "
+            f"predictions.zarr written with {checkpoint}"
+        ) from exc
     verify_store(path, f"Re-run `abc-pipeline predict --checkpoint {checkpoint}` to rebuild it")
     diffs = []
     if meta["task"] != atlas["task"]:
         diffs.append(f"task {meta['task']!r} (checkpoint: {atlas['task']!r})")
     if meta["model"] != ckpt["model_name"] or meta["config_hash"] != ckpt["config_hash"]:
-        diffs.append(f"model {meta['model']!r} with config hash {meta['config_hash']} (checkpoint: "
-                     f"{ckpt['model_name']!r}, {ckpt['config_hash']})")
+        diffs.append(
+            f"model {meta['model']!r} with config hash {meta['config_hash']} (checkpoint: "
+            f"{ckpt['model_name']!r}, {ckpt['config_hash']})"
+        )
     if list(meta["class_names"]) != list(atlas["classes"]["names"]):
-        diffs.append(f"{len(meta['class_names'])} {meta['level']!r} classes (checkpoint: "
-                     f"{len(atlas['classes']['names'])} {atlas['classes']['level']!r})")
+        diffs.append(
+            f"{len(meta['class_names'])} {meta['level']!r} classes (checkpoint: "
+            f"{len(atlas['classes']['names'])} {atlas['classes']['level']!r})"
+        )
     shape = [int(n) for n in store["0"].shape[1:]]
     if shape != [int(n) for n in r.grid.shape] or meta["cell_names_digest"] != digest:
         diffs.append(f"raster {meta['raster']} (grid {shape}; --raster: {r.path}, grid {list(r.grid.shape)})")
     if diffs:
-        raise InputError(f"{path} was not predicted by {checkpoint} on {r.path}: {'; '.join(diffs)}. Run "
-                         f"`abc-pipeline predict --checkpoint {checkpoint} --raster {r.path}` and evaluate its output")
+        raise InputError(
+            f"{path} was not predicted by {checkpoint} on {r.path}: {'; '.join(diffs)}. Run "
+            f"`abc-pipeline predict --checkpoint {checkpoint} --raster {r.path}` and evaluate its output"
+        )
     return store
 
 
@@ -265,24 +372,33 @@ def _cells(cells: str | Path | None, r: Raster, digest: str, task: str) -> CellS
     digest ``digest``)."""
     if cells is None:
         if task == "celltype":
-            raise InputError("evaluating a celltype model needs --cells (the cells.zarr the raster was made from: "
-                             "the true cell labels)")
+            raise InputError(
+                "evaluating a celltype model needs --cells (the cells.zarr the raster was made from: "
+                "the true cell labels)"
+            )
         return None
     src = CellSource(cells)
     if names_digest(src.obs_names()) != digest:
-        raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
-                         f"cells.zarr the raster was made from")
+        raise InputError(
+            f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
+            f"cells.zarr the raster was made from"
+        )
     return src
 
 
 # ----------------------------------------------------------------------------------------------- test split
-def _test_cells(store: zarr.Group, where: Path, src: CellSource, table: ClassTable, cap: int | None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _test_cells(
+    store: zarr.Group, where: Path, src: CellSource, table: ClassTable, cap: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row numbers ``(N,)`` in cells.zarr, labels ``(N,)`` and stored probabilities ``(N, K)`` of the test
     cells with a voxel and a class (at most ``cap``, evenly strided), read in chunks of cells."""
     split = store["cells/split"]
-    test = np.concatenate([np.flatnonzero(np.asarray(split[s : s + _CELL_CHUNK]) == SPLITS.index("test")) + s
-                           for s in range(0, split.shape[0], _CELL_CHUNK)])
+    test = np.concatenate(
+        [
+            np.flatnonzero(np.asarray(split[s : s + _CELL_CHUNK]) == SPLITS.index("test")) + s
+            for s in range(0, split.shape[0], _CELL_CHUNK)
+        ]
+    )
     if cap is not None and len(test) > cap:
         test = test[:: -(-len(test) // cap)]
     cat = src.categorical(table.level)
@@ -299,18 +415,22 @@ def _test_cells(store: zarr.Group, where: Path, src: CellSource, table: ClassTab
         ps.append(p[keep])
     y_true = np.concatenate(ys) if ys else np.zeros(0, np.int64)
     if not y_true.size:
-        raise InputError(f"{where}: no test-split cell has a voxel and a {table.level!r} class; nothing to "
-                         f"evaluate (choose other --split-fractions or --seed when training)")
+        raise InputError(
+            f"{where}: no test-split cell has a voxel and a {table.level!r} class; nothing to "
+            f"evaluate (choose other --split-fractions or --seed when training)"
+        )
     return np.concatenate(rows), y_true, np.concatenate(ps)
 
 
-def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int],
-                 mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _test_voxels(
+    store: zarr.Group, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int], mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """True and predicted classes ``(N,)`` int16 of the labelled voxels of the test z indices (and of
     ``mask``, the test blocks under block splits), read in z-slabs of the prediction chunks."""
     if table.level not in r.labels:
-        raise InputError(f"{r.path}: no labels/{table.level} volume to score regions against; rasterize with "
-                         f"--labels {table.level}")
+        raise InputError(
+            f"{r.path}: no labels/{table.level} volume to score regions against; rasterize with --labels {table.level}"
+        )
     truth = r.labels[table.level].data
     pred = store["labels/pred_region/0"]
     lut = table.label_lookup()
@@ -323,14 +443,18 @@ def _test_voxels(store: zarr.Group, where: Path, r: Raster, table: ClassTable, t
             p = np.asarray(pred[z0:z1]).astype(np.int64) - 1
             keep = t >= 0 if mask is None else (t >= 0) & mask[z0:z1]
             if (p[keep] < 0).any():
-                raise InputError(f"{where}: {int((p[keep] < 0).sum())} labelled voxels of z {z0}..{z1 - 1} "
-                                 f"have no prediction; predict the whole raster again")
+                raise InputError(
+                    f"{where}: {int((p[keep] < 0).sum())} labelled voxels of z {z0}..{z1 - 1} "
+                    f"have no prediction; predict the whole raster again"
+                )
             ys.append(t[keep].astype(np.int16))
             ps.append(p[keep].astype(np.int16))
     y_true = np.concatenate(ys)
     if not y_true.size:
-        raise InputError(f"{r.path}: the test z indices {list(test_z)} hold no voxel labelled with a "
-                         f"{table.level!r} class; nothing to evaluate")
+        raise InputError(
+            f"{r.path}: the test z indices {list(test_z)} hold no voxel labelled with a "
+            f"{table.level!r} class; nothing to evaluate"
+        )
     return y_true, np.concatenate(ps)
 
 
@@ -351,15 +475,28 @@ class _Window:
     def crop(self, dim: int) -> tuple[slice, ...]:
         """The core within the box, over the ``dim`` model axes."""
         out = tuple(slice(c - b, c - b + n) for c, b, n in zip(self.core_lo, self.lo, self.core))
-        return out[3 - dim:]
+        return out[3 - dim :]
 
     def describe(self) -> dict:
-        return {"box_lo": list(self.lo), "box_size": list(self.size), "core_lo": list(self.core_lo),
-                "core_size": list(self.core), "block": list(self.block)}
+        return {
+            "box_lo": list(self.lo),
+            "box_size": list(self.size),
+            "core_lo": list(self.core_lo),
+            "core_size": list(self.core),
+            "block": list(self.block),
+        }
 
 
-def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float], size: int, depth: int,
-             margin: Sequence[int], n: int) -> list[_Window]:
+def _windows(
+    r: Raster,
+    test_z: Sequence[int],
+    dim: int,
+    spacing: Sequence[float],
+    size: int,
+    depth: int,
+    margin: Sequence[int],
+    n: int,
+) -> list[_Window]:
     """Up to ``n`` test windows of one common box size, evenly spaced along z among the test slabs that hold
     cells (2D: the test z-planes; 3D: runs of ``depth`` test z indices, at most the shortest test block).
 
@@ -386,7 +523,11 @@ def _windows(r: Raster, test_z: Sequence[int], dim: int, spacing: Sequence[float
     core = (side if z_turns else d, side, side)
     out = []
     for (a, b, block_lo, block_hi), (y0, y1, x0, x1) in zip(chosen, boxes):
-        core_lo = ((a + b - 1) // 2 - side // 2 if z_turns else a, (y0 + y1) // 2 - side // 2, (x0 + x1) // 2 - side // 2)
+        core_lo = (
+            (a + b - 1) // 2 - side // 2 if z_turns else a,
+            (y0 + y1) // 2 - side // 2,
+            (x0 + x1) // 2 - side // 2,
+        )
         lo = tuple(c - k for c, k in zip(core_lo, m))
         block = (a, b) if dim == 2 else (block_lo, block_hi)
         out.append(_Window(lo, tuple(c + 2 * k for c, k in zip(core, m)), core_lo, core, block))
@@ -402,25 +543,32 @@ def _read_box(volume: zarr.Array, lo: Sequence[int], size: Sequence[int]) -> np.
     return out
 
 
-def _window_cells(r: Raster, boxes: Sequence[_Window], rows: np.ndarray, labels: np.ndarray, dim: int
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+def _window_cells(
+    r: Raster, boxes: Sequence[_Window], rows: np.ndarray, labels: np.ndarray, dim: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per window: the box coordinates ``(n, dim)`` (model axes) and the rows of ``labels`` (``(N,)`` or
     ``(N, k)``, aligned with ``rows``) of the scored test cells whose voxel lies in the core."""
-    voxels = np.concatenate([np.asarray(r.voxel_index.get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
-                             for s in range(0, len(rows), _CELL_CHUNK)]).astype(np.int64)
+    voxels = np.concatenate(
+        [
+            np.asarray(r.voxel_index.get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
+            for s in range(0, len(rows), _CELL_CHUNK)
+        ]
+    ).astype(np.int64)
     out = []
     for w in boxes:
         lo, hi = np.asarray(w.core_lo), np.asarray(w.core_lo) + np.asarray(w.core)
         inside = ((voxels >= lo) & (voxels < hi)).all(axis=1)
         local = voxels[inside] - np.asarray(w.lo)
-        out.append((local[:, 3 - dim:], labels[inside]))
+        out.append((local[:, 3 - dim :], labels[inside]))
     return out
 
 
 # ----------------------------------------------------------------------------------------------- symmetries
-def _on_device(net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, batch_size: int
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
+def _on_device(
+    net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, batch_size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> net(x)`` in batches without gradients on ``dev``; float32 on the CPU (class scores per voxel)."""
+
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
         out = []
@@ -428,12 +576,22 @@ def _on_device(net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, b
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
                 out.append(net(x[i : i + batch_size].to(dev)).float().cpu())
         return torch.cat(out)
+
     return run
 
 
-def _symmetry_scores(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, boxes: Sequence[_Window],
-                     targets: Sequence, group: Sequence[GridSymmetry], names: Sequence[str], task: str,
-                     dim: int, batch_size: int, stored: np.ndarray) -> dict:
+def _symmetry_scores(
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    boxes: Sequence[_Window],
+    targets: Sequence,
+    group: Sequence[GridSymmetry],
+    names: Sequence[str],
+    task: str,
+    dim: int,
+    batch_size: int,
+    stored: np.ndarray,
+) -> dict:
     """Every scalar metric of ``SYMMETRY_METRICS[task]`` for each ``g`` in ``group`` (identity first): the
     windows ``x`` ``(n, C, *box)`` are transformed by ``g``, predicted, and the class scores transformed
     back by ``g^-1``, then scored on the windows' test cells (``celltype``: ``targets`` = (box coordinates,
@@ -466,14 +624,33 @@ def _symmetry_scores(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     metrics = {}
     for m, values in per.items():
         worst = min(values, key=lambda k: -math.inf if math.isnan(values[k]) else values[k])
-        metrics[m] = {"identity": values[str(group[0])], "mean": float(np.mean(list(values.values()))),
-                      "worst": values[worst], "worst_symmetry": worst, "per_symmetry": values}
-    return {"metrics": metrics, "n": n, "unit": "cells" if task == "celltype" else "voxels", "group_size": len(group),
-            "identity_agreement": agreement}
+        metrics[m] = {
+            "identity": values[str(group[0])],
+            "mean": float(np.mean(list(values.values()))),
+            "worst": values[worst],
+            "worst_symmetry": worst,
+            "per_symmetry": values,
+        }
+    return {
+        "metrics": metrics,
+        "n": n,
+        "unit": "cells" if task == "celltype" else "voxels",
+        "group_size": len(group),
+        "identity_agreement": agreement,
+    }
 
 
-def _score_symmetry(back: torch.Tensor, g: GridSymmetry, y: np.ndarray, boxes: Sequence[_Window], targets: Sequence,
-                    names: Sequence[str], task: str, dim: int, per: dict[str, dict[str, float]]) -> np.ndarray:
+def _score_symmetry(
+    back: torch.Tensor,
+    g: GridSymmetry,
+    y: np.ndarray,
+    boxes: Sequence[_Window],
+    targets: Sequence,
+    names: Sequence[str],
+    task: str,
+    dim: int,
+    per: dict[str, dict[str, float]],
+) -> np.ndarray:
     """Score the class scores ``back`` ``(n, K, *box)`` predicted on ``g.x`` and mapped back to the frame of
     ``x``; record each metric of ``per`` under ``str(g)``. ``y``: the labels of all windows' cells (celltype)
     or core voxels (region), in window order. Returns the predicted classes, aligned with ``y``."""
@@ -490,8 +667,9 @@ def _score_symmetry(back: torch.Tensor, g: GridSymmetry, y: np.ndarray, boxes: S
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def _maps_figure(store: zarr.Group, r: Raster, table: ClassTable, task: str, test_z: Sequence[int], dim: int,
-                 n: int, path: Path) -> Path:
+def _maps_figure(
+    store: zarr.Group, r: Raster, table: ClassTable, task: str, test_z: Sequence[int], dim: int, n: int, path: Path
+) -> Path:
     """True vs predicted label maps (value = class + 1, 0 = none) of ``n`` test z-planes with cells, evenly
     spaced (the sections of a 2D raster, z-slices of a 3D one)."""
     counts = np.asarray((r.n_cells[list(test_z)] > 0).sum(axis=(1, 2)).compute())
@@ -503,9 +681,15 @@ def _maps_figure(store: zarr.Group, r: Raster, table: ClassTable, task: str, tes
     true_maps = [lut[np.asarray(truth[z]).astype(np.int64)] for z in zs]
     pred_maps = [np.asarray(pred[z]).astype(np.int64) for z in zs]
     kind = "section" if dim == 2 else "z-slice"
-    return plots.region_maps_figure(true_maps, pred_maps, table.names, table.colors,
-                                    [f"test {kind} z={z}" for z in zs], path,
-                                    spacing=float(r.grid.voxel_size[-1]) * 1000.0)
+    return plots.region_maps_figure(
+        true_maps,
+        pred_maps,
+        table.names,
+        table.colors,
+        [f"test {kind} z={z}" for z in zs],
+        path,
+        spacing=float(r.grid.voxel_size[-1]) * 1000.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -520,30 +704,54 @@ def _metrics_table(result: dict) -> pd.DataFrame:
         else:
             rows.append(("test", key, value, f"{result['n_test']} {result['test_unit']}"))
     cells = result.get("test_cells") or {}
-    rows += [("test_cells", key, value, f"{cells['n_cells']} cells") for key, value in cells.items()
-             if key not in ("split", "n_cells") and not isinstance(value, dict)]
+    rows += [
+        ("test_cells", key, value, f"{cells['n_cells']} cells")
+        for key, value in cells.items()
+        if key not in ("split", "n_cells") and not isinstance(value, dict)
+    ]
     if "symmetry" in result:
         for metric, s in result["symmetry"]["metrics"].items():
-            rows += [("symmetry_identity", metric, s["identity"], ""), ("symmetry_mean", metric, s["mean"], ""),
-                     ("symmetry_worst", metric, s["worst"], s["worst_symmetry"])]
-        rows.append(("symmetry_identity", "agreement_with_predictions", result["symmetry"]["identity_agreement"],
-                     f"{result['symmetry']['n']} {result['symmetry']['unit']}"))
+            rows += [
+                ("symmetry_identity", metric, s["identity"], ""),
+                ("symmetry_mean", metric, s["mean"], ""),
+                ("symmetry_worst", metric, s["worst"], s["worst_symmetry"]),
+            ]
+        rows.append(
+            (
+                "symmetry_identity",
+                "agreement_with_predictions",
+                result["symmetry"]["identity_agreement"],
+                f"{result['symmetry']['n']} {result['symmetry']['unit']}",
+            )
+        )
     if "equivariance_curve" in result:
         curve = result["equivariance_curve"]
-        rows += [("equivariance_curve", f"agreement_{a:g}deg", v, f"{n} voxels")
-                 for a, v, n in zip(curve["angles"], curve["agreement"], curve["n"])]
+        rows += [
+            ("equivariance_curve", f"agreement_{a:g}deg", v, f"{n} voxels")
+            for a, v, n in zip(curve["angles"], curve["agreement"], curve["n"])
+        ]
     angle = result.get("any_angle") or {}
     for metric, values in angle.get("metrics", {}).items():
-        rows += [("any_angle", f"{metric}_{a:g}deg", v, f"{angle['n_cells']} cells") for a, v in zip(angle["angles"], values)]
-        rows += [("any_angle_mean", metric, angle["mean"][metric], ""),
-                 ("any_angle_worst", metric, angle["worst"][metric], f"{angle['worst_angle'][metric]:g}deg")]
+        rows += [
+            ("any_angle", f"{metric}_{a:g}deg", v, f"{angle['n_cells']} cells") for a, v in zip(angle["angles"], values)
+        ]
+        rows += [
+            ("any_angle_mean", metric, angle["mean"][metric], ""),
+            ("any_angle_worst", metric, angle["worst"][metric], f"{angle['worst_angle'][metric]:g}deg"),
+        ]
     return pd.DataFrame(rows, columns=["scope", "metric", "value", "detail"])
 
 
 def any_angle_plot(model: str, title: str, any_angle: dict, path: Path) -> Path:
     """``any_angle.png``: the per-cell accuracy of the rotated test sections against the angle."""
-    return plots.any_angle_figure({f"{title}: {any_angle['n_cells']} test cells": {
-        model: (any_angle["angles"], any_angle["metrics"]["accuracy"])}}, path)
+    return plots.any_angle_figure(
+        {
+            f"{title}: {any_angle['n_cells']} test cells": {
+                model: (any_angle["angles"], any_angle["metrics"]["accuracy"])
+            }
+        },
+        path,
+    )
 
 
 __all__ = ["DEFAULT_ANGLES", "SYMMETRY_METRICS", "evaluate_run"]

@@ -14,9 +14,9 @@ network is reachable; offline, pass the local ``.npz`` path instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -83,8 +83,9 @@ def _images_to_tensor(images: np.ndarray, dim: int, path: Path, key: str) -> tor
     elif dim == 3 and images.ndim == 5:
         images = np.moveaxis(images, -1, 1)
     else:
-        raise InputError(f"{path}: '{key}' has shape {images.shape}; expected (N,H,W) or (N,H,W,C) for 2D, "
-                         f"(N,D,H,W) for 3D")
+        raise InputError(
+            f"{path}: '{key}' has shape {images.shape}; expected (N,H,W) or (N,H,W,C) for 2D, (N,D,H,W) for 3D"
+        )
     x = torch.from_numpy(np.ascontiguousarray(images)).float()
     return x / 255.0 if images.dtype == np.uint8 else x
 
@@ -107,13 +108,17 @@ def load_npz(path: str | Path, dim: int | None = None, class_names: Sequence[str
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such MedMNIST-format .npz file; pass an existing path or a MedMNIST "
-                         f"dataset name such as 'dermamnist' (needs the medmnist package and network)")
+        raise InputError(
+            f"{path}: no such MedMNIST-format .npz file; pass an existing path or a MedMNIST "
+            f"dataset name such as 'dermamnist' (needs the medmnist package and network)"
+        )
     with np.load(path) as z:
         missing = [k for k in REQUIRED_KEYS if k not in z.files]
         if missing:
-            raise InputError(f"{path}: missing keys {missing}; a MedMNIST-format .npz needs "
-                             f"{list(REQUIRED_KEYS)} (found {sorted(z.files)})")
+            raise InputError(
+                f"{path}: missing keys {missing}; a MedMNIST-format .npz needs "
+                f"{list(REQUIRED_KEYS)} (found {sorted(z.files)})"
+            )
         arrays = {k: z[k] for k in REQUIRED_KEYS}
     if dim is None:
         dim = _infer_dim(arrays["train_images"])
@@ -125,11 +130,15 @@ def load_npz(path: str | Path, dim: int | None = None, class_names: Sequence[str
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise InputError(f"{path}: '{s}_labels' has shape {y.shape} and dtype {y.dtype}; expected integer "
-                             f"class indices of shape (N, 1) (multi-label files are not supported)")
+            raise InputError(
+                f"{path}: '{s}_labels' has shape {y.shape} and dtype {y.dtype}; expected integer "
+                f"class indices of shape (N, 1) (multi-label files are not supported)"
+            )
         if len(y) != len(arrays[f"{s}_images"]):
-            raise InputError(f"{path}: '{s}_labels' has {len(y)} rows but '{s}_images' has "
-                             f"{len(arrays[f'{s}_images'])}; they must match")
+            raise InputError(
+                f"{path}: '{s}_labels' has {len(y)} rows but '{s}_images' has "
+                f"{len(arrays[f'{s}_images'])}; they must match"
+            )
         if len(y) and y.min() < 0:
             raise InputError(f"{path}: '{s}_labels' holds negative labels; expected 0..K-1")
         labels[s] = torch.from_numpy(y.astype(np.int64))
@@ -137,17 +146,27 @@ def load_npz(path: str | Path, dim: int | None = None, class_names: Sequence[str
     if class_names is None:
         class_names = [str(k) for k in range(n_classes)]
     elif len(class_names) < n_classes:
-        raise InputError(f"{path}: labels go up to {n_classes - 1} but only {len(class_names)} class names "
-                         f"were given; give one name per class")
-    splits = {s: NpzClassification(_images_to_tensor(arrays[f"{s}_images"], dim, path, f"{s}_images"),
-                                   labels[s], class_names) for s in SPLITS}
+        raise InputError(
+            f"{path}: labels go up to {n_classes - 1} but only {len(class_names)} class names "
+            f"were given; give one name per class"
+        )
+    splits = {
+        s: NpzClassification(_images_to_tensor(arrays[f"{s}_images"], dim, path, f"{s}_images"), labels[s], class_names)
+        for s in SPLITS
+    }
     shapes = {s: tuple(d.images.shape[1:]) for s, d in splits.items()}
     if len(set(shapes.values())) != 1:
         raise InputError(f"{path}: the splits have different image shapes {shapes}; they must agree")
-    log.info("%s: %s images of shape %s, %d classes", path,
-             "/".join(str(len(d)) for d in splits.values()), shapes["train"], len(class_names))
-    return NpzDatasets(**splits, class_names=list(class_names), dim=dim,
-                       in_channels=splits["train"].in_channels, path=path)
+    log.info(
+        "%s: %s images of shape %s, %d classes",
+        path,
+        "/".join(str(len(d)) for d in splits.values()),
+        shapes["train"],
+        len(class_names),
+    )
+    return NpzDatasets(
+        **splits, class_names=list(class_names), dim=dim, in_channels=splits["train"].in_channels, path=path
+    )
 
 
 def fetch_medmnist(name: str, root: str | Path, size: int | None = None) -> tuple[Path, list[str]]:
@@ -159,27 +178,33 @@ def fetch_medmnist(name: str, root: str | Path, size: int | None = None) -> tupl
     try:
         import medmnist
     except ImportError as exc:
-        raise InputError(f"MedMNIST dataset name {name!r} given but the 'medmnist' package is not installed; "
-                         f"install it (pip install 'abc-pipeline[medmnist]') or pass a local .npz path") from exc
+        raise InputError(
+            f"MedMNIST dataset name {name!r} given but the 'medmnist' package is not installed; "
+            f"install it (pip install 'abc-pipeline[medmnist]') or pass a local .npz path"
+        ) from exc
     key = name.lower()
     if key not in medmnist.INFO:
-        raise InputError(f"unknown MedMNIST dataset {name!r}; choose one of {sorted(medmnist.INFO)} "
-                         f"or pass a local .npz path")
+        raise InputError(
+            f"unknown MedMNIST dataset {name!r}; choose one of {sorted(medmnist.INFO)} or pass a local .npz path"
+        )
     info = medmnist.INFO[key]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     try:
         getattr(medmnist, info["python_class"])(split="train", download=True, root=str(root), size=size)
     except Exception as exc:  # the package raises bare RuntimeError/URLError/OSError when offline
-        raise InputError(f"could not download MedMNIST dataset {name!r} into {root} ({exc}); the network may be "
-                         f"unreachable: download the .npz elsewhere and pass its local path") from exc
+        raise InputError(
+            f"could not download MedMNIST dataset {name!r} into {root} ({exc}); the network may be "
+            f"unreachable: download the .npz elsewhere and pass its local path"
+        ) from exc
     path = root / f"{key}{'' if size in (None, 28) else f'_{size}'}.npz"
     names = [info["label"][k] for k in sorted(info["label"], key=int)]
     return path, names
 
 
-def open_npz(source: str | Path, root: str | Path = "data/medmnist", dim: int | None = None,
-             size: int | None = None) -> NpzDatasets:
+def open_npz(
+    source: str | Path, root: str | Path = "data/medmnist", dim: int | None = None, size: int | None = None
+) -> NpzDatasets:
     """:func:`load_npz` on a path, or on the file :func:`fetch_medmnist` downloads when ``source`` is a
     MedMNIST name (no ``.npz`` suffix and no such file)."""
     source_path = Path(source)
@@ -189,9 +214,16 @@ def open_npz(source: str | Path, root: str | Path = "data/medmnist", dim: int | 
     return load_npz(path, dim=dim, class_names=names)
 
 
-def write_synthetic_npz(path: str | Path, dim: int = 2, size: int = 16, n_classes: int = 3,
-                        n_per_split: Sequence[int] = (96, 48, 48), channels: int = 1, seed: int = 0,
-                        noise: float = 0.15) -> Path:
+def write_synthetic_npz(
+    path: str | Path,
+    dim: int = 2,
+    size: int = 16,
+    n_classes: int = 3,
+    n_per_split: Sequence[int] = (96, 48, 48),
+    channels: int = 1,
+    seed: int = 0,
+    noise: float = 0.15,
+) -> Path:
     """Write a small MedMNIST-format file whose classes are rotation-invariant; returns ``path``.
 
     Class ``k`` is a ring of radius ``(0.2 + 0.5 * (k + 0.5) / n_classes) * size / 2`` voxels around a
@@ -201,8 +233,9 @@ def write_synthetic_npz(path: str | Path, dim: int = 2, size: int = 16, n_classe
     ``(N, size, size, size)`` (3D). Labels ``(N, 1)`` uint8, classes balanced. Deterministic in ``seed``.
     """
     if dim not in (2, 3) or (dim == 3 and channels != 1):
-        raise InputError(f"synthetic MedMNIST files are 2D (any channels) or 3D (one channel); got dim={dim}, "
-                         f"channels={channels}")
+        raise InputError(
+            f"synthetic MedMNIST files are 2D (any channels) or 3D (one channel); got dim={dim}, channels={channels}"
+        )
     rng = np.random.default_rng(seed)
     axis = np.arange(size) - (size - 1) / 2
     grid = np.stack(np.meshgrid(*([axis] * dim), indexing="ij"))  # (dim, *spatial), voxels from the centre
@@ -212,14 +245,14 @@ def write_synthetic_npz(path: str | Path, dim: int = 2, size: int = 16, n_classe
         rng.shuffle(y)
         centre = rng.uniform(-1.0, 1.0, size=(n, dim) + (1,) * dim)
         pos = grid[None] - centre  # (n, dim, *spatial)
-        r = np.sqrt((pos ** 2).sum(1))
+        r = np.sqrt((pos**2).sum(1))
         radius = (0.2 + 0.5 * (y + 0.5) / n_classes) * size / 2
         ring = np.exp(-((r - radius.reshape((n,) + (1,) * dim)) ** 2) / 1.5)
         direction = rng.normal(size=(n, dim))
         direction /= np.linalg.norm(direction, axis=1, keepdims=True)
         along = (pos * direction.reshape((n, dim) + (1,) * dim)).sum(1)
-        across = np.sqrt(np.maximum(r ** 2 - along ** 2, 0.0))
-        bar = 0.6 * np.exp(-across ** 2 / 0.8) * (np.abs(along) < size / 3)
+        across = np.sqrt(np.maximum(r**2 - along**2, 0.0))
+        bar = 0.6 * np.exp(-(across**2) / 0.8) * (np.abs(along) < size / 3)
         img = ring + bar
         img = np.repeat(img[..., None], channels, axis=-1) if channels > 1 else img
         img = img + rng.normal(scale=noise, size=img.shape)

@@ -37,8 +37,8 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,12 +51,20 @@ from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
-from abc_pipeline.learn.data import (DEFAULT_CACHE_BYTES, SPLITS, ClassTable, Normalizer, RasterReader, cell_splits,
-                                     names_digest, split_mask, z_blocks)
+from abc_pipeline.learn.data import (
+    DEFAULT_CACHE_BYTES,
+    SPLITS,
+    ClassTable,
+    Normalizer,
+    RasterReader,
+    cell_splits,
+    names_digest,
+    split_mask,
+    z_blocks,
+)
 from abc_pipeline.learn.train import pick_device
-from abc_pipeline.raster.channels import raster_digest
+from abc_pipeline.raster.channels import ChannelPlan, raster_digest
 from abc_pipeline.raster.ome import ATTRS_KEY, create_array, open_raster, write_image_metadata, write_labels_metadata
-from abc_pipeline.raster.channels import ChannelPlan
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
@@ -79,13 +87,16 @@ def atlas_config(ckpt: dict, path: str | Path) -> dict:
     """The ``atlas`` section of a checkpoint written by ``abc-pipeline train``."""
     atlas = ckpt.get("config", {}).get("config", {}).get("atlas")
     if atlas is None:
-        raise InputError(f"{path}: not an atlas checkpoint (no config['atlas']; trained with train-npz?); "
-                         f"train one with `abc-pipeline train --raster ...`")
+        raise InputError(
+            f"{path}: not an atlas checkpoint (no config['atlas']; trained with train-npz?); "
+            f"train one with `abc-pipeline train --raster ...`"
+        )
     return atlas
 
 
-def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], checkpoint: str | Path,
-                   digest: str | None = None) -> None:
+def check_channels(
+    atlas: dict, raster_path: Path, channels: Sequence[str], checkpoint: str | Path, digest: str | None = None
+) -> None:
     """:class:`InputError` naming both channel lists when the raster's feature channels differ, or when they
     share their names but not their definition (``digest``: :func:`abc_pipeline.raster.channels.raster_digest`
     of the raster, compared with the checkpoint's ``channel_definition``; PC1..PCk of other loadings)."""
@@ -95,13 +106,15 @@ def check_channels(atlas: dict, raster_path: Path, channels: Sequence[str], chec
         raise InputError(
             f"{raster_path} has {len(have)} feature channels ({have[:5]}...) but the checkpoint {checkpoint} was "
             f"trained on {len(want)} ({want[:5]}...), first difference at channel {diff}; rasterize with the "
-            f"training channels (same --genes/--pca) or use a checkpoint trained on this raster")
+            f"training channels (same --genes/--pca) or use a checkpoint trained on this raster"
+        )
     definition = atlas.get("channel_definition")
     if digest is not None and definition is not None and definition["digest"] != digest:
         raise InputError(
             f"{raster_path} has the channel names of {checkpoint} but not their definition (digest {digest}, "
             f"checkpoint {definition['digest']}: other {definition['mode']} genes or loadings, e.g. a PCA fitted on "
-            f"another dataset); make the raster with the checkpoint's channels: `abc-pipeline transfer`")
+            f"another dataset); make the raster with the checkpoint's channels: `abc-pipeline transfer`"
+        )
 
 
 def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
@@ -115,8 +128,9 @@ def _core_length(n: int, size: int) -> int:
     return -(-n // -(-n // size))
 
 
-def _boxes(blocks: list[tuple[int, int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
-           ) -> Iterator[tuple[tuple[int, int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
+def _boxes(
+    blocks: list[tuple[int, int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
+) -> Iterator[tuple[tuple[int, int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
     """``(block, z, y, x)`` ranges of every tile core; 2D tiles are one z-plane each. A block is
     ``(z_start, z_stop, split)`` (split: index into ``SPLITS`` under block splits, else -1)."""
     for block in blocks:
@@ -134,8 +148,12 @@ def _prediction_blocks(atlas: dict, raster) -> tuple[dict, list[tuple[int, int, 
     grid = raster.grid
     same = atlas["space"] == grid.space and list(atlas["grid_shape"]) == list(grid.shape)
     if not same:
-        log.warning("%s is not the training raster's grid (%s %s); predicting it as one block, split 'none'",
-                    raster.path, atlas["space"], atlas["grid_shape"])
+        log.warning(
+            "%s is not the training raster's grid (%s %s); predicting it as one block, split 'none'",
+            raster.path,
+            atlas["space"],
+            atlas["grid_shape"],
+        )
         return {}, [(0, grid.shape[0], -1)]
     splits = dict(atlas["splits"])
     if splits.get("blocks"):
@@ -146,11 +164,21 @@ def _prediction_blocks(atlas: dict, raster) -> tuple[dict, list[tuple[int, int, 
     return splits, sorted((a, b, -1) for a, b in blocks)
 
 
-def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, *, cells: str | Path | None = None,
-                   tile_size: int | Sequence[int] | None = None, halo: int | Sequence[int] | None = None,
-                   batch_size: int | None = None, device: str = "auto", progress: bool = True,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES, overwrite: bool = False,
-                   plan: ChannelPlan | None = None) -> Path:
+def predict_raster(
+    checkpoint: str | Path,
+    raster: str | Path,
+    out: str | Path,
+    *,
+    cells: str | Path | None = None,
+    tile_size: int | Sequence[int] | None = None,
+    halo: int | Sequence[int] | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    overwrite: bool = False,
+    plan: ChannelPlan | None = None,
+) -> Path:
     """Predict every voxel of ``raster`` with the model of ``checkpoint`` and sample every cell; writes
     ``out`` (see the module docstring) atomically and returns it.
 
@@ -183,51 +211,106 @@ def predict_raster(checkpoint: str | Path, raster: str | Path, out: str | Path, 
     architecture = atlas.get("architecture", "patch" if task == "celltype" else "segment")
     dense = architecture in PER_CELL
     if architecture == "cell-context" and cells is None:
-        raise InputError(f"{checkpoint} is a cell-context model: predict needs --cells (the cells.zarr of the "
-                         f"raster), whose expression it reads per cell")
+        raise InputError(
+            f"{checkpoint} is a cell-context model: predict needs --cells (the cells.zarr of the "
+            f"raster), whose expression it reads per cell"
+        )
     core = tuple(int(v) for v in ((tile_size,) * dim if isinstance(tile_size, int) else tile_size or DEFAULT_TILE[dim]))
     if dense:
         margin = tuple(model.margin)
     else:
-        margin = (DEFAULT_HALO,) * dim if halo is None else ((int(halo),) * dim if isinstance(halo, int)
-                                                             else tuple(int(h) for h in halo))
+        margin = (
+            (DEFAULT_HALO,) * dim
+            if halo is None
+            else ((int(halo),) * dim if isinstance(halo, int) else tuple(int(h) for h in halo))
+        )
     if len(core) != dim or len(margin) != dim or min(core) < 1 or min(margin) < 0:
         raise InputError(f"tile_size and halo need {dim} positive sizes (one per model axis), got {core}, {margin}")
     core3, margin3 = ((1, *core), (0, *margin)) if dim == 2 else (core, margin)
-    core3 = (min(core3[0], r.grid.shape[0]),  # no tile beyond the volume
-             *(_core_length(n, c) for c, n in zip(core3[1:], r.grid.shape[1:])))
+    core3 = (
+        min(core3[0], r.grid.shape[0]),  # no tile beyond the volume
+        *(_core_length(n, c) for c, n in zip(core3[1:], r.grid.shape[1:])),
+    )
     splits, blocks = _prediction_blocks(atlas, r)
     digest = None
     if cells is not None:
         src = CellSource(cells)
         digest = names_digest(src.obs_names())
         if digest != names_digest(r.cell_label):
-            raise InputError(f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
-                             f"cells.zarr the raster was made from")
+            raise InputError(
+                f"{r.path} was not rasterized from {cells} (cell names/order differ); give the "
+                f"cells.zarr the raster was made from"
+            )
     out = Path(out)
     per_cell = (src, plan or channel_plan(r, src)) if architecture == "cell-context" else None
     with staged_output(out, "predictions", inputs=[checkpoint, r.path, cells], overwrite=overwrite) as tmp:
-        _write(tmp, model, r, table, normalizer, dense, dim, core3, margin3, blocks, splits, batch_size, dev,
-               progress, cache_bytes, task, per_cell)
+        _write(
+            tmp,
+            model,
+            r,
+            table,
+            normalizer,
+            dense,
+            dim,
+            core3,
+            margin3,
+            blocks,
+            splits,
+            batch_size,
+            dev,
+            progress,
+            cache_bytes,
+            task,
+            per_cell,
+        )
         metrics = _score_cells(tmp, CellSource(cells), table) if cells is not None else {}
         root = zarr.open_group(str(tmp), mode="a")
-        root.attrs[ATTRS_KEY] = {"predictions": {
-            "task": task, "level": table.level, "model": ckpt["model_name"], "checkpoint": str(Path(checkpoint).resolve()),
-            "config_hash": ckpt["config_hash"], "best_epoch": int(ckpt["best_epoch"]), "raster": str(r.path.resolve()),
-            "class_names": list(table.names), "colors": list(table.colors), "split_categories": [*SPLITS, "none"],
-            "splits": splits, "tile_size": list(core), "halo": list(margin), "dim": dim, "n_cells": int(r.voxel_index.shape[0]),
-            "cell_names_digest": digest or names_digest(r.cell_label), "metrics": metrics,
-            "val_metrics": ckpt.get("best_val", {}),
-        }}
+        root.attrs[ATTRS_KEY] = {
+            "predictions": {
+                "task": task,
+                "level": table.level,
+                "model": ckpt["model_name"],
+                "checkpoint": str(Path(checkpoint).resolve()),
+                "config_hash": ckpt["config_hash"],
+                "best_epoch": int(ckpt["best_epoch"]),
+                "raster": str(r.path.resolve()),
+                "class_names": list(table.names),
+                "colors": list(table.colors),
+                "split_categories": [*SPLITS, "none"],
+                "splits": splits,
+                "tile_size": list(core),
+                "halo": list(margin),
+                "dim": dim,
+                "n_cells": int(r.voxel_index.shape[0]),
+                "cell_names_digest": digest or names_digest(r.cell_label),
+                "metrics": metrics,
+                "val_metrics": ckpt.get("best_val", {}),
+            }
+        }
     log.info("wrote %s predictions of %s to %s", task, r.path, out)
     return out
 
 
 @torch.inference_mode()
-def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: Normalizer, dense: bool, dim: int,
-           core: tuple[int, int, int], margin: tuple[int, int, int], blocks: list[tuple[int, int, int]],
-           splits: dict, batch_size: int | None, dev: torch.device, progress: bool,
-           cache_bytes: int, task: str, per_cell: tuple[CellSource, ChannelPlan] | None = None) -> None:
+def _write(
+    tmp: Path,
+    model: torch.nn.Module,
+    r,
+    table: ClassTable,
+    normalizer: Normalizer,
+    dense: bool,
+    dim: int,
+    core: tuple[int, int, int],
+    margin: tuple[int, int, int],
+    blocks: list[tuple[int, int, int]],
+    splits: dict,
+    batch_size: int | None,
+    dev: torch.device,
+    progress: bool,
+    cache_bytes: int,
+    task: str,
+    per_cell: tuple[CellSource, ChannelPlan] | None = None,
+) -> None:
     """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables.
 
     ``per_cell`` (cell-context models: cells.zarr and the raster's channel plan): the dense context embedding
@@ -241,8 +324,11 @@ def _write(tmp: Path, model: torch.nn.Module, r, table: ClassTable, normalizer: 
     labels = root.require_group("labels")
     name = f"pred_{task}"
     label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
-    context = None if per_cell is None else create_array(root, _CONTEXT, (model.context.linear.out_features, *shape),
-                                                         (16, *chunks), np.float32)
+    context = (
+        None
+        if per_cell is None
+        else create_array(root, _CONTEXT, (model.context.linear.out_features, *shape), (16, *chunks), np.float32)
+    )
     size = tuple(c + 2 * m for c, m in zip(core, margin))
     batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))
     amp = dev.type == "cuda"
@@ -340,5 +426,8 @@ def _score_cells(store: Path, src: CellSource, table: ClassTable) -> dict:
     keep = (y >= 0) & np.isfinite(proba).all(axis=1)
     if not keep.any():
         return {"cells_per_split": counts}
-    return {"cells_per_split": counts, "n_test_scored": int(keep.sum()),
-            "test_cells": classification_metrics(y[keep], proba[keep], table.names)}
+    return {
+        "cells_per_split": counts,
+        "n_test_scored": int(keep.sum()),
+        "test_cells": classification_metrics(y[keep], proba[keep], table.names),
+    }

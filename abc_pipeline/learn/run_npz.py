@@ -22,11 +22,26 @@ from abc_pipeline.nn import build_model, grid_group
 log = logging.getLogger(__name__)
 
 
-def train_npz(npz: str | Path, model_name: str, out_dir: str | Path, *, width: int | None = None,
-              target_params: int | None = None, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
-              weight_decay: float = 1e-4, seed: int = 0, patience: int = 10, metric: str = "balanced_accuracy",
-              device: str = "auto", num_workers: int = 0, progress: bool = True,
-              download_root: str | Path = "data/medmnist", resume: bool = True) -> dict:
+def train_npz(
+    npz: str | Path,
+    model_name: str,
+    out_dir: str | Path,
+    *,
+    width: int | None = None,
+    target_params: int | None = None,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    patience: int = 10,
+    metric: str = "balanced_accuracy",
+    device: str = "auto",
+    num_workers: int = 0,
+    progress: bool = True,
+    download_root: str | Path = "data/medmnist",
+    resume: bool = True,
+) -> dict:
     """Build ``model_name`` for the file's images, train it, test the best checkpoint; returns metrics.json.
 
     ``npz``: a MedMNIST-format file, or a MedMNIST dataset name downloaded into ``download_root`` (needs
@@ -37,25 +52,72 @@ def train_npz(npz: str | Path, model_name: str, out_dir: str | Path, *, width: i
     data = open_npz(npz, root=download_root)
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = build_model(model_name, data.dim, data.in_channels, len(data.class_names), "classify",
-                        width=width, target_params=target_params)
-    model_kwargs = {"name": model_name, "dim": data.dim, "in_channels": data.in_channels,
-                    "n_classes": len(data.class_names), "task": "classify", "width": model.width}
-    config = {"data": {"npz": str(data.path), "dim": data.dim, "image_shape": list(data.train.images.shape[1:]),
-                       "n": {s: len(getattr(data, s)) for s in ("train", "val", "test")}}}
-    result = train(model, data.train, data.val, out_dir, class_names=data.class_names, epochs=epochs,
-                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, patience=patience,
-                   metric=metric, device=device, num_workers=num_workers, progress=progress, config=config,
-                   model_kwargs=model_kwargs, resume=resume)
+    model = build_model(
+        model_name,
+        data.dim,
+        data.in_channels,
+        len(data.class_names),
+        "classify",
+        width=width,
+        target_params=target_params,
+    )
+    model_kwargs = {
+        "name": model_name,
+        "dim": data.dim,
+        "in_channels": data.in_channels,
+        "n_classes": len(data.class_names),
+        "task": "classify",
+        "width": model.width,
+    }
+    config = {
+        "data": {
+            "npz": str(data.path),
+            "dim": data.dim,
+            "image_shape": list(data.train.images.shape[1:]),
+            "n": {s: len(getattr(data, s)) for s in ("train", "val", "test")},
+        }
+    }
+    result = train(
+        model,
+        data.train,
+        data.val,
+        out_dir,
+        class_names=data.class_names,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        patience=patience,
+        metric=metric,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        config=config,
+        model_kwargs=model_kwargs,
+        resume=resume,
+    )
     dev = pick_device(device)
     proba = predict_proba(model, data.test.images, batch_size=batch_size, device=dev)
     test = classification_metrics(data.test.targets.numpy(), proba.numpy(), data.class_names)
-    orient = orientation_scores(lambda x: predict_proba(model, x, batch_size=batch_size, device=dev),
-                                data.test.images, data.test.targets, grid_group(data.dim), data.class_names,
-                                metric="accuracy")
+    orient = orientation_scores(
+        lambda x: predict_proba(model, x, batch_size=batch_size, device=dev),
+        data.test.images,
+        data.test.targets,
+        grid_group(data.dim),
+        data.class_names,
+        metric="accuracy",
+    )
     metrics = json.loads((out_dir / "metrics.json").read_text())
     metrics.update(test=test, test_orientation=orient, width=model.width)
     write_json(metrics, out_dir / "metrics.json")
-    log.info("%s on %s: test accuracy %.3f, AUC %.3f, worst-orientation accuracy %.3f (best epoch %d)",
-             model_name, data.path.name, test["accuracy"], test["auc"], orient["worst"], result.best_epoch)
+    log.info(
+        "%s on %s: test accuracy %.3f, AUC %.3f, worst-orientation accuracy %.3f (best epoch %d)",
+        model_name,
+        data.path.name,
+        test["accuracy"],
+        test["auc"],
+        orient["worst"],
+        result.best_epoch,
+    )
     return metrics

@@ -28,8 +28,9 @@ _CELL_CHUNK = 1 << 16  # cells per read
 CELL_SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def cell_targets(cells: CellSource, level: str, class_names: tuple[str, ...] | list[str], rows: np.ndarray
-                 ) -> np.ndarray:
+def cell_targets(
+    cells: CellSource, level: str, class_names: tuple[str, ...] | list[str], rows: np.ndarray
+) -> np.ndarray:
     """Class index ``(len(rows),)`` int64 of the cells ``rows`` at ``level`` (index into ``class_names``;
     -1: missing or not a class), read in chunks."""
     cat = cells.categorical(level)
@@ -48,15 +49,21 @@ def split_rows(split: zarr.Array, name: str = "test", max_cells: int | None = No
     if name not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {name!r}")
     code = SPLITS.index(name)
-    rows = np.concatenate([np.zeros(0, np.int64)] + [
-        np.flatnonzero(np.asarray(split[s : s + _CELL_CHUNK]) == code) + s for s in range(0, split.shape[0], _CELL_CHUNK)])
+    rows = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [
+            np.flatnonzero(np.asarray(split[s : s + _CELL_CHUNK]) == code) + s
+            for s in range(0, split.shape[0], _CELL_CHUNK)
+        ]
+    )
     if max_cells is not None and len(rows) > max_cells:
         rows = rows[:: -(-len(rows) // max_cells)]
     return rows
 
 
-def score_cells(predictions: str | Path, cells: str | Path | CellSource, *, split: str = "test",
-                max_cells: int | None = None) -> dict:
+def score_cells(
+    predictions: str | Path, cells: str | Path | CellSource, *, split: str = "test", max_cells: int | None = None
+) -> dict:
     """Per-cell scores of a ``predictions.zarr`` on the cells of ``split`` (at most ``max_cells``, evenly
     strided) against their own labels at the store's level in ``cells``.
 
@@ -73,13 +80,19 @@ def score_cells(predictions: str | Path, cells: str | Path | CellSource, *, spli
     names = list(meta["class_names"])
     rows = split_rows(store["cells/split"], split, max_cells)
     y = cell_targets(src, meta["level"], names, rows)
-    proba = np.concatenate([np.zeros((0, len(names)), np.float32)] + [
-        np.asarray(store["cells/proba"].get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
-        for s in range(0, len(rows), _CELL_CHUNK)])
+    proba = np.concatenate(
+        [np.zeros((0, len(names)), np.float32)]
+        + [
+            np.asarray(store["cells/proba"].get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
+            for s in range(0, len(rows), _CELL_CHUNK)
+        ]
+    )
     keep = (y >= 0) & np.isfinite(proba).all(axis=1)
     if not keep.any():
-        raise InputError(f"{path}: no {split}-split cell has a prediction and a {meta['level']!r} class; nothing to "
-                         f"score (choose other split fractions or seed when training)")
+        raise InputError(
+            f"{path}: no {split}-split cell has a prediction and a {meta['level']!r} class; nothing to "
+            f"score (choose other split fractions or seed when training)"
+        )
     return {"split": split, "n_cells": int(keep.sum()), **classification_metrics(y[keep], proba[keep], names)}
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -32,16 +33,24 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
-from abc_pipeline.learn.checkpoint import (checkpoint_mismatches, config_differences, config_hash, load_checkpoint,
-                                           save_checkpoint, write_json)
+from abc_pipeline.fileio import atomic_write_text, claim_directory
+from abc_pipeline.learn.checkpoint import (
+    checkpoint_mismatches,
+    config_differences,
+    config_hash,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -1
-METRICS = {"classify": ("balanced_accuracy", "accuracy", "macro_f1", "auc"),
-           "segment": ("mean_dice", "mean_iou", "accuracy", "ari", "nmi")}
+METRICS = {
+    "classify": ("balanced_accuracy", "accuracy", "macro_f1", "auc"),
+    "segment": ("mean_dice", "mean_iou", "accuracy", "ari", "nmi"),
+}
 _SHUFFLE_STRIDE = 1_000_003  # shuffling generator of epoch e is seeded with seed * stride + e
 
 
@@ -74,8 +83,10 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"--device {device!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use "
-                         "--device cpu or auto, or install a CUDA build of torch")
+        raise InputError(
+            f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use "
+            "--device cpu or auto, or install a CUDA build of torch"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
@@ -95,8 +106,10 @@ def class_counts(ds: Dataset, n_classes: int, batch_size: int = 256) -> torch.Te
         t = t.reshape(-1).long()
         t = t[t != IGNORE_INDEX]
         if len(t) and (t.min() < 0 or t.max() >= n_classes):
-            raise InputError(f"targets must lie in 0..{n_classes - 1} (or {IGNORE_INDEX} = no cells), found "
-                             f"{int(t.min())}..{int(t.max())}; check the class list")
+            raise InputError(
+                f"targets must lie in 0..{n_classes - 1} (or {IGNORE_INDEX} = no cells), found "
+                f"{int(t.min())}..{int(t.max())}; check the class list"
+            )
         counts += torch.bincount(t, minlength=n_classes)
     return counts
 
@@ -117,8 +130,9 @@ def model_inputs(x: torch.Tensor | Sequence[torch.Tensor], device: torch.device)
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor | Dataset, batch_size: int = 256,
-                  device: str | torch.device = "auto") -> torch.Tensor:
+def predict_proba(
+    model: nn.Module, x: torch.Tensor | Dataset, batch_size: int = 256, device: str | torch.device = "auto"
+) -> torch.Tensor:
     """Softmax probabilities of ``model`` over inputs ``x`` ``(N, C, *spatial)`` (or a dataset of pairs).
 
     Returns float32 on the CPU: ``(N, K)`` for classifiers, ``(N, K, *spatial)`` for segmenters. Mixed
@@ -142,8 +156,16 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) ->
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, ds: Dataset, task: str, class_names: Sequence[str], batch_size: int,
-              device: torch.device, amp: bool, num_workers: int) -> tuple[float, dict]:
+def _validate(
+    model: nn.Module,
+    ds: Dataset,
+    task: str,
+    class_names: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    num_workers: int,
+) -> tuple[float, dict]:
     """Mean unweighted loss over labelled targets and the metrics of ``ds``."""
     model.eval()
     loss_sum, n = 0.0, 0
@@ -179,13 +201,29 @@ def _score(value: float) -> float:
     return -math.inf if math.isnan(value) else value
 
 
-def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | Path, *,
-          class_names: Sequence[str], epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
-          weight_decay: float = 1e-4, seed: int = 0, patience: int = 10, metric: str | None = None,
-          class_weights: str | Sequence[float] | None = "balanced", device: str | torch.device = "auto",
-          num_workers: int = 0, progress: bool = True, config: Mapping[str, Any] | None = None,
-          model_kwargs: Mapping[str, Any] | None = None, resume: bool | str = True,
-          inputs: Sequence[str | Path | None] = ()) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    out_dir: str | Path,
+    *,
+    class_names: Sequence[str],
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    patience: int = 10,
+    metric: str | None = None,
+    class_weights: str | Sequence[float] | None = "balanced",
+    device: str | torch.device = "auto",
+    num_workers: int = 0,
+    progress: bool = True,
+    config: Mapping[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    resume: bool | str = True,
+    inputs: Sequence[str | Path | None] = (),
+) -> TrainResult:
     """Train ``model`` on ``train_ds``, early-stop on ``metric`` over ``val_ds``; ``model`` ends with the best
     weights.
 
@@ -225,10 +263,20 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         if weight.shape != (k,):
             raise InputError(f"class_weights has {weight.numel()} values; give one per class ({k})")
     run_config = {
-        "config": dict(config or {}), "model_name": model_name, "task": task, "model_kwargs": dict(model_kwargs or {}),
-        "class_names": class_names, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "seed": seed, "patience": patience, "metric": metric,
-        "class_weights": class_weights if isinstance(class_weights, str) or class_weights is None
+        "config": dict(config or {}),
+        "model_name": model_name,
+        "task": task,
+        "model_kwargs": dict(model_kwargs or {}),
+        "class_names": class_names,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "patience": patience,
+        "metric": metric,
+        "class_weights": class_weights
+        if isinstance(class_weights, str) or class_weights is None
         else [float(w) for w in class_weights],
     }
     chash = config_hash(run_config)
@@ -243,8 +291,15 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    state = {"epoch": -1, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False,
-             "history": [], "best_val": {}}
+    state = {
+        "epoch": -1,
+        "best_score": -math.inf,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "stopped_early": False,
+        "history": [],
+        "best_val": {},
+    }
 
     claim_directory(out_dir, "train-run", inputs=inputs)
     last = out_dir / "last.pt"
@@ -256,8 +311,10 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         if mismatches:
             reason = f"{last} holds another run: {'; '.join(mismatches)}"
             if resume != "if-unchanged":
-                raise InputError(f"{reason}. Use another output directory for this model, task and class level, "
-                                 f"or pass resume=False (--restart) to start over")
+                raise InputError(
+                    f"{reason}. Use another output directory for this model, task and class level, "
+                    f"or pass resume=False (--restart) to start over"
+                )
             log.warning("%s; starting over", reason)
             ckpt = None
     if ckpt is not None:
@@ -270,8 +327,14 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         state = {key: ckpt[key] for key in state}
         best_model = ckpt["best_model"]
-        log.info("resuming %s from epoch %d (best %s %.4f at epoch %d)", out_dir, state["epoch"] + 1, metric,
-                 state["best_score"], state["best_epoch"])
+        log.info(
+            "resuming %s from epoch %d (best %s %.4f at epoch %d)",
+            out_dir,
+            state["epoch"] + 1,
+            metric,
+            state["best_score"],
+            state["best_epoch"],
+        )
     else:
         torch.manual_seed(seed)
         best_model = None
@@ -279,11 +342,20 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
 
     def snapshot() -> dict:
         return {
-            "model": model.state_dict(), "best_model": best_model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if amp else [], **state,
-            "config": run_config, "config_hash": chash, "class_names": class_names, "model_name": model_name,
-            "task": task, "model_kwargs": dict(model_kwargs or {}),
+            "model": model.state_dict(),
+            "best_model": best_model,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if amp else [],
+            **state,
+            "config": run_config,
+            "config_hash": chash,
+            "class_names": class_names,
+            "model_name": model_name,
+            "task": task,
+            "model_kwargs": dict(model_kwargs or {}),
         }
 
     start = state["epoch"] + 1
@@ -294,9 +366,16 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         t0 = time.perf_counter()
         model.train()
         generator = torch.Generator().manual_seed(seed * _SHUFFLE_STRIDE + epoch)
-        loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator,
-                            num_workers=num_workers, pin_memory=amp, collate_fn=getattr(train_ds, "collate", None),
-                            drop_last=len(train_ds) % batch_size == 1)  # no 1-sample batch (batch norm)
+        loader = DataLoader(
+            train_ds,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=num_workers,
+            pin_memory=amp,
+            collate_fn=getattr(train_ds, "collate", None),
+            drop_last=len(train_ds) % batch_size == 1,
+        )  # no 1-sample batch (batch norm)
         loss_sum, n = 0.0, 0
         for x, y in loader:
             x, y = model_inputs(x, device), y.to(device, non_blocking=True).long()
@@ -316,9 +395,14 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         scheduler.step()
         val_loss, val_metrics = _validate(model, val_ds, task, class_names, batch_size, device, amp, num_workers)
         score = _score(val_metrics[metric])
-        row = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "val_loss": val_loss,
-               **{f"val_{m}": val_metrics[m] for m in METRICS[task]}, "lr": lr_now,
-               "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(n, 1),
+            "val_loss": val_loss,
+            **{f"val_{m}": val_metrics[m] for m in METRICS[task]},
+            "lr": lr_now,
+            "seconds": time.perf_counter() - t0,
+        }
         state["history"].append(row)
         state["epoch"] = epoch
         improved = score > state["best_score"]
@@ -334,8 +418,15 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
         save_checkpoint(ckpt, last)
         _write_history(state["history"], out_dir / "history.tsv")
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{metric: f"{val_metrics[metric]:.3f}"})
-        log.info("epoch %d: train_loss %.4f val_loss %.4f val_%s %.4f (%.1f s)", epoch, row["train_loss"],
-                 val_loss, metric, val_metrics[metric], row["seconds"])
+        log.info(
+            "epoch %d: train_loss %.4f val_loss %.4f val_%s %.4f (%.1f s)",
+            epoch,
+            row["train_loss"],
+            val_loss,
+            metric,
+            val_metrics[metric],
+            row["seconds"],
+        )
     bar.close()
 
     if state["best_epoch"] < 0:
@@ -344,13 +435,33 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset, out_dir: str | P
     if not (out_dir / "checkpoint.pt").is_file():  # removed after the run (e.g. by Snakemake before a re-run)
         save_checkpoint(_best_checkpoint(snapshot()), out_dir / "checkpoint.pt")
     _write_history(state["history"], out_dir / "history.tsv")
-    result = TrainResult(out_dir=out_dir, best_epoch=state["best_epoch"], best_score=state["best_score"],
-                         metric=metric, epochs_run=state["epoch"] + 1, stopped_early=state["stopped_early"],
-                         config_hash=chash, val_metrics=state["best_val"], history=state["history"])
-    write_json({"model": model_name, "task": task, "metric": metric, "best_epoch": result.best_epoch,
-                f"best_val_{metric}": result.best_score, "val": result.val_metrics, "epochs_run": result.epochs_run,
-                "stopped_early": result.stopped_early, "config_hash": chash, "device": str(device),
-                "n_params": sum(p.numel() for p in model.parameters())}, out_dir / "metrics.json")
+    result = TrainResult(
+        out_dir=out_dir,
+        best_epoch=state["best_epoch"],
+        best_score=state["best_score"],
+        metric=metric,
+        epochs_run=state["epoch"] + 1,
+        stopped_early=state["stopped_early"],
+        config_hash=chash,
+        val_metrics=state["best_val"],
+        history=state["history"],
+    )
+    write_json(
+        {
+            "model": model_name,
+            "task": task,
+            "metric": metric,
+            "best_epoch": result.best_epoch,
+            f"best_val_{metric}": result.best_score,
+            "val": result.val_metrics,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+            "config_hash": chash,
+            "device": str(device),
+            "n_params": sum(p.numel() for p in model.parameters()),
+        },
+        out_dir / "metrics.json",
+    )
     return result
 
 
@@ -366,5 +477,14 @@ def _write_history(history: list[dict], path: Path) -> None:
     atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
-__all__ = ["IGNORE_INDEX", "METRICS", "TrainResult", "balanced_weights", "class_counts", "model_inputs",
-           "pick_device", "predict_proba", "train"]
+__all__ = [
+    "IGNORE_INDEX",
+    "METRICS",
+    "TrainResult",
+    "balanced_weights",
+    "class_counts",
+    "model_inputs",
+    "pick_device",
+    "predict_proba",
+    "train",
+]

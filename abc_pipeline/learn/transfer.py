@@ -57,8 +57,9 @@ MARGIN = 1  # empty voxels around the data (per side)
 _CHUNK = 1 << 16
 
 
-def lattice_bounds(source: CellSource, key: str, voxel_size: Sequence[float], margin: int = MARGIN
-                   ) -> list[tuple[float, float]]:
+def lattice_bounds(
+    source: CellSource, key: str, voxel_size: Sequence[float], margin: int = MARGIN
+) -> list[tuple[float, float]]:
     """``(lo, hi)`` per grid axis (z, y, x order; mm) around ``obsm[key]``, on the lattice of multiples of
     ``voxel_size`` (per grid axis) plus ``margin`` voxels per side."""
     coords = source.coordinates(key)
@@ -66,8 +67,9 @@ def lattice_bounds(source: CellSource, key: str, voxel_size: Sequence[float], ma
     lo, hi = np.asarray(lo)[::-1], np.asarray(hi)[::-1]  # (x, y[, z]) -> (z,) y, x
     if not np.isfinite(np.concatenate([lo, hi])).all():
         raise InputError(f"{source.path}: obsm['{key}'] has no finite coordinates")
-    return [((math.floor(a / s) - margin) * s, (math.floor(b / s) + 1 + margin) * s)
-            for a, b, s in zip(lo, hi, voxel_size)]
+    return [
+        ((math.floor(a / s) - margin) * s, (math.floor(b / s) + 1 + margin) * s) for a, b, s in zip(lo, hi, voxel_size)
+    ]
 
 
 def _model_grid(atlas: dict, checkpoint: Path, source: CellSource) -> tuple[str, list[float], str]:
@@ -77,14 +79,26 @@ def _model_grid(atlas: dict, checkpoint: Path, source: CellSource) -> tuple[str,
     voxel = [float(v) for v in definition["voxel_size"]]
     key = COORDINATE_KEYS[space]
     if key not in source.group["obsm"]:
-        raise InputError(f"{checkpoint} is a 3D model ({definition['space']} grid); {source.path} has no 3D "
-                         f"coordinates (obsm['{key}']): import data with x, y, z coordinates, or use a 2D model")
+        raise InputError(
+            f"{checkpoint} is a 3D model ({definition['space']} grid); {source.path} has no 3D "
+            f"coordinates (obsm['{key}']): import data with x, y, z coordinates, or use a 2D model"
+        )
     return space, voxel[1:] if space == "section" else voxel, key
 
 
-def transfer(checkpoints: Sequence[str | Path], data: str | Path, out: str | Path, *, kind: str = "anndata",
-             fill_missing_genes: bool = False, device: str = "auto", batch_size: int | None = None,
-             chunk_cells: int = 100_000, progress: bool = True, **import_options) -> Path:
+def transfer(
+    checkpoints: Sequence[str | Path],
+    data: str | Path,
+    out: str | Path,
+    *,
+    kind: str = "anndata",
+    fill_missing_genes: bool = False,
+    device: str = "auto",
+    batch_size: int | None = None,
+    chunk_cells: int = 100_000,
+    progress: bool = True,
+    **import_options,
+) -> Path:
     """Annotate ``data`` with the models of ``checkpoints``; writes the ``.h5ad`` ``out`` and returns it.
 
     Args:
@@ -107,48 +121,100 @@ def transfer(checkpoints: Sequence[str | Path], data: str | Path, out: str | Pat
         ckpt = load_checkpoint(path)
         atlas = atlas_config(ckpt, path)
         if "channel_definition" not in atlas:
-            raise InputError(f"{path} does not record its channel definition (trained with an older version); "
-                             f"retrain it to transfer it to other data")
+            raise InputError(
+                f"{path} does not record its channel definition (trained with an older version); "
+                f"retrain it to transfer it to other data"
+            )
         runs.append((Path(path), ckpt, atlas))
     with staged_output(out) as tmp:
         scratch = tmp.with_name(tmp.name + "-scratch")
         scratch.mkdir()
         try:
-            cells = data if kind == "cells" else import_user_data(
-                kind, data, scratch / "cells.zarr", chunk_cells=chunk_cells, progress=progress, **import_options)
+            cells = (
+                data
+                if kind == "cells"
+                else import_user_data(
+                    kind, data, scratch / "cells.zarr", chunk_cells=chunk_cells, progress=progress, **import_options
+                )
+            )
             source = CellSource(cells)
-            predictions = [_predict(i, path, atlas, source, scratch, fill_missing_genes, device, batch_size,
-                                    progress) for i, (path, _, atlas) in enumerate(runs)]
+            predictions = [
+                _predict(i, path, atlas, source, scratch, fill_missing_genes, device, batch_size, progress)
+                for i, (path, _, atlas) in enumerate(runs)
+            ]
             _write_output(tmp, data, kind, source, predictions)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    log.info("transferred %d model(s) to %s (%d cells) in %.1f s -> %s", len(runs), data, source.n_cells,
-             time.perf_counter() - t0, out)
+    log.info(
+        "transferred %d model(s) to %s (%d cells) in %.1f s -> %s",
+        len(runs),
+        data,
+        source.n_cells,
+        time.perf_counter() - t0,
+        out,
+    )
     return out
 
 
-def _predict(i: int, path: Path, atlas: dict, source: CellSource, scratch: Path, fill_missing: bool, device: str,
-             batch_size: int | None, progress: bool) -> tuple[Path, dict]:
+def _predict(
+    i: int,
+    path: Path,
+    atlas: dict,
+    source: CellSource,
+    scratch: Path,
+    fill_missing: bool,
+    device: str,
+    batch_size: int | None,
+    progress: bool,
+) -> tuple[Path, dict]:
     """Rasterize ``source`` with the model's channels on its grid spacing and predict it; returns the
     predictions store and the provenance of the run."""
     definition = atlas["channel_definition"]
     plan, lacking = plan_from_definition(definition, source, fill_missing)
     if lacking:
-        log.warning("%s: %d of the %d genes of %s are missing from the data and read as 0: %s", source.path,
-                    len(lacking), len(definition["genes"]), path, lacking)
+        log.warning(
+            "%s: %d of the %d genes of %s are missing from the data and read as 0: %s",
+            source.path,
+            len(lacking),
+            len(definition["genes"]),
+            path,
+            lacking,
+        )
     space, voxel, key = _model_grid(atlas, path, source)
     grid_voxel = definition["voxel_size"][1:] if space == "section" else definition["voxel_size"]
     bounds = lattice_bounds(source, key, grid_voxel)
-    raster = rasterize(source.path, scratch / f"{i}.ome.zarr", space=space, voxel_size=voxel, bounds=bounds,
-                       channels=plan, labels=[], levels=2, progress=progress)
-    store = predict_raster(path, raster, scratch / f"{i}.predictions.zarr", device=device, batch_size=batch_size,
-                           progress=progress, cells=source.path, plan=plan)
+    raster = rasterize(
+        source.path,
+        scratch / f"{i}.ome.zarr",
+        space=space,
+        voxel_size=voxel,
+        bounds=bounds,
+        channels=plan,
+        labels=[],
+        levels=2,
+        progress=progress,
+    )
+    store = predict_raster(
+        path,
+        raster,
+        scratch / f"{i}.predictions.zarr",
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        cells=source.path,
+        plan=plan,
+    )
     grid = zarr.open_group(str(raster), mode="r").attrs[ATTRS_KEY]["raster"]
-    provenance = {"checkpoint": str(path.resolve()), "channel_digest": definition["digest"],
-                  "channel_mode": definition["mode"], "genes_used": len(definition["genes"]) - len(lacking),
-                  "genes_missing": lacking, "missing_fraction": len(lacking) / len(definition["genes"]),
-                  "grid": {k: grid["grid"][k] for k in ("space", "origin", "voxel_size", "shape")},
-                  "cells": grid["counts"]}
+    provenance = {
+        "checkpoint": str(path.resolve()),
+        "channel_digest": definition["digest"],
+        "channel_mode": definition["mode"],
+        "genes_used": len(definition["genes"]) - len(lacking),
+        "genes_missing": lacking,
+        "missing_fraction": len(lacking) / len(definition["genes"]),
+        "grid": {k: grid["grid"][k] for k in ("space", "origin", "voxel_size", "shape")},
+        "cells": grid["counts"],
+    }
     return store, provenance
 
 
@@ -168,8 +234,10 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
         obs = f["obs"]
         index_key = obs.attrs["_index"]
         if obs[index_key].shape[0] != n:
-            raise InputError(f"{data} has {obs[index_key].shape[0]} cells but the imported data {n}; the file changed "
-                             f"while transferring")
+            raise InputError(
+                f"{data} has {obs[index_key].shape[0]} cells but the imported data {n}; the file changed "
+                f"while transferring"
+            )
         order = [str(c) for c in obs.attrs.get("column-order", [])]
         if "uns" not in f:
             f.create_group("uns").attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
@@ -181,13 +249,22 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
             col = f"pred_{meta['task']}"
             col = col if col not in entries else f"{col}__{meta['model']}"
             if col in obs or col in entries:
-                raise InputError(f"{data}: obs already has {col!r}; transfer onto the original data, or give each "
-                                 f"model once")
+                raise InputError(
+                    f"{data}: obs already has {col!r}; transfer onto the original data, or give each model once"
+                )
             _write_prediction(f, col, group, meta, n, index_key)
             write_elem(obs, f"{col}_confidence", _confidence(group["cells/proba"]))
             order += [col, f"{col}_confidence"]
-            entries[col] = _plain({"task": meta["task"], "level": meta["level"], "model": meta["model"],
-                                   "config_hash": meta["config_hash"], "classes": meta["class_names"], **provenance})
+            entries[col] = _plain(
+                {
+                    "task": meta["task"],
+                    "level": meta["level"],
+                    "model": meta["model"],
+                    "config_hash": meta["config_hash"],
+                    "classes": meta["class_names"],
+                    **provenance,
+                }
+            )
         obs.attrs["column-order"] = _h5_attr(order)
         ours = uns.get("abc_pipeline")
         if ours is None:

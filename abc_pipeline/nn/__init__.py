@@ -15,7 +15,19 @@ from abc_pipeline.nn.moment import MomentConv
 from abc_pipeline.nn.zoo import MODELS, build_model, count_parameters, format_model_table, model_table
 
 __all__ = [
-    "MODELS", "FieldBatchNorm", "FieldNonlinearity", "GridSymmetry", "MomentConv", "ParityDownsample",
-    "build_model", "count_parameters", "fields", "format_model_table", "grid_group", "model_table",
-    "n_channels", "transform", "upsample_to",
+    "MODELS",
+    "FieldBatchNorm",
+    "FieldNonlinearity",
+    "GridSymmetry",
+    "MomentConv",
+    "ParityDownsample",
+    "build_model",
+    "count_parameters",
+    "fields",
+    "format_model_table",
+    "grid_group",
+    "model_table",
+    "n_channels",
+    "transform",
+    "upsample_to",
 ]

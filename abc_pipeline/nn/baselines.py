@@ -15,7 +15,7 @@ The plain CNN baseline needs no layer of its own (``nn.ConvNd``; see ``zoo``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,8 +44,16 @@ class GroupConv(nn.Module):
     :func:`fields.transform_regular` on the output (and input unless lifting).
     """
 
-    def __init__(self, in_fields: int, out_fields: int, group: Sequence[GridSymmetry], kernel_size: int = 3,
-                 lifting: bool = False, bias: bool = True, padding_mode: str = "zeros") -> None:
+    def __init__(
+        self,
+        in_fields: int,
+        out_fields: int,
+        group: Sequence[GridSymmetry],
+        kernel_size: int = 3,
+        lifting: bool = False,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
         if kernel_size % 2 == 0:
             raise InputError(f"GroupConv needs an odd kernel_size, got {kernel_size}")
@@ -58,8 +66,11 @@ class GroupConv(nn.Module):
         n_g, k_pts = len(self.group), kernel_size**self.dim
         n_in_orient = 1 if lifting else n_g
         fan_in = in_fields * n_in_orient * k_pts
-        self.weight = nn.Parameter(torch.empty(out_fields, in_fields, n_in_orient * k_pts).uniform_(
-            -math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in)))
+        self.weight = nn.Parameter(
+            torch.empty(out_fields, in_fields, n_in_orient * k_pts).uniform_(
+                -math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in)
+            )
+        )
         self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
         table = group_table(self.group)
         inv = [self.group.index(g.inverse()) for g in self.group]
@@ -72,8 +83,10 @@ class GroupConv(nn.Module):
         self.register_buffer("index", torch.as_tensor(index.reshape(-1)), persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"in_fields={self.in_fields}, out_fields={self.out_fields}, |G|={len(self.group)}, "
-                f"kernel_size={self.kernel_size}, lifting={self.lifting}")
+        return (
+            f"in_fields={self.in_fields}, out_fields={self.out_fields}, |G|={len(self.group)}, "
+            f"kernel_size={self.kernel_size}, lifting={self.lifting}"
+        )
 
     def kernel(self) -> torch.Tensor:
         """Dense kernel ``(out_fields*|G|, in_channels, k, ..., k)``."""

@@ -53,21 +53,33 @@ class CellContextClassifier(nn.Module):
     (features + tissue); ``n_expression``: ``F``, the feature channels (``in_channels - 1``).
     """
 
-    def __init__(self, family, in_channels: int, n_expression: int, n_classes: int, width: int, depth: int,
-                 spacing: tuple[float, ...], patch_size: int | Sequence[int], embed: int = DEFAULT_EMBED,
-                 hidden: int = DEFAULT_HIDDEN) -> None:
+    def __init__(
+        self,
+        family,
+        in_channels: int,
+        n_expression: int,
+        n_classes: int,
+        width: int,
+        depth: int,
+        spacing: tuple[float, ...],
+        patch_size: int | Sequence[int],
+        embed: int = DEFAULT_EMBED,
+        hidden: int = DEFAULT_HIDDEN,
+    ) -> None:
         super().__init__()
         if n_expression != in_channels - 1:
-            raise InputError(f"n_expression must be the raster's feature channels (in_channels - 1 = "
-                             f"{in_channels - 1}), got {n_expression}")
+            raise InputError(
+                f"n_expression must be the raster's feature channels (in_channels - 1 = "
+                f"{in_channels - 1}), got {n_expression}"
+            )
         self.dim, self.n_expression = family.dim, n_expression
         self.context = PatchClassifier(family, in_channels, embed, width, depth, spacing, patch_size)
-        self.expression = nn.Sequential(nn.Linear(n_expression, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                        nn.ReLU())
+        self.expression = nn.Sequential(
+            nn.Linear(n_expression, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
         self.head = nn.Sequential(nn.Linear(hidden + embed, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
         self.skip = nn.Linear(n_expression, n_classes, bias=False)
-        for name, value in (("expression_mean", 0.0), ("expression_std", 1.0), ("voxel_mean", 0.0),
-                            ("voxel_std", 1.0)):
+        for name, value in (("expression_mean", 0.0), ("expression_std", 1.0), ("voxel_mean", 0.0), ("voxel_std", 1.0)):
             self.register_buffer(name, torch.full((n_expression,), value))
         self.first_spec = self.context.first_spec
         self.patch_size, self.halo = self.context.patch_size, self.context.halo
@@ -82,11 +94,16 @@ class CellContextClassifier(nn.Module):
         """Patch size ``P + 2 * halo`` per axis that :meth:`forward` expects."""
         return self.context.input_size
 
-    def set_normalization(self, expression_mean: np.ndarray, expression_std: np.ndarray, voxel_mean: np.ndarray,
-                          voxel_std: np.ndarray) -> None:
+    def set_normalization(
+        self, expression_mean: np.ndarray, expression_std: np.ndarray, voxel_mean: np.ndarray, voxel_std: np.ndarray
+    ) -> None:
         """Store the cells' expression statistics and the raster's input normalisation (``(F,)`` each)."""
-        for name, value in (("expression_mean", expression_mean), ("expression_std", expression_std),
-                            ("voxel_mean", voxel_mean), ("voxel_std", voxel_std)):
+        for name, value in (
+            ("expression_mean", expression_mean),
+            ("expression_std", expression_std),
+            ("voxel_mean", voxel_mean),
+            ("voxel_std", voxel_std),
+        ):
             buf = getattr(self, name)
             buf.copy_(torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=buf.dtype))
 

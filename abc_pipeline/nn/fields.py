@@ -19,9 +19,9 @@ segmentation logits (scalars only) it is exactly ``torch.rot90`` / ``torch.flip`
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,16 +52,16 @@ class GridSymmetry:
         return m
 
     @classmethod
-    def from_matrix(cls, m: np.ndarray) -> "GridSymmetry":
+    def from_matrix(cls, m: np.ndarray) -> GridSymmetry:
         m = np.asarray(m)
         perm = tuple(int(np.flatnonzero(m[:, j])[0]) for j in range(m.shape[1]))
         return cls(perm, tuple(int(m[perm[j], j]) for j in range(m.shape[1])))
 
-    def __matmul__(self, other: "GridSymmetry") -> "GridSymmetry":
+    def __matmul__(self, other: GridSymmetry) -> GridSymmetry:
         """Composition ``self ∘ other`` (apply ``other`` first)."""
         return GridSymmetry.from_matrix(self.matrix @ other.matrix)
 
-    def inverse(self) -> "GridSymmetry":
+    def inverse(self) -> GridSymmetry:
         return GridSymmetry.from_matrix(self.matrix.T)
 
     @property
@@ -144,8 +144,10 @@ def split_fields(x: torch.Tensor, fields: Sequence[int]) -> list[torch.Tensor]:
     if x.shape[1] != n_channels(fields, dim):
         raise InputError(f"tensor has {x.shape[1]} channels but fields {list(fields)} need {n_channels(fields, dim)}")
     sizes = [n * dim**r for r, n in enumerate(fields)]
-    return [part.reshape(x.shape[0], n, dim**r, *x.shape[2:])
-            for r, (n, part) in enumerate(zip(fields, torch.split(x, sizes, dim=1)))]
+    return [
+        part.reshape(x.shape[0], n, dim**r, *x.shape[2:])
+        for r, (n, part) in enumerate(zip(fields, torch.split(x, sizes, dim=1)))
+    ]
 
 
 def merge_fields(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -153,8 +155,9 @@ def merge_fields(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.reshape(p.shape[0], -1, *p.shape[3:]) for p in parts], dim=1)
 
 
-def cat_fields(xa: torch.Tensor, fields_a: Sequence[int], xb: torch.Tensor, fields_b: Sequence[int]
-               ) -> tuple[torch.Tensor, tuple[int, ...]]:
+def cat_fields(
+    xa: torch.Tensor, fields_a: Sequence[int], xb: torch.Tensor, fields_b: Sequence[int]
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Concatenate two field tensors *by type* (``[s_a, s_b | v_a, v_b | M_a, M_b]``), for skip connections.
 
     A plain ``torch.cat`` would give ``[s_a, v_a, s_b, v_b]``, which breaks the layout the next layer expects.
@@ -242,10 +245,14 @@ def transform_regular(x: torch.Tensor, g: GridSymmetry, group: Sequence[GridSymm
 Action = Callable[[torch.Tensor, GridSymmetry], torch.Tensor]
 
 
-def equivariance_error(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       group: Sequence[GridSymmetry] | None = None,
-                       in_fields: Sequence[int] | Action | None = None,
-                       out_fields: Sequence[int] | Action | None = None, invariant: bool = False) -> float:
+def equivariance_error(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    group: Sequence[GridSymmetry] | None = None,
+    in_fields: Sequence[int] | Action | None = None,
+    out_fields: Sequence[int] | Action | None = None,
+    invariant: bool = False,
+) -> float:
     """Relative equivariance error ``max_g max|fn(g.x) - g.fn(x)| / max|fn(x)|`` over ``group``.
 
     ``group`` defaults to ``grid_group(dim)``; ``in_fields``/``out_fields`` are field layouts (``None``:

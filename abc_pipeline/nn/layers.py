@@ -10,7 +10,7 @@ Every block commutes exactly with the grid symmetries (:func:`abc_pipeline.nn.fi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,7 @@ class FieldBatchNorm(nn.Module):
     def __init__(self, fields: Sequence[int], momentum: float = 0.1) -> None:
         super().__init__()
         self.fields = check_fields(fields)
-        self.norms = nn.ModuleList([nn.BatchNorm1d(n, momentum=momentum) if n else nn.Identity()
-                                    for n in self.fields])
+        self.norms = nn.ModuleList([nn.BatchNorm1d(n, momentum=momentum) if n else nn.Identity() for n in self.fields])
         for norm in self.norms[1:]:
             if isinstance(norm, nn.BatchNorm1d):
                 nn.init.constant_(norm.weight, self.LOG_GAMMA)

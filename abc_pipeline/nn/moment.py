@@ -20,8 +20,8 @@ with ONE ``conv2d``/``conv3d`` call, so the cost is that of an ordinary convolut
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def signatures(rank: int) -> list[tuple[tuple[int, int], ...]]:
         first, rest = free[0], free[1:]
         out = list(rec(rest))  # `first` carries an xhat
         for i, b in enumerate(rest):
-            out += [((first, b),) + m for m in rec(rest[:i] + rest[i + 1:])]
+            out += [((first, b),) + m for m in rec(rest[:i] + rest[i + 1 :])]
         return out
 
     return rec(tuple(range(rank)))
@@ -54,7 +54,7 @@ def default_n_radial(kernel_size: int) -> int:
     return 3 if kernel_size == 3 else (kernel_size - 1) // 2 + 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def _grid(dim: int, kernel_size: int, spacing: tuple[float, ...], n_radial: int) -> tuple[np.ndarray, np.ndarray]:
     """``xhat`` ``(dim, k**dim)`` and interpolation weights ``L`` ``(k**dim, n_radial)`` for the kernel grid.
 
@@ -78,9 +78,10 @@ def _grid(dim: int, kernel_size: int, spacing: tuple[float, ...], n_radial: int)
     return xhat, L
 
 
-@lru_cache(maxsize=None)
-def moment_basis(dim: int, kernel_size: int, rank_out: int, rank_in: int, spacing: tuple[float, ...],
-                 n_radial: int) -> np.ndarray:
+@cache
+def moment_basis(
+    dim: int, kernel_size: int, rank_out: int, rank_in: int, spacing: tuple[float, ...], n_radial: int
+) -> np.ndarray:
     """Basis kernels ``(n_basis, dim**rank_out, dim**rank_in, k**dim)`` (float64) of the equivariant maps.
 
     One element per (signature, radial sample), all-zero elements dropped.
@@ -134,9 +135,17 @@ class MomentConv(nn.Module):
         samples per radial profile (default :func:`default_n_radial`).
     """
 
-    def __init__(self, in_fields: Sequence[int], out_fields: Sequence[int], dim: int, kernel_size: int = 3,
-                 spacing: Sequence[float] | None = None, padding_mode: str = "zeros", bias: bool = True,
-                 n_radial: int | None = None) -> None:
+    def __init__(
+        self,
+        in_fields: Sequence[int],
+        out_fields: Sequence[int],
+        dim: int,
+        kernel_size: int = 3,
+        spacing: Sequence[float] | None = None,
+        padding_mode: str = "zeros",
+        bias: bool = True,
+        n_radial: int | None = None,
+    ) -> None:
         super().__init__()
         if dim not in (2, 3):
             raise InputError(f"MomentConv supports dim 2 or 3, got dim={dim}")
@@ -175,8 +184,10 @@ class MomentConv(nn.Module):
         self._frozen: tuple | None = None  # (key, pinned weights, kernel, bias) of the last inference call
 
     def extra_repr(self) -> str:
-        s = (f"in_fields={list(self.in_fields)}, out_fields={list(self.out_fields)}, dim={self.dim}, "
-             f"kernel_size={self.kernel_size}, n_radial={self.n_radial}")
+        s = (
+            f"in_fields={list(self.in_fields)}, out_fields={list(self.out_fields)}, dim={self.dim}, "
+            f"kernel_size={self.kernel_size}, n_radial={self.n_radial}"
+        )
         if any(v != 1.0 for v in self._spacing_key):
             s += f", spacing={self.spacing}"
         return s + ("" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}")
@@ -229,8 +240,10 @@ class MomentConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *spatial) -> (B, C_out, *spatial)``."""
         if x.ndim != self.dim + 2 or x.shape[1] != self.in_channels:
-            raise InputError(f"MomentConv expects (B, {self.in_channels}, *{self.dim} spatial) for fields "
-                             f"{list(self.in_fields)}; got shape {tuple(x.shape)}")
+            raise InputError(
+                f"MomentConv expects (B, {self.in_channels}, *{self.dim} spatial) for fields "
+                f"{list(self.in_fields)}; got shape {tuple(x.shape)}"
+            )
         p = self.kernel_size // 2
         if self.padding_mode == "circular" and p:
             x = F.pad(x, (p,) * (2 * self.dim), mode="circular")

@@ -49,8 +49,16 @@ class PatchClassifier(nn.Module):
     ``spacing``: physical voxel size per axis (only ratios matter) for spacing-aware kernels.
     """
 
-    def __init__(self, family, in_channels: int, n_classes: int, width: int, depth: int,
-                 spacing: tuple[float, ...], patch_size: int | Sequence[int]) -> None:
+    def __init__(
+        self,
+        family,
+        in_channels: int,
+        n_classes: int,
+        width: int,
+        depth: int,
+        spacing: tuple[float, ...],
+        patch_size: int | Sequence[int],
+    ) -> None:
         super().__init__()
         if depth < 1:
             raise InputError(f"depth must be >= 1, got {depth}")
@@ -59,7 +67,11 @@ class PatchClassifier(nn.Module):
         specs = [family.input(in_channels)] + [family.stage(width)] * (depth - 1) + [family.last(width)]
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [family.conv(specs[i], specs[i + 1], spacing), family.norm(specs[i + 1]), family.act(specs[i + 1])]
+            layers += [
+                family.conv(specs[i], specs[i + 1], spacing),
+                family.norm(specs[i + 1]),
+                family.act(specs[i + 1]),
+            ]
         self.trunk = nn.Sequential(*layers)
         self.pool, n_scalars = family.to_scalars(specs[-1])
         self.linear = nn.Linear(n_scalars, n_classes)
@@ -87,8 +99,10 @@ class PatchClassifier(nn.Module):
         crops = []
         for n, p in zip(x.shape[2:], self.patch_size):
             if n < p or (n - p) % 2:
-                raise InputError(f"patch of shape {tuple(x.shape[2:])} has no centred {self.patch_size} window; "
-                                 f"give {self.input_size} voxels (patch_size + 2 * halo)")
+                raise InputError(
+                    f"patch of shape {tuple(x.shape[2:])} has no centred {self.patch_size} window; "
+                    f"give {self.input_size} voxels (patch_size + 2 * halo)"
+                )
             crops.append(slice((n - p) // 2, (n - p) // 2 + p))
         h = self.features(x)[(slice(None), slice(None), *crops)]
         return self.linear(h.flatten(2).mean(dim=2))
@@ -100,6 +114,7 @@ class PatchClassifier(nn.Module):
         the ``n_classes`` (not ``n_scalars``) channels are pooled; the bias is added after pooling.
         """
         z = torch.einsum("bc...,kc->bk...", self.features(x), self.linear.weight)
-        z = _AVG_POOL[self.dim](z, self.patch_size, stride=1, padding=tuple(p // 2 for p in self.patch_size),
-                                count_include_pad=True)
+        z = _AVG_POOL[self.dim](
+            z, self.patch_size, stride=1, padding=tuple(p // 2 for p in self.patch_size), count_include_pad=True
+        )
         return z + self.linear.bias.view(1, -1, *(1,) * self.dim)

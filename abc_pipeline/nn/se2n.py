@@ -187,8 +187,16 @@ class InterpGroupConv(nn.Module):
     ``out * in * |G| * k * k``; ``padding_mode`` ``"zeros"`` or ``"circular"`` (``same`` size).
     """
 
-    def __init__(self, in_fields: int, out_fields: int, group: RotationGroup, kernel_size: int = 3,
-                 lifting: bool = False, bias: bool = True, padding_mode: str = "zeros") -> None:
+    def __init__(
+        self,
+        in_fields: int,
+        out_fields: int,
+        group: RotationGroup,
+        kernel_size: int = 3,
+        lifting: bool = False,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
         if padding_mode not in ("zeros", "circular"):
             raise InputError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
@@ -198,8 +206,9 @@ class InterpGroupConv(nn.Module):
         n_g = len(group)
         n_in = 1 if lifting else n_g
         bound = math.sqrt(3.0 / (in_fields * n_in * kernel_size**2))
-        self.weight = nn.Parameter(torch.empty(out_fields, in_fields, n_in, kernel_size, kernel_size)
-                                   .uniform_(-bound, bound))
+        self.weight = nn.Parameter(
+            torch.empty(out_fields, in_fields, n_in, kernel_size, kernel_size).uniform_(-bound, bound)
+        )
         self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
         self.register_buffer("matrices", torch.tensor(matrices, dtype=torch.get_default_dtype()), persistent=False)
         # orient[g, h] = index of g^-1 h: the input orientation whose filter output orientation g reads at h
@@ -207,8 +216,10 @@ class InterpGroupConv(nn.Module):
         self.register_buffer("orient", torch.as_tensor(orient), persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"in_fields={self.in_fields}, out_fields={self.out_fields}, group={self.group!r}, "
-                f"kernel_size={self.kernel_size}, lifting={self.lifting}")
+        return (
+            f"in_fields={self.in_fields}, out_fields={self.out_fields}, group={self.group!r}, "
+            f"kernel_size={self.kernel_size}, lifting={self.lifting}"
+        )
 
     def kernel(self) -> torch.Tensor:
         """Dense kernel ``(out_fields * |G|, in_channels, k, k)``: output channel ``o * |G| + g``, input
@@ -236,20 +247,31 @@ class SE2NFamily(_GCNN):
     without reflections; ``build_model("se2n-interp", ...)`` uses the defaults.
     """
 
-    def __init__(self, dim: int, kernel_size: int, padding_mode: str, scalar_act: str, *,
-                 spacing=None, n_rotations: int = 8, reflections: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        padding_mode: str,
+        scalar_act: str,
+        *,
+        spacing=None,
+        n_rotations: int = 8,
+        reflections: bool = True,
+    ) -> None:
         if dim != 2:
             raise InputError(f"se2n-interp is a 2D model (rotations in the image plane); got dim={dim}")
         spacing = check_spacing(spacing, 2)
         if spacing[0] != spacing[1]:
-            raise InputError(f"se2n-interp rotates filters by arbitrary angles and needs square pixels, "
-                             f"got spacing {spacing}")
+            raise InputError(
+                f"se2n-interp rotates filters by arbitrary angles and needs square pixels, got spacing {spacing}"
+            )
         super().__init__(dim, kernel_size, padding_mode, scalar_act, spacing=spacing)
         self.group = RotationGroup(n_rotations, reflections)
 
     def conv(self, a, b, spacing):
-        return InterpGroupConv(a[0] + a[1], b[1], self.group, self.kernel_size, lifting=a[1] == 0,
-                               padding_mode=self.padding_mode)
+        return InterpGroupConv(
+            a[0] + a[1], b[1], self.group, self.kernel_size, lifting=a[1] == 0, padding_mode=self.padding_mode
+        )
 
     def describe(self, spec):
         return f"{spec[1]} regular (|G|={len(self.group)}, {self.group!r} interpolated)"

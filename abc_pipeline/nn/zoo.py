@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -42,8 +42,15 @@ from torch import nn
 from abc_pipeline.errors import InputError
 from abc_pipeline.nn.baselines import ConicConv2d, DFTTransition, GroupConv, RegularBatchNorm, group_pool
 from abc_pipeline.nn.fields import cat_fields, check_spacing, grid_group, n_channels
-from abc_pipeline.nn.layers import (FieldBatchNorm, FieldNonlinearity, InvariantHead, ParityDownsample,
-                                    SegmentationHead, next_spacing, upsample_to)
+from abc_pipeline.nn.layers import (
+    FieldBatchNorm,
+    FieldNonlinearity,
+    InvariantHead,
+    ParityDownsample,
+    SegmentationHead,
+    next_spacing,
+    upsample_to,
+)
 from abc_pipeline.nn.moment import MomentConv
 
 log = logging.getLogger(__name__)
@@ -145,8 +152,9 @@ class _GCNN(_Family):
         return spec[0] + spec[1] * len(self.group)
 
     def conv(self, a, b, spacing):
-        return GroupConv(a[0] + a[1], b[1], self.group, self.kernel_size, lifting=a[1] == 0,
-                         padding_mode=self.padding_mode)
+        return GroupConv(
+            a[0] + a[1], b[1], self.group, self.kernel_size, lifting=a[1] == 0, padding_mode=self.padding_mode
+        )
 
     def norm(self, spec):
         return RegularBatchNorm(spec[1], len(self.group))
@@ -193,8 +201,9 @@ def _stage_spacings(spacing: tuple[float, ...], n: int) -> list[tuple[float, ...
 class Classifier(nn.Module):
     """``(B, in_channels, *spatial) -> (B, n_classes)`` logits; see the module docstring."""
 
-    def __init__(self, family: _Family, in_channels: int, n_classes: int, width: int, depth: int,
-                 spacing: tuple[float, ...]) -> None:
+    def __init__(
+        self, family: _Family, in_channels: int, n_classes: int, width: int, depth: int, spacing: tuple[float, ...]
+    ) -> None:
         super().__init__()
         specs = [family.input(in_channels)] + [family.stage(width * 2**i) for i in range(depth - 1)]
         specs.append(family.last(width * 2 ** (depth - 1)))
@@ -228,8 +237,9 @@ class _DoubleBlock(nn.Module):
 class UNet(nn.Module):
     """``(B, in_channels, *spatial) -> (B, n_classes, *spatial)`` logits, same spatial size for any size."""
 
-    def __init__(self, family: _Family, in_channels: int, n_classes: int, width: int, depth: int,
-                 spacing: tuple[float, ...]) -> None:
+    def __init__(
+        self, family: _Family, in_channels: int, n_classes: int, width: int, depth: int, spacing: tuple[float, ...]
+    ) -> None:
         super().__init__()
         self.family = family
         spacings = _stage_spacings(spacing, depth)
@@ -272,14 +282,18 @@ class CFNet(nn.Module):
     downsampling, DFT transition (``4 * width`` templates), BN, linear. Exactly invariant to 90° rotations
     of square inputs about the image centre."""
 
-    def __init__(self, in_channels: int, n_classes: int, width: int, depth: int, kernel_size: int,
-                 scalar_act: str) -> None:
+    def __init__(
+        self, in_channels: int, n_classes: int, width: int, depth: int, kernel_size: int, scalar_act: str
+    ) -> None:
         super().__init__()
         chans = [in_channels] + [width * 2**i for i in range(depth)]
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [ConicConv2d(chans[i], chans[i + 1], kernel_size), nn.BatchNorm2d(chans[i + 1]),
-                       _ACT[scalar_act]()]
+            layers += [
+                ConicConv2d(chans[i], chans[i + 1], kernel_size),
+                nn.BatchNorm2d(chans[i + 1]),
+                _ACT[scalar_act](),
+            ]
             if i < depth - 1:
                 layers.append(ParityDownsample(2))
         self.features = nn.Sequential(*layers)
@@ -319,9 +333,21 @@ def default_width(name: str, dim: int, spacing: Sequence[float] | None = None) -
     return {"cnn": 32, "moment-trivial": 55, "moment-trivial-irrep": 58, "cfnet": 32}[name]
 
 
-def _build(name: str, dim: int, in_channels: int, n_classes: int, task: str, width: int,
-           spacing: tuple[float, ...], depth: int | None, kernel_size: int, padding_mode: str,
-           scalar_act: str, patch_size, n_expression: int) -> nn.Module:
+def _build(
+    name: str,
+    dim: int,
+    in_channels: int,
+    n_classes: int,
+    task: str,
+    width: int,
+    spacing: tuple[float, ...],
+    depth: int | None,
+    kernel_size: int,
+    padding_mode: str,
+    scalar_act: str,
+    patch_size,
+    n_expression: int,
+) -> nn.Module:
     if name == "cfnet":
         if dim != 2 or task != "classify":
             raise InputError("cfnet is a 2D classification model (task='classify', dim=2)")
@@ -340,8 +366,9 @@ def _build(name: str, dim: int, in_channels: int, n_classes: int, task: str, wid
     if task == "cell-context":
         from abc_pipeline.nn.cell_context import CellContextClassifier
 
-        return CellContextClassifier(family, in_channels, n_expression, n_classes, width, depth or 4, spacing,
-                                     patch_size)
+        return CellContextClassifier(
+            family, in_channels, n_expression, n_classes, width, depth or 4, spacing, patch_size
+        )
     return UNet(family, in_channels, n_classes, width, depth or 4, spacing)
 
 
@@ -349,11 +376,23 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str = "classify",
-                width: int | None = None, target_params: int | None = None,
-                spacing: Sequence[float] | None = None, *, depth: int | None = None, kernel_size: int = 3,
-                padding_mode: str = "zeros", scalar_act: str = "relu", patch_size: int | Sequence[int] = 5,
-                n_expression: int | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    dim: int,
+    in_channels: int,
+    n_classes: int,
+    task: str = "classify",
+    width: int | None = None,
+    target_params: int | None = None,
+    spacing: Sequence[float] | None = None,
+    *,
+    depth: int | None = None,
+    kernel_size: int = 3,
+    padding_mode: str = "zeros",
+    scalar_act: str = "relu",
+    patch_size: int | Sequence[int] = 5,
+    n_expression: int | None = None,
+) -> nn.Module:
     """Build a zoo model (see the module docstring for the architectures).
 
     Input ``(B, in_channels, *spatial)`` (image channels as scalar fields); ``task="classify"`` returns
@@ -380,9 +419,21 @@ def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str
         raise InputError("give either width or target_params, not both")
     spacing = check_spacing(spacing, dim)
     spacing = tuple(s / min(spacing) for s in spacing)
-    build = lambda w: _build(name, dim, in_channels, n_classes, task, w, spacing, depth, kernel_size,  # noqa: E731
-                             padding_mode, scalar_act, patch_size,
-                             in_channels - 1 if n_expression is None else n_expression)
+    build = lambda w: _build(
+        name,
+        dim,
+        in_channels,
+        n_classes,
+        task,
+        w,
+        spacing,
+        depth,
+        kernel_size,  # noqa: E731
+        padding_mode,
+        scalar_act,
+        patch_size,
+        in_channels - 1 if n_expression is None else n_expression,
+    )
     if target_params is not None:
         width = solve_width(build, target_params)
     elif width is None:
@@ -390,7 +441,12 @@ def build_model(name: str, dim: int, in_channels: int, n_classes: int, task: str
     if width < 1:
         raise InputError(f"width must be >= 1, got {width}")
     model = build(width)
-    model.name, model.width, model.task, model.dim = name, width, "classify" if task in ("patch", "cell-context") else task, dim
+    model.name, model.width, model.task, model.dim = (
+        name,
+        width,
+        "classify" if task in ("patch", "cell-context") else task,
+        dim,
+    )
     if name == "cnn":
         model.group_size = 1
     elif name == "cfnet":
@@ -428,9 +484,16 @@ def solve_width(build: Callable[[int], nn.Module], target_params: int, max_width
     return hi
 
 
-def model_table(dim: int, in_channels: int, n_classes: int, task: str = "classify",
-                target_params: int | None = None, width: int | None = None,
-                spacing: Sequence[float] | None = None, names: Sequence[str] | None = None) -> list[dict]:
+def model_table(
+    dim: int,
+    in_channels: int,
+    n_classes: int,
+    task: str = "classify",
+    target_params: int | None = None,
+    width: int | None = None,
+    spacing: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[dict]:
     """One row per model: ``model``, ``width``, ``first_layer`` (fields), ``first_layer_channels``,
     ``group_size``, ``params``. Models that do not apply (cfnet outside 2D classification, se2n-interp
     outside 2D) are skipped."""
@@ -439,31 +502,46 @@ def model_table(dim: int, in_channels: int, n_classes: int, task: str = "classif
         if (name == "cfnet" and (dim != 2 or task != "classify")) or (name == "se2n-interp" and dim != 2):
             continue
         with torch.device("meta"):
-            m = build_model(name, dim, in_channels, n_classes, task, width=width, target_params=target_params,
-                            spacing=spacing)
+            m = build_model(
+                name, dim, in_channels, n_classes, task, width=width, target_params=target_params, spacing=spacing
+            )
         fam = None if name == "cfnet" else _family(name, dim, spacing, 3, "zeros", "relu")
         first = m.first_spec
-        rows.append({
-            "model": name, "width": m.width,
-            "first_layer": fam.describe(first) if fam else f"{first[0]} ch",
-            "first_layer_channels": fam.channels(first) if fam else first[0],
-            "group_size": m.group_size, "params": m.n_params,
-        })
+        rows.append(
+            {
+                "model": name,
+                "width": m.width,
+                "first_layer": fam.describe(first) if fam else f"{first[0]} ch",
+                "first_layer_channels": fam.channels(first) if fam else first[0],
+                "group_size": m.group_size,
+                "params": m.n_params,
+            }
+        )
     return rows
 
 
 def format_model_table(rows: Sequence[dict]) -> str:
     """Markdown table of :func:`model_table` rows."""
-    lines = ["| model | width | first layer | first-layer channels | exact group | parameters |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| model | width | first layer | first-layer channels | exact group | parameters |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['width']} | {r['first_layer']} | {r['first_layer_channels']} | "
-                     f"{r['group_size']} | {r['params']:,} |")
+        lines.append(
+            f"| {r['model']} | {r['width']} | {r['first_layer']} | {r['first_layer_channels']} | "
+            f"{r['group_size']} | {r['params']:,} |"
+        )
     return "\n".join(lines)
 
 
-def print_model_table(dim: int, in_channels: int, n_classes: int, task: str = "classify",
-                      target_params: int | None = None, width: int | None = None,
-                      spacing: Sequence[float] | None = None) -> None:
+def print_model_table(
+    dim: int,
+    in_channels: int,
+    n_classes: int,
+    task: str = "classify",
+    target_params: int | None = None,
+    width: int | None = None,
+    spacing: Sequence[float] | None = None,
+) -> None:
     """Print :func:`model_table` as markdown (the ``abc-pipeline models`` command)."""
     print(format_model_table(model_table(dim, in_channels, n_classes, task, target_params, width, spacing)))

@@ -148,8 +148,9 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
 
 
-def _one_entry_matvecs(kind: str, n_out: int, n_in: int, ptr: np.ndarray, idx: np.ndarray, values: np.ndarray,
-                       out: np.ndarray) -> None:
+def _one_entry_matvecs(
+    kind: str, n_out: int, n_in: int, ptr: np.ndarray, idx: np.ndarray, values: np.ndarray, out: np.ndarray
+) -> None:
     """``out += A @ values`` for a sparse (n_out, n_in) matrix ``A`` of ones in CSR (``kind="csr"``:
     ``ptr`` (n_out + 1,) row pointers, ``idx`` the column of each entry) or CSC (``"csc"``: ``ptr``
     (n_in + 1,) column pointers, ``idx`` the row of each entry) form. values: (n_in, C), out: (n_out, C).
@@ -161,8 +162,16 @@ def _one_entry_matvecs(kind: str, n_out: int, n_in: int, ptr: np.ndarray, idx: n
         raise ValueError("out must be a C-contiguous float32 array (it is updated in place)")
     values = np.ascontiguousarray(values, dtype=np.float32)
     kernel = _sparsetools.csr_matvecs if kind == "csr" else _sparsetools.csc_matvecs
-    kernel(n_out, n_in, out.shape[1], ptr.astype(np.int64, copy=False), idx.astype(np.int64, copy=False),
-           np.ones(idx.size, dtype=np.float32), values.reshape(-1), out.reshape(-1))
+    kernel(
+        n_out,
+        n_in,
+        out.shape[1],
+        ptr.astype(np.int64, copy=False),
+        idx.astype(np.int64, copy=False),
+        np.ones(idx.size, dtype=np.float32),
+        values.reshape(-1),
+        out.reshape(-1),
+    )
 
 
 def scatter_add(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
@@ -254,8 +263,11 @@ def spill_partials(
     kinds = [CELL_KIND, *(label_kind(name) for name in labels)]
     rows = {kind: np.zeros(layout.n_blocks, dtype=np.int64) for kind in kinds}
     with contextlib.ExitStack() as stack:
-        files = {(kind, part): stack.enter_context(open(_spill_path(spill, chunk, kind, part), "wb"))
-                 for kind in kinds for part in (("keys", "counts", "sums") if kind == CELL_KIND else ("keys", "counts"))}
+        files = {
+            (kind, part): stack.enter_context(open(_spill_path(spill, chunk, kind, part), "wb"))
+            for kind in kinds
+            for part in (("keys", "counts", "sums") if kind == CELL_KIND else ("keys", "counts"))
+        }
         for p in parts:
             p.keys.tofile(files[CELL_KIND, "keys"])
             p.counts.tofile(files[CELL_KIND, "counts"])
@@ -287,8 +299,11 @@ class BlockSums:
 
     def coarsen(self, factors: Sequence[int]) -> BlockSums:
         """The next pyramid level of the block (voxels ``factors`` (z, y, x) times larger)."""
-        return BlockSums(window_sum(self.sums, factors), window_sum(self.counts, factors),
-                         {name: coarsen_labels(lab, factors) for name, lab in self.labels.items()})
+        return BlockSums(
+            window_sum(self.sums, factors),
+            window_sum(self.counts, factors),
+            {name: coarsen_labels(lab, factors) for name, lab in self.labels.items()},
+        )
 
     def means(self) -> np.ndarray:
         """(C + 1, z, y, x) float32 in the image's channel-major layout: channel means (0 in empty
@@ -327,8 +342,14 @@ class BlockAccumulator:
     the number of cells.
     """
 
-    def __init__(self, layout: BlockLayout, width: int, labels: dict[str, int], keys: np.ndarray,
-                 columns: slice | np.ndarray = slice(None)) -> None:
+    def __init__(
+        self,
+        layout: BlockLayout,
+        width: int,
+        labels: dict[str, int],
+        keys: np.ndarray,
+        columns: slice | np.ndarray = slice(None),
+    ) -> None:
         self.layout, self.labels, self.columns = layout, labels, columns
         self._keys = keys
         self._offs = _block_offsets(keys // layout.block_voxels, layout.n_blocks)  # block b: rows offs[b]:offs[b+1]
@@ -369,8 +390,10 @@ class BlockAccumulator:
             valid = c >= 0
             vk, vc = np.unique(found[valid] * n_cat + c[valid], return_counts=True)
             bounds = np.searchsorted(vk, self._offs * n_cat)
-            votes += [((name, b), vk[bounds[b] : bounds[b + 1]], vc[bounds[b] : bounds[b + 1]].astype(np.int32))
-                      for b in np.flatnonzero(np.diff(bounds)).tolist()]
+            votes += [
+                ((name, b), vk[bounds[b] : bounds[b + 1]], vc[bounds[b] : bounds[b + 1]].astype(np.int32))
+                for b in np.flatnonzero(np.diff(bounds)).tolist()
+            ]
         with self._lock:
             scatter_add(self._sums, rows, values)
             self._counts += counts
@@ -502,7 +525,9 @@ class SpillReader:
         return self.cache[key][lo - int(offs[0]) : hi - int(offs[0])]
 
 
-def reduce_block(reader: SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]) -> BlockSums:
+def reduce_block(
+    reader: SpillReader, i: int, layout: BlockLayout, n_channels: int, labels: dict[str, int]
+) -> BlockSums:
     """Stage 2 for one spilled block: add up its partial sums, counts and label votes from every chunk."""
     shape = layout.region_shape(reader.task.blocks[i])
     n = math.prod(shape)
@@ -577,7 +602,11 @@ def coarsen_labels(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     a = _pad_to(block, factors, (0, 1, 2))
     z, y, x = a.shape
     fz, fy, fx = factors
-    w = a.reshape(z // fz, fz, y // fy, fy, x // fx, fx).transpose(0, 2, 4, 1, 3, 5).reshape(z // fz, y // fy, x // fx, -1)
+    w = (
+        a.reshape(z // fz, fz, y // fy, fy, x // fx, fx)
+        .transpose(0, 2, 4, 1, 3, 5)
+        .reshape(z // fz, y // fy, x // fx, -1)
+    )
     w = w.astype(np.int64)
     freq = (w[..., :, None] == w[..., None, :]).sum(axis=-1)
     score = np.where(w > 0, freq * (np.int64(1) << 40) - w, np.iinfo(np.int64).min)

@@ -102,7 +102,9 @@ def resolve_genes(source: CellSource, genes: Sequence[str] | None) -> tuple[np.n
     unknown = [g for g in genes if g not in lookup]
     if unknown:
         details = "; ".join(f"{g!r}{close_matches(g, symbols)}" for g in unknown)
-        raise InputError(f"{len(unknown)} gene(s) not found in var['gene_symbol'] or var_names of {source.path}: {details}")
+        raise InputError(
+            f"{len(unknown)} gene(s) not found in var['gene_symbol'] or var_names of {source.path}: {details}"
+        )
     idx = np.array([lookup[g] for g in genes], dtype=np.int64)
     if len(set(idx.tolist())) != len(idx):
         raise InputError(f"the gene list names a gene twice: {list(genes)}")
@@ -110,7 +112,12 @@ def resolve_genes(source: CellSource, genes: Sequence[str] | None) -> tuple[np.n
 
 
 def fit_pca(
-    source: CellSource, gene_index: np.ndarray, genes: tuple[str, ...], k: int, n_sample: int, seed: int,
+    source: CellSource,
+    gene_index: np.ndarray,
+    genes: tuple[str, ...],
+    k: int,
+    n_sample: int,
+    seed: int,
     drop_nonfinite: bool = False,
 ) -> PCAModel:
     """Fit a k-component PCA on a random sample of about ``n_sample`` cells.
@@ -135,8 +142,10 @@ def fit_pca(
     bad = nonfinite_rows(sample)
     if bad.any():
         if not drop_nonfinite:
-            raise InputError(f"{source.path}: X holds NaN or inf in {int(bad.sum())} of the {len(sample)} cells sampled "
-                             "for the PCA; fix the expression values, or pass --drop-nonfinite to skip those cells")
+            raise InputError(
+                f"{source.path}: X holds NaN or inf in {int(bad.sum())} of the {len(sample)} cells sampled "
+                "for the PCA; fix the expression values, or pass --drop-nonfinite to skip those cells"
+            )
         log.warning("PCA sample: %d cells with NaN or inf in X left out", int(bad.sum()))
         sample = sample[~bad]
     sample = sample[:, gene_index].astype(np.float32, copy=False)
@@ -144,7 +153,14 @@ def fit_pca(
         sample = sample[np.sort(rng.choice(sample.shape[0], size=n_sample, replace=False))]
     if sample.shape[0] <= k:
         raise InputError(f"pca with k={k} needs more than {k} cells; {source.path} has {source.n_cells}")
-    log.info("fitting PCA (k=%d) on %d cells x %d genes from %d of %d X chunks", k, sample.shape[0], sample.shape[1], take, n_chunks)
+    log.info(
+        "fitting PCA (k=%d) on %d cells x %d genes from %d of %d X chunks",
+        k,
+        sample.shape[0],
+        sample.shape[1],
+        take,
+        n_chunks,
+    )
     pca = PCA(n_components=k, svd_solver="randomized" if k < min(sample.shape) // 2 else "full", random_state=seed)
     pca.fit(sample)
     return PCAModel(
@@ -159,7 +175,11 @@ def fit_pca(
 
 
 def plan_channels(
-    source: CellSource, genes: Sequence[str] | None = None, pca: int | None = None, pca_sample: int = 100_000, seed: int = 0,
+    source: CellSource,
+    genes: Sequence[str] | None = None,
+    pca: int | None = None,
+    pca_sample: int = 100_000,
+    seed: int = 0,
     drop_nonfinite: bool = False,
 ) -> ChannelPlan:
     """Resolve the channel request: all non-blank genes, a gene list, or ``pca`` components of them
@@ -171,8 +191,9 @@ def plan_channels(
     return ChannelPlan("pca", tuple(f"PC{i + 1}" for i in range(int(pca))), _as_index(idx), model)
 
 
-def raster_channel_plan(source: CellSource, feature_channels: Sequence[str], pca: dict[str, np.ndarray] | None
-                        ) -> ChannelPlan:
+def raster_channel_plan(
+    source: CellSource, feature_channels: Sequence[str], pca: dict[str, np.ndarray] | None
+) -> ChannelPlan:
     """The channel definition a raster was made with (``Raster.feature_channels`` and ``Raster.pca``),
     resolved on ``source``: applied to rows of X it gives each cell's own channel values, the values the
     rasterizer averaged into voxels."""
@@ -181,15 +202,27 @@ def raster_channel_plan(source: CellSource, feature_channels: Sequence[str], pca
         return ChannelPlan("genes", tuple(feature_channels), _as_index(idx))
     genes = [str(g) for g in pca["genes"]]
     idx, _ = resolve_genes(source, genes)
-    model = PCAModel(tuple(genes), np.asarray(pca["components"], np.float32), np.asarray(pca["mean"], np.float32),
-                     np.asarray(pca["explained_variance"]), np.asarray(pca["explained_variance_ratio"]), 0, 0)
+    model = PCAModel(
+        tuple(genes),
+        np.asarray(pca["components"], np.float32),
+        np.asarray(pca["mean"], np.float32),
+        np.asarray(pca["explained_variance"]),
+        np.asarray(pca["explained_variance_ratio"]),
+        0,
+        0,
+    )
     if model.components.shape[0] != len(feature_channels):
-        raise InputError(f"the raster's PCA has {model.components.shape[0]} components but {len(feature_channels)} "
-                         f"feature channels; rasterize again")
+        raise InputError(
+            f"the raster's PCA has {model.components.shape[0]} components but {len(feature_channels)} "
+            f"feature channels; rasterize again"
+        )
     return ChannelPlan("pca", tuple(feature_channels), _as_index(idx), model)
+
+
 # ----------------------------------------------------------------------------------------------- definitions
-def definition_digest(mode: str, channels: Sequence[str], genes: Sequence[str], components: np.ndarray | None,
-                      mean: np.ndarray | None) -> str:
+def definition_digest(
+    mode: str, channels: Sequence[str], genes: Sequence[str], components: np.ndarray | None, mean: np.ndarray | None
+) -> str:
     """SHA-256 (16 hex digits) of what the channels mean: mode, names, genes and the float32 PCA loadings (k, g)
     and means (g,) (None in ``genes`` mode)."""
     h = hashlib.sha256(json.dumps([mode, list(channels), list(genes)]).encode())
@@ -219,13 +252,20 @@ def channel_definition(raster, source: CellSource | None = None) -> dict:
         ids = [to_id.get(g, g) for g in genes]
     comps, mean = (pca["components"], pca["mean"]) if pca is not None else (None, None)
     mode = "pca" if pca is not None else "genes"
-    return {"mode": mode, "channels": channels, "genes": genes, "gene_ids": ids,
-            "pca": None if pca is None else {"components": np.asarray(comps, np.float32).tolist(),
-                                             "mean": np.asarray(mean, np.float32).tolist()},
-            "expression": "log2 expression (cells.zarr X); a channel is the mean over the cells of a voxel"
-                          + (" of (x[genes] - mean) @ components[k]" if pca is not None else " of x[gene]"),
-            "space": raster.grid.space, "voxel_size": list(raster.grid.voxel_size),
-            "digest": definition_digest(mode, channels, genes, comps, mean)}
+    return {
+        "mode": mode,
+        "channels": channels,
+        "genes": genes,
+        "gene_ids": ids,
+        "pca": None
+        if pca is None
+        else {"components": np.asarray(comps, np.float32).tolist(), "mean": np.asarray(mean, np.float32).tolist()},
+        "expression": "log2 expression (cells.zarr X); a channel is the mean over the cells of a voxel"
+        + (" of (x[genes] - mean) @ components[k]" if pca is not None else " of x[gene]"),
+        "space": raster.grid.space,
+        "voxel_size": list(raster.grid.voxel_size),
+        "digest": definition_digest(mode, channels, genes, comps, mean),
+    }
 
 
 def raster_digest(raster) -> str:
@@ -237,8 +277,9 @@ def raster_digest(raster) -> str:
     return definition_digest("pca", channels, [str(g) for g in pca["genes"]], pca["components"], pca["mean"])
 
 
-def plan_from_definition(definition: dict, source: CellSource, fill_missing: bool = False
-                         ) -> tuple[ChannelPlan, list[str]]:
+def plan_from_definition(
+    definition: dict, source: CellSource, fill_missing: bool = False
+) -> tuple[ChannelPlan, list[str]]:
     """The channels of ``definition`` (:func:`channel_definition`) on ``source``: each gene matched by its id
     (``var_names``), else by its symbol (``var['gene_symbol']`` or ``var_names``). Returns the plan and the
     genes (symbols) ``source`` lacks; those raise :class:`InputError` unless ``fill_missing`` (then they read
@@ -257,18 +298,30 @@ def plan_from_definition(definition: dict, source: CellSource, fill_missing: boo
             index.append(col)
     lacking = [genes[k] for k in missing]
     if lacking and not fill_missing:
-        raise InputError(f"{source.path} lacks {len(lacking)} of the model's {len(genes)} genes (matched by id, then "
-                         f"symbol): {lacking}. Add them, or pass fill_missing (CLI --fill-missing-genes) to read them "
-                         f"as 0 expression (predictions degrade with the missing fraction)")
+        raise InputError(
+            f"{source.path} lacks {len(lacking)} of the model's {len(genes)} genes (matched by id, then "
+            f"symbol): {lacking}. Add them, or pass fill_missing (CLI --fill-missing-genes) to read them "
+            f"as 0 expression (predictions degrade with the missing fraction)"
+        )
     if len(index) == 0:
-        raise InputError(f"{source.path} shares no gene with the model ({genes[:10]}...); check that var_names or "
-                         f"var['gene_symbol'] hold gene symbols or Ensembl ids")
+        raise InputError(
+            f"{source.path} shares no gene with the model ({genes[:10]}...); check that var_names or "
+            f"var['gene_symbol'] hold gene symbols or Ensembl ids"
+        )
     pca = None
     if definition["pca"] is not None:
         comps = np.asarray(definition["pca"]["components"], dtype=np.float32)
         mean = np.asarray(definition["pca"]["mean"], dtype=np.float32)
-        pca = PCAModel(genes=tuple(genes), components=comps, mean=mean, explained_variance=np.zeros(len(comps)),
-                       explained_variance_ratio=np.zeros(len(comps)), n_sample=0, seed=0)
-    plan = ChannelPlan(definition["mode"], tuple(definition["channels"]), _as_index(np.asarray(index)), pca,
-                       tuple(missing))
+        pca = PCAModel(
+            genes=tuple(genes),
+            components=comps,
+            mean=mean,
+            explained_variance=np.zeros(len(comps)),
+            explained_variance_ratio=np.zeros(len(comps)),
+            n_sample=0,
+            seed=0,
+        )
+    plan = ChannelPlan(
+        definition["mode"], tuple(definition["channels"]), _as_index(np.asarray(index)), pca, tuple(missing)
+    )
     return plan, lacking

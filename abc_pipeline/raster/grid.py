@@ -142,10 +142,12 @@ class Grid:
         lo, hi = [float(v) for v in lower], [float(v) for v in upper]
         if space == "section":
             lo[0], hi[0] = -0.5, len(sections) - 0.5
-        for a, l, h in zip(AXES, lo, hi):
-            if not (math.isfinite(l) and math.isfinite(h)) or h <= l:
-                raise InputError(f"empty grid: bounds along {a} are [{l}, {h}] mm; the upper bound must exceed the lower")
-        shape = [max(1, math.ceil((h - l) / s - _EPS)) for l, h, s in zip(lo, hi, size)]
+        for a, low, high in zip(AXES, lo, hi):
+            if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+                raise InputError(
+                    f"empty grid: bounds along {a} are [{low}, {high}] mm; the upper bound must exceed the lower"
+                )
+        shape = [max(1, math.ceil((high - low) / s - _EPS)) for low, high, s in zip(lo, hi, size)]
         return cls(space, tuple(lo), size, tuple(shape), tuple(sections), tuple(section_z))
 
     @classmethod
@@ -172,13 +174,13 @@ class Grid:
         if not all(math.isfinite(v) for v in lo + hi):
             raise InputError("empty grid: no cell has finite coordinates in this space")
         origin, shape = [], []
-        for axis, (l, h, s) in enumerate(zip(lo, hi, size)):
+        for axis, (low, high, s) in enumerate(zip(lo, hi, size)):
             if space == "section" and axis == 0:
                 origin.append(-0.5)
                 shape.append(len(sections))
                 continue
-            n = math.floor((h - l) / s + _EPS) + 1 + 2 * int(margin)
-            origin.append((l + h) / 2 - n * s / 2)
+            n = math.floor((high - low) / s + _EPS) + 1 + 2 * int(margin)
+            origin.append((low + high) / 2 - n * s / 2)
             shape.append(n)
         return cls(space, tuple(origin), size, tuple(shape), tuple(sections), tuple(section_z))
 
@@ -231,7 +233,9 @@ class Grid:
     def downsample_factors(self) -> tuple[int, int, int]:
         """Per-level downsampling (z, y, x): y, x by 2; z by 2 only for isotropic 3D voxels."""
         vz, vy, vx = self.voxel_size
-        isotropic = self.space != "section" and math.isclose(vz, vy, rel_tol=1e-3) and math.isclose(vy, vx, rel_tol=1e-3)
+        isotropic = (
+            self.space != "section" and math.isclose(vz, vy, rel_tol=1e-3) and math.isclose(vy, vx, rel_tol=1e-3)
+        )
         return (2 if isotropic else 1, 2, 2)
 
     def level(self, k: int) -> Grid:

@@ -24,10 +24,10 @@ import dask.array as da
 import numcodecs
 import numpy as np
 import zarr
-from zarr.core.metadata import ArrayV2Metadata
-from zarr.storage import LocalStore
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+from zarr.core.metadata import ArrayV2Metadata
+from zarr.storage import LocalStore
 
 from abc_pipeline.errors import InputError
 from abc_pipeline.integrity import check_shape, verify_store
@@ -44,7 +44,13 @@ COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSH
 
 # ----------------------------------------------------------------------------------- writing
 def create_array(
-    group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype, fill_value=0, write_empty_chunks: bool = False
+    group: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype,
+    fill_value=0,
+    write_empty_chunks: bool = False,
 ) -> zarr.Array:
     """A Zarr v2 array with '/' chunk keys (required by NGFF 0.4) and ``COMPRESSOR``.
 
@@ -80,8 +86,14 @@ def write_chunks(array: zarr.Array, region: Sequence[slice], data: np.ndarray) -
     md, store = array.metadata, array.store_path.store
     chunks, shape = md.chunks, array.shape
     aligned = all(r.start % c == 0 and (r.stop % c == 0 or r.stop == n) for r, c, n in zip(region, chunks, shape))
-    if not (isinstance(md, ArrayV2Metadata) and isinstance(store, LocalStore) and md.compressor is not None
-            and not md.filters and md.order == "C" and aligned):
+    if not (
+        isinstance(md, ArrayV2Metadata)
+        and isinstance(store, LocalStore)
+        and md.compressor is not None
+        and not md.filters
+        and md.order == "C"
+        and aligned
+    ):
         array[tuple(region)] = data
         return
     data = np.asarray(data, dtype=array.dtype)
@@ -90,7 +102,9 @@ def write_chunks(array: zarr.Array, region: Sequence[slice], data: np.ndarray) -
     keep_empty = array.config.write_empty_chunks
     ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunks)]
     for coords in itertools.product(*ranges):
-        sel = tuple(slice(i * c - r.start, min((i + 1) * c, r.stop) - r.start) for i, c, r in zip(coords, chunks, region))
+        sel = tuple(
+            slice(i * c - r.start, min((i + 1) * c, r.stop) - r.start) for i, c, r in zip(coords, chunks, region)
+        )
         piece = data[sel]
         if piece.shape != tuple(chunks):
             padded = np.full(chunks, fill, dtype=array.dtype)
@@ -113,12 +127,24 @@ def copy_array(src: zarr.Array, group: zarr.Group, name: str) -> zarr.Array | No
     string tables cost ~10 ms per 50 000 strings each way through zarr-python). None, and nothing
     created, unless both are Zarr v2 on local stores and ``src`` holds strings."""
     md, store, out_store = src.metadata, src.store_path.store, group.store_path.store
-    if not (isinstance(md, ArrayV2Metadata) and isinstance(store, LocalStore) and isinstance(out_store, LocalStore)
-            and np.dtype(src.dtype).kind in "TU"):
+    if not (
+        isinstance(md, ArrayV2Metadata)
+        and isinstance(store, LocalStore)
+        and isinstance(out_store, LocalStore)
+        and np.dtype(src.dtype).kind in "TU"
+    ):
         return None
-    dst = group.create_array(name, shape=src.shape, chunks=md.chunks, dtype=src.dtype, fill_value=md.fill_value,
-                             filters=md.filters, compressors=md.compressor, order=md.order,
-                             chunk_key_encoding={"name": "v2", "separator": "/"})
+    dst = group.create_array(
+        name,
+        shape=src.shape,
+        chunks=md.chunks,
+        dtype=src.dtype,
+        fill_value=md.fill_value,
+        filters=md.filters,
+        compressors=md.compressor,
+        order=md.order,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
     src_root = Path(store.root) / src.store_path.path
     dst_root = Path(out_store.root) / dst.store_path.path
     for coords in itertools.product(*(range(-(-n // c)) for n, c in zip(src.shape, md.chunks))):
@@ -138,7 +164,15 @@ def _datasets(grid: Grid, n_levels: int, with_channel: bool) -> list[dict]:
         scale, trans = list(g.physical_scale()), list(g.physical_translation())
         if with_channel:
             scale, trans = [1.0, *scale], [0.0, *trans]
-        out.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}, {"type": "translation", "translation": trans}]})
+        out.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": scale},
+                    {"type": "translation", "translation": trans},
+                ],
+            }
+        )
     return out
 
 
@@ -148,7 +182,12 @@ def _axes(with_channel: bool) -> list[dict]:
 
 
 def write_image_metadata(
-    root: zarr.Group, grid: Grid, n_levels: int, channels: Sequence[str], windows: Sequence[tuple[float, float]], name: str
+    root: zarr.Group,
+    grid: Grid,
+    n_levels: int,
+    channels: Sequence[str],
+    windows: Sequence[tuple[float, float]],
+    name: str,
 ) -> None:
     """Multiscales (axes c,z,y,x in mm, scale + translation per level) and omero channel metadata.
 
@@ -160,13 +199,28 @@ def write_image_metadata(
         lo, hi = float(lo), float(hi)
         hi = hi if hi > lo else lo + 1.0  # a constant channel still needs a non-empty window
         omero_channels.append(
-            {"label": ch, "color": "FFFFFF", "active": bool(i < 3 and ch != COUNT_CHANNEL),
-             "window": {"min": lo, "max": hi, "start": lo, "end": hi}}
+            {
+                "label": ch,
+                "color": "FFFFFF",
+                "active": bool(i < 3 and ch != COUNT_CHANNEL),
+                "window": {"min": lo, "max": hi, "start": lo, "end": hi},
+            }
         )
     write_multiscales_metadata(
-        root, _datasets(grid, n_levels, True), fmt=FORMAT, axes=_axes(True), name=name,
-        metadata={"omero": {"name": name, "version": NGFF_VERSION, "channels": omero_channels, "rdefs": {"model": "greyscale"}},
-                  "method": "count-weighted mean (n_cells: sum)"},
+        root,
+        _datasets(grid, n_levels, True),
+        fmt=FORMAT,
+        axes=_axes(True),
+        name=name,
+        metadata={
+            "omero": {
+                "name": name,
+                "version": NGFF_VERSION,
+                "channels": omero_channels,
+                "rdefs": {"model": "greyscale"},
+            },
+            "method": "count-weighted mean (n_cells: sum)",
+        },
     )
 
 
@@ -193,11 +247,20 @@ def write_labels_metadata(
     """Multiscales + ``image-label`` (colours, names) for ``labels/<name>``, plus a plain name table."""
     group = labels_group[name]
     group.attrs[ATTRS_KEY] = {
-        "column": name, "background": 0, "categories": list(categories), "colors": list(colors),
+        "column": name,
+        "background": 0,
+        "categories": list(categories),
+        "colors": list(colors),
         "encoding": "label k (k >= 1) = categories[k - 1]; 0 = no cells (or no labelled cell)",
     }
-    write_multiscales_metadata(group, _datasets(grid, n_levels, False), fmt=FORMAT, axes=_axes(False), name=name,
-                               metadata={"method": "mode of non-empty voxels (ties: smallest label)"})
+    write_multiscales_metadata(
+        group,
+        _datasets(grid, n_levels, False),
+        fmt=FORMAT,
+        axes=_axes(False),
+        name=name,
+        metadata={"method": "mode of non-empty voxels (ties: smallest label)"},
+    )
     colors_md = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
     colors_md += [{"label-value": k + 1, "rgba": hex_to_rgba(c)} for k, c in enumerate(colors)]
     props = [{"label-value": k + 1, "name": c} for k, c in enumerate(categories)]
@@ -295,7 +358,9 @@ def open_raster(path: str | Path) -> Raster:
         raise InputError(f"{path} is not a raster (no Zarr group): {exc}") from exc
     meta = root.attrs.get(ATTRS_KEY, {}).get("raster")
     if meta is None:
-        raise InputError(f"{path} has no abc_pipeline.raster attributes; it was not written by `abc-pipeline rasterize`")
+        raise InputError(
+            f"{path} has no abc_pipeline.raster attributes; it was not written by `abc-pipeline rasterize`"
+        )
     fix = "Re-run `abc-pipeline rasterize --overwrite` to rebuild it"
     verify_store(path, fix)
     grid = Grid.from_attrs(meta["grid"])
@@ -304,8 +369,10 @@ def open_raster(path: str | Path) -> Raster:
     def array(group: zarr.Group, key: str, what: str) -> zarr.Array:
         node = group.get(key)
         if not isinstance(node, zarr.Array):
-            raise InputError(f"{path}: {what} ({group.path + '/' if group.path else ''}{key}) is missing; the "
-                             f"raster is damaged. {fix}")
+            raise InputError(
+                f"{path}: {what} ({group.path + '/' if group.path else ''}{key}) is missing; the "
+                f"raster is damaged. {fix}"
+            )
         return node
 
     paths = [d["path"] for d in root.attrs["multiscales"][0]["datasets"]]
@@ -318,8 +385,10 @@ def open_raster(path: str | Path) -> Raster:
     for name in meta.get("labels", []):
         g = root.get(f"labels/{name}")
         if not isinstance(g, zarr.Group) or ATTRS_KEY not in g.attrs:
-            raise InputError(f"{path}: the label volume labels/{name} listed in its attributes is missing; the "
-                             f"raster is damaged. {fix}")
+            raise InputError(
+                f"{path}: the label volume labels/{name} listed in its attributes is missing; the "
+                f"raster is damaged. {fix}"
+            )
         table = g.attrs[ATTRS_KEY]
         lv = []
         for k, d in enumerate(g.attrs["multiscales"][0]["datasets"]):

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import dask
 import dask.array as da
-from dask.delayed import Delayed
 import numpy as np
 import zarr
+from dask.delayed import Delayed
 
 from abc_pipeline import __version__
 from abc_pipeline.errors import InputError
@@ -55,8 +55,8 @@ from abc_pipeline.raster.ome import (
     copy_array,
     create_array,
     default_colors,
-    write_image_metadata,
     write_chunks,
+    write_image_metadata,
     write_labels_metadata,
 )
 from abc_pipeline.raster.source import Categorical, CellSource
@@ -67,8 +67,11 @@ log = logging.getLogger(__name__)
 DEFAULT_LABELS = ("class", "subclass", "parcellation_division", "parcellation_structure")
 #: Local Dask schedulers: name -> (module, function). Passing the function rather than the name spares
 #: Dask importing dask.distributed to look for a default client (~0.3 s).
-SCHEDULERS = {"threads": ("dask.threaded", "get"), "processes": ("dask.multiprocessing", "get"),
-              "synchronous": ("dask.local", "get_sync")}
+SCHEDULERS = {
+    "threads": ("dask.threaded", "get"),
+    "processes": ("dask.multiprocessing", "get"),
+    "synchronous": ("dask.local", "get_sync"),
+}
 DEFAULT_CHUNK_CELLS = 50_000
 _CHANNEL_CHUNK = 16  # channels per Zarr chunk of the image
 _STAGE2_BUDGET = 64 << 20  # spilled bytes preloaded by one block task
@@ -80,7 +83,9 @@ class _Runner:
 
     def __init__(self, scheduler: str, num_workers: int | None, address: str | None, progress: bool) -> None:
         if scheduler not in SCHEDULERS:
-            raise InputError(f"unknown Dask scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)} (or give an address)")
+            raise InputError(
+                f"unknown Dask scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)} (or give an address)"
+            )
         self.scheduler, self.num_workers, self.address, self.progress = scheduler, num_workers, address, progress
         self.client = None
 
@@ -197,7 +202,9 @@ def _to_zyx(raw: np.ndarray, section_codes: np.ndarray | None, code_to_z: np.nda
     return np.column_stack([z, raw[:, 1], raw[:, 0]])
 
 
-def _occupied_voxels(raw, section_codes, code_to_z: np.ndarray | None, grid: Grid, layout: binning.BlockLayout) -> np.ndarray:
+def _occupied_voxels(
+    raw, section_codes, code_to_z: np.ndarray | None, grid: Grid, layout: binning.BlockLayout
+) -> np.ndarray:
     """Block-major keys (ascending, unique) of the voxels that one chunk of cells falls into."""
     index = grid.to_index(_to_zyx(raw, section_codes, code_to_z))
     return binning.unique_keys(layout.keys(index[index[:, 0] >= 0]))
@@ -207,13 +214,23 @@ def _whole_rows(plan: ChannelPlan, n_genes: int) -> bool:
     """Whether to accumulate whole rows of X rather than the channels: for gene channels that are a
     contiguous run of at least half of X's columns (copying them out of every chunk costs more than
     summing the few other columns)."""
-    return (plan.pca is None and not plan.missing and isinstance(plan.gene_index, slice)
-            and 2 * len(plan.names) >= n_genes)
+    return (
+        plan.pca is None and not plan.missing and isinstance(plan.gene_index, slice) and 2 * len(plan.names) >= n_genes
+    )
 
 
-def _accumulator(runner: _Runner, raw: list, section_codes: list, code_to_z: np.ndarray | None, grid: Grid,
-                 layout: binning.BlockLayout, plan: ChannelPlan, n_genes: int, label_ncat: dict[str, int],
-                 max_gb: float) -> binning.BlockAccumulator | None:
+def _accumulator(
+    runner: _Runner,
+    raw: list,
+    section_codes: list,
+    code_to_z: np.ndarray | None,
+    grid: Grid,
+    layout: binning.BlockLayout,
+    plan: ChannelPlan,
+    n_genes: int,
+    label_ncat: dict[str, int],
+    max_gb: float,
+) -> binning.BlockAccumulator | None:
     """The in-memory accumulator of a local threaded run whose occupied voxels' sums fit ``max_gb``, else
     None (spill). One pass over the coordinates (``raw``, ``section_codes``: Dask blocks) finds the
     occupied voxels."""
@@ -244,7 +261,8 @@ def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: in
             raise InputError(
                 f"{ctx.source.path}: X holds NaN or inf in {bad.size} cells of rows {rows.start}..{rows.stop - 1} "
                 f"(first row {rows.start + int(bad[0])}); fix the expression values, or pass --drop-nonfinite "
-                "(drop_nonfinite=True) to skip those cells (counted and logged)")
+                "(drop_nonfinite=True) to skip those cells (counted and logged)"
+            )
         index[nonfinite] = -1
     ctx.voxel_index[rows] = index
     if ctx.obs_names is not None:
@@ -255,10 +273,16 @@ def _stage1(raw, section_codes, label_codes, ctx: _Stage1, chunk: int, start: in
     if ctx.accumulator is not None:
         ctx.accumulator.add(values, index, labels)
     else:
-        offsets = binning.spill_partials(binning.partial_sums(values, index, labels, ctx.layout), ctx.label_ncat,
-                                         ctx.layout, ctx.spill, chunk)
-    return {"offsets": offsets, "missing": int(missing.sum()), "outside": int(outside.sum()), "n": len(index),
-            "nonfinite": int((nonfinite & ~missing & ~outside).sum())}
+        offsets = binning.spill_partials(
+            binning.partial_sums(values, index, labels, ctx.layout), ctx.label_ncat, ctx.layout, ctx.spill, chunk
+        )
+    return {
+        "offsets": offsets,
+        "missing": int(missing.sum()),
+        "outside": int(outside.sum()),
+        "n": len(index),
+        "nonfinite": int((nonfinite & ~missing & ~outside).sum()),
+    }
 
 
 def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np.ndarray, np.ndarray]:
@@ -276,8 +300,11 @@ def _stage2(task: binning.BlockTask | tuple[int, ...], ctx: _Stage2) -> tuple[np
     lo = np.full(C + 1, np.inf)
     hi = np.full(C + 1, -np.inf)
     for i, b in enumerate(blocks):
-        level = binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat) if ctx.accumulator is None \
+        level = (
+            binning.reduce_block(reader, i, ctx.layout, C, ctx.label_ncat)
+            if ctx.accumulator is None
             else ctx.accumulator.pop(b)
+        )
         block_lo, block_hi = level.value_range()
         lo, hi = np.minimum(lo, block_lo), np.maximum(hi, block_hi)
         for k, image in enumerate(ctx.images):
@@ -340,14 +367,25 @@ def _bounds_zyx(space: str, bounds: Sequence[Sequence[float]]) -> tuple[list[flo
     want = 2 if space == "section" else 3
     if len(pairs) != want or any(len(p) != 2 for p in pairs):
         axes = "(y, x)" if space == "section" else "(z, y, x)"
-        raise InputError(f"bounds for space {space!r} need {want} (lower, upper) pairs in mm, ordered {axes}; got {bounds}")
+        raise InputError(
+            f"bounds for space {space!r} need {want} (lower, upper) pairs in mm, ordered {axes}; got {bounds}"
+        )
     if space == "section":
         pairs = [(0.0, 1.0), *pairs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _find_grid(source: CellSource, runner: _Runner, space: str, voxel_size, bounds, margin: int, raw: da.Array,
-               section: Categorical | None, section_codes: da.Array | None) -> tuple[Grid, np.ndarray | None]:
+def _find_grid(
+    source: CellSource,
+    runner: _Runner,
+    space: str,
+    voxel_size,
+    bounds,
+    margin: int,
+    raw: da.Array,
+    section: Categorical | None,
+    section_codes: da.Array | None,
+) -> tuple[Grid, np.ndarray | None]:
     """Step 0: the grid and, in section space, the section order (category code -> z index, -1 = absent).
 
     One Dask pass over the coordinates (extent) and section codes (order); none when ``bounds`` are
@@ -356,13 +394,19 @@ def _find_grid(source: CellSource, runner: _Runner, space: str, voxel_size, boun
     row_chunks = raw.chunks[0]
     todo = {}
     if bounds is None:
-        zyx = da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,))) \
-            if section is not None else raw[:, 2::-1]
+        zyx = (
+            da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,)))
+            if section is not None
+            else raw[:, 2::-1]
+        )
         todo["lower"], todo["upper"] = da.nanmin(zyx, axis=0), da.nanmax(zyx, axis=0)
     if section is not None:
         k = len(section.categories)
-        zsec = da.from_zarr(source.group["obs"]["z_section"]).rechunk((row_chunks,)) if "z_section" in source.group["obs"] \
+        zsec = (
+            da.from_zarr(source.group["obs"]["z_section"]).rechunk((row_chunks,))
+            if "z_section" in source.group["obs"]
             else da.full(source.n_cells, np.nan, chunks=(row_chunks,))
+        )
         todo["present"] = da.bincount(section_codes + 1, minlength=k + 1)
         todo["zsum"] = da.bincount(section_codes + 1, weights=zsec, minlength=k + 1)
     with warnings.catch_warnings():
@@ -445,20 +489,49 @@ def rasterize(
         raise InputError(f"levels must be >= 2 (a multiscale pyramid), got {levels}")
     source = CellSource(cells_path)
     label_names = _resolve_labels(source, labels)
-    plan = channels or plan_channels(source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed,
-                                     drop_nonfinite=drop_nonfinite)
+    plan = channels or plan_channels(
+        source, genes=genes, pca=pca, pca_sample=pca_sample, seed=seed, drop_nonfinite=drop_nonfinite
+    )
     runner = _Runner(scheduler, num_workers, address, progress)
     with staged_output(out, "raster", inputs=[source.path], overwrite=overwrite) as tmp, runner:
-        _write(source, tmp, out.name.removesuffix(".ome.zarr"), runner, space, voxel_size, bounds, margin, plan,
-               label_names, int(levels), _row_chunk(source, chunk_cells), max_accumulator_gb, max_voxels,
-               drop_nonfinite)
+        _write(
+            source,
+            tmp,
+            out.name.removesuffix(".ome.zarr"),
+            runner,
+            space,
+            voxel_size,
+            bounds,
+            margin,
+            plan,
+            label_names,
+            int(levels),
+            _row_chunk(source, chunk_cells),
+            max_accumulator_gb,
+            max_voxels,
+            drop_nonfinite,
+        )
     log.info("wrote raster %s", out)
     return out
 
 
-def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str, voxel_size, bounds, margin: int,
-           plan: ChannelPlan, label_names: list[str], n_levels: int, rows: int, max_accumulator_gb: float,
-           max_voxels: int | None, drop_nonfinite: bool) -> None:
+def _write(
+    source: CellSource,
+    tmp: Path,
+    name: str,
+    runner: _Runner,
+    space: str,
+    voxel_size,
+    bounds,
+    margin: int,
+    plan: ChannelPlan,
+    label_names: list[str],
+    n_levels: int,
+    rows: int,
+    max_accumulator_gb: float,
+    max_voxels: int | None,
+    drop_nonfinite: bool,
+) -> None:
     """Steps 0-3 (module docstring) into the temporary store ``tmp``; ``name`` names the image."""
     if space not in COORDINATE_KEYS:
         raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
@@ -476,7 +549,9 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
 
     # ---- step 0: bounds and section order (coordinates only)
     grid, code_to_z = _find_grid(source, runner, space, voxel_size, bounds, margin, raw, section, section_codes)
-    log.info("grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin)
+    log.info(
+        "grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin
+    )
     check_voxel_cap(grid.n_voxels, grid.shape, max_voxels)
 
     # ---- output store
@@ -490,16 +565,27 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     # coarser levels hold more channels per chunk, so every level's chunks have about the same bytes
     level_cc = [min(n_ch + 1, cc * int(np.prod(factor)) ** k) for k in range(n_levels)]
     # only blocks with cells are written, and their image chunks are practically never all zero
-    images = [create_array(root, str(k), (n_ch + 1, *grid.level(k).shape), (level_cc[k], *level_chunks[k]), np.float32,
-                           write_empty_chunks=True) for k in range(n_levels)]
+    images = [
+        create_array(
+            root,
+            str(k),
+            (n_ch + 1, *grid.level(k).shape),
+            (level_cc[k], *level_chunks[k]),
+            np.float32,
+            write_empty_chunks=True,
+        )
+        for k in range(n_levels)
+    ]
     label_group = root.require_group("labels") if label_names else None
     label_arrays, label_ncat = {}, {}
     for name in label_names:
         ncat = len(cats[name].categories)
         label_ncat[name] = ncat
         group = label_group.require_group(name)
-        label_arrays[name] = [create_array(group, str(k), grid.level(k).shape, level_chunks[k], np.min_scalar_type(ncat + 1))
-                              for k in range(n_levels)]
+        label_arrays[name] = [
+            create_array(group, str(k), grid.level(k).shape, level_chunks[k], np.min_scalar_type(ncat + 1))
+            for k in range(n_levels)
+        ]
     cells = root.require_group("cells")
     voxel_index = create_array(cells, "voxel_index", (n, 3), (rows, 3), np.int32, fill_value=-1)
     obs_names = source.obs_names()
@@ -509,16 +595,31 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
     rb = raw.to_delayed().ravel()
     sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(rb)
-    accumulator = _accumulator(runner, rb, sb, code_to_z, grid, layout, plan, source.n_genes, label_ncat, max_accumulator_gb)
+    accumulator = _accumulator(
+        runner, rb, sb, code_to_z, grid, layout, plan, source.n_genes, label_ncat, max_accumulator_gb
+    )
     spill = None if accumulator is not None else tmp / "_spill"
     if spill is not None:
         spill.mkdir()
         log.info("spilling partial sums to %s", spill)
 
     # ---- step 1: bin chunks of cells
-    ctx1 = _Stage1(grid, layout, source, _ThreadBuffers(), plan, code_to_z, label_ncat, voxel_index,
-                   None if copied else obs_names, cell_label, spill, accumulator, accumulator is not None and _whole_rows(plan, source.n_genes),
-                   drop_nonfinite)
+    ctx1 = _Stage1(
+        grid,
+        layout,
+        source,
+        _ThreadBuffers(),
+        plan,
+        code_to_z,
+        label_ncat,
+        voxel_index,
+        None if copied else obs_names,
+        cell_label,
+        spill,
+        accumulator,
+        accumulator is not None and _whole_rows(plan, source.n_genes),
+        drop_nonfinite,
+    )
     lb = [c.to_delayed().ravel() for c in label_codes]
     ctx = _shared(ctx1, "stage1-context")
     tasks = [dask.delayed(_stage1)(rb[i], sb[i], [col[i] for col in lb], ctx, i, i * rows) for i in range(len(rb))]
@@ -529,20 +630,29 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
     n_nonfinite = sum(r["nonfinite"] for r in results)
     n_binned = n - n_missing - n_outside - n_nonfinite
     if n_missing:
-        log.warning("%d of %d cells have no coordinates in obsm['%s'] (skipped; voxel index -1)", n_missing, n, COORDINATE_KEYS[space])
+        log.warning(
+            "%d of %d cells have no coordinates in obsm['%s'] (skipped; voxel index -1)",
+            n_missing,
+            n,
+            COORDINATE_KEYS[space],
+        )
     if n_outside:
         log.warning("%d of %d cells lie outside the grid bounds (skipped; voxel index -1)", n_outside, n)
     if n_nonfinite:
         log.warning("%d of %d cells have NaN or inf in X (skipped, --drop-nonfinite; voxel index -1)", n_nonfinite, n)
     if n_binned == 0:
-        raise InputError(f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds")
+        raise InputError(
+            f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds"
+        )
 
     # ---- step 2: reduce blocks, write every pyramid level
     if accumulator is None:
         block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
     else:
         block_tasks = [(b,) for b in accumulator.blocks()]  # one block per task: balanced over threads
-    ctx2 = _shared(_Stage2(layout, n_ch, label_ncat, spill, accumulator, factor, images, label_arrays), "stage2-context")
+    ctx2 = _shared(
+        _Stage2(layout, n_ch, label_ncat, spill, accumulator, factor, images, label_arrays), "stage2-context"
+    )
     ranges = runner.compute([dask.delayed(_stage2)(t, ctx2) for t in block_tasks], "writing voxels")
     lo = np.min([r[0] for r in ranges], axis=0)
     hi = np.max([r[1] for r in ranges], axis=0)
@@ -560,30 +670,45 @@ def _write(source: CellSource, tmp: Path, name: str, runner: _Runner, space: str
         write_labels_metadata(label_group, name, grid, n_levels, c.categories, colors)
     if plan.pca is not None:
         p = root.require_group("pca")
-        for key, arr in (("components", plan.pca.components), ("mean", plan.pca.mean),
-                         ("explained_variance", plan.pca.explained_variance),
-                         ("explained_variance_ratio", plan.pca.explained_variance_ratio)):
+        for key, arr in (
+            ("components", plan.pca.components),
+            ("mean", plan.pca.mean),
+            ("explained_variance", plan.pca.explained_variance),
+            ("explained_variance_ratio", plan.pca.explained_variance_ratio),
+        ):
             create_array(p, key, arr.shape, arr.shape, arr.dtype)[...] = arr
-        create_array(p, "genes", (len(plan.pca.genes),), (len(plan.pca.genes),), str, fill_value="")[...] = np.array(plan.pca.genes)
-        p.attrs[ATTRS_KEY] = {"n_sample": plan.pca.n_sample, "seed": plan.pca.seed,
-                              "scores": "PCk = (x[genes] - mean) @ components[k-1]"}
-    root.attrs[ATTRS_KEY] = {"raster": {
-        "format_version": 1,
-        "created_by": f"abc_pipeline {__version__}",
-        "ngff_version": NGFF_VERSION,
-        "source": str(source.path),
-        "grid": grid.to_attrs(),
-        "channels": channels,
-        "feature_channels": list(plan.names),
-        "count_channel": COUNT_CHANNEL,
-        "channel_mode": plan.mode,
-        "aggregation": "mean over the cells of each voxel; 0 in empty voxels; n_cells = number of cells",
-        "labels": label_names,
-        "levels": n_levels,
-        "downsample_factors": list(grid.downsample_factors()),
-        "chunks": [[c, *spatial] for c, spatial in zip(level_cc, level_chunks)],
-        "voxel_index": "cells/voxel_index",
-        "cell_label": "cells/cell_label",
-        "counts": {"cells": n, "rasterized": n_binned, "missing_coordinates": n_missing, "outside_grid": n_outside,
-                   "nonfinite_expression": n_nonfinite},
-    }}
+        create_array(p, "genes", (len(plan.pca.genes),), (len(plan.pca.genes),), str, fill_value="")[...] = np.array(
+            plan.pca.genes
+        )
+        p.attrs[ATTRS_KEY] = {
+            "n_sample": plan.pca.n_sample,
+            "seed": plan.pca.seed,
+            "scores": "PCk = (x[genes] - mean) @ components[k-1]",
+        }
+    root.attrs[ATTRS_KEY] = {
+        "raster": {
+            "format_version": 1,
+            "created_by": f"abc_pipeline {__version__}",
+            "ngff_version": NGFF_VERSION,
+            "source": str(source.path),
+            "grid": grid.to_attrs(),
+            "channels": channels,
+            "feature_channels": list(plan.names),
+            "count_channel": COUNT_CHANNEL,
+            "channel_mode": plan.mode,
+            "aggregation": "mean over the cells of each voxel; 0 in empty voxels; n_cells = number of cells",
+            "labels": label_names,
+            "levels": n_levels,
+            "downsample_factors": list(grid.downsample_factors()),
+            "chunks": [[c, *spatial] for c, spatial in zip(level_cc, level_chunks)],
+            "voxel_index": "cells/voxel_index",
+            "cell_label": "cells/cell_label",
+            "counts": {
+                "cells": n,
+                "rasterized": n_binned,
+                "missing_coordinates": n_missing,
+                "outside_grid": n_outside,
+                "nonfinite_expression": n_nonfinite,
+            },
+        }
+    }

@@ -120,7 +120,9 @@ class CellSource:
         col = self._var_column("blank")
         if col is not None:
             return col.astype(bool)
-        return np.array([g.startswith("Blank") or s.startswith("Blank") for g, s in zip(self.gene_ids, self.gene_symbols)])
+        return np.array(
+            [g.startswith("Blank") or s.startswith("Blank") for g, s in zip(self.gene_ids, self.gene_symbols)]
+        )
 
     # ------------------------------------------------------------------ per-cell arrays
     @cached_property
@@ -128,8 +130,14 @@ class CellSource:
         """Whether whole chunks of X can be decoded straight into a caller's array: Zarr v2, float32
         (native order), C order, chunks spanning all genes, a compressor and no filters."""
         md = self._x.metadata
-        return (isinstance(md, ArrayV2Metadata) and self._x.dtype == np.dtype(np.float32) and md.order == "C"
-                and not md.filters and md.compressor is not None and md.chunks[1] == self.n_genes)
+        return (
+            isinstance(md, ArrayV2Metadata)
+            and self._x.dtype == np.dtype(np.float32)
+            and md.order == "C"
+            and not md.filters
+            and md.compressor is not None
+            and md.chunks[1] == self.n_genes
+        )
 
     def read_X(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``start:stop`` of X as (rows, n_genes) float32, decoded into ``out`` when given (a
@@ -142,8 +150,10 @@ class CellSource:
         try:
             return self._read_X(start, stop, out)
         except (RuntimeError, ValueError, OSError) as exc:  # numcodecs: "blosc decompression error", ...
-            raise InputError(f"{self.path}: X rows {start}..{stop - 1} cannot be decoded ({exc}); a chunk file of "
-                             f"X is corrupt. Re-run `abc-pipeline assemble` to rebuild the store") from exc
+            raise InputError(
+                f"{self.path}: X rows {start}..{stop - 1} cannot be decoded ({exc}); a chunk file of "
+                f"X is corrupt. Re-run `abc-pipeline assemble` to rebuild the store"
+            ) from exc
 
     def _read_X(self, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
         if out is None or self._x.dtype != np.float32:
@@ -208,8 +218,18 @@ class CellSource:
             if len(values) == len(categories):
                 colors = tuple(values)
             else:
-                log.warning("%s: uns['%s'] has %d colours for %d categories; using generated colours",
-                            self.path, key, len(values), len(categories))
-        check_shape(self.path, f"obs['{name}'] codes", node["codes"].shape, (self.n_cells,),
-                    "Re-run `abc-pipeline assemble` to rebuild it")
+                log.warning(
+                    "%s: uns['%s'] has %d colours for %d categories; using generated colours",
+                    self.path,
+                    key,
+                    len(values),
+                    len(categories),
+                )
+        check_shape(
+            self.path,
+            f"obs['{name}'] codes",
+            node["codes"].shape,
+            (self.n_cells,),
+            "Re-run `abc-pipeline assemble` to rebuild it",
+        )
         return Categorical(name, da.from_zarr(node["codes"]), categories, colors)

@@ -5,6 +5,7 @@ Usage: .venv/bin/python docs/images/demo_predictions.py [results/MERFISH-C57BL6J
 Plots one held-out (test) section with squidpy: true cell class, predicted cell class, true and predicted brain
 division, as a user would in a notebook.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,8 +25,15 @@ adata = sc.read_h5ad(H5AD)
 test_sections = adata.obs.loc[adata.obs["split"] == "test", "brain_section_label"].value_counts()
 section = test_sections.index[0]  # the test section with the most cells
 view = adata[adata.obs["brain_section_label"] == section].copy()
-sq.pl.spatial_scatter(view, shape=None, library_key="brain_section_label", size=6, ncols=2, wspace=0.35,
-                      color=["class", "pred_celltype", "parcellation_division", "pred_region"],
-                      title=[f"true class ({section})", "predicted class", "true division", "predicted division"])
+sq.pl.spatial_scatter(
+    view,
+    shape=None,
+    library_key="brain_section_label",
+    size=6,
+    ncols=2,
+    wspace=0.35,
+    color=["class", "pred_celltype", "parcellation_division", "pred_region"],
+    title=[f"true class ({section})", "predicted class", "true division", "predicted division"],
+)
 plt.savefig(OUT, dpi=90, bbox_inches="tight")
 print(f"wrote {OUT}")

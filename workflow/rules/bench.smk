@@ -30,14 +30,14 @@ rule bench_models:
         f"logs/bench_{DATASET}_{{task}}_{{percent}}pct.log",
     benchmark:
         f"logs/benchmarks/bench_{DATASET}_{{task}}_{{percent}}pct.tsv"
-    params:
-        outdir=lambda wildcards, output: Path(output.table).parent,
-        args=bench_args,
     threads: 8
     resources:
         mem_mb=8000,
         runtime=1440,
         gpu=config["training"]["gpus"],
+    params:
+        outdir=lambda wildcards, output: Path(output.table).parent,
+        args=bench_args,
     shell:
         "abc-pipeline bench-models --raster {input.raster} --cells {input.cells} --task {wildcards.task} "
         "--out {params.outdir} {params.args} --no-progress > {log} 2>&1"

@@ -51,8 +51,12 @@ def final_outputs():
 def import_args():
     """CLI options of `abc-pipeline import` from config['source'] (your own AnnData or MERSCOPE folder)."""
     src = config["source"]
-    args = [f"--kind {src['kind']}", f"--input {src['path']}", f"--coordinates {src['coordinates']}",
-            f"--unit {src['unit']}"]
+    args = [
+        f"--kind {src['kind']}",
+        f"--input {src['path']}",
+        f"--coordinates {src['coordinates']}",
+        f"--unit {src['unit']}",
+    ]
     for key in ("section", "section_name", "gene_symbols", "expression"):
         if src.get(key) is not None:
             args.append(f"--{key.replace('_', '-')} {src[key]}")
@@ -138,8 +142,10 @@ def baseline_args():
 def evaluate_args():
     """CLI options of `abc-pipeline evaluate` from config['evaluation']."""
     spec = config["evaluation"]
-    return (f"--any-angles {' '.join(str(a) for a in spec['any_angles'])} "
-            f"--any-angle-sections {spec['any_angle_sections']}")
+    return (
+        f"--any-angles {' '.join(str(a) for a in spec['any_angles'])} "
+        f"--any-angle-sections {spec['any_angle_sections']}"
+    )
 
 
 def bench_args(wildcards):
@@ -159,8 +165,11 @@ def bench_args(wildcards):
 
 def bench_tables():
     """One bench-models table per task and training fraction (`snakemake bench`)."""
-    return [f"results/{DATASET}/bench/{task}/train_{round(100 * f)}pct/bench_models.tsv"
-            for task in TASKS for f in config["bench"]["train_fractions"]]
+    return [
+        f"results/{DATASET}/bench/{task}/train_{round(100 * f)}pct/bench_models.tsv"
+        for task in TASKS
+        for f in config["bench"]["train_fractions"]
+    ]
 
 
 def prediction_stores():

@@ -13,14 +13,14 @@ rule train:
         f"logs/train_{DATASET}_{{task}}_{{model}}.log",
     benchmark:
         f"logs/benchmarks/train_{DATASET}_{{task}}_{{model}}.tsv"
-    params:
-        outdir=lambda wildcards, output: Path(output.checkpoint).parent,
-        args=train_args,
     threads: 8
     resources:
         mem_mb=8000,
         runtime=720,
         gpu=config["training"]["gpus"],
+    params:
+        outdir=lambda wildcards, output: Path(output.checkpoint).parent,
+        args=train_args,
     shell:
         "abc-pipeline train --raster {input.raster} --cells {input.cells} --task {wildcards.task} "
         "--model {wildcards.model} --out {params.outdir} {params.args} --restart-if-changed --no-progress > {log} 2>&1"
@@ -37,13 +37,13 @@ rule predict:
         f"logs/predict_{DATASET}_{{task}}_{{model}}.log",
     benchmark:
         f"logs/benchmarks/predict_{DATASET}_{{task}}_{{model}}.tsv"
-    params:
-        device=config["training"]["device"],
     threads: 8
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=config["training"]["gpus"],
+    params:
+        device=config["training"]["device"],
     shell:
         "abc-pipeline predict --checkpoint {input.checkpoint} --raster {input.raster} --cells {input.cells} "
         "--out {output} --device {params.device} --no-progress > {log} 2>&1"
@@ -85,14 +85,14 @@ rule evaluate:
         f"logs/evaluate_{DATASET}_{{task}}_{{model}}.log",
     benchmark:
         f"logs/benchmarks/evaluate_{DATASET}_{{task}}_{{model}}.tsv"
-    params:
-        device=config["training"]["device"],
-        args=evaluate_args(),
     threads: 8
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=config["training"]["gpus"],
+    params:
+        device=config["training"]["device"],
+        args=evaluate_args(),
     shell:
         "abc-pipeline evaluate --checkpoint {input.checkpoint} --raster {input.raster} "
         "--predictions {input.predictions} --cells {input.cells} --out {output} --device {params.device} "

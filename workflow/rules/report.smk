@@ -7,9 +7,7 @@ rule report:
         metrics=expand(f"results/{DATASET}/models/{{task}}/{{model}}/metrics.json", task=TASKS, model=MODELS),
         evaluations=expand(f"results/{DATASET}/models/{{task}}/{{model}}/evaluation", task=TASKS, model=MODELS),
     output:
-        metrics=report(
-            f"results/{DATASET}/report/metrics.tsv", caption="../report/metrics.rst", category="Metrics"
-        ),
+        metrics=report(f"results/{DATASET}/report/metrics.tsv", caption="../report/metrics.rst", category="Metrics"),
         overview=report(
             f"results/{DATASET}/report/predictions_overview.png",
             caption="../report/overview.rst",
@@ -24,12 +22,12 @@ rule report:
         f"logs/report_{DATASET}.log",
     benchmark:
         f"logs/benchmarks/report_{DATASET}.tsv"
-    params:
-        runs=lambda wildcards, input: [str(Path(m).parent) for m in input.metrics],
-        outdir=lambda wildcards, output: Path(output.metrics).parent,
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        runs=lambda wildcards, input: [str(Path(m).parent) for m in input.metrics],
+        outdir=lambda wildcards, output: Path(output.metrics).parent,
     shell:
         "abc-pipeline report --annotated {input.annotated} --runs {params.runs} --out {params.outdir} > {log} 2>&1"

@@ -4,9 +4,7 @@
 
 rule transfer_dataset:
     input:
-        checkpoints=expand(
-            f"results/{DATASET}/models/{{task}}/{config['primary_model']}/checkpoint.pt", task=TASKS
-        ),
+        checkpoints=expand(f"results/{DATASET}/models/{{task}}/{config['primary_model']}/checkpoint.pt", task=TASKS),
         data=lambda wildcards: TRANSFERS[wildcards.name]["path"],
     output:
         f"results/{DATASET}/transfer/{{name}}.h5ad",
@@ -14,14 +12,14 @@ rule transfer_dataset:
         f"logs/transfer_{DATASET}_{{name}}.log",
     benchmark:
         f"logs/benchmarks/transfer_{DATASET}_{{name}}.tsv"
-    params:
-        args=transfer_args,
-        device=config["training"]["device"],
     threads: 8
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=config["training"]["gpus"],
+    params:
+        args=transfer_args,
+        device=config["training"]["device"],
     shell:
         "abc-pipeline transfer --checkpoint {input.checkpoints} --input {input.data} --out {output} {params.args} "
         "--device {params.device} --no-progress > {log} 2>&1"
