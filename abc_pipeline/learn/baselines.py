@@ -621,7 +621,7 @@ def bench_baseline_rows(
     from abc_pipeline.evaluate import segmentation_metrics
     from abc_pipeline.learn import evaluate_run as ev
 
-    out_dir, rows = Path(out_dir), []
+    out_dir, rows = claim_directory(Path(out_dir), "bench"), []  # the bench folder, before its first run
     for name in names:
         run = out_dir / name
         metrics = train_baseline(raster, cells, task, name, run, **train_kwargs)
