@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -998,5 +999,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _hdf5_objects_left_open() -> bool:
+    """Whether HDF5 still holds objects (of a file whose writes failed: it could not close them)."""
+    h5py = sys.modules.get("h5py")
+    return h5py is not None and len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_ALL)) > 0
+
+
+def run() -> None:
+    """Console-script entry point: :func:`main`, then exit with its status.
+
+    After a failure that left HDF5 objects open (writes to a full disk: HDF5 cannot flush and close them), the
+    process ends without the libraries' exit handlers, which would crash in HDF5 (h5py#914). Outputs were
+    already cleaned up by then; the error line was logged and is flushed first."""
+    status = main()
+    if status and _hdf5_objects_left_open():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

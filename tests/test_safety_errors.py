@@ -8,6 +8,7 @@ of EROFS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -84,9 +85,33 @@ def test_disk_full_during_annotate(tmp_path: Path, atlas: dict) -> None:
         errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
         assert len(errors) == 1 and f"{out}: No space left on device; the disk is full" in errors[0]
         assert list(small.iterdir()) == []
-    if proc.returncode == -11:  # known: HDF5 crashes when the interpreter exits after its writes failed
-        pytest.xfail("annotate on a full disk: right message and no leftovers, but HDF5 segfaults at exit (rc -11)")
-    assert proc.returncode == 2
+    assert proc.returncode == 2  # not -11: HDF5's exit handlers, which crash after failed writes, are skipped
+
+
+def test_disk_full_during_train_leaves_no_checkpoint(tmp_path: Path, atlas: dict, capsys) -> None:
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        run = small / "run"
+        argv = ["train", "--raster", str(atlas["section"]), "--cells", str(atlas["cells"]), "--task", "celltype"]
+        argv += ["--model", "cnn", "--out", str(run), "--epochs", "2", "--no-progress"]
+        assert main(argv) == 2
+        line = _error_line(capsys)
+        assert "No space left on device; the disk is full" in line and str(small) in line
+        assert not (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+
+
+def test_a_run_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    """metrics.json fits, checkpoint.pt does not: neither stays, and no temporary either."""
+    from abc_pipeline.learn.checkpoint import publish_run
+
+    with tmpfs(tmp_path / "small", "size=256k") as small:
+        (small / "checkpoint.pt").write_bytes(b"a previous run's")
+        with pytest.raises(OSError) as failed:
+            publish_run({"best_epoch": 3}, {"model": torch.zeros(200_000)}, small)
+        assert failed.value.errno == errno.ENOSPC
+        assert list(small.iterdir()) == []
+        publish_run({"best_epoch": 3}, {"model": torch.zeros(1000)}, small)
+        assert json.loads((small / "metrics.json").read_text()) == {"best_epoch": 3}
+        assert torch.load(small / "checkpoint.pt", weights_only=True)["model"].shape == (1000,)
 
 
 def test_read_only_cache_and_cache_that_is_a_file(tmp_path: Path, capsys) -> None:
@@ -117,6 +142,24 @@ def test_corrupt_chunk_names_the_store(tmp_path: Path, capsys) -> None:
     line = _error_line(capsys)
     assert f"{cells}: X rows 0..199 cannot be decoded" in line and "a chunk file of X is corrupt" in line
     assert tree(tmp_path) == before
+
+
+def test_corrupt_raster_chunk_names_the_stores(tmp_path: Path, atlas: dict, capsys) -> None:
+    raster = tmp_path / "s.ome.zarr"
+    shutil.copytree(atlas["section"], raster)
+    chunk = max(
+        (p for p in (raster / "0").rglob("*") if p.is_file() and not p.name.startswith(".")), key=os.path.getsize
+    )
+    chunk.write_bytes(b"\x00garbage" * (chunk.stat().st_size // 8 + 1))
+    before = tree(tmp_path)
+    out = tmp_path / "p.zarr"
+    ckpt = atlas["out"] / "models" / "ct" / "checkpoint.pt"
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), "--raster", str(raster), "--out", str(out), "--no-progress"]) == 2
+    )
+    line = _error_line(capsys)
+    assert "cannot be decoded" in line and str(raster) in line and "re-run the step that wrote it" in line
+    assert tree(tmp_path) == before and not out.exists()
 
 
 def test_bad_options_are_one_line(tmp_path: Path, capsys) -> None:

@@ -50,7 +50,7 @@ from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_outpu
 from abc_pipeline.learn.checkpoint import (
     config_hash,
     load_checkpoint,
-    save_checkpoint,
+    publish_run,
     write_json,
 )
 from abc_pipeline.learn.choices import BASELINES, check_neighbors
@@ -449,7 +449,6 @@ def train_baseline(
         "model_kwargs": {},
         "baseline": baseline,
     }
-    save_checkpoint(ckpt, out_dir / "checkpoint.pt")
     atomic_write_text(out_dir / "history.tsv", pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))
     metrics = {
         "model": model_name,
@@ -471,7 +470,7 @@ def train_baseline(
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - start,
     }
-    write_json(metrics, out_dir / "metrics.json")
+    publish_run(metrics, ckpt, out_dir)
     log.info(
         "%s %s: validation balanced accuracy %.3f, test accuracy %.3f (%d cells); %.1f s",
         task,

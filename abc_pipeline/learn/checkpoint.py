@@ -11,6 +11,7 @@ with ``weights_only=True``): ``model`` / ``optimizer`` / ``scheduler`` / ``scale
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,13 +37,33 @@ def _atomic(path: Path, write) -> Path:
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, then rename (never a half-written checkpoint)."""
-    return _atomic(Path(path), lambda tmp: torch.save(dict(state), tmp))
+    """``torch.save`` to a temporary file next to ``path``, then rename (never a half-written checkpoint).
+
+    Serialised in memory first, then written with Python's own file I/O: a full disk raises ``OSError``
+    (``ENOSPC``) naming the file, where ``torch.save``'s writer would raise a bare ``RuntimeError``."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return _atomic(Path(path), lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON atomically (NaN written as ``NaN``)."""
     return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def publish_run(metrics: Mapping[str, Any], checkpoint: Mapping[str, Any], out_dir: Path) -> None:
+    """Write ``metrics.json``, then ``checkpoint.pt`` (each atomically): ``checkpoint.pt`` marks a complete run.
+
+    When the second write fails (e.g. the disk is full), ``metrics.json`` is removed again, so the folder never
+    holds one of the two without the other (a network run's ``last.pt`` stays, for resuming)."""
+    for previous in ("checkpoint.pt", "metrics.json"):  # a previous run's pair, about to be replaced
+        (out_dir / previous).unlink(missing_ok=True)
+    write_json(metrics, out_dir / "metrics.json")
+    try:
+        save_checkpoint(checkpoint, out_dir / "checkpoint.pt")
+    except BaseException:
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict:

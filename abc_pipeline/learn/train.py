@@ -8,9 +8,10 @@ Works for any ``torch.utils.data.Dataset`` of ``(input, target)`` pairs:
 - segmentation: input ``(C, *spatial)``, target ``(*spatial)`` int64 with ``IGNORE_INDEX`` (-1) where there
   are no cells (those voxels count neither in the loss nor in the metrics); the model returns ``(B, K, *spatial)``.
 
-Outputs in ``out_dir``: ``last.pt`` (every epoch, for resuming), ``checkpoint.pt`` (best validation score),
-``history.tsv`` (one row per epoch: epoch, train_loss, val_loss, val_<metric>..., lr, seconds) and
-``metrics.json``. A run that is killed and started again with the same arguments resumes from ``last.pt``
+Outputs in ``out_dir``: ``last.pt`` (every epoch, for resuming; it holds the best weights too),
+``history.tsv`` (one row per epoch: epoch, train_loss, val_loss, val_<metric>..., lr, seconds), ``metrics.json``
+and, written last when the run is complete, ``checkpoint.pt`` (the best validation score): a run that fails
+(a full disk, a kill) never leaves a ``checkpoint.pt`` without its ``metrics.json``. A run that is killed and started again with the same arguments resumes from ``last.pt``
 and ends in exactly the state of an uninterrupted run: the shuffling generator is re-seeded from
 ``(seed, epoch)`` every epoch and the torch RNG state is restored from the checkpoint.
 """
@@ -40,8 +41,8 @@ from abc_pipeline.learn.checkpoint import (
     config_differences,
     config_hash,
     load_checkpoint,
+    publish_run,
     save_checkpoint,
-    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -412,10 +413,7 @@ def train(
         else:
             state["bad_epochs"] += 1
             state["stopped_early"] = state["bad_epochs"] >= patience
-        ckpt = snapshot()
-        if improved:
-            save_checkpoint(_best_checkpoint(ckpt), out_dir / "checkpoint.pt")
-        save_checkpoint(ckpt, last)
+        save_checkpoint(snapshot(), last)
         _write_history(state["history"], out_dir / "history.tsv")
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{metric: f"{val_metrics[metric]:.3f}"})
         log.info(
@@ -432,8 +430,6 @@ def train(
     if state["best_epoch"] < 0:
         raise InputError(f"no epoch reached a defined validation {metric}; check the validation labels")
     model.load_state_dict(best_model)
-    if not (out_dir / "checkpoint.pt").is_file():  # removed after the run (e.g. by Snakemake before a re-run)
-        save_checkpoint(_best_checkpoint(snapshot()), out_dir / "checkpoint.pt")
     _write_history(state["history"], out_dir / "history.tsv")
     result = TrainResult(
         out_dir=out_dir,
@@ -446,22 +442,20 @@ def train(
         val_metrics=state["best_val"],
         history=state["history"],
     )
-    write_json(
-        {
-            "model": model_name,
-            "task": task,
-            "metric": metric,
-            "best_epoch": result.best_epoch,
-            f"best_val_{metric}": result.best_score,
-            "val": result.val_metrics,
-            "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early,
-            "config_hash": chash,
-            "device": str(device),
-            "n_params": sum(p.numel() for p in model.parameters()),
-        },
-        out_dir / "metrics.json",
-    )
+    metrics = {
+        "model": model_name,
+        "task": task,
+        "metric": metric,
+        "best_epoch": result.best_epoch,
+        f"best_val_{metric}": result.best_score,
+        "val": result.val_metrics,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "config_hash": chash,
+        "device": str(device),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    publish_run(metrics, _best_checkpoint(snapshot()), out_dir)
     return result
 
 
