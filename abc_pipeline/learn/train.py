@@ -460,11 +460,13 @@ def train(
 
 
 def _best_checkpoint(snapshot: dict) -> dict:
-    """``checkpoint.pt`` content: the run state with the best epoch's weights as ``model``.
+    """``checkpoint.pt`` content: the run state with the best epoch's weights as ``model`` and its number as
+    ``epoch`` (optimizer, scheduler and RNG states are the last epoch's: resuming reads ``last.pt``).
 
     ``last.pt`` keeps the best weights too (``best_model``), so ``checkpoint.pt`` can always be rewritten.
     """
-    return {**{k: v for k, v in snapshot.items() if k != "best_model"}, "model": snapshot["best_model"]}
+    rest = {k: v for k, v in snapshot.items() if k != "best_model"}
+    return {**rest, "model": snapshot["best_model"], "epoch": snapshot["best_epoch"]}
 
 
 def _write_history(history: list[dict], path: Path) -> None:
