@@ -313,7 +313,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="spatial dimensions")
     p.add_argument("--in-channels", type=int, required=True, help="image channels (input scalar fields)")
     p.add_argument("--classes", type=int, required=True, help="number of classes")
-    p.add_argument("--task", choices=("classify", "segment"), default="classify")
+    p.add_argument(
+        "--head", choices=("classify", "segment", "patch"), default="classify", help="what the networks output"
+    )
     p.add_argument("--target-params", type=int, default=None, help="solve each model's width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="fixed first-layer width (fields) instead")
     p.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel spacing per axis (z y x)")
@@ -325,7 +327,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
             a.dim,
             a.in_channels,
             a.classes,
-            task=a.task,
+            head=a.head,
             target_params=a.target_params,
             width=a.width,
             spacing=a.spacing,

@@ -41,7 +41,7 @@ def test_training_loss_falls(atlas):
         assert zs == list(range(len(zs)))  # the splits partition the z indices
     ckpt = torch.load(atlas["out"] / "models" / "rg" / "checkpoint.pt", weights_only=True)
     a = ckpt["config"]["config"]["atlas"]
-    assert a["dim"] == 3 and a["voxel_size"] == [0.2, 0.1, 0.1] and ckpt["model_kwargs"]["spacing"] == [0.2, 0.1, 0.1]
+    assert a["dim"] == 3 and a["voxel_size"] == [0.2, 0.1, 0.1] and ckpt["model_spec"]["spacing"] == [0.2, 0.1, 0.1]
     assert len(a["channels"]) == 12 and len(a["normalizer"]["mean"]) == 12 and "unassigned" not in a["classes"]["names"]
 
 
@@ -93,7 +93,7 @@ def test_predictions_invariant_for_moment_model_not_cnn(atlas):
     x = torch.from_numpy(plane)[None].double()
     for name, equivariant in (("moment-trivial", True), ("cnn", False)):
         torch.manual_seed(0)
-        m = build_model(name, 2, 13, 5, task="patch", width=6, depth=3, patch_size=3).double().eval()
+        m = build_model(name, 2, 13, 5, head="patch", width=6, depth=3, patch_size=3).double().eval()
         with torch.no_grad():
             ref = m.forward_dense(x)
             errors = [

@@ -49,7 +49,7 @@ def test_train_npz_cli(tmp_path: Path) -> None:
     orient = metrics["test_orientation"]
     assert len(orient["per_symmetry"]) == 8 and orient["worst"] <= orient["mean"]
 
-    model, ckpt = load_model(out / "checkpoint.pt")  # rebuilt from model_kwargs; same test accuracy
+    model, ckpt = load_model(out / "checkpoint.pt")  # rebuilt from model_spec; same test accuracy
     test = load_npz(npz).test
     acc = float((predict_proba(model, test.images).argmax(1) == test.targets).float().mean())
     assert acc == pytest.approx(metrics["test"]["accuracy"]) and ckpt["epoch"] == metrics["best_epoch"]

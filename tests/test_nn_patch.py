@@ -15,7 +15,7 @@ CASES = [(2, None, 5), (3, (2.0, 1.0, 1.0), (3, 5, 5))]  # (dim, spacing z y x, 
 
 def _model(name: str, dim: int, spacing, patch, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = build_model(name, dim, 3, 4, task="patch", width=4, depth=2, spacing=spacing, patch_size=patch)
+    m = build_model(name, dim, 3, 4, head="patch", width=4, depth=2, spacing=spacing, patch_size=patch)
     # non-trivial batch-norm statistics, then eval mode (running statistics: pointwise, hence exact)
     m.train()
     with torch.no_grad():
@@ -79,13 +79,13 @@ def test_dense_logits_equivariant():
 
 
 def test_parameter_matching_and_bad_sizes():
-    a = build_model("cnn", 2, 3, 4, task="patch", target_params=20_000)
-    b = build_model("moment-trivial-irrep", 2, 3, 4, task="patch", target_params=20_000)
+    a = build_model("cnn", 2, 3, 4, head="patch", target_params=20_000)
+    b = build_model("moment-trivial-irrep", 2, 3, 4, head="patch", target_params=20_000)
     assert abs(a.n_params - 20_000) < 0.2 * 20_000 and abs(b.n_params - 20_000) < 0.2 * 20_000
     with pytest.raises(InputError, match="odd"):
-        build_model("cnn", 2, 3, 4, task="patch", width=4, patch_size=4)
+        build_model("cnn", 2, 3, 4, head="patch", width=4, patch_size=4)
     with pytest.raises(InputError, match="cfnet"):
-        build_model("cfnet", 2, 3, 4, task="patch", width=4)
-    m = build_model("cnn", 2, 3, 4, task="patch", width=4, patch_size=3)
+        build_model("cfnet", 2, 3, 4, head="patch", width=4)
+    m = build_model("cnn", 2, 3, 4, head="patch", width=4, patch_size=3)
     with pytest.raises(InputError, match="centred"):
         m(torch.zeros(1, 3, 12, 12))

@@ -386,17 +386,6 @@ def train_atlas_task(
         model.set_normalization(
             *expression_stats(train_ds.expression.numpy()), data.normalizer.mean, data.normalizer.std
         )
-    model_kwargs = {
-        "name": model_name,
-        "dim": data.dim,
-        "in_channels": data.normalizer.in_channels,
-        "n_classes": n_classes,
-        "task": data.architecture,
-        "width": model.width,
-        "spacing": list(data.spacing),
-        "depth": depth,
-        "patch_size": list(data.patch),
-    }
     atlas = {**data.describe(halo), "split_blocks": split_blocks, "max_samples_per_epoch": max_samples_per_epoch}
     result = train(
         model,
@@ -414,7 +403,6 @@ def train_atlas_task(
         num_workers=num_workers,
         progress=progress,
         config={"atlas": atlas},
-        model_kwargs=model_kwargs,
         resume=resume,
         inputs=[raster, cells],
     )
@@ -495,7 +483,7 @@ def atlas_task(
         dim=data.dim,
         in_channels=data.normalizer.in_channels,
         task="classify" if data.architecture == "patch" else "segment",
-        model_task=data.architecture,
+        head=data.architecture,
         spacing=tuple(data.spacing),
         model_options=options,
         config={"atlas": {**data.describe(halo), "train_sections": train_sections, "max_samples": max_samples}},

@@ -422,7 +422,7 @@ def train_baseline(
         "config": {"atlas": atlas, "baseline": baseline},
         "model_name": model_name,
         "task": "classify",
-        "model_kwargs": {},
+        "model_spec": None,
     }
     chash = config_hash(run_config)
     val = scores["val"]
@@ -446,7 +446,7 @@ def train_baseline(
         "best_epoch": 0,
         "best_val": val,
         "history": history,
-        "model_kwargs": {},
+        "model_spec": None,
         "baseline": baseline,
     }
     atomic_write_text(out_dir / "history.tsv", pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))

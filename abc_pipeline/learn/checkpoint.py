@@ -4,8 +4,9 @@ A checkpoint is a ``dict`` saved with ``torch.save`` holding only tensors and pl
 with ``weights_only=True``): ``model`` / ``optimizer`` / ``scheduler`` / ``scaler`` state dicts, ``epoch``
 (0-based, last finished), ``rng_cpu`` / ``rng_cuda`` (torch RNG states), early-stopping state
 (``best_score``, ``best_epoch``, ``bad_epochs``, ``stopped_early``), ``history`` (one dict per epoch),
-``config`` and ``config_hash``, ``class_names``, ``model_name``, ``task`` and ``model_kwargs`` (the
-:func:`abc_pipeline.nn.build_model` arguments that rebuild the network).
+``config`` and ``config_hash``, ``class_names``, ``model_name``, ``task`` (the training objective: ``classify`` or ``segment``) and ``model_spec``
+(:meth:`abc_pipeline.nn.ModelSpec.to_dict`: every argument that rebuilds the network; ``None`` for a network
+built outside the zoo and for the scikit-learn baselines).
 """
 
 from __future__ import annotations
@@ -111,18 +112,23 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: s
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the network of a checkpoint with :func:`abc_pipeline.nn.build_model` and load its weights.
+    """Rebuild the network of a checkpoint from its ``model_spec`` alone
+    (:meth:`abc_pipeline.nn.ModelSpec.build`) and load its weights.
 
     Returns ``(model in eval mode on device, checkpoint dict)``.
     """
-    from abc_pipeline.nn import build_model
+    from abc_pipeline.nn import ModelSpec
 
     ckpt = load_checkpoint(path)
-    if not ckpt.get("model_kwargs"):
+    if "model_spec" not in ckpt:
         raise InputError(
-            f"{path}: the checkpoint has no 'model_kwargs' (trained on a custom model); rebuild the "
-            f"model yourself and load ckpt['model']"
+            f"{path}: written by an older abc-pipeline (no 'model_spec': not every argument that builds the "
+            "network was recorded); retrain the model with this version"
         )
-    model = build_model(**ckpt["model_kwargs"])
+    if ckpt["model_spec"] is None:
+        raise InputError(
+            f"{path}: the network was built outside the zoo (no model spec); rebuild it yourself and load ckpt['model']"
+        )
+    model = ModelSpec.from_dict(ckpt["model_spec"], where=f"{path}: model_spec").build()
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

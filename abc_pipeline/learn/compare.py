@@ -95,7 +95,7 @@ class BenchTask:
 
     ``train`` / ``val`` / ``test``: datasets of ``(input (C, *spatial), target)`` pairs (target: class index
     for ``task="classify"``, label map ``(*spatial)`` with ``-1`` = no cells for ``task="segment"``).
-    ``model_task``: the :func:`abc_pipeline.nn.build_model` task (default ``task``; ``"patch"`` for atlas
+    ``head``: the :func:`abc_pipeline.nn.build_model` head (default ``task``; ``"patch"`` for atlas
     cell types); ``model_options``: further ``build_model`` keywords (``depth``, ``patch_size``);
     ``spacing``: physical voxel size per axis (anisotropic grids); ``config``: a description of the data
     (stored in every run's configuration, so a changed dataset is never silently resumed).
@@ -109,7 +109,7 @@ class BenchTask:
     dim: int
     in_channels: int
     task: str = "classify"
-    model_task: str | None = None
+    head: str | None = None
     spacing: tuple[float, ...] | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -117,7 +117,7 @@ class BenchTask:
     def __post_init__(self) -> None:
         if self.task not in SCORES:
             raise InputError(f"task must be one of {sorted(SCORES)}, got {self.task!r}")
-        self.model_task = self.model_task or self.task
+        self.head = self.head or self.task
 
 
 def subset_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> np.ndarray:
@@ -230,7 +230,7 @@ def _warm_up(task: BenchTask, device: torch.device) -> None:
         task.dim,
         task.in_channels,
         len(task.class_names),
-        task.model_task,
+        task.head,
         width=1,
         spacing=task.spacing,
         **task.model_options,
@@ -344,24 +344,14 @@ def bench_models(
             task.dim,
             task.in_channels,
             k,
-            task.model_task,
+            task.head,
             target_params=target_params,
             spacing=task.spacing,
             **task.model_options,
         )
         first = model_table(
-            task.dim, task.in_channels, k, task.model_task, width=model.width, spacing=task.spacing, names=[name]
+            task.dim, task.in_channels, k, task.head, width=model.width, spacing=task.spacing, names=[name]
         )[0]
-        model_kwargs = {
-            "name": name,
-            "dim": task.dim,
-            "in_channels": task.in_channels,
-            "n_classes": k,
-            "task": task.model_task,
-            "width": model.width,
-            "spacing": task.spacing,
-            **task.model_options,
-        }
         train_args = {
             "class_names": task.class_names,
             "epochs": epochs,
@@ -374,7 +364,7 @@ def bench_models(
         eval_args = {"angles": angles, "curve_samples": curve_samples, "equivariance_samples": equivariance_samples}
         key = config_hash(
             {
-                "model_kwargs": model_kwargs,
+                "model_spec": model.spec.to_dict(),
                 "train": train_args,
                 "eval": eval_args,
                 "config": task.config,
@@ -399,7 +389,6 @@ def bench_models(
                 num_workers=num_workers,
                 progress=progress,
                 config={**task.config, "target_params": target_params},
-                model_kwargs=model_kwargs,
                 resume="if-unchanged" if resume else False,
                 **train_args,
             )

@@ -180,7 +180,7 @@ def evaluate_run(
             f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
             f"third --split-fractions value to evaluate"
         )
-    spacing = tuple(float(s) for s in ckpt["model_kwargs"]["spacing"])
+    spacing = tuple(float(s) for s in ckpt["model_spec"]["spacing"])
     names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
 
     if task == "celltype":

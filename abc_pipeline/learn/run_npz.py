@@ -61,14 +61,6 @@ def train_npz(
         width=width,
         target_params=target_params,
     )
-    model_kwargs = {
-        "name": model_name,
-        "dim": data.dim,
-        "in_channels": data.in_channels,
-        "n_classes": len(data.class_names),
-        "task": "classify",
-        "width": model.width,
-    }
     config = {
         "data": {
             "npz": str(data.path),
@@ -94,7 +86,6 @@ def train_npz(
         num_workers=num_workers,
         progress=progress,
         config=config,
-        model_kwargs=model_kwargs,
         resume=resume,
     )
     dev = pick_device(device)

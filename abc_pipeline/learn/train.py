@@ -221,7 +221,6 @@ def train(
     num_workers: int = 0,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
     resume: bool | str = True,
     inputs: Sequence[str | Path | None] = (),
 ) -> TrainResult:
@@ -234,14 +233,15 @@ def train(
     ``"classify"``). ``class_weights``: ``"balanced"`` (inverse class frequency), ``None`` or ``K`` floats.
     ``patience``: epochs without improvement before stopping. ``lr``: AdamW learning rate, annealed by a
     cosine schedule over ``epochs``. ``config``: free-form run description stored (with the training
-    arguments) in the checkpoints; its hash identifies the run. ``model_kwargs``: the
-    :func:`abc_pipeline.nn.build_model` arguments that rebuild ``model`` (for predict/evaluate).
+    arguments and ``model.spec``, the :class:`abc_pipeline.nn.ModelSpec` of a zoo model that rebuilds it for
+    predict/evaluate; ``None`` for another network) in the checkpoints; its hash identifies the run.
     ``resume``: continue from ``out_dir/last.pt`` when it exists (its config must match, else InputError);
     ``"if-unchanged"``: the same, but a ``last.pt`` of another configuration (e.g. after the inputs changed) is
     discarded with a warning and training starts over; ``False``: always start over. ``inputs``: the files the
     datasets read (``out_dir`` may not be, contain or lie inside one; :func:`abc_pipeline.fileio.claim_directory`).
     """
     out_dir = Path(out_dir)
+    spec = getattr(model, "spec", None)
     task = getattr(model, "task", "classify")
     model_name = getattr(model, "name", type(model).__name__)
     class_names = [str(c) for c in class_names]
@@ -267,7 +267,7 @@ def train(
         "config": dict(config or {}),
         "model_name": model_name,
         "task": task,
-        "model_kwargs": dict(model_kwargs or {}),
+        "model_spec": spec.to_dict() if spec is not None else None,
         "class_names": class_names,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -356,7 +356,7 @@ def train(
             "class_names": class_names,
             "model_name": model_name,
             "task": task,
-            "model_kwargs": dict(model_kwargs or {}),
+            "model_spec": spec.to_dict() if spec is not None else None,
         }
 
     start = state["epoch"] + 1

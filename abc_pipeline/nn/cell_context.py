@@ -1,6 +1,6 @@
 """Per-cell classifier from the cell's own expression fused with the invariant embedding of its neighbourhood.
 
-``CellContextClassifier`` (``build_model(..., task="cell-context", n_expression=F)``):
+``CellContextClassifier`` (``build_model(..., head="cell-context", n_expression=F)``):
 
 - **own expression**: the cell's own channel values ``e`` ``(B, F)`` (the raster's channel definition applied
   to the cell: gene channels or PCA scores), standardised with the training cells' mean/std (buffers

@@ -1,6 +1,6 @@
 """Patch classifier usable densely: one network for per-cell patches and for whole tiles.
 
-``PatchClassifier`` (``build_model(..., task="patch", patch_size=P)``) is a trunk of ``depth`` stride-1
+``PatchClassifier`` (``build_model(..., head="patch", patch_size=P)``) is a trunk of ``depth`` stride-1
 stages (the family's conv -> norm -> nonlinearity, all ``width`` fields; the last stage scalar-only via the
 family's ``to_scalars``), a mean over the centred window of ``P`` voxels per axis (odd), and a linear layer.
 No downsampling, so the same weights run in two modes:

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +58,68 @@ from abc_pipeline.nn.moment import MomentConv
 log = logging.getLogger(__name__)
 
 MODELS = ("cnn", "moment-trivial", "moment-trivial-irrep", "gcnn-regular", "cfnet", "se2n-interp")
-TASKS = ("classify", "segment", "patch", "cell-context")
+#: What a network outputs: ``classify`` logits per input, ``segment`` logits per voxel, ``patch`` a patch
+#: classifier (logits per centred window, also densely per voxel), ``cell-context`` a patch trunk fused with
+#: each cell's own expression (logits per cell).
+HEADS = ("classify", "segment", "patch", "cell-context")
+#: Stages (classify) or levels (the others) when ``depth`` is not given.
+DEFAULT_DEPTH = {"classify": 5, "segment": 4, "patch": 4, "cell-context": 4}
+SCALAR_ACTS = ("relu", "gelu")
+PADDING_MODES = ("zeros", "circular")
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Every argument that rebuilds a zoo network: :func:`build_model` attaches it as ``model.spec``,
+    checkpoints store :meth:`to_dict` (``model_spec``), and :meth:`build` rebuilds the same architecture
+    (fresh weights; ``abc_pipeline.learn.checkpoint.load_model`` then loads the trained ones).
+
+    ``head``: one of :data:`HEADS`; ``spacing``: physical voxel size per spatial axis (z, y, x; only ratios
+    matter); ``width``, ``depth``: resolved (never ``None``); ``patch_size``: the window per axis (``patch`` and
+    ``cell-context`` heads, else ``None``); ``n_expression``: the cell's own expression values
+    (``cell-context`` head, else ``None``).
+    """
+
+    name: str
+    head: str
+    dim: int
+    in_channels: int
+    n_classes: int
+    width: int
+    depth: int
+    spacing: tuple[float, ...]
+    kernel_size: int = 3
+    padding_mode: str = "zeros"
+    scalar_act: str = "relu"
+    patch_size: tuple[int, ...] | None = None
+    n_expression: int | None = None
+
+    @property
+    def objective(self) -> str:
+        """What training optimises and scores: ``segment`` (per voxel) for the segment head, else ``classify``."""
+        return "segment" if self.head == "segment" else "classify"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "model spec") -> ModelSpec:
+        """The spec of :meth:`to_dict`; :class:`InputError` naming ``where`` on missing or unknown keys."""
+        names = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in values)
+        unknown = sorted(set(values) - names)
+        if missing or unknown:
+            raise InputError(
+                f"{where}: not a model spec of this abc-pipeline version (missing {missing}, unknown {unknown}); "
+                "retrain the model with this version"
+            )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def build(self) -> nn.Module:
+        """A fresh network of this spec (:func:`build_model`; weights newly initialised)."""
+        return build_model(**asdict(self))
 
 
 # ------------------------------------------------------------------------------------------- families
@@ -338,10 +400,10 @@ def _build(
     dim: int,
     in_channels: int,
     n_classes: int,
-    task: str,
+    head: str,
     width: int,
     spacing: tuple[float, ...],
-    depth: int | None,
+    depth: int,
     kernel_size: int,
     padding_mode: str,
     scalar_act: str,
@@ -349,27 +411,25 @@ def _build(
     n_expression: int,
 ) -> nn.Module:
     if name == "cfnet":
-        if dim != 2 or task != "classify":
-            raise InputError("cfnet is a 2D classification model (task='classify', dim=2)")
+        if dim != 2 or head != "classify":
+            raise InputError("cfnet is a 2D classification model (head='classify', dim=2)")
         if spacing[0] != spacing[1]:
             raise InputError(f"cfnet needs isotropic pixels (90° rotations), got spacing {spacing}")
         if padding_mode != "zeros":
             raise InputError("cfnet uses zero padding only")
-        return CFNet(in_channels, n_classes, width, depth or 5, kernel_size, scalar_act)
+        return CFNet(in_channels, n_classes, width, depth, kernel_size, scalar_act)
     family = _family(name, dim, spacing, kernel_size, padding_mode, scalar_act)
-    if task == "classify":
-        return Classifier(family, in_channels, n_classes, width, depth or 5, spacing)
-    if task == "patch":
+    if head == "classify":
+        return Classifier(family, in_channels, n_classes, width, depth, spacing)
+    if head == "patch":
         from abc_pipeline.nn.patch import PatchClassifier
 
-        return PatchClassifier(family, in_channels, n_classes, width, depth or 4, spacing, patch_size)
-    if task == "cell-context":
+        return PatchClassifier(family, in_channels, n_classes, width, depth, spacing, patch_size)
+    if head == "cell-context":
         from abc_pipeline.nn.cell_context import CellContextClassifier
 
-        return CellContextClassifier(
-            family, in_channels, n_expression, n_classes, width, depth or 4, spacing, patch_size
-        )
-    return UNet(family, in_channels, n_classes, width, depth or 4, spacing)
+        return CellContextClassifier(family, in_channels, n_expression, n_classes, width, depth, spacing, patch_size)
+    return UNet(family, in_channels, n_classes, width, depth, spacing)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -381,7 +441,7 @@ def build_model(
     dim: int,
     in_channels: int,
     n_classes: int,
-    task: str = "classify",
+    head: str = "classify",
     width: int | None = None,
     target_params: int | None = None,
     spacing: Sequence[float] | None = None,
@@ -390,69 +450,97 @@ def build_model(
     kernel_size: int = 3,
     padding_mode: str = "zeros",
     scalar_act: str = "relu",
-    patch_size: int | Sequence[int] = 5,
+    patch_size: int | Sequence[int] | None = 5,
     n_expression: int | None = None,
 ) -> nn.Module:
     """Build a zoo model (see the module docstring for the architectures).
 
-    Input ``(B, in_channels, *spatial)`` (image channels as scalar fields); ``task="classify"`` returns
-    logits ``(B, n_classes)``, ``task="segment"`` logits ``(B, n_classes, *spatial)`` of the input's size,
-    ``task="patch"`` a :class:`abc_pipeline.nn.patch.PatchClassifier` (stride-1 trunk of ``depth``, default 4,
-    stages; window ``patch_size``; also dense) whose ``task`` attribute is ``"classify"`` (it trains as one);
-    ``task="cell-context"`` a :class:`abc_pipeline.nn.cell_context.CellContextClassifier` (the patch trunk as an
-    invariant context embedding fused with the cell's own ``n_expression`` channel values, default
-    ``in_channels - 1``; also a classifier).
+    Input ``(B, in_channels, *spatial)`` (image channels as scalar fields); ``head="classify"`` returns
+    logits ``(B, n_classes)``, ``head="segment"`` logits ``(B, n_classes, *spatial)`` of the input's size,
+    ``head="patch"`` a :class:`abc_pipeline.nn.patch.PatchClassifier` (stride-1 trunk of ``depth``, default 4,
+    stages; window ``patch_size``; also dense); ``head="cell-context"`` a
+    :class:`abc_pipeline.nn.cell_context.CellContextClassifier` (the patch trunk as an invariant context
+    embedding fused with the cell's own ``n_expression`` channel values, default ``in_channels - 1``).
     ``width`` = fields in the first layer; or ``target_params`` solves the width (binary search) whose
     parameter count is closest; neither: :func:`default_width`. ``spacing`` = physical voxel size per
-    axis (z, y, x), for anisotropic grids. The model gets attributes ``name``, ``width``, ``task``,
-    ``dim``, ``group_size`` (elements of the exact symmetry group) and ``n_params``.
+    axis (z, y, x), for anisotropic grids. ``kernel_size``, ``padding_mode`` (:data:`PADDING_MODES`) and
+    ``scalar_act`` (:data:`SCALAR_ACTS`) apply to every layer.
+
+    The model gets ``spec`` (a :class:`ModelSpec` of every resolved argument: ``spec.build()`` rebuilds it),
+    ``task`` (``spec.objective``: what training optimises), ``name``, ``width``, ``dim``, ``group_size``
+    (elements of the exact symmetry group) and ``n_params``.
     """
     if name not in MODELS:
         raise InputError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if dim not in (2, 3):
         raise InputError(f"dim must be 2 or 3, got {dim}")
-    if task not in TASKS:
-        raise InputError(f"task must be one of {TASKS}, got {task!r}")
+    if head not in HEADS:
+        raise InputError(f"head must be one of {HEADS}, got {head!r}")
     if in_channels < 1 or n_classes < 1:
         raise InputError(f"in_channels and n_classes must be >= 1, got {in_channels}, {n_classes}")
     if width is not None and target_params is not None:
         raise InputError("give either width or target_params, not both")
-    spacing = check_spacing(spacing, dim)
-    spacing = tuple(s / min(spacing) for s in spacing)
-    build = lambda w: _build(
-        name,
-        dim,
-        in_channels,
-        n_classes,
-        task,
-        w,
-        spacing,
-        depth,
-        kernel_size,  # noqa: E731
-        padding_mode,
-        scalar_act,
-        patch_size,
-        in_channels - 1 if n_expression is None else n_expression,
-    )
+    if padding_mode not in PADDING_MODES:
+        raise InputError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if scalar_act not in SCALAR_ACTS:
+        raise InputError(f"scalar_act must be one of {SCALAR_ACTS}, got {scalar_act!r}")
+    physical = tuple(float(s) for s in check_spacing(spacing, dim))
+    relative = tuple(s / min(physical) for s in physical)
+    depth = DEFAULT_DEPTH[head] if depth is None else int(depth)
+    if head in ("patch", "cell-context"):
+        from abc_pipeline.nn.patch import check_patch_size
+
+        patch_size = check_patch_size(5 if patch_size is None else patch_size, dim)
+    else:
+        patch_size = None
+    n_expression = (in_channels - 1 if n_expression is None else int(n_expression)) if head == "cell-context" else None
+
+    def build(w: int) -> nn.Module:
+        return _build(
+            name,
+            dim,
+            in_channels,
+            n_classes,
+            head,
+            w,
+            relative,
+            depth,
+            kernel_size,
+            padding_mode,
+            scalar_act,
+            patch_size,
+            n_expression,
+        )
+
     if target_params is not None:
         width = solve_width(build, target_params)
     elif width is None:
-        width = default_width(name, dim, spacing)
+        width = default_width(name, dim, relative)
     if width < 1:
         raise InputError(f"width must be >= 1, got {width}")
     model = build(width)
-    model.name, model.width, model.task, model.dim = (
-        name,
-        width,
-        "classify" if task in ("patch", "cell-context") else task,
-        dim,
+    model.spec = ModelSpec(
+        name=name,
+        head=head,
+        dim=dim,
+        in_channels=in_channels,
+        n_classes=n_classes,
+        width=width,
+        depth=depth,
+        spacing=physical,
+        kernel_size=kernel_size,
+        padding_mode=padding_mode,
+        scalar_act=scalar_act,
+        patch_size=patch_size,
+        n_expression=n_expression,
     )
+    model.name, model.width, model.task, model.dim = name, width, model.spec.objective, dim
     if name == "cnn":
         model.group_size = 1
     elif name == "cfnet":
         model.group_size = 4
     else:
-        model.group_size = len(grid_group(dim, spacing))
+        model.group_size = len(grid_group(dim, relative))
     model.n_params = count_parameters(model)
     return model
 
@@ -488,7 +576,7 @@ def model_table(
     dim: int,
     in_channels: int,
     n_classes: int,
-    task: str = "classify",
+    head: str = "classify",
     target_params: int | None = None,
     width: int | None = None,
     spacing: Sequence[float] | None = None,
@@ -499,11 +587,11 @@ def model_table(
     outside 2D) are skipped."""
     rows = []
     for name in names or MODELS:
-        if (name == "cfnet" and (dim != 2 or task != "classify")) or (name == "se2n-interp" and dim != 2):
+        if (name == "cfnet" and (dim != 2 or head != "classify")) or (name == "se2n-interp" and dim != 2):
             continue
         with torch.device("meta"):
             m = build_model(
-                name, dim, in_channels, n_classes, task, width=width, target_params=target_params, spacing=spacing
+                name, dim, in_channels, n_classes, head, width=width, target_params=target_params, spacing=spacing
             )
         fam = None if name == "cfnet" else _family(name, dim, spacing, 3, "zeros", "relu")
         first = m.first_spec
@@ -538,10 +626,10 @@ def print_model_table(
     dim: int,
     in_channels: int,
     n_classes: int,
-    task: str = "classify",
+    head: str = "classify",
     target_params: int | None = None,
     width: int | None = None,
     spacing: Sequence[float] | None = None,
 ) -> None:
     """Print :func:`model_table` as markdown (the ``abc-pipeline models`` command)."""
-    print(format_model_table(model_table(dim, in_channels, n_classes, task, target_params, width, spacing)))
+    print(format_model_table(model_table(dim, in_channels, n_classes, head, target_params, width, spacing)))
