@@ -139,7 +139,7 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_import(sub: argparse._SubParsersAction) -> None:
-    from abc_pipeline.atlas.import_user import EXPRESSION, KINDS, UNITS
+    from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
 
     p = sub.add_parser("import", help="import your own spatial AnnData (h5ad/zarr) or MERSCOPE folder -> cells.zarr")
     p.add_argument("--kind", choices=KINDS, required=True, help="anndata (.h5ad / .zarr) or merscope (output folder)")
@@ -656,7 +656,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_baseline_options(p: argparse.ArgumentParser) -> None:
     """Options of the scikit-learn baselines (``train --model logreg-*``)."""
-    from abc_pipeline.learn.baselines import DEFAULT_C, DEFAULT_MAX_TRAIN_CELLS, DEFAULT_NEIGHBORS
+    from abc_pipeline.learn.choices import DEFAULT_C, DEFAULT_MAX_TRAIN_CELLS, DEFAULT_NEIGHBORS
 
     p.add_argument(
         "--neighbors",
@@ -851,8 +851,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_transfer(sub: argparse._SubParsersAction) -> None:
-    from abc_pipeline.atlas.import_user import EXPRESSION, UNITS
-    from abc_pipeline.learn.transfer import KINDS
+    from abc_pipeline.atlas.user_options import EXPRESSION, UNITS
+    from abc_pipeline.learn.choices import TRANSFER_KINDS as KINDS
 
     p = sub.add_parser("transfer", help="annotate your own data (AnnData, MERSCOPE, cells.zarr) with trained models")
     p.add_argument(

@@ -42,14 +42,12 @@ import zarr
 from anndata.io import read_elem, sparse_dataset
 
 from abc_pipeline.atlas.chunked_anndata import ChunkedAnnDataWriter
+from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
 
 log = logging.getLogger(__name__)
 
-KINDS = ("anndata", "merscope")
-UNITS = {"um": 1e-3, "mm": 1.0}
-EXPRESSION = ("log2", "counts")
 SECTION = "brain_section_label"
 #: Blank / negative-control probe names (MERSCOPE ``Blank-NN``, Xenium ``NegControlProbe_*``, ...).
 BLANK_PATTERN = re.compile(

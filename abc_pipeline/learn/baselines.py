@@ -53,7 +53,13 @@ from abc_pipeline.learn.checkpoint import (
     publish_run,
     write_json,
 )
-from abc_pipeline.learn.choices import BASELINES, check_neighbors
+from abc_pipeline.learn.choices import (
+    BASELINES,
+    DEFAULT_C,
+    DEFAULT_MAX_TRAIN_CELLS,
+    DEFAULT_NEIGHBORS,
+    check_neighbors,
+)
 from abc_pipeline.learn.data import (
     DEFAULT_FRACTIONS,
     DEFAULT_SPLIT_BLOCKS,
@@ -81,9 +87,6 @@ from abc_pipeline.raster.source import CellSource, close_matches
 log = logging.getLogger(__name__)
 
 TASKS = ("celltype", "region")
-DEFAULT_NEIGHBORS = 16
-DEFAULT_MAX_TRAIN_CELLS = 200_000
-DEFAULT_C = 1.0
 DEFAULT_MAX_ITER = 1000
 SECTION_KEY = "brain_section_label"
 SECTION_COORDINATES = "spatial"

@@ -12,6 +12,14 @@ from abc_pipeline.errors import InputError
 
 #: scikit-learn baseline model name -> its features (:mod:`abc_pipeline.learn.baselines`)
 BASELINES = {"logreg-expression": "expression", "logreg-neighborhood": "neighborhood"}
+#: logreg-neighborhood: nearest cells of the same section averaged into the features
+DEFAULT_NEIGHBORS = 16
+#: baselines: training cells used at most (seeded class-stratified subsample)
+DEFAULT_MAX_TRAIN_CELLS = 200_000
+#: baselines: inverse regularisation strength of the logistic regression
+DEFAULT_C = 1.0
+#: what ``abc-pipeline transfer --input`` is: the user-data kinds of import, or an imported cells.zarr
+TRANSFER_KINDS = ("anndata", "merscope", "cells")
 #: in-plane rotations of the test sections in the any-angle score (:mod:`abc_pipeline.learn.any_angle`)
 DEFAULT_ANY_ANGLES = tuple(float(a) for a in range(0, 360, 15))
 

@@ -43,6 +43,7 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.annotate import _copy, _h5_attr, _plain, _write_prediction
 from abc_pipeline.learn.checkpoint import load_checkpoint
+from abc_pipeline.learn.choices import TRANSFER_KINDS
 from abc_pipeline.learn.predict import atlas_config, predict_raster
 from abc_pipeline.raster.channels import plan_from_definition
 from abc_pipeline.raster.grid import COORDINATE_KEYS
@@ -52,7 +53,6 @@ from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-KINDS = ("anndata", "merscope", "cells")
 MARGIN = 1  # empty voxels around the data (per side)
 _CHUNK = 1 << 16
 
@@ -112,8 +112,8 @@ def transfer(
     """
     t0 = time.perf_counter()
     data, out = Path(data), Path(out)
-    if kind not in KINDS:
-        raise InputError(f"transfer kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in TRANSFER_KINDS:
+        raise InputError(f"transfer kind must be one of {', '.join(TRANSFER_KINDS)}, got {kind!r}")
     if not checkpoints:
         raise InputError("give at least one checkpoint.pt (abc-pipeline train) to transfer")
     runs = []
