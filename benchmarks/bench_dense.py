@@ -1,4 +1,4 @@
-"""Dense per-cell inference vs a per-cell patch loop (docs/benchmarks.md, "Dense prediction (issue 5)").
+"""Dense per-cell inference vs a per-cell patch loop (docs/benchmarks.md, "Dense prediction").
 
     python benchmarks/bench_dense.py [--cells 100000] [--genes 32] [--voxel 0.05] [--model moment-trivial-irrep]
                                      [--target-params 100000] [--threads 2] [--workdir /tmp/bench_dense]

@@ -1,4 +1,4 @@
-"""Benchmarks of the network library (docs/benchmarks.md, "Network library (issue 4)").
+"""Benchmarks of the network library (docs/benchmarks.md, "Network library").
 
     python benchmarks/bench_nn.py [--threads 2] [--clock wall|cpu] [--repeats 15] [--size 32] [--batch 4]
                                   [--escnn-python /tmp/escnn-venv/bin/python] [--out results.json]

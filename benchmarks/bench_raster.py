@@ -1,4 +1,4 @@
-"""Rasterization benchmark (issue 3): time vs one Dask read pass over X, peak RSS vs cells, thread scaling.
+"""Rasterization benchmark (docs/benchmarks.md, "Rasterization"): time vs one Dask read pass over X, peak RSS vs cells, thread scaling.
 
     python benchmarks/bench_raster.py [--workdir /tmp/abc_bench_raster] [--reps 3]
 

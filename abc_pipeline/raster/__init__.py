@@ -1,4 +1,4 @@
-"""Rasterization of cells into multichannel 2D/3D OME-Zarr grids (issue 3; user docs: docs/raster.md).
+"""Rasterization of cells into multichannel 2D/3D OME-Zarr grids (docs/raster.md).
 
 Public API
 ----------
