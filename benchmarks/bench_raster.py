@@ -1,4 +1,6 @@
-"""Rasterization benchmark (docs/benchmarks.md, "Rasterization"): time vs one Dask read pass over X, peak RSS vs cells, thread scaling.
+"""Rasterization benchmark: time vs one Dask read pass over X, peak RSS vs cells, thread scaling.
+
+Results: docs/benchmarks.md, "Rasterization".
 
     python benchmarks/bench_raster.py [--workdir /tmp/abc_bench_raster] [--reps 3]
 
