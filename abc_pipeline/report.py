@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError  # noqa: E402
 from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_output  # noqa: E402
 from abc_pipeline.plots import any_angle_figure  # noqa: E402
@@ -97,22 +98,22 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
     adata = anndata.read_h5ad(annotated, backed="r")
     obs = adata.obs
     truth = {"celltype": None, "region": None}
-    meta = adata.uns.get("abc_pipeline", {}).get("predict", {})
+    meta = adata.uns.get(keys.UNS, {}).get("predict", {})
     for col, info in meta.items():
-        task = col.removeprefix("pred_")
-        if task in truth and "level" in info:
+        task = keys.task_of(col)
+        if col == keys.prediction(task) and task in truth and "level" in info:
             truth[task] = info["level"]
-    pairs = [(truth[t], f"pred_{t}") for t in tasks if f"pred_{t}" in obs and truth.get(t) in obs]
+    pairs = [(truth[t], keys.prediction(t)) for t in tasks if keys.prediction(t) in obs and truth.get(t) in obs]
     if not pairs:
         raise InputError(f"{annotated}: no pred_<task> column with its true level; run abc-pipeline annotate first")
-    test = obs[obs["split"] == "test"] if "split" in obs else obs
-    sections = test["brain_section_label"].value_counts().index[:max_sections]
+    test = obs[obs[keys.SPLIT] == "test"] if keys.SPLIT in obs else obs
+    sections = test[keys.SECTION].value_counts().index[:max_sections]
     colors = [c for pair in pairs for c in pair]
     fig, axes = plt.subplots(
         len(sections), len(colors), figsize=(4.2 * len(colors), 3.6 * len(sections)), squeeze=False
     )
     for i, section in enumerate(sections):
-        sub = adata[adata.obs["brain_section_label"] == section].to_memory()
+        sub = adata[adata.obs[keys.SECTION] == section].to_memory()
         for col in colors:
             sub.obs[col] = sub.obs[col].cat.remove_unused_categories() if col in truth.values() else sub.obs[col]
         for j, col in enumerate(colors):

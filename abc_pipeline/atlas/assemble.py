@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from abc_pipeline import keys
 from abc_pipeline.atlas.chunked_anndata import ChunkedAnnDataWriter
 from abc_pipeline.atlas.manifest import (
     Manifest,
@@ -510,7 +511,7 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
     """Pass 3: stream the expression rows in order and fill the pre-allocated store."""
     observed = counts.observed
     section_order = sorted(observed["sections"], key=lambda s: (observed["sections"][s], s))
-    categorical: dict[str, list[str]] = {"brain_section_label": section_order}
+    categorical: dict[str, list[str]] = {keys.SECTION: section_order}
     colors: dict[str, list[str]] = {}
     for level in TAXONOMY_LEVELS:
         categorical[level], colors[level] = _categories(taxonomy, observed["clusters"], level)
@@ -532,9 +533,9 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
         index_name="cell_label",
         numeric_obs=numeric,
         categorical_obs=categorical,
-        obsm={"spatial": 2, "spatial_3d": 3, "ccf": 3},
+        obsm={keys.SPATIAL: 2, keys.SPATIAL_3D: 3, keys.CCF: 3},
         obs_order=[
-            "brain_section_label",
+            keys.SECTION,
             "z_section",
             "cluster_alias",
             "average_correlation_score",
@@ -566,9 +567,11 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
                 dense,
                 rows,
                 {
-                    "spatial": rows[["x_section", "y_section"]].to_numpy(np.float64),
-                    "spatial_3d": rows[["x_reconstructed", "y_reconstructed", "z_reconstructed"]].to_numpy(np.float64),
-                    "ccf": rows[["x_ccf", "y_ccf", "z_ccf"]].to_numpy(np.float64),
+                    keys.SPATIAL: rows[["x_section", "y_section"]].to_numpy(np.float64),
+                    keys.SPATIAL_3D: rows[["x_reconstructed", "y_reconstructed", "z_reconstructed"]].to_numpy(
+                        np.float64
+                    ),
+                    keys.CCF: rows[["x_ccf", "y_ccf", "z_ccf"]].to_numpy(np.float64),
                 },
             )
             start_out += len(rows)
@@ -577,8 +580,8 @@ def _write(staging, expression, var, by_position, taxonomy, parcellation, chunk_
     join = {k: v for k, v in vars(counts).items() if k != "observed"}
     writer.write_uns(
         {
-            **{f"{name}_colors": cols for name, cols in colors.items()},
-            "abc_pipeline": {"assemble": {**uns_meta, "counts": join, "units": "mm"}},
+            **{keys.colors(name): cols for name, cols in colors.items()},
+            keys.UNS: {"assemble": {**uns_meta, "counts": join, "units": "mm"}},
         }
     )
     writer.close()

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 import zarr
 from anndata.io import read_elem, sparse_dataset
 
+from abc_pipeline import keys
 from abc_pipeline.atlas.chunked_anndata import ChunkedAnnDataWriter
 from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
 from abc_pipeline.errors import InputError
@@ -48,7 +49,7 @@ from abc_pipeline.fileio import staged_output
 
 log = logging.getLogger(__name__)
 
-SECTION = "brain_section_label"
+SECTION = keys.SECTION
 #: Blank / negative-control probe names (MERSCOPE ``Blank-NN``, Xenium ``NegControlProbe_*``, ...).
 BLANK_PATTERN = re.compile(
     r"^(blank|negcontrol|negprb|neg_control|unassignedcodeword|deprecatedcodeword|"
@@ -418,7 +419,7 @@ def import_user_data(
     numeric.pop(SECTION, None)
     distance = _neighbour_distance(coords[:, :2], pd.Categorical(sections, categories=order))
     _check_density(distance, unit, f"{path} ({table.coords_field})")
-    obsm = {"spatial": 2, **({"spatial_3d": 3} if coords.shape[1] == 3 else {})}
+    obsm = {keys.SPATIAL: 2, **({keys.SPATIAL_3D: 3} if coords.shape[1] == 3 else {})}
     columns = [c for c in obs.columns if c not in (SECTION, "z_section")]
     n, n_genes = len(obs), len(var)
     log.info(
@@ -474,9 +475,9 @@ def import_user_data(
                     float(x.max()),
                 )
             rows = obs.iloc[start:stop]
-            block = {"spatial": coords[start:stop, :2]}
+            block = {keys.SPATIAL: coords[start:stop, :2]}
             if coords.shape[1] == 3:
-                block["spatial_3d"] = coords[start:stop]
+                block[keys.SPATIAL_3D] = coords[start:stop]
             writer.write_rows(start, names[start:stop], x, rows, block)
             done = stop
         if done != n:

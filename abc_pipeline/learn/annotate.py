@@ -31,6 +31,7 @@ import pandas as pd
 import zarr
 from anndata.io import write_elem
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_KEY, check_output, staged_output
 from abc_pipeline.integrity import check_shape, verify_store
@@ -136,13 +137,13 @@ def annotate_cells(
     stores = [(Path(p), *_open_predictions(Path(p), n, digest, src.path)) for p in predictions]
     columns: list[tuple[str, Path, zarr.Group, dict]] = []
     for path, group, meta in stores:
-        base = f"pred_{meta['task']}"
-        col = base if all(c[0] != base for c in columns) else f"{base}__{meta['model']}"
+        base = keys.prediction(meta["task"])
+        col = base if all(c[0] != base for c in columns) else keys.prediction(meta["task"], meta["model"])
         if any(c[0] == col for c in columns):
             raise InputError(f"{path}: a second {meta['model']} prediction of {meta['task']}; give each model once")
         columns.append((col, path, group, meta))
     obs_cols = set(src.obs_columns())
-    clash = [c for c, *_ in columns if c in obs_cols] + (["split"] if "split" in obs_cols else [])
+    clash = [c for c, *_ in columns if c in obs_cols] + ([keys.SPLIT] if keys.SPLIT in obs_cols else [])
     if clash:
         raise InputError(
             f"{src.path}: obs already has {clash}; annotate the cells.zarr of `assemble`, not an annotated one"
@@ -164,10 +165,10 @@ def annotate_cells(
             split = pd.Categorical.from_codes(
                 np.asarray(first["cells/split"][:]), categories=columns[0][3]["split_categories"]
             )
-            write_elem(f["obs"], "split", split)
-            f["obs"].attrs["column-order"] = _h5_attr(order + ["split"])
+            write_elem(f["obs"], keys.SPLIT, split)
+            f["obs"].attrs["column-order"] = _h5_attr(order + [keys.SPLIT])
             uns = f["uns"] if "uns" in f else f.create_group("uns")
-            ours = uns.get("abc_pipeline")
+            ours = uns.get(keys.UNS)
             entries = {
                 col: _plain(
                     {k: v for k, v in meta.items() if k not in ("split_categories",)}
@@ -176,7 +177,7 @@ def annotate_cells(
                 for col, path, _, meta in columns
             }
             if ours is None:
-                write_elem(uns, "abc_pipeline", {"predict": entries})
+                write_elem(uns, keys.UNS, {"predict": entries})
             else:
                 write_elem(ours, "predict", entries)
     log.info("wrote %s (%d cells; %s)", out, n, ", ".join(c for c, *_ in columns))
@@ -188,9 +189,9 @@ def _write_prediction(f: h5py.File, col: str, group: zarr.Group, meta: dict, n: 
     classes = list(meta["class_names"])
     pred = np.asarray(group["cells/pred"][:]).astype(np.int16)
     write_elem(f["obs"], col, pd.Categorical.from_codes(pred, categories=classes))
-    write_elem(f["uns"], f"{col}_colors", np.array(meta["colors"], dtype=object))
+    write_elem(f["uns"], keys.colors(col), np.array(meta["colors"], dtype=object))
     obsm = f["obsm"] if "obsm" in f else f.create_group("obsm")
-    frame = obsm.create_group(f"{col}_proba")
+    frame = obsm.create_group(keys.probabilities(col))
     frame.attrs.update(
         {
             "encoding-type": "dataframe",

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
@@ -100,13 +101,13 @@ def _units(
     unit_rows = [np.flatnonzero((z_all >= a) & (z_all < b)) for a, b in chosen]
     rows = np.unique(np.concatenate(unit_rows))
     values = _rows_of_x(src, plan, rows)
-    space, section = src.coordinates(COORDINATE_KEYS[r.grid.space]), src.categorical("brain_section_label").codes
+    space, section = src.coordinates(COORDINATE_KEYS[r.grid.space]), src.categorical(keys.SECTION).codes
     origin, size = np.asarray(r.grid.origin[1:]), np.asarray(r.grid.voxel_size[1:])
     out = []
     for (a, b), ur in zip(chosen, unit_rows):
         pos = np.searchsorted(rows, ur)
         yx = np.asarray(space[ur][:, [1, 0]].compute(), dtype=np.float64)
-        xy = np.asarray(src.coordinates("spatial")[ur][:, :2].compute(), dtype=np.float64)
+        xy = np.asarray(src.coordinates(keys.SPATIAL)[ur][:, :2].compute(), dtype=np.float64)
         mid = (yx.min(axis=0) + yx.max(axis=0)) / 2
         centre = origin + np.round((mid - origin) / size) * size  # a voxel corner: 90° turns map voxels to voxels
         out.append(

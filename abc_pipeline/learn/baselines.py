@@ -44,6 +44,7 @@ import torch
 import zarr
 from scipy.spatial import cKDTree
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_output
@@ -88,8 +89,8 @@ log = logging.getLogger(__name__)
 
 TASKS = ("celltype", "region")
 DEFAULT_MAX_ITER = 1000
-SECTION_KEY = "brain_section_label"
-SECTION_COORDINATES = "spatial"
+SECTION_KEY = keys.SECTION
+SECTION_COORDINATES = keys.SPATIAL
 _CELL_CHUNK = 1 << 16  # cells per feature / prediction chunk
 
 
@@ -577,7 +578,7 @@ def _write_voxel_votes(root: zarr.Group, r: Raster, pred: np.ndarray, table: Cla
     the majority class + 1 (0 = no cells); one z-plane at a time."""
     shape, k = r.grid.shape, len(table.names)
     proba = create_array(root, "0", (k, *shape), (min(k, 16), 1, *shape[1:]), np.float32)
-    name = f"pred_{task}"
+    name = keys.prediction(task)
     labels = root.require_group("labels")
     label = create_array(labels.require_group(name), "0", shape, (1, *shape[1:]), np.uint16)
     index = r.voxel_index

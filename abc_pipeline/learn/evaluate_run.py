@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 import zarr
 
-from abc_pipeline import plots
+from abc_pipeline import keys, plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
 from abc_pipeline.fileio import check_output, staged_output
@@ -222,7 +222,7 @@ def evaluate_run(
     else:
         targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
         stored = np.concatenate(
-            [_read_box(store["labels/pred_region/0"], w.core_lo, w.core).ravel() - 1 for w in boxes]
+            [_read_box(store[f"labels/{keys.prediction('region')}/0"], w.core_lo, w.core).ravel() - 1 for w in boxes]
         )
     logits = _on_device(net, dev, batch_size)
     symmetry = _symmetry_scores(
@@ -432,7 +432,7 @@ def _test_voxels(
             f"{r.path}: no labels/{table.level} volume to score regions against; rasterize with --labels {table.level}"
         )
     truth = r.labels[table.level].data
-    pred = store["labels/pred_region/0"]
+    pred = store[f"labels/{keys.prediction('region')}/0"]
     lut = table.label_lookup()
     depth = pred.chunks[0]
     ys, ps = [], []
@@ -677,7 +677,7 @@ def _maps_figure(
     zs = [zs[i] for i in np.unique(np.linspace(0, len(zs) - 1, min(max(n, 1), len(zs))).round().astype(int))]
     lut = table.label_lookup() + 1
     truth = r.labels[table.level].data
-    pred = store[f"labels/pred_{task}/0"]
+    pred = store[f"labels/{keys.prediction(task)}/0"]
     true_maps = [lut[np.asarray(truth[z]).astype(np.int64)] for z in zs]
     pred_maps = [np.asarray(pred[z]).astype(np.int64) for z in zs]
     kind = "section" if dim == 2 else "z-slice"

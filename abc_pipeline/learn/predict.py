@@ -45,6 +45,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import check_output, staged_output
@@ -322,7 +323,7 @@ def _write(
     chunks = tuple(min(c, n) for c, n in zip(core, shape))
     proba = create_array(root, "0", (k, *shape), (min(k, 16), *chunks), np.float32)
     labels = root.require_group("labels")
-    name = f"pred_{task}"
+    name = keys.prediction(task)
     label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
     context = (
         None

@@ -38,6 +38,7 @@ import numpy as np
 import zarr
 from anndata.io import write_elem
 
+from abc_pipeline import keys
 from abc_pipeline.atlas.import_user import import_user_data
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
@@ -246,15 +247,15 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
         for store, provenance in predictions:
             group = zarr.open_group(str(store), mode="r")
             meta = dict(group.attrs[ATTRS_KEY]["predictions"])
-            col = f"pred_{meta['task']}"
-            col = col if col not in entries else f"{col}__{meta['model']}"
+            col = keys.prediction(meta["task"])
+            col = col if col not in entries else keys.prediction(meta["task"], meta["model"])
             if col in obs or col in entries:
                 raise InputError(
                     f"{data}: obs already has {col!r}; transfer onto the original data, or give each model once"
                 )
             _write_prediction(f, col, group, meta, n, index_key)
-            write_elem(obs, f"{col}_confidence", _confidence(group["cells/proba"]))
-            order += [col, f"{col}_confidence"]
+            write_elem(obs, keys.confidence(col), _confidence(group["cells/proba"]))
+            order += [col, keys.confidence(col)]
             entries[col] = _plain(
                 {
                     "task": meta["task"],
@@ -266,9 +267,9 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
                 }
             )
         obs.attrs["column-order"] = _h5_attr(order)
-        ours = uns.get("abc_pipeline")
+        ours = uns.get(keys.UNS)
         if ours is None:
-            write_elem(uns, "abc_pipeline", {"transfer": entries})
+            write_elem(uns, keys.UNS, {"transfer": entries})
         else:
             if "transfer" in ours:
                 del ours["transfer"]

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 
 SPACES = ("section", "reconstructed", "ccf")
 AXES = ("z", "y", "x")
 UNIT = "millimeter"
 #: obsm key holding the (x, y[, z]) coordinates of each space, in mm.
-COORDINATE_KEYS = {"section": "spatial", "reconstructed": "spatial_3d", "ccf": "ccf"}
+COORDINATE_KEYS = {"section": keys.SPATIAL, "reconstructed": keys.SPATIAL_3D, "ccf": keys.CCF}
 #: Default voxel sizes (z, y, x) in mm; z of ``section`` is one section.
 DEFAULT_VOXEL_SIZE = {"section": (1.0, 0.025, 0.025), "reconstructed": (0.2, 0.05, 0.05), "ccf": (0.1, 0.1, 0.1)}
 #: Section spacing (mm) assumed for display when it cannot be measured (a single section).

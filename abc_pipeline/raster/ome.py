@@ -29,6 +29,7 @@ from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 from zarr.core.metadata import ArrayV2Metadata
 from zarr.storage import LocalStore
 
+from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.integrity import check_shape, verify_store
 from abc_pipeline.raster.grid import AXES, UNIT, Grid
@@ -36,7 +37,7 @@ from abc_pipeline.raster.grid import AXES, UNIT, Grid
 NGFF_VERSION = "0.4"
 FORMAT = FormatV04()
 COUNT_CHANNEL = "n_cells"
-ATTRS_KEY = "abc_pipeline"
+ATTRS_KEY = keys.UNS
 #: Blosc-LZ4 without byte shuffle: on voxel means of log2 expression it compresses better (2.3x vs 1.5x)
 #: and decodes ~4x faster than with shuffle (measured in the rasterization benchmark).
 COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE)

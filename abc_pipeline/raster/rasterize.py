@@ -41,7 +41,7 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 
-from abc_pipeline import __version__
+from abc_pipeline import __version__, keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_disjoint, check_output, staged_output
 from abc_pipeline.integrity import MAX_VOXELS, check_voxel_cap, nonfinite_rows
@@ -542,7 +542,7 @@ def _write(
     raw = source.coordinates(COORDINATE_KEYS[space]).rechunk((row_chunks, -1))
     if space != "section" and raw.shape[1] < 3:
         raise InputError(f"{source.path}: obsm['{COORDINATE_KEYS[space]}'] needs x, y, z columns for space {space!r}")
-    section = source.categorical("brain_section_label") if space == "section" else None
+    section = source.categorical(keys.SECTION) if space == "section" else None
     section_codes = section.codes.rechunk((row_chunks,)) if section is not None else None
     cats = {name: source.categorical(name) for name in label_names}
     label_codes = [cats[name].codes.rechunk((row_chunks,)) for name in label_names]
