@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError  # noqa: E402
@@ -116,6 +117,8 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
         sub = adata[adata.obs[keys.SECTION] == section].to_memory()
         for col in colors:
             sub.obs[col] = sub.obs[col].cat.remove_unused_categories() if col in truth.values() else sub.obs[col]
+            if keys.colors(col) in sub.uns:  # the CCF gives some divisions one colour; squidpy needs distinct ones
+                sub.uns[keys.colors(col)] = distinct_colors(list(sub.uns[keys.colors(col)]))
         for j, col in enumerate(colors):
             sq.pl.spatial_scatter(
                 sub, shape=None, color=col, size=4, ax=axes[i, j], legend_loc=None, title=f"{section}: {col}"
@@ -125,6 +128,28 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def distinct_colors(colors: Sequence[str]) -> list[str]:
+    """``colors`` (hex) with repeats nudged by the smallest blue-channel steps until every entry differs.
+
+    The real Allen CCF parcellation gives several regions one colour (e.g. grey ``#cccccc`` for five
+    divisions); squidpy's categorical colouring fails on repeated colours (``'Index' object has no attribute
+    'add_categories'``), and a one-unit nudge is invisible."""
+    seen: set[str] = set()
+    out = []
+    for color in colors:
+        rgb = int(to_hex(color, keep_alpha=False)[1:], 16)
+        step = 0
+        candidate = f"#{rgb:06x}"
+        while candidate in seen:
+            step += 1
+            blue = rgb & 0xFF
+            nudged = blue + step if blue + step <= 0xFF else blue - step
+            candidate = f"#{(rgb & 0xFFFF00) | (nudged & 0xFF):06x}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def write_report(annotated: Path, run_dirs: Sequence[Path], out_dir: Path) -> Path:

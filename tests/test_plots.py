@@ -88,3 +88,36 @@ def test_equivariance_curve_and_orientation_bars(tmp_path: Path) -> None:
     _check_png(plots.orientation_bar_figure({"cnn": (0.8, 0.6), "moment-trivial": (0.85, 0.85)}, tmp_path / "ob.png"))
     with pytest.raises(InputError, match="angles"):
         plots.equivariance_curve_figure({"cnn": ([0, 45], [1.0])}, tmp_path / "bad.png")
+
+
+def test_repeated_region_colours_become_distinct_and_the_overview_draws() -> None:
+    """The real CCF gives several divisions one colour; squidpy's categorical colouring needs distinct ones."""
+    import anndata
+    import numpy as np
+    import pandas as pd
+    import squidpy as sq
+    from matplotlib import pyplot as plt
+
+    from abc_pipeline.report import distinct_colors
+
+    colors = ["#cccccc", "#aaaaaa", "#cccccc", "#cccccc", "#ffffff", "#ffffff", "#cccccd"]
+    out = distinct_colors(colors)
+    assert len(set(out)) == len(out) and out[:2] == ["#cccccc", "#aaaaaa"]
+    assert all(int(a[1:], 16) >> 8 == int(b[1:], 16) >> 8 for a, b in zip(colors, out))  # only blue moves
+    assert all(abs((int(a[1:], 16) & 0xFF) - (int(b[1:], 16) & 0xFF)) <= 3 for a, b in zip(colors, out))
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["A", "B", "C"], 50).astype(object)
+    labels[:5] = None  # cells without a prediction (NA), as in pred_region
+    adata = anndata.AnnData(
+        obs=pd.DataFrame(
+            {"division": pd.Categorical(labels, categories=["A", "B", "C"])}, index=[str(i) for i in range(50)]
+        ),
+        obsm={"spatial": rng.random((50, 2))},
+        uns={"division_colors": np.array(["#cccccc", "#cccccc", "#aaaaaa"], dtype=object)},
+    )
+    fig, ax = plt.subplots()
+    with pytest.raises(AttributeError):  # what squidpy does with repeated colours
+        sq.pl.spatial_scatter(adata, shape=None, color="division", ax=ax)
+    adata.uns["division_colors"] = np.array(distinct_colors(list(adata.uns["division_colors"])), dtype=object)
+    sq.pl.spatial_scatter(adata, shape=None, color="division", ax=ax)
+    plt.close(fig)
