@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from abc_pipeline.atlas.user_options import KINDS as USER_DATA_KINDS
 from abc_pipeline.errors import InputError
 
 #: scikit-learn baseline model name -> its features (:mod:`abc_pipeline.learn.baselines`)
@@ -19,7 +20,7 @@ DEFAULT_MAX_TRAIN_CELLS = 200_000
 #: baselines: inverse regularisation strength of the logistic regression
 DEFAULT_C = 1.0
 #: what ``abc-pipeline transfer --input`` is: the user-data kinds of import, or an imported cells.zarr
-TRANSFER_KINDS = ("anndata", "merscope", "cells")
+TRANSFER_KINDS = (*USER_DATA_KINDS, "cells")
 #: in-plane rotations of the test sections in the any-angle score (:mod:`abc_pipeline.learn.any_angle`)
 DEFAULT_ANY_ANGLES = tuple(float(a) for a in range(0, 360, 15))
 
