@@ -4,9 +4,9 @@ A checkpoint is a ``dict`` saved with ``torch.save`` holding only tensors and pl
 with ``weights_only=True``): ``model`` / ``optimizer`` / ``scheduler`` / ``scaler`` state dicts, ``epoch``
 (0-based, last finished), ``rng_cpu`` / ``rng_cuda`` (torch RNG states), early-stopping state
 (``best_score``, ``best_epoch``, ``bad_epochs``, ``stopped_early``), ``history`` (one dict per epoch),
-``config`` and ``config_hash``, ``class_names``, ``model_name``, ``task`` (the training objective: ``classify`` or ``segment``) and ``model_spec``
-(:meth:`abc_pipeline.nn.ModelSpec.to_dict`: every argument that rebuilds the network; ``None`` for a network
-built outside the zoo and for the scikit-learn baselines).
+``config`` and ``config_hash``, ``class_names``, ``model_name``, ``task`` (the training objective:
+``classify`` or ``segment``) and ``model_spec`` (:meth:`abc_pipeline.nn.ModelSpec.to_dict`: every argument
+that rebuilds the network; ``None`` for a network built outside the zoo and for the scikit-learn baselines).
 """
 
 from __future__ import annotations
