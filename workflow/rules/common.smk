@@ -130,6 +130,12 @@ def train_args(wildcards):
     return " ".join(args)
 
 
+def model_threads(wildcards):
+    """Threads of a train / predict / evaluate job: a network uses up to 8 (torch's intra-op threads, capped by
+    --cores); a scikit-learn baseline is single-threaded, so two of them share a 2-core machine."""
+    return 1 if is_baseline(wildcards.model) else 8
+
+
 def baseline_args():
     """CLI options of the scikit-learn baselines (`train`, `bench-models`) from config['baselines']."""
     spec = config["baselines"]

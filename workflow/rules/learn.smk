@@ -13,7 +13,7 @@ rule train:
         f"logs/train_{DATASET}_{{task}}_{{model}}.log",
     benchmark:
         f"logs/benchmarks/train_{DATASET}_{{task}}_{{model}}.tsv"
-    threads: 8
+    threads: model_threads
     resources:
         mem_mb=8000,
         runtime=720,
@@ -37,7 +37,7 @@ rule predict:
         f"logs/predict_{DATASET}_{{task}}_{{model}}.log",
     benchmark:
         f"logs/benchmarks/predict_{DATASET}_{{task}}_{{model}}.tsv"
-    threads: 8
+    threads: model_threads
     resources:
         mem_mb=8000,
         runtime=240,
@@ -85,7 +85,7 @@ rule evaluate:
         f"logs/evaluate_{DATASET}_{{task}}_{{model}}.log",
     benchmark:
         f"logs/benchmarks/evaluate_{DATASET}_{{task}}_{{model}}.tsv"
-    threads: 8
+    threads: model_threads
     resources:
         mem_mb=8000,
         runtime=120,
