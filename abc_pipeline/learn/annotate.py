@@ -2,7 +2,9 @@
 
 The h5ad holds everything of cells.zarr (X, obs, var, obsm, uns, ...; copied array by array in row chunks,
 with the AnnData encoding attributes, so memory is bounded by the chunk size) plus, per prediction store
-(``abc-pipeline predict``) of task ``<task>``:
+(``abc-pipeline predict``) of task ``<task>``. ``X`` (the log2 expression, dense float32 in cells.zarr) is
+stored as a CSR matrix, as in the ABC release: about a quarter of its entries are non-zero, so the file and
+``scanpy.read_h5ad``'s memory are about half those of a dense X (docs/benchmarks.md, "X storage").
 
 - ``obs['pred_<task>']``: categorical over the task's classes (NA for cells without a voxel), colours in
   ``uns['pred_<task>_colors']`` (aligned with the categories, from the raster's label table);
@@ -28,8 +30,9 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse
 import zarr
-from anndata.io import write_elem
+from anndata.io import sparse_dataset, write_elem
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
@@ -79,6 +82,19 @@ def _copy(src: zarr.Group | zarr.Array, dst: h5py.Group, name: str) -> None:
                 node[s : s + len(block)] = block.astype(object) if strings else block
     for key, value in src.attrs.items():
         node.attrs[key] = _h5_attr(value)
+
+
+def _copy_csr(src: zarr.Array, dst: h5py.Group, name: str) -> None:
+    """Copy a dense 2D Zarr array (n_obs, n_vars) into ``dst[name]`` as an AnnData CSR matrix, block of rows
+    by block of rows (anndata's appendable sparse dataset), so memory is bounded by one block."""
+    row_bytes = max(1, src.shape[1] * src.dtype.itemsize)
+    step = max(src.chunks[0], (_COPY_BYTES // row_bytes) // src.chunks[0] * src.chunks[0])
+    for s in range(0, max(src.shape[0], 1), step):
+        block = scipy.sparse.csr_matrix(np.asarray(src[s : s + step]))
+        if s == 0:
+            write_elem(dst, name, block, dataset_kwargs={"maxshape": (None,), "compression": "lzf"})
+        else:
+            sparse_dataset(dst[name]).append(block)
 
 
 def _plain(value: Any) -> Any:
@@ -152,7 +168,10 @@ def annotate_cells(
     with staged_output(out, "annotated", inputs=[src.path, *(p for p, *_ in stores)], overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             for key in src.group:
-                _copy(src.group[key], f, key)
+                if key == "X":
+                    _copy_csr(src.group[key], f, key)
+                else:
+                    _copy(src.group[key], f, key)
             for key, value in src.group.attrs.items():
                 f.attrs[key] = _h5_attr(value)
             f.attrs[MARKER_KEY] = "annotated"
