@@ -87,12 +87,12 @@ def _copy(src: zarr.Group | zarr.Array, dst: h5py.Group, name: str) -> None:
 def _copy_csr(src: zarr.Array, dst: h5py.Group, name: str) -> None:
     """Copy a dense 2D Zarr array (n_obs, n_vars) into ``dst[name]`` as an AnnData CSR matrix, block of rows
     by block of rows (anndata's appendable sparse dataset), so memory is bounded by one block."""
-    row_bytes = max(1, src.shape[1] * src.dtype.itemsize)
-    step = max(src.chunks[0], (_COPY_BYTES // row_bytes) // src.chunks[0] * src.chunks[0])
+    rows = max(1, _COPY_BYTES // max(1, src.shape[1] * src.dtype.itemsize))
+    step = rows // src.chunks[0] * src.chunks[0] or rows  # whole Zarr chunks where a block holds one
     for s in range(0, max(src.shape[0], 1), step):
         block = scipy.sparse.csr_matrix(np.asarray(src[s : s + step]))
         if s == 0:
-            write_elem(dst, name, block, dataset_kwargs={"maxshape": (None,), "compression": "lzf"})
+            write_elem(dst, name, block, dataset_kwargs={"compression": "lzf", "indptr_dtype": np.int64})
         else:
             sparse_dataset(dst[name]).append(block)
 
