@@ -91,11 +91,16 @@ def task_raster(wildcards):
     return f"results/{DATASET}/raster/{TASKS[wildcards.task]['raster']}.ome.zarr"
 
 
-def task_data_args(task):
-    """CLI options that pick a task's data (`train`, `bench-models --raster`): level, window, splits."""
+def task_data_args(task, architecture=None):
+    """CLI options that pick a task's data (`train`, `bench-models --raster`): level, window, splits.
+    ``architecture``: what `train` builds the model into (config tasks.<task>.architecture); None: the
+    command's own default (bench-models: a patch classifier for celltype, a U-Net for region)."""
     spec, training = TASKS[task], config["training"]
     args = [f"--level {spec['level']}"]
-    size_key = "patch_size" if task == "celltype" else "tile_size"
+    if architecture is not None:
+        args.append(f"--architecture {architecture}")
+    tiles = architecture == "segment" if architecture is not None else task == "region"
+    size_key = "tile_size" if tiles else "patch_size"
     if spec.get(size_key):
         args.append(f"--{size_key.replace('_', '-')} " + " ".join(str(v) for v in spec[size_key]))
     args.append("--split-fractions " + " ".join(str(v) for v in training["split_fractions"]))
@@ -122,7 +127,8 @@ def training_args(task, **overrides):
 def train_args(wildcards):
     """CLI options of `abc-pipeline train` for one task from config['tasks'] and config['training'] (a
     baseline: config['baselines'])."""
-    args = task_data_args(wildcards.task) + training_args(wildcards.task)
+    architecture = TASKS[wildcards.task].get("architecture")  # the schema default when not configured
+    args = task_data_args(wildcards.task, architecture) + training_args(wildcards.task)
     if is_baseline(wildcards.model):
         args.append(baseline_args())
     if config["training"].get("max_samples_per_epoch") is not None:
