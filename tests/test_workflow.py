@@ -266,6 +266,23 @@ def test_task_overrides_win_over_training_and_bench_settings(tmp_path: Path) -> 
     }
 
 
+def test_task_architecture_reaches_train_but_not_bench(tmp_path: Path) -> None:
+    """tasks.region.architecture cell-context: train gets it with the patch window; bench keeps its U-Net tiles."""
+    config = {**FULL_CONFIG}
+    config["tasks"] = {
+        **FULL_CONFIG["tasks"],
+        "region": {**FULL_CONFIG["tasks"]["region"], "architecture": "cell-context", "patch_size": [3]},
+    }
+    workdir = _workdir(tmp_path, config)
+    proc = snakemake(workdir, "-n", "-p", "all", "bench")
+    commands = re.findall(r"abc-pipeline (?:train|bench-models) .*--task region .*", proc.stdout + proc.stderr)
+    train = [c for c in commands if c.startswith("abc-pipeline train")]
+    bench = [c for c in commands if c.startswith("abc-pipeline bench-models")]
+    assert train and bench
+    assert all("--architecture cell-context --patch-size 3 " in c and "--tile-size" not in c for c in train)
+    assert all("--architecture" not in c and "--tile-size 4 16 16 " in c for c in bench)
+
+
 def test_real_atlas_config_dry_runs_offline(tmp_path: Path) -> None:
     workdir = _workdir(tmp_path, TINY_CONFIG)
     shutil.copy(ROOT / "config" / "abc_merfish_638850.yaml", workdir / "config" / "real.yaml")
