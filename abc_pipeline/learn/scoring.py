@@ -7,6 +7,10 @@ reads the cells of one split from there and their true labels at the store's lev
 scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced accuracy,
 macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
 probabilities get the same numbers. Region models keep their voxel scores (Dice, IoU) besides.
+
+The same function serves every reader: :func:`stored_metrics` is what ``predict`` stores in a store's
+attributes (``metrics.test_cells``), ``evaluate`` records :func:`score_cells` as ``test_cells`` and reads the
+test cells of its figures and windows through :func:`scored_cells`.
 """
 
 from __future__ import annotations
