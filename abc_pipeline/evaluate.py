@@ -249,3 +249,21 @@ def equivariance_curve(
         counts.append(int(same.numel()))
         agreement.append(float(same.float().mean()) if same.numel() else float("nan"))
     return {"task": task, "plane": list(plane), "angles": angles, "agreement": agreement, "n": counts}
+
+
+def score(
+    y_true: np.ndarray, output: np.ndarray, class_names: Sequence[str], *, segment: bool = False, ignore: int = -1
+) -> dict:
+    """The test scores of a model's output: the one entry point of validation, the test splits of ``train``,
+    ``train-npz`` and ``bench-models``, and ``evaluate``.
+
+    Classification (``segment=False``): ``y_true`` ``(N,)`` labels in 0..K-1 and ``output`` ``(N, K)`` class
+    probabilities, scored by :func:`classification_metrics`. Segmentation: ``y_true`` label maps (any shape,
+    ``ignore`` = no cells) and ``output`` either the predicted labels (same shape) or class scores with the
+    classes on axis 1 (one axis more; the argmax is taken), scored by :func:`segmentation_metrics`.
+    """
+    if not segment:
+        return classification_metrics(y_true, output, class_names)
+    y_true, output = np.asarray(y_true), np.asarray(output)
+    y_pred = output.argmax(1) if output.ndim == y_true.ndim + 1 else output
+    return segmentation_metrics(y_true, y_pred, class_names, ignore)

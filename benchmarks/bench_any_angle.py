@@ -57,7 +57,7 @@ def main() -> None:
     from abc_pipeline.fileio import atomic_write_text
     from abc_pipeline.learn.checkpoint import load_model
     from abc_pipeline.learn.compare import _stack, npz_task
-    from abc_pipeline.learn.train import predict_proba
+    from abc_pipeline.learn.inference import predict_proba
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--npz", required=True, help="the MedMNIST-format .npz that bench-models was run on")

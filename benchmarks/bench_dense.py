@@ -53,8 +53,8 @@ def main() -> None:
     from abc_pipeline.learn.atlas import train_atlas_task
     from abc_pipeline.learn.checkpoint import load_model
     from abc_pipeline.learn.data import SPLITS, CellPatchDataset, ClassTable, Normalizer
+    from abc_pipeline.learn.inference import predict_proba
     from abc_pipeline.learn.predict import predict_raster
-    from abc_pipeline.learn.train import predict_proba
     from abc_pipeline.raster import open_raster, rasterize
     from abc_pipeline.raster.source import CellSource
 

@@ -66,7 +66,8 @@ from abc_pipeline.learn.compare import (
     format_table,
     npz_task,
 )
-from abc_pipeline.learn.train import pick_device, predict_proba, train
+from abc_pipeline.learn.inference import pick_device, predict_proba
+from abc_pipeline.learn.train import train
 from abc_pipeline.nn.layers import parity_downsample, upsample_to
 from abc_pipeline.nn.zoo import count_parameters, solve_width
 

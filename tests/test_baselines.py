@@ -114,7 +114,9 @@ def test_baseline_runs_like_a_network(atlas, baseline_run):
         == 0
     )
     ev = json.loads((out / "metrics.json").read_text())
-    assert ev["test_cells"]["accuracy"] == pytest.approx(meta["metrics"]["accuracy"])
+    stored = meta["metrics"]["test_cells"]  # one score function, stored by predict and recorded by evaluate
+    for key in ("n_cells", "accuracy", "balanced_accuracy", "macro_f1", "auc"):
+        assert ev["test_cells"][key] == pytest.approx(stored[key], abs=1e-12), key
     assert ev["any_angle"]["angles"] == [0.0, 90.0, 45.0] and len(set(ev["any_angle"]["metrics"]["accuracy"])) == 1
     assert {"confusion_matrix.png", "maps.png", "any_angle.png"} <= {p.name for p in out.iterdir()}
 

@@ -11,8 +11,8 @@ import pytest
 
 from abc_pipeline.cli import main
 from abc_pipeline.learn.checkpoint import load_model
+from abc_pipeline.learn.inference import predict_proba
 from abc_pipeline.learn.medmnist import load_npz, write_synthetic_npz
-from abc_pipeline.learn.train import predict_proba
 
 
 def test_train_npz_cli(tmp_path: Path) -> None:

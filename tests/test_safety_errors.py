@@ -23,7 +23,7 @@ from test_safety_outputs import _cells, _error_line, tree
 
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
-from abc_pipeline.learn.train import pick_device
+from abc_pipeline.learn.inference import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

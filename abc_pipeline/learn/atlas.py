@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
+from abc_pipeline.evaluate import score
 from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
@@ -56,7 +56,8 @@ from abc_pipeline.learn.data import (
     raster_splits,
     split_mask,
 )
-from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
+from abc_pipeline.learn.inference import forward, pick_device, predict_proba
+from abc_pipeline.learn.train import IGNORE_INDEX, train
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
 from abc_pipeline.raster.channels import ChannelPlan, channel_definition
@@ -413,7 +414,7 @@ def train_atlas_task(
         n_test = len(test_ds.targets) if data.architecture in PER_CELL else len(test_ds)  # cells or tiles
         if data.architecture in PER_CELL:
             proba = predict_proba(model, test_ds, batch_size=batch_size, device=dev)
-            test = classification_metrics(test_ds.targets.numpy(), proba.numpy(), data.table.names)
+            test = score(test_ds.targets.numpy(), proba.numpy(), data.table.names)
         else:
             test = _segment_test(model, test_ds, data.table.names, batch_size, dev)
     out_dir = Path(out_dir)
@@ -490,16 +491,15 @@ def atlas_task(
     )
 
 
-@torch.no_grad()
 def _segment_test(
     model: torch.nn.Module, ds: TileDataset, class_names: Sequence[str], batch_size: int, device: torch.device
 ) -> dict:
-    """Voxel-level segmentation metrics over the labelled voxels of ``ds``."""
+    """Voxel-level segmentation metrics over the labelled voxels of ``ds`` (:func:`abc_pipeline.evaluate.score`)."""
     model.eval().to(device)
     y_true, y_pred = [], []
     for x, y in DataLoader(ds, batch_size=batch_size):
-        pred = model(x.to(device)).argmax(1).cpu()
+        pred = forward(model, x, device).argmax(1).cpu()
         keep = y != IGNORE_INDEX
         y_true.append(y[keep].numpy())
         y_pred.append(pred[keep].numpy())
-    return segmentation_metrics(np.concatenate(y_true), np.concatenate(y_pred), class_names, ignore=IGNORE_INDEX)
+    return score(np.concatenate(y_true), np.concatenate(y_pred), class_names, segment=True, ignore=IGNORE_INDEX)

@@ -73,7 +73,7 @@ from abc_pipeline.learn.data import (
     raster_splits,
 )
 from abc_pipeline.learn.predict import atlas_config, check_channels
-from abc_pipeline.learn.scoring import cell_targets, score_cells
+from abc_pipeline.learn.scoring import cell_targets, score_cells, stored_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import (
     ATTRS_KEY,
@@ -566,8 +566,7 @@ def predict_baseline(
             "baseline": ckpt["baseline"],
             "voxels": "fraction of the voxel's cells predicted as each class; label = majority class",
         }
-        root.attrs[ATTRS_KEY] = {"predictions": meta}
-        meta["metrics"] = score_cells(tmp, src) if splits.get("test") else {}
+        meta["metrics"] = stored_metrics(tmp, src, table.level, table.names)
         root.attrs[ATTRS_KEY] = {"predictions": meta}
     log.info("wrote %s predictions of %s (%s) to %s", task, r.path, ckpt["model_name"], out)
     return out

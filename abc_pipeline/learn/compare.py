@@ -55,11 +55,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
+from abc_pipeline.evaluate import equivariance_curve, orientation_scores, score
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import config_hash, write_json
+from abc_pipeline.learn.inference import pick_device, predict_proba
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
-from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
+from abc_pipeline.learn.train import IGNORE_INDEX, train
 from abc_pipeline.nn import build_model, grid_group, model_table
 from abc_pipeline.nn.fields import equivariance_error
 
@@ -251,12 +252,6 @@ def _warm_up(task: BenchTask, device: torch.device) -> None:
         )
 
 
-def _test_scores(task: BenchTask, proba: torch.Tensor, y: torch.Tensor) -> dict:
-    if task.task == "classify":
-        return classification_metrics(y.numpy(), proba.numpy(), task.class_names)
-    return segmentation_metrics(y.numpy(), proba.argmax(1).numpy(), task.class_names, ignore=IGNORE_INDEX)
-
-
 def _evaluate(
     model: torch.nn.Module,
     task: BenchTask,
@@ -286,7 +281,9 @@ def _evaluate(
         predict, xc, angles, task=task.task, mask=None if task.task == "classify" else yc != IGNORE_INDEX
     )
     return {
-        "test": _test_scores(task, proba, y),
+        "test": score(
+            y.numpy(), proba.numpy(), task.class_names, segment=task.task == "segment", ignore=IGNORE_INDEX
+        ),
         "orientation": orient,
         "equivariance_error": error,
         "curve": curve,

@@ -45,6 +45,7 @@ vs its worst grid orientation); ``any_angle.png``: per-cell accuracy against the
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -59,7 +60,7 @@ import zarr
 
 from abc_pipeline import keys, plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
+from abc_pipeline.evaluate import equivariance_curve, score
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.integrity import verify_store
 from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
@@ -76,9 +77,10 @@ from abc_pipeline.learn.data import (
     split_mask,
     z_blocks,
 )
+from abc_pipeline.learn.inference import pick_device, predict_batches
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
-from abc_pipeline.learn.scoring import score_cells
-from abc_pipeline.learn.train import IGNORE_INDEX, pick_device
+from abc_pipeline.learn.scoring import score_cells, scored_cells
+from abc_pipeline.learn.train import IGNORE_INDEX
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
 from abc_pipeline.raster.channels import raster_digest
 from abc_pipeline.raster.ome import ATTRS_KEY, Raster, open_raster
@@ -185,12 +187,12 @@ def evaluate_run(
 
     if task == "celltype":
         test_cells, y_true, proba = _test_cells(store, predictions, src, table, max_test_cells)
-        test = classification_metrics(y_true, proba, names)
+        test = score(y_true, proba, names)
         y_pred, unit, margin = proba.argmax(1), "cells", tuple(model.margin)
         net = model.forward_dense
     else:
         y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"], test_mask)
-        test = segmentation_metrics(y_true, y_pred, names, ignore=IGNORE_INDEX)
+        test = score(y_true, y_pred, names, segment=True, ignore=IGNORE_INDEX)
         unit, margin, net = "voxels", (halo,) * dim, model
         if atlas.get("architecture") == "cell-context":  # a per-cell model's dense map: each voxel's mean cell
             margin, net = tuple(model.margin), model.forward_dense
@@ -224,7 +226,7 @@ def evaluate_run(
         stored = np.concatenate(
             [_read_box(store[f"labels/{keys.prediction('region')}/0"], w.core_lo, w.core).ravel() - 1 for w in boxes]
         )
-    logits = _on_device(net, dev, batch_size)
+    logits = functools.partial(predict_batches, net, device=dev, batch_size=batch_size)  # class scores per voxel
     symmetry = _symmetry_scores(
         logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim, batch_size, stored
     )
@@ -391,35 +393,15 @@ def _test_cells(
     store: zarr.Group, where: Path, src: CellSource, table: ClassTable, cap: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row numbers ``(N,)`` in cells.zarr, labels ``(N,)`` and stored probabilities ``(N, K)`` of the test
-    cells with a voxel and a class (at most ``cap``, evenly strided), read in chunks of cells."""
-    split = store["cells/split"]
-    test = np.concatenate(
-        [
-            np.flatnonzero(np.asarray(split[s : s + _CELL_CHUNK]) == SPLITS.index("test")) + s
-            for s in range(0, split.shape[0], _CELL_CHUNK)
-        ]
-    )
-    if cap is not None and len(test) > cap:
-        test = test[:: -(-len(test) // cap)]
-    cat = src.categorical(table.level)
-    lut = table.lookup(cat.categories)
-    rows, ys, ps = [], [], []
-    for s in range(0, len(test), _CELL_CHUNK):
-        idx = test[s : s + _CELL_CHUNK]
-        codes = np.asarray(cat.codes[idx].compute()).astype(np.int64)
-        y = np.where(codes >= 0, lut[np.clip(codes, 0, None)], -1)
-        p = np.asarray(store["cells/proba"].get_orthogonal_selection((idx, slice(None))))
-        keep = (y >= 0) & np.isfinite(p).all(axis=1)
-        rows.append(idx[keep])
-        ys.append(y[keep])
-        ps.append(p[keep])
-    y_true = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    cells with a voxel and a class (at most ``cap``, evenly strided;
+    :func:`abc_pipeline.learn.scoring.scored_cells`)."""
+    rows, y_true, proba = scored_cells(store, src, table.level, table.names, max_cells=cap)
     if not y_true.size:
         raise InputError(
             f"{where}: no test-split cell has a voxel and a {table.level!r} class; nothing to "
             f"evaluate (choose other --split-fractions or --seed when training)"
         )
-    return np.concatenate(rows), y_true, np.concatenate(ps)
+    return rows, y_true, proba
 
 
 def _test_voxels(
@@ -564,22 +546,6 @@ def _window_cells(
 
 
 # ----------------------------------------------------------------------------------------------- symmetries
-def _on_device(
-    net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, batch_size: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> net(x)`` in batches without gradients on ``dev``; float32 on the CPU (class scores per voxel)."""
-
-    @torch.no_grad()
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, len(x), batch_size):
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
-                out.append(net(x[i : i + batch_size].to(dev)).float().cpu())
-        return torch.cat(out)
-
-    return run
-
-
 def _symmetry_scores(
     logits: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -657,10 +623,10 @@ def _score_symmetry(
     if task == "celltype":
         proba = torch.cat([torch.softmax(b[(slice(None), *c.T)].T, dim=1) for b, (c, _) in zip(back, targets)])
         pred = proba.argmax(1).numpy()
-        scores = classification_metrics(y, proba.numpy(), names)
+        scores = score(y, proba.numpy(), names)
     else:
         pred = np.concatenate([b.argmax(0)[w.crop(dim)].numpy().ravel() for b, w in zip(back, boxes)])
-        scores = segmentation_metrics(y, pred, names, ignore=IGNORE_INDEX)
+        scores = score(y, pred, names, segment=True, ignore=IGNORE_INDEX)
     for m, values in per.items():
         values[str(g)] = float(scores[m])
     return pred

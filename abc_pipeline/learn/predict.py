@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells
@@ -63,7 +62,8 @@ from abc_pipeline.learn.data import (
     split_mask,
     z_blocks,
 )
-from abc_pipeline.learn.train import pick_device
+from abc_pipeline.learn.inference import forward, pick_device
+from abc_pipeline.learn.scoring import stored_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_digest
 from abc_pipeline.raster.ome import ATTRS_KEY, create_array, open_raster, write_image_metadata, write_labels_metadata
 from abc_pipeline.raster.source import CellSource
@@ -80,7 +80,6 @@ DEFAULT_HALO = 16
 _PASS_VOXELS = {"cuda": 1 << 20}
 _PASS_VOXELS_DEFAULT = 1 << 15
 _CELL_CHUNK = 1 << 16  # cells per gather
-_METRIC_CELLS = 200_000  # test cells (at most, evenly strided) scored in the predictions' metrics
 _CONTEXT = "_context"  # temporary (embed, z, y, x) context embedding of a cell-context model
 
 
@@ -264,7 +263,7 @@ def predict_raster(
             task,
             per_cell,
         )
-        metrics = _score_cells(tmp, CellSource(cells), table) if cells is not None else {}
+        metrics = stored_metrics(tmp, src, table.level, table.names) if cells is not None else {}
         root = zarr.open_group(str(tmp), mode="a")
         root.attrs[ATTRS_KEY] = {
             "predictions": {
@@ -332,7 +331,6 @@ def _write(
     )
     size = tuple(c + 2 * m for c, m in zip(core, margin))
     batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))
-    amp = dev.type == "cuda"
     boxes = list(_boxes(blocks, shape, dim, core))
     masked = any(b[2] >= 0 for b in blocks)
     bar = tqdm(total=len(boxes), desc=f"predict {task}", disable=not progress)
@@ -351,17 +349,19 @@ def _write(
             if x[(-1, *crop)].any():
                 yield (slice(*zr), slice(*yr), slice(*xr)), crop, x
 
+    def context_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cell-context model's dense context embedding and the logits of each voxel's mean cell."""
+        embedding = model.context_dense(x)
+        return embedding, model.forward_dense(x, embedding)
+
+    net = context_pass if context is not None else (model.forward_dense if dense else model)
     tiles = windows()
     while batch := list(itertools.islice(tiles, batch_size)):
-        x = torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for _, _, w in batch])).to(dev)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
-            if context is not None:
-                embedding = model.context_dense(x)
-                logits = model.forward_dense(x, embedding)
-                embedding = embedding.float().cpu().numpy()
-            else:
-                logits = model.forward_dense(x) if dense else model(x)
-        p = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        out = forward(net, torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for _, _, w in batch])), dev)
+        embedding, logits = out if context is not None else (None, out)
+        p = torch.softmax(logits, dim=1).cpu().numpy()
+        if embedding is not None:
+            embedding = embedding.cpu().numpy()
         if dim == 2:
             p = p[:, :, None]
             embedding = embedding[:, :, None] if context is not None else None
@@ -407,28 +407,3 @@ def _sample_cells(root: zarr.Group, proba: zarr.Array, r, splits: dict[str, list
         p[~has] = np.nan
         cell_proba[s : s + len(vox)] = p
         pred[s : s + len(vox)] = np.where(has, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)
-
-
-def _score_cells(store: Path, src: CellSource, table: ClassTable) -> dict:
-    """Classification metrics of the test-split cells (at most ``_METRIC_CELLS``, evenly strided) against
-    their own ``table.level`` labels in cells.zarr; per split, the number of cells."""
-    group = zarr.open_group(str(store), mode="r")["cells"]
-    split = np.asarray(group["split"][:])
-    test = np.flatnonzero(split == SPLITS.index("test"))
-    counts = {name: int((split == i).sum()) for i, name in enumerate([*SPLITS, "none"])}
-    if not test.size:  # e.g. a transferred dataset: no split, and perhaps no labels
-        return {"cells_per_split": counts}
-    cat = src.categorical(table.level)
-    lut = table.lookup(cat.categories)
-    test = test[:: max(1, -(-len(test) // _METRIC_CELLS))]
-    codes = np.asarray(cat.codes[test].compute()).astype(np.int64)
-    y = np.where(codes >= 0, lut[np.clip(codes, 0, None)], -1)
-    proba = np.asarray(group["proba"].get_orthogonal_selection((test, slice(None))))
-    keep = (y >= 0) & np.isfinite(proba).all(axis=1)
-    if not keep.any():
-        return {"cells_per_split": counts}
-    return {
-        "cells_per_split": counts,
-        "n_test_scored": int(keep.sum()),
-        "test_cells": classification_metrics(y[keep], proba[keep], table.names),
-    }

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from abc_pipeline.evaluate import classification_metrics, orientation_scores
+from abc_pipeline.evaluate import orientation_scores, score
 from abc_pipeline.learn.checkpoint import write_json
+from abc_pipeline.learn.inference import pick_device, predict_proba
 from abc_pipeline.learn.medmnist import open_npz
-from abc_pipeline.learn.train import pick_device, predict_proba, train
+from abc_pipeline.learn.train import train
 from abc_pipeline.nn import build_model, grid_group
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def train_npz(
     )
     dev = pick_device(device)
     proba = predict_proba(model, data.test.images, batch_size=batch_size, device=dev)
-    test = classification_metrics(data.test.targets.numpy(), proba.numpy(), data.class_names)
+    test = score(data.test.targets.numpy(), proba.numpy(), data.class_names)
     orient = orientation_scores(
         lambda x: predict_proba(model, x, batch_size=batch_size, device=dev),
         data.test.images,

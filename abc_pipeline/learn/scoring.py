@@ -7,10 +7,15 @@ reads the cells of one split from there and their true labels at the store's lev
 scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced accuracy,
 macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
 probabilities get the same numbers. Region models keep their voxel scores (Dice, IoU) besides.
+
+The same function serves every reader: :func:`stored_metrics` is what ``predict`` stores in a store's
+attributes (``metrics.test_cells``), ``evaluate`` records :func:`score_cells` as ``test_cells`` and reads the
+test cells of its figures and windows through :func:`scored_cells`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,8 @@ _CELL_CHUNK = 1 << 16  # cells per read
 
 #: the per-cell scores of the report and the comparison tables, in this order
 CELL_SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
+#: test cells (at most, evenly strided) scored in the ``metrics`` attribute of a predictions store
+STORED_CELLS = 200_000
 
 
 def cell_targets(
@@ -61,6 +68,39 @@ def split_rows(split: zarr.Array, name: str = "test", max_cells: int | None = No
     return rows
 
 
+def scored_cells(
+    store: zarr.Group,
+    cells: CellSource,
+    level: str,
+    class_names: Sequence[str],
+    *,
+    split: str = "test",
+    max_cells: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cells of ``split`` (at most ``max_cells``, evenly strided) that a predictions store ``store`` can be
+    scored on: those with a prediction (finite ``cells/proba``) and a class at ``level`` in ``cells``. Returns
+    their rows ``(N,)`` in cells.zarr, class indices ``(N,)`` into ``class_names`` and stored probabilities
+    ``(N, K)`` float32, read in chunks of cells; ``N`` may be 0."""
+    rows = split_rows(store["cells/split"], split, max_cells)
+    y = cell_targets(cells, level, class_names, rows)
+    proba = np.concatenate(
+        [np.zeros((0, len(class_names)), np.float32)]
+        + [
+            np.asarray(store["cells/proba"].get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
+            for s in range(0, len(rows), _CELL_CHUNK)
+        ]
+    )
+    keep = (y >= 0) & np.isfinite(proba).all(axis=1)
+    return rows[keep], y[keep], proba[keep]
+
+
+def cell_scores(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str], split: str = "test") -> dict:
+    """The per-cell scores of ``N`` cells of ``split``: class indices ``y`` ``(N,)`` and probabilities ``proba``
+    ``(N, K)`` (:func:`scored_cells`), scored by :func:`abc_pipeline.evaluate.classification_metrics`, plus
+    ``split`` and ``n_cells``."""
+    return {"split": split, "n_cells": len(y), **classification_metrics(y, proba, list(class_names))}
+
+
 def score_cells(
     predictions: str | Path, cells: str | Path | CellSource, *, split: str = "test", max_cells: int | None = None
 ) -> dict:
@@ -68,7 +108,8 @@ def score_cells(
     strided) against their own labels at the store's level in ``cells``.
 
     Returns :func:`abc_pipeline.evaluate.classification_metrics` plus ``n_cells`` (cells scored: with a
-    prediction and a class) and ``split``. :class:`InputError` when no cell of the split can be scored.
+    prediction and a class) and ``split`` (:func:`cell_scores`). :class:`InputError` when no cell of the split
+    can be scored.
     """
     path = Path(predictions)
     try:
@@ -77,23 +118,45 @@ def score_cells(
     except Exception as exc:
         raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc})") from exc
     src = cells if isinstance(cells, CellSource) else CellSource(cells)
-    names = list(meta["class_names"])
-    rows = split_rows(store["cells/split"], split, max_cells)
-    y = cell_targets(src, meta["level"], names, rows)
-    proba = np.concatenate(
-        [np.zeros((0, len(names)), np.float32)]
-        + [
-            np.asarray(store["cells/proba"].get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
-            for s in range(0, len(rows), _CELL_CHUNK)
-        ]
-    )
-    keep = (y >= 0) & np.isfinite(proba).all(axis=1)
-    if not keep.any():
+    _, y, proba = scored_cells(store, src, meta["level"], meta["class_names"], split=split, max_cells=max_cells)
+    if not len(y):
         raise InputError(
             f"{path}: no {split}-split cell has a prediction and a {meta['level']!r} class; nothing to "
             f"score (choose other split fractions or seed when training)"
         )
-    return {"split": split, "n_cells": int(keep.sum()), **classification_metrics(y[keep], proba[keep], names)}
+    return cell_scores(y, proba, meta["class_names"], split)
 
 
-__all__ = ["CELL_SCORES", "cell_targets", "score_cells", "split_rows"]
+def stored_metrics(
+    predictions: str | Path,
+    cells: str | Path | CellSource,
+    level: str,
+    class_names: Sequence[str],
+    max_cells: int | None = STORED_CELLS,
+) -> dict:
+    """The ``metrics`` attribute of a ``predictions.zarr`` being written (before its attributes):
+    ``cells_per_split`` (cells per split code; ``"none"``: not in a split of the training run) and, when some
+    test cell has a prediction and a class at ``level``, ``test_cells``: the :func:`score_cells` values of at
+    most ``max_cells`` test cells."""
+    store = zarr.open_group(str(predictions), mode="r")
+    split = np.asarray(store["cells/split"][:])
+    counts = {name: int((split == i).sum()) for i, name in enumerate([*SPLITS, "none"])}
+    if not counts["test"]:  # e.g. a transferred dataset: no split, and perhaps no labels
+        return {"cells_per_split": counts}
+    src = cells if isinstance(cells, CellSource) else CellSource(cells)
+    _, y, proba = scored_cells(store, src, level, class_names, max_cells=max_cells)
+    if not len(y):
+        return {"cells_per_split": counts}
+    return {"cells_per_split": counts, "test_cells": cell_scores(y, proba, class_names)}
+
+
+__all__ = [
+    "CELL_SCORES",
+    "STORED_CELLS",
+    "cell_scores",
+    "cell_targets",
+    "score_cells",
+    "scored_cells",
+    "split_rows",
+    "stored_metrics",
+]

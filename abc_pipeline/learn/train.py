@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
+from abc_pipeline.evaluate import score
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import (
     checkpoint_mismatches,
@@ -44,6 +44,7 @@ from abc_pipeline.learn.checkpoint import (
     publish_run,
     save_checkpoint,
 )
+from abc_pipeline.learn.inference import autocast, forward, model_inputs, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +73,6 @@ class TrainResult:
     @property
     def checkpoint(self) -> Path:
         return self.out_dir / "checkpoint.pt"
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(device)`` (:class:`InputError` for a
-    device that is not a torch device or not present)."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"--device {device!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use "
-            "--device cpu or auto, or install a CUDA build of torch"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return dev
 
 
 def class_counts(ds: Dataset, n_classes: int, batch_size: int = 256) -> torch.Tensor:
@@ -123,34 +105,6 @@ def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def model_inputs(x: torch.Tensor | Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A batch's model inputs on ``device`` as positional arguments: one tensor, or several (a dataset whose
-    input is a tuple, e.g. ``(patch, expression)`` of the cell-context classifier)."""
-    parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
-    return tuple(t.to(device, non_blocking=True) for t in parts)
-
-
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module, x: torch.Tensor | Dataset, batch_size: int = 256, device: str | torch.device = "auto"
-) -> torch.Tensor:
-    """Softmax probabilities of ``model`` over inputs ``x`` ``(N, C, *spatial)`` (or a dataset of pairs).
-
-    Returns float32 on the CPU: ``(N, K)`` for classifiers, ``(N, K, *spatial)`` for segmenters. Mixed
-    precision on CUDA.
-    """
-    device = pick_device(device)
-    model.eval().to(device)
-    loader = DataLoader(x, batch_size=batch_size, collate_fn=getattr(x, "collate", None))
-    out = []
-    for batch in loader:
-        xb = batch[0] if isinstance(batch, (list, tuple)) else batch
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = model(*model_inputs(xb, device))
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out)
-
-
 def _loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy, mean over labelled targets (``IGNORE_INDEX`` skipped), computed in float32."""
     return F.cross_entropy(logits.float(), y, weight=weight, ignore_index=IGNORE_INDEX)
@@ -164,24 +118,23 @@ def _validate(
     class_names: Sequence[str],
     batch_size: int,
     device: torch.device,
-    amp: bool,
     num_workers: int,
 ) -> tuple[float, dict]:
-    """Mean unweighted loss over labelled targets and the metrics of ``ds``."""
+    """Mean unweighted loss over labelled targets and the metrics of ``ds``
+    (:func:`abc_pipeline.evaluate.score`)."""
     model.eval()
     loss_sum, n = 0.0, 0
     outs, targets = [], []
     collate = getattr(ds, "collate", None)
     for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate):
-        x, y = model_inputs(x, device), y.to(device, non_blocking=True).long()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(*x)
+        logits = forward(model, x, device)
+        y = y.to(device, non_blocking=True).long()
         labelled = int((y != IGNORE_INDEX).sum())
         if labelled:
-            loss_sum += float(F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum"))
+            loss_sum += float(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum"))
             n += labelled
         if task == "classify":
-            outs.append(torch.softmax(logits.float(), 1).cpu())
+            outs.append(torch.softmax(logits, 1).cpu())
             targets.append(y.cpu())
         else:
             keep = y != IGNORE_INDEX
@@ -189,15 +142,11 @@ def _validate(
             targets.append(y[keep].cpu())
     if n == 0:
         raise InputError("the validation split has no labelled samples/voxels; choose other split fractions")
-    y_true = torch.cat(targets).numpy()
-    if task == "classify":
-        metrics = classification_metrics(y_true, torch.cat(outs).numpy(), class_names)
-    else:
-        metrics = segmentation_metrics(y_true, torch.cat(outs).numpy(), class_names, ignore=IGNORE_INDEX)
-    return loss_sum / n, metrics
+    y_true, out = torch.cat(targets).numpy(), torch.cat(outs).numpy()
+    return loss_sum / n, score(y_true, out, class_names, segment=task == "segment", ignore=IGNORE_INDEX)
 
 
-def _score(value: float) -> float:
+def _rank(value: float) -> float:
     """NaN (metric undefined) ranks below every real score."""
     return -math.inf if math.isnan(value) else value
 
@@ -239,11 +188,76 @@ def train(
     ``"if-unchanged"``: the same, but a ``last.pt`` of another configuration (e.g. after the inputs changed) is
     discarded with a warning and training starts over; ``False``: always start over. ``inputs``: the files the
     datasets read (``out_dir`` may not be, contain or lie inside one; :func:`abc_pipeline.fileio.claim_directory`).
+
+    Steps: :func:`_run_config` (checked arguments, loss weights, the run's configuration), :meth:`_Run.start`
+    (device, optimiser, schedule), :meth:`_Run.resume` (``last.pt`` or a fresh seed), then per epoch
+    :meth:`_Run.train_epoch`, :func:`_validate` and :meth:`_Run.record` (early stopping, ``last.pt``), and
+    :meth:`_Run.finish` (best weights, ``metrics.json``, ``checkpoint.pt``).
     """
     out_dir = Path(out_dir)
+    run_config, weight = _run_config(
+        model,
+        train_ds,
+        val_ds,
+        class_names=class_names,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        patience=patience,
+        metric=metric,
+        class_weights=class_weights,
+        config=config,
+    )
+    run = _Run.start(model, run_config, weight, out_dir, device)
+    claim_directory(out_dir, "train-run", inputs=inputs)
+    run.resume(resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    start = run.state["epoch"] + 1
+    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {run.name}", disable=not progress)
+    for epoch in bar:
+        if run.state["stopped_early"]:
+            break
+        t0 = time.perf_counter()
+        train_loss, lr_now = run.train_epoch(train_ds, epoch, num_workers)
+        val_loss, val_metrics = _validate(model, val_ds, run.task, run.class_names, batch_size, run.device, num_workers)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            **{f"val_{m}": val_metrics[m] for m in METRICS[run.task]},
+            "lr": lr_now,
+            "seconds": time.perf_counter() - t0,
+        }
+        run.record(row, val_metrics)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{run.metric: f"{val_metrics[run.metric]:.3f}"})
+    bar.close()
+    return run.finish()
+
+
+def _run_config(
+    model: nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    *,
+    class_names: Sequence[str],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    patience: int,
+    metric: str | None,
+    class_weights: str | Sequence[float] | None,
+    config: Mapping[str, Any] | None,
+) -> tuple[dict, torch.Tensor | None]:
+    """The run's configuration (stored in the checkpoints; its hash identifies the run: model name, task and
+    spec, classes and every training argument) and the class weights of the loss (``(K,)`` float32 or
+    ``None``), after checking the arguments (:class:`InputError`)."""
     spec = getattr(model, "spec", None)
     task = getattr(model, "task", "classify")
-    model_name = getattr(model, "name", type(model).__name__)
     class_names = [str(c) for c in class_names]
     metric = metric or METRICS[task][0]
     if metric not in METRICS[task]:
@@ -265,7 +279,7 @@ def train(
             raise InputError(f"class_weights has {weight.numel()} values; give one per class ({k})")
     run_config = {
         "config": dict(config or {}),
-        "model_name": model_name,
+        "model_name": getattr(model, "name", type(model).__name__),
         "task": task,
         "model_spec": spec.to_dict() if spec is not None else None,
         "class_names": class_names,
@@ -280,183 +294,240 @@ def train(
         if isinstance(class_weights, str) or class_weights is None
         else [float(w) for w in class_weights],
     }
-    chash = config_hash(run_config)
+    return run_config, weight
 
-    device = pick_device(device)
-    amp = device.type == "cuda"
-    if amp:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    model.to(device)
-    weight = weight.to(device) if weight is not None else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    state = {
-        "epoch": -1,
-        "best_score": -math.inf,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "stopped_early": False,
-        "history": [],
-        "best_val": {},
-    }
 
-    claim_directory(out_dir, "train-run", inputs=inputs)
-    last = out_dir / "last.pt"
-    ckpt = load_checkpoint(last) if resume and last.is_file() else None
-    if ckpt is not None:
-        mismatches = checkpoint_mismatches(ckpt, model_name, task, class_names)
-        if not mismatches and ckpt["config_hash"] != chash:
-            mismatches = [f"configuration differs in {', '.join(config_differences(ckpt['config'], run_config))}"]
-        if mismatches:
-            reason = f"{last} holds another run: {'; '.join(mismatches)}"
-            if resume != "if-unchanged":
-                raise InputError(
-                    f"{reason}. Use another output directory for this model, task and class level, "
-                    f"or pass resume=False (--restart) to start over"
-                )
-            log.warning("%s; starting over", reason)
-            ckpt = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+@dataclass
+class _Run:
+    """One training run in progress: the model with its optimiser (AdamW), cosine schedule and gradient
+    scaler on ``device``, the run's configuration (:func:`_run_config`) and its bookkeeping.
+
+    ``state``: ``epoch`` (last finished, 0-based; -1 before the first), ``best_score``, ``best_epoch``,
+    ``bad_epochs`` (since the best), ``stopped_early``, ``history`` (one row per epoch) and ``best_val`` (the
+    best epoch's validation metrics); ``best_model``: the best epoch's weights on the CPU. Both are saved in
+    every checkpoint, so a resumed run continues exactly where the killed one stopped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    weight: torch.Tensor | None
+    config: dict
+    config_hash: str
+    out_dir: Path
+    state: dict = field(
+        default_factory=lambda: {
+            "epoch": -1,
+            "best_score": -math.inf,
+            "best_epoch": -1,
+            "bad_epochs": 0,
+            "stopped_early": False,
+            "history": [],
+            "best_val": {},
+        }
+    )
+    best_model: dict | None = None
+
+    @classmethod
+    def start(
+        cls, model: nn.Module, config: dict, weight: torch.Tensor | None, out_dir: Path, device: str | torch.device
+    ) -> _Run:
+        """The model on the device (deterministic cuDNN on CUDA) with a fresh optimiser, schedule over
+        ``config["epochs"]`` and gradient scaler (enabled on CUDA only)."""
+        device = pick_device(device)
+        amp = device.type == "cuda"
+        if amp:
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        return cls(
+            model=model,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"]),
+            scaler=torch.amp.GradScaler("cuda", enabled=amp),
+            device=device,
+            weight=weight.to(device) if weight is not None else None,
+            config=config,
+            config_hash=config_hash(config),
+            out_dir=out_dir,
+        )
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def name(self) -> str:
+        return self.config["model_name"]
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def metric(self) -> str:
+        return self.config["metric"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config["class_names"]
+
+    def resume(self, resume: bool | str) -> None:
+        """Continue from ``out_dir/last.pt`` when ``resume`` allows it and it holds this run (weights,
+        optimiser, schedule, scaler, RNG states and bookkeeping); else seed the torch RNG with the run's seed.
+        A ``last.pt`` of another run is an :class:`InputError`, or (``"if-unchanged"``) discarded."""
+        last = self.out_dir / "last.pt"
+        ckpt = load_checkpoint(last) if resume and last.is_file() else None
+        if ckpt is not None:
+            mismatches = checkpoint_mismatches(ckpt, self.name, self.task, self.class_names)
+            if not mismatches and ckpt["config_hash"] != self.config_hash:
+                mismatches = [f"configuration differs in {', '.join(config_differences(ckpt['config'], self.config))}"]
+            if mismatches:
+                reason = f"{last} holds another run: {'; '.join(mismatches)}"
+                if resume != "if-unchanged":
+                    raise InputError(
+                        f"{reason}. Use another output directory for this model, task and class level, "
+                        f"or pass resume=False (--restart) to start over"
+                    )
+                log.warning("%s; starting over", reason)
+                ckpt = None
+        if ckpt is None:
+            torch.manual_seed(self.config["seed"])
+            return
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng_cpu"])
-        if amp and ckpt["rng_cuda"]:
+        if self.amp and ckpt["rng_cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        state = {key: ckpt[key] for key in state}
-        best_model = ckpt["best_model"]
+        self.state = {key: ckpt[key] for key in self.state}
+        self.best_model = ckpt["best_model"]
         log.info(
             "resuming %s from epoch %d (best %s %.4f at epoch %d)",
-            out_dir,
-            state["epoch"] + 1,
-            metric,
-            state["best_score"],
-            state["best_epoch"],
+            self.out_dir,
+            self.state["epoch"] + 1,
+            self.metric,
+            self.state["best_score"],
+            self.state["best_epoch"],
         )
-    else:
-        torch.manual_seed(seed)
-        best_model = None
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    def snapshot() -> dict:
-        return {
-            "model": model.state_dict(),
-            "best_model": best_model,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if amp else [],
-            **state,
-            "config": run_config,
-            "config_hash": chash,
-            "class_names": class_names,
-            "model_name": model_name,
-            "task": task,
-            "model_spec": spec.to_dict() if spec is not None else None,
-        }
-
-    start = state["epoch"] + 1
-    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {model_name}", disable=not progress)
-    for epoch in bar:
-        if state["stopped_early"]:
-            break
-        t0 = time.perf_counter()
-        model.train()
-        generator = torch.Generator().manual_seed(seed * _SHUFFLE_STRIDE + epoch)
+    def train_epoch(self, train_ds: Dataset, epoch: int, num_workers: int) -> tuple[float, float]:
+        """One pass over ``train_ds`` in an order seeded by ``(seed, epoch)``, then one step of the schedule.
+        Returns the mean training loss over the labelled targets and the learning rate the epoch used."""
+        self.model.train()
+        batch_size = self.config["batch_size"]
+        generator = torch.Generator().manual_seed(self.config["seed"] * _SHUFFLE_STRIDE + epoch)
         loader = DataLoader(
             train_ds,
             batch_size=batch_size,
             shuffle=True,
             generator=generator,
             num_workers=num_workers,
-            pin_memory=amp,
+            pin_memory=self.amp,
             collate_fn=getattr(train_ds, "collate", None),
             drop_last=len(train_ds) % batch_size == 1,
         )  # no 1-sample batch (batch norm)
         loss_sum, n = 0.0, 0
         for x, y in loader:
-            x, y = model_inputs(x, device), y.to(device, non_blocking=True).long()
+            x, y = model_inputs(x, self.device), y.to(self.device, non_blocking=True).long()
             labelled = int((y != IGNORE_INDEX).sum())
             if not labelled:
                 continue
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                logits = model(*x)
-            loss = _loss(logits, y, weight)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            with autocast(self.device):
+                logits = self.model(*x)
+            loss = _loss(logits, y, self.weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             loss_sum += float(loss.detach()) * labelled
             n += labelled
-        lr_now = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        val_loss, val_metrics = _validate(model, val_ds, task, class_names, batch_size, device, amp, num_workers)
-        score = _score(val_metrics[metric])
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(n, 1),
-            "val_loss": val_loss,
-            **{f"val_{m}": val_metrics[m] for m in METRICS[task]},
-            "lr": lr_now,
-            "seconds": time.perf_counter() - t0,
-        }
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return loss_sum / max(n, 1), lr_now
+
+    def record(self, row: dict, val_metrics: dict) -> None:
+        """Book the epoch of history row ``row``: keep its weights when its validation score is the best so
+        far, else count it towards early stopping; then save ``last.pt`` and ``history.tsv``."""
+        state = self.state
         state["history"].append(row)
-        state["epoch"] = epoch
-        improved = score > state["best_score"]
-        if improved:
-            state.update(best_score=score, best_epoch=epoch, bad_epochs=0, best_val=val_metrics)
-            best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state["epoch"] = row["epoch"]
+        value = _rank(val_metrics[self.metric])
+        if value > state["best_score"]:
+            state.update(best_score=value, best_epoch=row["epoch"], bad_epochs=0, best_val=val_metrics)
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
-            state["stopped_early"] = state["bad_epochs"] >= patience
-        save_checkpoint(snapshot(), last)
-        _write_history(state["history"], out_dir / "history.tsv")
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{metric: f"{val_metrics[metric]:.3f}"})
+            state["stopped_early"] = state["bad_epochs"] >= self.config["patience"]
+        save_checkpoint(self.snapshot(), self.out_dir / "last.pt")
+        _write_history(state["history"], self.out_dir / "history.tsv")
         log.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_%s %.4f (%.1f s)",
-            epoch,
+            row["epoch"],
             row["train_loss"],
-            val_loss,
-            metric,
-            val_metrics[metric],
+            row["val_loss"],
+            self.metric,
+            val_metrics[self.metric],
             row["seconds"],
         )
-    bar.close()
 
-    if state["best_epoch"] < 0:
-        raise InputError(f"no epoch reached a defined validation {metric}; check the validation labels")
-    model.load_state_dict(best_model)
-    _write_history(state["history"], out_dir / "history.tsv")
-    result = TrainResult(
-        out_dir=out_dir,
-        best_epoch=state["best_epoch"],
-        best_score=state["best_score"],
-        metric=metric,
-        epochs_run=state["epoch"] + 1,
-        stopped_early=state["stopped_early"],
-        config_hash=chash,
-        val_metrics=state["best_val"],
-        history=state["history"],
-    )
-    metrics = {
-        "model": model_name,
-        "task": task,
-        "metric": metric,
-        "best_epoch": result.best_epoch,
-        f"best_val_{metric}": result.best_score,
-        "val": result.val_metrics,
-        "epochs_run": result.epochs_run,
-        "stopped_early": result.stopped_early,
-        "config_hash": chash,
-        "device": str(device),
-        "n_params": sum(p.numel() for p in model.parameters()),
-    }
-    publish_run(metrics, _best_checkpoint(snapshot()), out_dir)
-    return result
+    def snapshot(self) -> dict:
+        """The content of ``last.pt``: weights, optimiser, schedule, scaler and RNG states, bookkeeping and
+        the run's configuration."""
+        return {
+            "model": self.model.state_dict(),
+            "best_model": self.best_model,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.amp else [],
+            **self.state,
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "class_names": self.class_names,
+            "model_name": self.name,
+            "task": self.task,
+            "model_spec": self.config["model_spec"],
+        }
+
+    def finish(self) -> TrainResult:
+        """Load the best weights into the model, write ``history.tsv`` and publish ``metrics.json`` and
+        ``checkpoint.pt`` (:func:`abc_pipeline.learn.checkpoint.publish_run`)."""
+        state, metric = self.state, self.metric
+        if state["best_epoch"] < 0:
+            raise InputError(f"no epoch reached a defined validation {metric}; check the validation labels")
+        self.model.load_state_dict(self.best_model)
+        _write_history(state["history"], self.out_dir / "history.tsv")
+        result = TrainResult(
+            out_dir=self.out_dir,
+            best_epoch=state["best_epoch"],
+            best_score=state["best_score"],
+            metric=metric,
+            epochs_run=state["epoch"] + 1,
+            stopped_early=state["stopped_early"],
+            config_hash=self.config_hash,
+            val_metrics=state["best_val"],
+            history=state["history"],
+        )
+        metrics = {
+            "model": self.name,
+            "task": self.task,
+            "metric": metric,
+            "best_epoch": result.best_epoch,
+            f"best_val_{metric}": result.best_score,
+            "val": result.val_metrics,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+            "config_hash": self.config_hash,
+            "device": str(self.device),
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+        }
+        publish_run(metrics, _best_checkpoint(self.snapshot()), self.out_dir)
+        return result
 
 
 def _best_checkpoint(snapshot: dict) -> dict:
@@ -473,14 +544,4 @@ def _write_history(history: list[dict], path: Path) -> None:
     atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
-__all__ = [
-    "IGNORE_INDEX",
-    "METRICS",
-    "TrainResult",
-    "balanced_weights",
-    "class_counts",
-    "model_inputs",
-    "pick_device",
-    "predict_proba",
-    "train",
-]
+__all__ = ["IGNORE_INDEX", "METRICS", "TrainResult", "balanced_weights", "class_counts", "train"]
