@@ -2,10 +2,10 @@
 own label.
 
 Every model (networks and the scikit-learn baselines, cell types and regions) writes the same per-cell tables
-into its ``predictions.zarr`` (``cells/proba``, ``cells/split``; ``abc-pipeline predict``). :func:`score_cells`
-reads the cells of one split from there and their true labels at the store's level from cells.zarr, and
-scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced accuracy,
-macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
+into its ``predictions.zarr`` (``cells/proba``, ``cells/split``; :mod:`abc_pipeline.learn.predictions`).
+:func:`score_cells` reads the cells of one split from there and their true labels at the store's level from
+cells.zarr, and scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced
+accuracy, macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
 probabilities get the same numbers. Region models keep their voxel scores (Dice, IoU) besides.
 """
 
@@ -19,7 +19,7 @@ import zarr
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.data import SPLITS
-from abc_pipeline.raster.ome import ATTRS_KEY
+from abc_pipeline.learn.predictions import open_predictions
 from abc_pipeline.raster.source import CellSource
 
 _CELL_CHUNK = 1 << 16  # cells per read
@@ -70,27 +70,22 @@ def score_cells(
     Returns :func:`abc_pipeline.evaluate.classification_metrics` plus ``n_cells`` (cells scored: with a
     prediction and a class) and ``split``. :class:`InputError` when no cell of the split can be scored.
     """
-    path = Path(predictions)
-    try:
-        store = zarr.open_group(str(path), mode="r")
-        meta = store.attrs[ATTRS_KEY]["predictions"]
-    except Exception as exc:
-        raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc})") from exc
+    store = open_predictions(predictions)
     src = cells if isinstance(cells, CellSource) else CellSource(cells)
-    names = list(meta["class_names"])
-    rows = split_rows(store["cells/split"], split, max_cells)
-    y = cell_targets(src, meta["level"], names, rows)
+    names = list(store.class_names)
+    rows = split_rows(store.cell_split, split, max_cells)
+    y = cell_targets(src, store.level, names, rows)
     proba = np.concatenate(
         [np.zeros((0, len(names)), np.float32)]
         + [
-            np.asarray(store["cells/proba"].get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
+            np.asarray(store.cell_proba.get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
             for s in range(0, len(rows), _CELL_CHUNK)
         ]
     )
     keep = (y >= 0) & np.isfinite(proba).all(axis=1)
     if not keep.any():
         raise InputError(
-            f"{path}: no {split}-split cell has a prediction and a {meta['level']!r} class; nothing to "
+            f"{store.path}: no {split}-split cell has a prediction and a {store.level!r} class; nothing to "
             f"score (choose other split fractions or seed when training)"
         )
     return {"split": split, "n_cells": int(keep.sum()), **classification_metrics(y[keep], proba[keep], names)}
