@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 
 def main() -> None:
@@ -55,6 +54,7 @@ def main() -> None:
     from abc_pipeline.learn.data import SPLITS, CellPatchDataset, ClassTable, Normalizer
     from abc_pipeline.learn.inference import predict_proba
     from abc_pipeline.learn.predict import predict_raster
+    from abc_pipeline.learn.predictions import open_predictions
     from abc_pipeline.raster import open_raster, rasterize
     from abc_pipeline.raster.source import CellSource
 
@@ -90,7 +90,7 @@ def main() -> None:
         return out, t
 
     out, dense_t = dense_pass()
-    dense = np.asarray(zarr.open_group(str(out), mode="r")["cells/proba"][:])
+    dense = np.asarray(open_predictions(out).cell_proba[:])
 
     model, ckpt = load_model(run / "checkpoint.pt")
     atlas = ckpt["config"]["config"]["atlas"]

@@ -37,9 +37,8 @@ from anndata.io import sparse_dataset, write_elem
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_KEY, check_output, staged_output
-from abc_pipeline.integrity import check_shape, verify_store
 from abc_pipeline.learn.data import names_digest
-from abc_pipeline.raster.ome import ATTRS_KEY
+from abc_pipeline.learn.predictions import Predictions, open_predictions
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
@@ -112,30 +111,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _open_predictions(path: Path, n_cells: int, digest: str, cells: Path) -> tuple[zarr.Group, dict]:
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        meta = dict(group.attrs[ATTRS_KEY]["predictions"])
-    except Exception as exc:
-        raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc})") from exc
-    if meta["n_cells"] != n_cells or meta["cell_names_digest"] != digest:
-        raise InputError(
-            f"{path} predicts {meta['n_cells']} cells of another cells.zarr than {cells} "
-            f"({n_cells} cells); predict with the raster made from {cells}"
-        )
-    fix = "Re-run `abc-pipeline predict` to rebuild it"
-    verify_store(path, fix)
-    for key, shape in (
-        ("cells/pred", (n_cells,)),
-        ("cells/proba", (n_cells, len(meta["class_names"]))),
-        ("cells/split", (n_cells,)),
-    ):
-        if not isinstance(group.get(key), zarr.Array):
-            raise InputError(f"{path}: {key} is missing; the store is damaged. {fix}")
-        check_shape(path, key, group[key].shape, shape, fix)
-    return group, meta
-
-
 def annotate_cells(
     cells: str | Path, predictions: Sequence[str | Path], out: str | Path, *, overwrite: bool = False
 ) -> Path:
@@ -150,14 +125,15 @@ def annotate_cells(
     n = src.n_cells
     names = src.obs_names()
     digest = names_digest(names)
-    stores = [(Path(p), *_open_predictions(Path(p), n, digest, src.path)) for p in predictions]
-    columns: list[tuple[str, Path, zarr.Group, dict]] = []
-    for path, group, meta in stores:
-        base = keys.prediction(meta["task"])
-        col = base if all(c[0] != base for c in columns) else keys.prediction(meta["task"], meta["model"])
+    columns: list[tuple[str, Predictions]] = []
+    for path in predictions:
+        store = open_predictions(path)
+        store.check_cells(src.path, n, digest)
+        base = keys.prediction(store.task)
+        col = base if all(c[0] != base for c in columns) else keys.prediction(store.task, store.model)
         if any(c[0] == col for c in columns):
-            raise InputError(f"{path}: a second {meta['model']} prediction of {meta['task']}; give each model once")
-        columns.append((col, path, group, meta))
+            raise InputError(f"{store.path}: a second {store.model} prediction of {store.task}; give each model once")
+        columns.append((col, store))
     obs_cols = set(src.obs_columns())
     clash = [c for c, *_ in columns if c in obs_cols] + ([keys.SPLIT] if keys.SPLIT in obs_cols else [])
     if clash:
@@ -165,7 +141,7 @@ def annotate_cells(
             f"{src.path}: obs already has {clash}; annotate the cells.zarr of `assemble`, not an annotated one"
         )
     out = Path(out)
-    with staged_output(out, "annotated", inputs=[src.path, *(p for p, *_ in stores)], overwrite=overwrite) as tmp:
+    with staged_output(out, "annotated", inputs=[src.path, *(s.path for _, s in columns)], overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             for key in src.group:
                 if key == "X":
@@ -177,23 +153,19 @@ def annotate_cells(
             f.attrs[MARKER_KEY] = "annotated"
             index_key = f["obs"].attrs["_index"]
             order = list(src.obs_columns())
-            for col, _path, group, meta in columns:
-                _write_prediction(f, col, group, meta, n, index_key)
+            for col, store in columns:
+                _write_prediction(f, col, store, n, index_key)
                 order.append(col)
-            first = columns[0][2]
-            split = pd.Categorical.from_codes(
-                np.asarray(first["cells/split"][:]), categories=columns[0][3]["split_categories"]
-            )
-            write_elem(f["obs"], keys.SPLIT, split)
+            write_elem(f["obs"], keys.SPLIT, columns[0][1].split_categorical())
             f["obs"].attrs["column-order"] = _h5_attr(order + [keys.SPLIT])
             uns = f["uns"] if "uns" in f else f.create_group("uns")
             ours = uns.get(keys.UNS)
             entries = {
                 col: _plain(
-                    {k: v for k, v in meta.items() if k not in ("split_categories",)}
-                    | {"predictions": str(path.resolve())}
+                    {k: v for k, v in store.meta.items() if k not in ("split_categories",)}
+                    | {"predictions": str(store.path.resolve())}
                 )
-                for col, path, _, meta in columns
+                for col, store in columns
             }
             if ours is None:
                 write_elem(uns, keys.UNS, {"predict": entries})
@@ -203,12 +175,13 @@ def annotate_cells(
     return out
 
 
-def _write_prediction(f: h5py.File, col: str, group: zarr.Group, meta: dict, n: int, index_key: str) -> None:
-    """``obs[col]`` categorical, ``uns[col_colors]`` and ``obsm[col_proba]`` DataFrame, chunk by chunk."""
-    classes = list(meta["class_names"])
-    pred = np.asarray(group["cells/pred"][:]).astype(np.int16)
+def _write_prediction(f: h5py.File, col: str, store: Predictions, n: int, index_key: str) -> None:
+    """``obs[col]`` categorical, ``uns[col_colors]`` and ``obsm[col_proba]`` DataFrame of ``store``'s
+    per-cell predictions, chunk by chunk."""
+    classes = list(store.class_names)
+    pred = np.asarray(store.cell_pred[:]).astype(np.int16)
     write_elem(f["obs"], col, pd.Categorical.from_codes(pred, categories=classes))
-    write_elem(f["uns"], keys.colors(col), np.array(meta["colors"], dtype=object))
+    write_elem(f["uns"], keys.colors(col), np.array(store.colors, dtype=object))
     obsm = f["obsm"] if "obsm" in f else f.create_group("obsm")
     frame = obsm.create_group(keys.probabilities(col))
     frame.attrs.update(
@@ -220,7 +193,7 @@ def _write_prediction(f: h5py.File, col: str, group: zarr.Group, meta: dict, n: 
         }
     )
     _copy_index(f["obs"][index_key], frame)
-    proba = group["cells/proba"]
+    proba = store.cell_proba
     step = proba.chunks[0]
     chunks = (min(max(n, 1), 1 << 16),)
     dsets = [frame.create_dataset(c, shape=(n,), dtype=np.float32, chunks=chunks, compression="lzf") for c in classes]

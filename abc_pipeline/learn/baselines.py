@@ -19,10 +19,10 @@ A run directory holds the files of a network's run: ``checkpoint.pt`` (``torch.s
 values only: coefficients, intercepts, class indices, the scaler, the feature definition; it loads with
 ``weights_only=True``, so reading it never executes code), ``history.tsv`` (one row: the fit) and
 ``metrics.json`` (validation and test per-cell scores). ``abc-pipeline predict`` writes the same
-``predictions.zarr`` as for a network: per-cell classes and probabilities (every cell with a section;
-``cells/split`` as for the networks) plus voxel volumes: ``0/`` holds per voxel the fraction of its cells
-predicted as each class, ``labels/pred_<task>`` the majority class (ties: the first class), so voxel
-Dice / IoU apply to region baselines too.
+``predictions.zarr`` as for a network (:mod:`abc_pipeline.learn.predictions`): per-cell classes and
+probabilities (every cell with a section; ``cells/split`` as for the networks) plus voxel volumes: ``0/``
+holds per voxel the fraction of its cells predicted as each class, ``labels/pred_<task>`` the majority
+class (ties: the first class), so voxel Dice / IoU apply to region baselines too.
 
 Memory: X is streamed in chunks of rows into a disk-backed array of channel values (cells x channels x 4
 bytes in a temporary directory); the coordinates, section codes, labels and splits of all cells are kept
@@ -73,16 +73,19 @@ from abc_pipeline.learn.data import (
     raster_splits,
 )
 from abc_pipeline.learn.predict import atlas_config, check_channels
+from abc_pipeline.learn.predictions import (
+    create_cell_tables,
+    create_store,
+    create_volumes,
+    open_predictions,
+    split_codes,
+    store_attrs,
+    write_attrs,
+    write_volume_metadata,
+)
 from abc_pipeline.learn.scoring import cell_targets, score_cells, stored_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
-from abc_pipeline.raster.ome import (
-    ATTRS_KEY,
-    Raster,
-    create_array,
-    open_raster,
-    write_image_metadata,
-    write_labels_metadata,
-)
+from abc_pipeline.raster.ome import Raster, open_raster
 from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
@@ -533,41 +536,35 @@ def predict_baseline(
         staged_output(out, "predictions", inputs=[checkpoint, raster, cells], overwrite=overwrite) as tmp,
     ):
         data = _open_cells(src, r, model.kind, model.neighbors, Path(scratch))
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        group = root.require_group("cells")
+        root = create_store(tmp)
         pred = np.full(n, -1, dtype=np.int16)
-        cell_proba = create_array(group, "proba", (n, k), (_CELL_CHUNK, k), np.float32, fill_value=np.nan)
+        cell_pred, cell_proba, cell_split = create_cell_tables(root, n, k)
         for s in range(0, n, _CELL_CHUNK):
             rows = np.arange(s, min(n, s + _CELL_CHUNK))
             p = _predict_rows(model, data, rows)
             pred[rows] = p.argmax(1)
             cell_proba[s : s + len(rows)] = p
-        create_array(group, "pred", (n,), (_CELL_CHUNK,), np.int16, fill_value=-1)[:] = pred
-        create_array(group, "split", (n,), (_CELL_CHUNK,), np.int8)[:] = (
-            cell_splits(r, splits).codes if splits else np.full(n, len(SPLITS), np.int8)
-        )
+        cell_pred[:] = pred
+        cell_split[:] = split_codes(r, splits)
         _write_voxel_votes(root, r, pred, table, task)
-        meta = {
-            "task": task,
-            "level": table.level,
-            "model": ckpt["model_name"],
-            "checkpoint": str(Path(checkpoint).resolve()),
-            "config_hash": ckpt["config_hash"],
-            "best_epoch": 0,
-            "raster": str(r.path.resolve()),
-            "class_names": list(table.names),
-            "colors": list(table.colors),
-            "split_categories": [*SPLITS, "none"],
-            "splits": splits,
-            "dim": int(atlas["dim"]),
-            "n_cells": n,
-            "cell_names_digest": digest,
-            "val_metrics": ckpt.get("best_val", {}),
-            "baseline": ckpt["baseline"],
-            "voxels": "fraction of the voxel's cells predicted as each class; label = majority class",
-        }
+        meta = store_attrs(
+            task=task,
+            table=table,
+            model=ckpt["model_name"],
+            checkpoint=checkpoint,
+            config_hash=ckpt["config_hash"],
+            best_epoch=0,
+            raster=r.path,
+            splits=splits,
+            dim=atlas["dim"],
+            n_cells=n,
+            cell_names_digest=digest,
+            val_metrics=ckpt.get("best_val", {}),
+            baseline=ckpt["baseline"],
+            voxels="fraction of the voxel's cells predicted as each class; label = majority class",
+        )
         meta["metrics"] = stored_metrics(tmp, src, table.level, table.names)
-        root.attrs[ATTRS_KEY] = {"predictions": meta}
+        write_attrs(root, meta)
     log.info("wrote %s predictions of %s (%s) to %s", task, r.path, ckpt["model_name"], out)
     return out
 
@@ -576,10 +573,7 @@ def _write_voxel_votes(root: zarr.Group, r: Raster, pred: np.ndarray, table: Cla
     """``0/`` (K, z, y, x): per voxel the fraction of its cells predicted as each class; ``labels/pred_<task>``
     the majority class + 1 (0 = no cells); one z-plane at a time."""
     shape, k = r.grid.shape, len(table.names)
-    proba = create_array(root, "0", (k, *shape), (min(k, 16), 1, *shape[1:]), np.float32)
-    name = keys.prediction(task)
-    labels = root.require_group("labels")
-    label = create_array(labels.require_group(name), "0", shape, (1, *shape[1:]), np.uint16)
+    proba, label = create_volumes(root, task, k, shape, (1, *shape[1:]))
     index = r.voxel_index
     voxels = np.concatenate([np.asarray(index[s : s + _CELL_CHUNK]) for s in range(0, index.shape[0], _CELL_CHUNK)])
     z = voxels[:, 0]
@@ -597,8 +591,7 @@ def _write_voxel_votes(root: zarr.Group, r: Raster, pred: np.ndarray, table: Cla
         counts = votes.sum(axis=1)
         proba[:, zi] = (votes / np.maximum(counts, 1)[:, None]).T.reshape(k, *shape[1:])
         label[zi] = np.where(counts > 0, votes.argmax(1) + 1, 0).reshape(shape[1:]).astype(np.uint16)
-    write_image_metadata(root, r.grid, 1, list(table.names), [(0.0, 1.0)] * k, name=f"{name}_proba")
-    write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
+    write_volume_metadata(root, r.grid, task, table)
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -641,9 +634,8 @@ def bench_baseline_rows(
         else:
             store_path = predict_baseline(run / "checkpoint.pt", raster, run / "predictions.zarr", cells=cells)
             r = open_raster(raster)
-            y_true, y_pred = ev._test_voxels(
-                zarr.open_group(str(store_path), mode="r"), store_path, r, table, atlas["splits"]["test"]
-            )
+            test_z = atlas["splits"]["test"]
+            y_true, y_pred = ev._test_voxels(open_predictions(store_path), store_path, r, table, test_z)
             seg = segmentation_metrics(y_true, y_pred, table.names, ignore=-1)
             scores, worst = {k: seg[k] for k in ("accuracy", "mean_dice", "mean_iou")}, "worst_mean_dice"
         nan = float("nan")
@@ -703,7 +695,8 @@ def evaluate_baseline(
     r = open_raster(raster)
     ev._check_raster(atlas, r, checkpoint)
     digest = names_digest(r.cell_label)
-    store = ev._open_predictions(predictions, ckpt, atlas, r, digest, checkpoint)
+    store = open_predictions(predictions, checkpoint)
+    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
     task, table = atlas["task"], ClassTable.from_dict(atlas["classes"])
     if cells is None:
         raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {r.path})")
@@ -738,9 +731,7 @@ def evaluate_baseline(
         ]
         if table.level in r.labels:
             figures.append(
-                ev._maps_figure(
-                    store, r, table, task, splits["test"], int(atlas["dim"]), map_sections, tmp / "maps.png"
-                )
+                ev._maps_figure(store, r, table, splits["test"], int(atlas["dim"]), map_sections, tmp / "maps.png")
             )
         figures.append(ev.any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
         result = {

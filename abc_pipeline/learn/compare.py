@@ -281,9 +281,7 @@ def _evaluate(
         predict, xc, angles, task=task.task, mask=None if task.task == "classify" else yc != IGNORE_INDEX
     )
     return {
-        "test": score(
-            y.numpy(), proba.numpy(), task.class_names, segment=task.task == "segment", ignore=IGNORE_INDEX
-        ),
+        "test": score(y.numpy(), proba.numpy(), task.class_names, segment=task.task == "segment", ignore=IGNORE_INDEX),
         "orientation": orient,
         "equivariance_error": error,
         "curve": curve,

@@ -58,11 +58,10 @@ import pandas as pd
 import torch
 import zarr
 
-from abc_pipeline import keys, plots
+from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import equivariance_curve, score
 from abc_pipeline.fileio import check_output, staged_output
-from abc_pipeline.integrity import verify_store
 from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles, is_baseline
@@ -79,11 +78,12 @@ from abc_pipeline.learn.data import (
 )
 from abc_pipeline.learn.inference import pick_device, predict_batches
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
+from abc_pipeline.learn.predictions import Predictions, open_predictions
 from abc_pipeline.learn.scoring import score_cells, scored_cells
 from abc_pipeline.learn.train import IGNORE_INDEX
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
 from abc_pipeline.raster.channels import raster_digest
-from abc_pipeline.raster.ome import ATTRS_KEY, Raster, open_raster
+from abc_pipeline.raster.ome import Raster, open_raster
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ def evaluate_run(
     r = open_raster(raster)
     _check_raster(atlas, r, checkpoint)
     digest = names_digest(r.cell_label)
-    store = _open_predictions(predictions, ckpt, atlas, r, digest, checkpoint)
+    store = open_predictions(predictions, checkpoint)
+    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
     task, dim = atlas["task"], int(atlas["dim"])
     src = _cells(cells, r, digest, task)
     table, normalizer = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
@@ -223,9 +224,7 @@ def evaluate_run(
         stored = np.concatenate([labels[:, 1] for _, labels in cells_in])
     else:
         targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
-        stored = np.concatenate(
-            [_read_box(store[f"labels/{keys.prediction('region')}/0"], w.core_lo, w.core).ravel() - 1 for w in boxes]
-        )
+        stored = np.concatenate([_read_box(store.label_image, w.core_lo, w.core).ravel() - 1 for w in boxes])
     logits = functools.partial(predict_batches, net, device=dev, batch_size=batch_size)  # class scores per voxel
     symmetry = _symmetry_scores(
         logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim, batch_size, stored
@@ -248,7 +247,7 @@ def evaluate_run(
             )
         ]
         if table.level in r.labels:
-            figures.append(_maps_figure(store, r, table, task, splits["test"], dim, map_sections, tmp / "maps.png"))
+            figures.append(_maps_figure(store, r, table, splits["test"], dim, map_sections, tmp / "maps.png"))
         else:
             log.warning("%s has no labels/%s volume: no true vs predicted maps", r.path, table.level)
         history = checkpoint.parent / "history.tsv"
@@ -333,42 +332,6 @@ def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
     check_channels(atlas, r.path, r.feature_channels, checkpoint, raster_digest(r))
 
 
-def _open_predictions(path: Path, ckpt: dict, atlas: dict, r: Raster, digest: str, checkpoint: Path) -> zarr.Group:
-    """The predictions store; :class:`InputError` unless this checkpoint wrote it on ``r`` (whose cell names
-    have the digest ``digest``)."""
-    try:
-        store = zarr.open_group(str(path), mode="r")
-        meta = dict(store.attrs[ATTRS_KEY]["predictions"])
-    except Exception as exc:
-        raise InputError(
-            f"{path} is not a predictions store of `abc-pipeline predict` ({exc}); give the "
-            f"predictions.zarr written with {checkpoint}"
-        ) from exc
-    verify_store(path, f"Re-run `abc-pipeline predict --checkpoint {checkpoint}` to rebuild it")
-    diffs = []
-    if meta["task"] != atlas["task"]:
-        diffs.append(f"task {meta['task']!r} (checkpoint: {atlas['task']!r})")
-    if meta["model"] != ckpt["model_name"] or meta["config_hash"] != ckpt["config_hash"]:
-        diffs.append(
-            f"model {meta['model']!r} with config hash {meta['config_hash']} (checkpoint: "
-            f"{ckpt['model_name']!r}, {ckpt['config_hash']})"
-        )
-    if list(meta["class_names"]) != list(atlas["classes"]["names"]):
-        diffs.append(
-            f"{len(meta['class_names'])} {meta['level']!r} classes (checkpoint: "
-            f"{len(atlas['classes']['names'])} {atlas['classes']['level']!r})"
-        )
-    shape = [int(n) for n in store["0"].shape[1:]]
-    if shape != [int(n) for n in r.grid.shape] or meta["cell_names_digest"] != digest:
-        diffs.append(f"raster {meta['raster']} (grid {shape}; --raster: {r.path}, grid {list(r.grid.shape)})")
-    if diffs:
-        raise InputError(
-            f"{path} was not predicted by {checkpoint} on {r.path}: {'; '.join(diffs)}. Run "
-            f"`abc-pipeline predict --checkpoint {checkpoint} --raster {r.path}` and evaluate its output"
-        )
-    return store
-
-
 def _cells(cells: str | Path | None, r: Raster, digest: str, task: str) -> CellSource | None:
     """The cells.zarr (required for ``celltype``), checked to be the one ``r`` was rasterized from (cell-name
     digest ``digest``)."""
@@ -390,12 +353,12 @@ def _cells(cells: str | Path | None, r: Raster, digest: str, task: str) -> CellS
 
 # ----------------------------------------------------------------------------------------------- test split
 def _test_cells(
-    store: zarr.Group, where: Path, src: CellSource, table: ClassTable, cap: int | None
+    store: Predictions, where: Path, src: CellSource, table: ClassTable, cap: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row numbers ``(N,)`` in cells.zarr, labels ``(N,)`` and stored probabilities ``(N, K)`` of the test
     cells with a voxel and a class (at most ``cap``, evenly strided;
     :func:`abc_pipeline.learn.scoring.scored_cells`)."""
-    rows, y_true, proba = scored_cells(store, src, table.level, table.names, max_cells=cap)
+    rows, y_true, proba = scored_cells(store.cell_split, store.cell_proba, src, table.level, table.names, max_cells=cap)
     if not y_true.size:
         raise InputError(
             f"{where}: no test-split cell has a voxel and a {table.level!r} class; nothing to "
@@ -405,7 +368,7 @@ def _test_cells(
 
 
 def _test_voxels(
-    store: zarr.Group, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int], mask: np.ndarray | None = None
+    store: Predictions, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int], mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """True and predicted classes ``(N,)`` int16 of the labelled voxels of the test z indices (and of
     ``mask``, the test blocks under block splits), read in z-slabs of the prediction chunks."""
@@ -414,7 +377,7 @@ def _test_voxels(
             f"{r.path}: no labels/{table.level} volume to score regions against; rasterize with --labels {table.level}"
         )
     truth = r.labels[table.level].data
-    pred = store[f"labels/{keys.prediction('region')}/0"]
+    pred = store.label_image
     lut = table.label_lookup()
     depth = pred.chunks[0]
     ys, ps = [], []
@@ -634,7 +597,7 @@ def _score_symmetry(
 
 # ----------------------------------------------------------------------------------------------- figures
 def _maps_figure(
-    store: zarr.Group, r: Raster, table: ClassTable, task: str, test_z: Sequence[int], dim: int, n: int, path: Path
+    store: Predictions, r: Raster, table: ClassTable, test_z: Sequence[int], dim: int, n: int, path: Path
 ) -> Path:
     """True vs predicted label maps (value = class + 1, 0 = none) of ``n`` test z-planes with cells, evenly
     spaced (the sections of a 2D raster, z-slices of a 3D one)."""
@@ -643,7 +606,7 @@ def _maps_figure(
     zs = [zs[i] for i in np.unique(np.linspace(0, len(zs) - 1, min(max(n, 1), len(zs))).round().astype(int))]
     lut = table.label_lookup() + 1
     truth = r.labels[table.level].data
-    pred = store[f"labels/{keys.prediction(task)}/0"]
+    pred = store.label_image
     true_maps = [lut[np.asarray(truth[z]).astype(np.int64)] for z in zs]
     pred_maps = [np.asarray(pred[z]).astype(np.int64) for z in zs]
     kind = "section" if dim == 2 else "z-slice"

@@ -19,15 +19,8 @@ Each z-block of the checkpoint's split is predicted on its own (input outside th
 as the model saw its split in training (2D models: each z-plane on its own). Rasters other than the
 training one are predicted in one block, and their cells get split ``none``.
 
-Output ``predictions.zarr`` (OME-Zarr 0.4, opens in napari / ``ome-zarr``)::
-
-    0/                        (n_classes, z, y, x) float32 probabilities (0 in empty voxels); channels = classes
-    labels/pred_<task>/0      (z, y, x) uint16: class k + 1 of the argmax, 0 = no cells; colours + names
-    cells/pred                (n_cells,) int16 class index per cell (cells.zarr obs order), -1 = no voxel
-    cells/proba               (n_cells, n_classes) float32, NaN rows = no voxel
-    cells/split               (n_cells,) int8 code into ``attrs.split_categories``
-    .zattrs abc_pipeline.predictions: task, level, model, classes, colours, checkpoint, metrics, ...
-
+Output: a ``predictions.zarr`` (layout: :mod:`abc_pipeline.learn.predictions`): the probability volume,
+its argmax label volume and the per-cell tables; cells without a voxel get class -1 and NaN probabilities.
 Per-cell values are sampled from the probability volume at each cell's voxel (``cells/voxel_index``), in
 chunks of cells with one vectorised gather each; no per-cell network evaluation.
 """
@@ -45,7 +38,6 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.atlas import PER_CELL
@@ -57,15 +49,25 @@ from abc_pipeline.learn.data import (
     ClassTable,
     Normalizer,
     RasterReader,
-    cell_splits,
     names_digest,
     split_mask,
     z_blocks,
 )
 from abc_pipeline.learn.inference import forward, pick_device
+from abc_pipeline.learn.predictions import (
+    CELL_PRED,
+    CELL_PROBA,
+    create_cell_tables,
+    create_store,
+    create_volumes,
+    split_codes,
+    store_attrs,
+    write_attrs,
+    write_volume_metadata,
+)
 from abc_pipeline.learn.scoring import stored_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_digest
-from abc_pipeline.raster.ome import ATTRS_KEY, create_array, open_raster, write_image_metadata, write_labels_metadata
+from abc_pipeline.raster.ome import create_array, open_raster
 from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
@@ -264,29 +266,24 @@ def predict_raster(
             per_cell,
         )
         metrics = stored_metrics(tmp, src, table.level, table.names) if cells is not None else {}
-        root = zarr.open_group(str(tmp), mode="a")
-        root.attrs[ATTRS_KEY] = {
-            "predictions": {
-                "task": task,
-                "level": table.level,
-                "model": ckpt["model_name"],
-                "checkpoint": str(Path(checkpoint).resolve()),
-                "config_hash": ckpt["config_hash"],
-                "best_epoch": int(ckpt["best_epoch"]),
-                "raster": str(r.path.resolve()),
-                "class_names": list(table.names),
-                "colors": list(table.colors),
-                "split_categories": [*SPLITS, "none"],
-                "splits": splits,
-                "tile_size": list(core),
-                "halo": list(margin),
-                "dim": dim,
-                "n_cells": int(r.voxel_index.shape[0]),
-                "cell_names_digest": digest or names_digest(r.cell_label),
-                "metrics": metrics,
-                "val_metrics": ckpt.get("best_val", {}),
-            }
-        }
+        meta = store_attrs(
+            task=task,
+            table=table,
+            model=ckpt["model_name"],
+            checkpoint=checkpoint,
+            config_hash=ckpt["config_hash"],
+            best_epoch=ckpt["best_epoch"],
+            raster=r.path,
+            splits=splits,
+            dim=dim,
+            n_cells=r.voxel_index.shape[0],
+            cell_names_digest=digest or names_digest(r.cell_label),
+            val_metrics=ckpt.get("best_val", {}),
+            tile_size=list(core),
+            halo=list(margin),
+            metrics=metrics,
+        )
+        write_attrs(zarr.open_group(str(tmp), mode="a"), meta)
     log.info("wrote %s predictions of %s to %s", task, r.path, out)
     return out
 
@@ -318,12 +315,9 @@ def _write(
     (:func:`abc_pipeline.learn.cell_context.predict_cells`); otherwise cells take their voxel's prediction."""
     shape = r.grid.shape
     k = len(table.names)
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+    root = create_store(tmp)
     chunks = tuple(min(c, n) for c, n in zip(core, shape))
-    proba = create_array(root, "0", (k, *shape), (min(k, 16), *chunks), np.float32)
-    labels = root.require_group("labels")
-    name = keys.prediction(task)
-    label = create_array(labels.require_group(name), "0", shape, chunks, np.uint16)
+    proba, label = create_volumes(root, task, k, shape, chunks)
     context = (
         None
         if per_cell is None
@@ -375,12 +369,10 @@ def _write(
             if context is not None:
                 context[(slice(None), *region)] = embedding[i][(slice(None), *crop)]
     bar.close()
-    write_image_metadata(root, r.grid, 1, list(table.names), [(0.0, 1.0)] * k, name=f"{name}_proba")
-    write_labels_metadata(labels, name, r.grid, 1, table.names, table.colors)
+    write_volume_metadata(root, r.grid, task, table)
     _sample_cells(root, proba, r, splits, k)
     if per_cell is not None:
-        cells = root["cells"]
-        predict_cells(model, context, r, *per_cell, cells["proba"], cells["pred"], dev)
+        predict_cells(model, context, r, *per_cell, root[CELL_PROBA], root[CELL_PRED], dev)
         shutil.rmtree(tmp / _CONTEXT)
 
 
@@ -390,11 +382,8 @@ def _sample_cells(root: zarr.Group, proba: zarr.Array, r, splits: dict[str, list
     missing, never class 0."""
     index = r.voxel_index
     n = index.shape[0]
-    group = root.require_group("cells")
-    pred = create_array(group, "pred", (n,), (_CELL_CHUNK,), np.int16, fill_value=-1)
-    cell_proba = create_array(group, "proba", (n, k), (_CELL_CHUNK, k), np.float32, fill_value=np.nan)
-    split = create_array(group, "split", (n,), (_CELL_CHUNK,), np.int8)
-    split[:] = cell_splits(r, splits).codes if splits else np.full(n, len(SPLITS), np.int8)
+    pred, cell_proba, split = create_cell_tables(root, n, k)
+    split[:] = split_codes(r, splits)
     classes = np.arange(k)[:, None]
     for s in range(0, n, _CELL_CHUNK):
         vox = np.asarray(index[s : s + _CELL_CHUNK]).astype(np.int64)

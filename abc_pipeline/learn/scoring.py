@@ -2,10 +2,10 @@
 own label.
 
 Every model (networks and the scikit-learn baselines, cell types and regions) writes the same per-cell tables
-into its ``predictions.zarr`` (``cells/proba``, ``cells/split``; ``abc-pipeline predict``). :func:`score_cells`
-reads the cells of one split from there and their true labels at the store's level from cells.zarr, and
-scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced accuracy,
-macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
+into its ``predictions.zarr`` (``cells/proba``, ``cells/split``; :mod:`abc_pipeline.learn.predictions`).
+:func:`score_cells` reads the cells of one split from there and their true labels at the store's level from
+cells.zarr, and scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced
+accuracy, macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
 probabilities get the same numbers. Region models keep their voxel scores (Dice, IoU) besides.
 
 The same function serves every reader: :func:`stored_metrics` is what ``predict`` stores in a store's
@@ -24,7 +24,7 @@ import zarr
 from abc_pipeline.errors import InputError
 from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.data import SPLITS
-from abc_pipeline.raster.ome import ATTRS_KEY
+from abc_pipeline.learn.predictions import CELL_PROBA, CELL_SPLIT, open_predictions
 from abc_pipeline.raster.source import CellSource
 
 _CELL_CHUNK = 1 << 16  # cells per read
@@ -69,7 +69,8 @@ def split_rows(split: zarr.Array, name: str = "test", max_cells: int | None = No
 
 
 def scored_cells(
-    store: zarr.Group,
+    split_codes: zarr.Array,
+    cell_proba: zarr.Array,
     cells: CellSource,
     level: str,
     class_names: Sequence[str],
@@ -77,16 +78,17 @@ def scored_cells(
     split: str = "test",
     max_cells: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The cells of ``split`` (at most ``max_cells``, evenly strided) that a predictions store ``store`` can be
-    scored on: those with a prediction (finite ``cells/proba``) and a class at ``level`` in ``cells``. Returns
+    """The cells of ``split`` (at most ``max_cells``, evenly strided) that a predictions store can be scored on
+    (its ``cells/split`` codes ``split_codes`` and ``cells/proba`` ``cell_proba``): those with a prediction
+    (finite probabilities) and a class at ``level`` in ``cells``. Returns
     their rows ``(N,)`` in cells.zarr, class indices ``(N,)`` into ``class_names`` and stored probabilities
     ``(N, K)`` float32, read in chunks of cells; ``N`` may be 0."""
-    rows = split_rows(store["cells/split"], split, max_cells)
+    rows = split_rows(split_codes, split, max_cells)
     y = cell_targets(cells, level, class_names, rows)
     proba = np.concatenate(
         [np.zeros((0, len(class_names)), np.float32)]
         + [
-            np.asarray(store["cells/proba"].get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
+            np.asarray(cell_proba.get_orthogonal_selection((rows[s : s + _CELL_CHUNK], slice(None))))
             for s in range(0, len(rows), _CELL_CHUNK)
         ]
     )
@@ -111,20 +113,17 @@ def score_cells(
     prediction and a class) and ``split`` (:func:`cell_scores`). :class:`InputError` when no cell of the split
     can be scored.
     """
-    path = Path(predictions)
-    try:
-        store = zarr.open_group(str(path), mode="r")
-        meta = store.attrs[ATTRS_KEY]["predictions"]
-    except Exception as exc:
-        raise InputError(f"{path} is not a predictions store of `abc-pipeline predict` ({exc})") from exc
+    store = open_predictions(predictions)
     src = cells if isinstance(cells, CellSource) else CellSource(cells)
-    _, y, proba = scored_cells(store, src, meta["level"], meta["class_names"], split=split, max_cells=max_cells)
+    _, y, proba = scored_cells(
+        store.cell_split, store.cell_proba, src, store.level, store.class_names, split=split, max_cells=max_cells
+    )
     if not len(y):
         raise InputError(
-            f"{path}: no {split}-split cell has a prediction and a {meta['level']!r} class; nothing to "
+            f"{store.path}: no {split}-split cell has a prediction and a {store.level!r} class; nothing to "
             f"score (choose other split fractions or seed when training)"
         )
-    return cell_scores(y, proba, meta["class_names"], split)
+    return cell_scores(y, proba, store.class_names, split)
 
 
 def stored_metrics(
@@ -138,13 +137,13 @@ def stored_metrics(
     ``cells_per_split`` (cells per split code; ``"none"``: not in a split of the training run) and, when some
     test cell has a prediction and a class at ``level``, ``test_cells``: the :func:`score_cells` values of at
     most ``max_cells`` test cells."""
-    store = zarr.open_group(str(predictions), mode="r")
-    split = np.asarray(store["cells/split"][:])
+    store = zarr.open_group(str(predictions), mode="r")  # its attributes are not written yet
+    split = np.asarray(store[CELL_SPLIT][:])
     counts = {name: int((split == i).sum()) for i, name in enumerate([*SPLITS, "none"])}
     if not counts["test"]:  # e.g. a transferred dataset: no split, and perhaps no labels
         return {"cells_per_split": counts}
     src = cells if isinstance(cells, CellSource) else CellSource(cells)
-    _, y, proba = scored_cells(store, src, level, class_names, max_cells=max_cells)
+    _, y, proba = scored_cells(store[CELL_SPLIT], store[CELL_PROBA], src, level, class_names, max_cells=max_cells)
     if not len(y):
         return {"cells_per_split": counts}
     return {"cells_per_split": counts, "test_cells": cell_scores(y, proba, class_names)}

@@ -46,6 +46,7 @@ from abc_pipeline.learn.annotate import _copy, _h5_attr, _plain, _write_predicti
 from abc_pipeline.learn.checkpoint import load_checkpoint
 from abc_pipeline.learn.choices import TRANSFER_KINDS
 from abc_pipeline.learn.predict import atlas_config, predict_raster
+from abc_pipeline.learn.predictions import open_predictions
 from abc_pipeline.raster.channels import plan_from_definition
 from abc_pipeline.raster.grid import COORDINATE_KEYS
 from abc_pipeline.raster.ome import ATTRS_KEY
@@ -244,25 +245,24 @@ def _write_output(tmp: Path, data: Path, kind: str, source: CellSource, predicti
             f.create_group("uns").attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         uns = f["uns"]
         entries: dict[str, dict] = {}
-        for store, provenance in predictions:
-            group = zarr.open_group(str(store), mode="r")
-            meta = dict(group.attrs[ATTRS_KEY]["predictions"])
-            col = keys.prediction(meta["task"])
-            col = col if col not in entries else keys.prediction(meta["task"], meta["model"])
+        for path, provenance in predictions:
+            store = open_predictions(path)
+            col = keys.prediction(store.task)
+            col = col if col not in entries else keys.prediction(store.task, store.model)
             if col in obs or col in entries:
                 raise InputError(
                     f"{data}: obs already has {col!r}; transfer onto the original data, or give each model once"
                 )
-            _write_prediction(f, col, group, meta, n, index_key)
-            write_elem(obs, keys.confidence(col), _confidence(group["cells/proba"]))
+            _write_prediction(f, col, store, n, index_key)
+            write_elem(obs, keys.confidence(col), _confidence(store.cell_proba))
             order += [col, keys.confidence(col)]
             entries[col] = _plain(
                 {
-                    "task": meta["task"],
-                    "level": meta["level"],
-                    "model": meta["model"],
-                    "config_hash": meta["config_hash"],
-                    "classes": meta["class_names"],
+                    "task": store.task,
+                    "level": store.level,
+                    "model": store.model,
+                    "config_hash": store.config_hash,
+                    "classes": list(store.class_names),
                     **provenance,
                 }
             )
