@@ -18,7 +18,7 @@ import pytest
 import zarr
 from sklearn.linear_model import LogisticRegression
 
-from abc_pipeline.evaluate import classification_metrics
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
 from abc_pipeline.learn.cell_context import cell_expression
 from abc_pipeline.learn.data import cell_splits

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
+from abc_pipeline.metrics import classification_metrics, segmentation_metrics
 from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask

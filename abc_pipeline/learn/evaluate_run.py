@@ -59,7 +59,7 @@ import zarr
 
 from abc_pipeline import keys, plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, equivariance_curve, segmentation_metrics
+from abc_pipeline.metrics import classification_metrics, equivariance_curve, segmentation_metrics
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.integrity import verify_store
 from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores

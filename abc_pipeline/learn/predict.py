@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells

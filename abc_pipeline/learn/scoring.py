@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.learn.data import SPLITS
 from abc_pipeline.raster.ome import ATTRS_KEY
 from abc_pipeline.raster.source import CellSource

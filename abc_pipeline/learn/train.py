@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
+from abc_pipeline.metrics import classification_metrics, segmentation_metrics
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import (
     checkpoint_mismatches,
