@@ -27,10 +27,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
 from abc_pipeline.learn.cell_context import cell_expression
 from abc_pipeline.learn.data import cell_splits
+from abc_pipeline.metrics import classification_metrics
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 

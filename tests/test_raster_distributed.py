@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_raster_fixtures import write_cells
+from raster_fixtures import write_cells
 from test_raster_rasterize import CLASSES, random_atlas
 
 from abc_pipeline.raster import rasterize

@@ -33,13 +33,13 @@ import torch
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
-from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles
 from abc_pipeline.learn.data import ClassTable, Normalizer, z_blocks
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets
 from abc_pipeline.learn.train import pick_device
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.grid import COORDINATE_KEYS

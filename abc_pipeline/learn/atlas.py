@@ -35,7 +35,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.metrics import classification_metrics, segmentation_metrics
 from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
@@ -57,6 +56,7 @@ from abc_pipeline.learn.data import (
     split_mask,
 )
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
+from abc_pipeline.metrics import classification_metrics, segmentation_metrics
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
 from abc_pipeline.raster.channels import ChannelPlan, channel_definition

@@ -55,11 +55,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.metrics import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import config_hash, write_json
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
 from abc_pipeline.learn.train import IGNORE_INDEX, pick_device, predict_proba, train
+from abc_pipeline.metrics import classification_metrics, equivariance_curve, orientation_scores, segmentation_metrics
 from abc_pipeline.nn import build_model, grid_group, model_table
 from abc_pipeline.nn.fields import equivariance_error
 

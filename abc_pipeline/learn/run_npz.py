@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from abc_pipeline.metrics import classification_metrics, orientation_scores
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.medmnist import open_npz
 from abc_pipeline.learn.train import pick_device, predict_proba, train
+from abc_pipeline.metrics import classification_metrics, orientation_scores
 from abc_pipeline.nn import build_model, grid_group
 
 log = logging.getLogger(__name__)
