@@ -255,6 +255,7 @@ def test_ome_zarr_reader_reads_axes_scales_channels_and_labels(atlas, tmp_path: 
     assert np.issubdtype(label.data[0].dtype, np.integer) and label.data[0].shape == image.data[0].shape[1:]
     root = zarr.open_group(str(out), mode="r")
     assert root.attrs["multiscales"][0]["version"] == "0.4"
+    assert root.attrs["multiscales"][0]["name"] == "r" and root.attrs["omero"]["name"] == "r"  # not a label's name
     assert root["0"].metadata.dimension_separator == "/"
     raster = root.attrs["abc_pipeline"]["raster"]
     assert raster["channels"][-1] == "n_cells" and Grid.from_attrs(raster["grid"]).shape == image.data[0].shape[1:]
