@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from raster_fixtures import write_cells
 from sklearn.linear_model import LogisticRegression
 
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
@@ -24,7 +25,6 @@ from abc_pipeline.learn.data import cell_splits
 from abc_pipeline.learn.predict import predict_raster
 from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster import rasterize
-from raster_fixtures import write_cells
 
 N_SECTIONS, SIDE, GENES = 6, 2.0, 4  # sections of SIDE x SIDE mm, 0.1 mm voxels
 
