@@ -139,6 +139,24 @@ def test_equivariance_curve_and_orientation_bars(tmp_path: Path, drawn: list[Fig
         plots.equivariance_curve_figure({"cnn": ([0, 45], [1.0])}, tmp_path / "bad.png")
 
 
+def test_any_angle_figure_draws_one_panel_per_task(tmp_path: Path, drawn: list[Figure]) -> None:
+    angles = [0, 45, 90]
+    panels = {
+        "celltype": {"cnn": (angles, [0.9, 0.5, 0.85]), "moment-trivial": (angles, [0.8, 0.8, 0.8])},
+        "region": {"cnn": (angles, [0.7, 0.3, 0.7])},
+    }
+    _check_png(plots.any_angle_figure(panels, tmp_path / "any_angle.png"))
+    axes = drawn[-1].axes
+    assert [ax.get_title() for ax in axes] == list(panels)
+    for ax, curves in zip(axes, panels.values()):
+        assert _legend(ax) == list(curves)
+        for line, (x, scores) in zip(ax.lines, curves.values(), strict=True):
+            np.testing.assert_array_equal(line.get_xdata(), x)
+            np.testing.assert_allclose(line.get_ydata(), scores)
+    with pytest.raises(InputError, match="no any-angle scores"):
+        plots.any_angle_figure({"region": {}}, tmp_path / "bad.png")
+
+
 def test_repeated_region_colours_become_distinct_and_the_overview_draws() -> None:
     """The real CCF gives several divisions one colour; squidpy's categorical colouring needs distinct ones."""
     import anndata

@@ -140,6 +140,30 @@ def test_section_raster_hand_computed(tmp_path: Path) -> None:
     np.testing.assert_allclose(r.grid.physical_scale()[0], 0.4)  # nominal section spacing (7.0 -> 7.4 mm)
 
 
+def test_section_extent_and_order_found_across_chunks(tmp_path: Path) -> None:
+    """Without bounds, the section grid's extent and section order come from every chunk of cells (5 here)."""
+    rng = np.random.default_rng(3)
+    n = 40
+    spatial = rng.uniform(0.0, 2.0, (n, 2))
+    spatial[-1] = [3.9, 2.9]  # the far corner: a cell of the last chunk
+    cells = write_cells(
+        tmp_path / "cells.zarr",
+        rng.random((n, 2), dtype=np.float32),
+        spatial=spatial,
+        sections=["S2"] * 20 + ["S1"] * 20,
+        section_order=["S1", "S2", "S3"],
+        chunk=8,
+    )
+    out = rasterize(
+        cells, tmp_path / "r.ome.zarr", space="section", voxel_size=0.5, labels=[], chunk_cells=8, progress=False
+    )
+    r = open_raster(out)
+    assert r.grid.sections == ("S1", "S2") and r.grid.upper[1] >= 2.9 and r.grid.upper[2] >= 3.9
+    index = r.voxel_index[:]
+    np.testing.assert_array_equal(index[:, 0], [1] * 20 + [0] * 20)  # z = the section's place in the order
+    assert int(r.image[-1].sum().compute()) == n  # every cell binned once
+
+
 @pytest.mark.parametrize("space, voxel", [("reconstructed", (0.2, 0.125, 0.125)), ("ccf", 0.25)])
 @pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "spill"])
 def test_3d_matches_brute_force(

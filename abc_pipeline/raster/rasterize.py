@@ -394,8 +394,8 @@ def _find_grid(
     row_chunks = raw.chunks[0]
     todo = {}
     if bounds is None:
-        zyx = (
-            da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,)))
+        zyx = (  # the section codes as a column, which Dask aligns with the rows of ``raw`` (a vector: its columns)
+            da.map_blocks(_to_zyx, raw, section_codes[:, None], None, dtype=np.float64, chunks=(row_chunks, (3,)))
             if section is not None
             else raw[:, 2::-1]
         )
