@@ -191,7 +191,7 @@ def equivariance_curve_figure(
     dpi: int = DPI,
 ) -> Path:
     """One line per model: agreement (fraction of unchanged predictions, see
-    :func:`abc_pipeline.evaluate.equivariance_curve`) against the rotation angle in degrees."""
+    :func:`abc_pipeline.metrics.equivariance_curve`) against the rotation angle in degrees."""
     if not curves:
         raise InputError("no curves to plot; give at least one model -> (angles, agreement)")
     fig = Figure(figsize=(6, 4.2))
@@ -217,7 +217,7 @@ def orientation_bar_figure(
     dpi: int = DPI,
 ) -> Path:
     """Grouped bars per model: ``scores[model] = (plain, worst)`` — the test ``metric`` as is and its
-    minimum over the grid symmetries (:func:`abc_pipeline.evaluate.orientation_scores`), fractions."""
+    minimum over the grid symmetries (:func:`abc_pipeline.metrics.orientation_scores`), fractions."""
     if not scores:
         raise InputError("no scores to plot; give at least one model -> (plain, worst)")
     names = list(scores)

@@ -4,7 +4,7 @@
 
 For every model folder of the bench-models output (``BENCH/<model>/checkpoint.pt``, or those of ``--models``) the
 test split (or its first ``--samples`` images) is rotated by 0, step, ..., 360 - step degrees
-(``abc_pipeline.evaluate.rotate``: bilinear, about the image centre, zero outside) and the accuracy of the best
+(``abc_pipeline.metrics.rotate``: bilinear, about the image centre, zero outside) and the accuracy of the best
 checkpoint is measured at every angle. Prints one markdown row per model (accuracy at 0°, mean over the angles,
 worst angle and its accuracy) and writes ``BENCH/any_angle[_<models>].tsv``.
 The grid-group score of bench-models covers 90° multiples and reflections only; this covers the angles between.
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from abc_pipeline.evaluate import rotate
+from abc_pipeline.metrics import rotate
 
 
 def any_angle_accuracy(

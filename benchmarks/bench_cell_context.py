@@ -5,7 +5,7 @@ resumed when its run folder exists), and fits scikit-learn ``LogisticRegression`
 cells with (1) the cell's own standardised expression (the raster's channels applied per cell:
 ``logreg-expression``) and (2) own + mean expression of its ``k`` nearest cells of the same section in section
 coordinates (``logreg-neighborhood``). All are scored on every labelled test-section cell with
-:func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced accuracy, macro-F1).
+:func:`abc_pipeline.metrics.classification_metrics` (accuracy, balanced accuracy, macro-F1).
 
 The logistic regressions here are the benchmark's references on identical cells and splits; the pipeline's
 own ``logreg-*`` models (baselines work) should give the same figures.
@@ -27,10 +27,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
 from abc_pipeline.learn.cell_context import cell_expression
 from abc_pipeline.learn.data import cell_splits
+from abc_pipeline.metrics import classification_metrics
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 

@@ -11,6 +11,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from plot_checks import check_spatial_scatter
 
 from abc_pipeline.atlas.assemble import assemble_dataset
 from abc_pipeline.atlas.manifest import Manifest, get_profile, manifest_relative_path
@@ -100,12 +101,17 @@ def test_chunk_size_does_not_change_the_result(assembled: Path, synthetic_releas
 
 def test_opens_in_scanpy_and_squidpy(assembled: Path) -> None:
     import scanpy as sc
-    import squidpy as sq
 
     adata = anndata.read_zarr(assembled)
-    sc.pl.embedding(adata, basis="spatial", color="parcellation_division", show=False)
-    sq.pl.spatial_scatter(adata, shape=None, library_key="brain_section_label", color="class")
+    ax = sc.pl.embedding(adata, basis="spatial", color="parcellation_division", show=False)
+    drawn = np.asarray(max(ax.collections, key=lambda c: len(c.get_offsets())).get_offsets())
+    spatial = adata.obsm["spatial"][:, :2]  # every cell once at its (x, y), in scanpy's order (missing labels first)
+    np.testing.assert_allclose(drawn[np.lexsort(drawn.T)], spatial[np.lexsort(spatial.T)])
+    division = adata.obs["parcellation_division"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == list(division.cat.categories) + (["NA"] if division.isna().any() else [])
     matplotlib.pyplot.close("all")
+    check_spatial_scatter(adata, "class", library_key="brain_section_label")
 
 
 def test_gene_table_disagreeing_with_h5ad_is_refused(release_copy: Path, tmp_path: Path) -> None:

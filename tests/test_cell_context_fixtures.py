@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from raster_fixtures import write_cells
 from sklearn.linear_model import LogisticRegression
 
-from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
 from abc_pipeline.learn.cell_context import cell_expression
 from abc_pipeline.learn.data import cell_splits
 from abc_pipeline.learn.predict import predict_raster
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster import rasterize
-from tests.test_raster_fixtures import write_cells
 
 N_SECTIONS, SIDE, GENES = 6, 2.0, 4  # sections of SIDE x SIDE mm, 0.1 mm voxels
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import equivariance_curve, rotate
+from abc_pipeline.metrics import equivariance_curve, rotate
 from abc_pipeline.nn import build_model
 
 ANGLES = [0, 15, 45, 90, 180, 270]

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from abc_pipeline.evaluate import classification_metrics, score, segmentation_metrics
 from abc_pipeline.learn.inference import forward, predict_batches, predict_proba
+from abc_pipeline.metrics import classification_metrics, score, segmentation_metrics
 
 
 def _net() -> nn.Module:

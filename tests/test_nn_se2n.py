@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import rotate
+from abc_pipeline.metrics import rotate
 from abc_pipeline.nn import build_model, fields, model_table
 from abc_pipeline.nn.se2n import (
     InterpGroupConv,
@@ -63,7 +63,7 @@ def test_index_of_rejects_elements_outside_the_group():
 @pytest.mark.parametrize("n, k", [(8, 3), (8, 5), (16, 3), (6, 5)])
 def test_interpolation_is_bilinear_rotation_and_exact_on_the_grid(n, k):
     """Each rotated filter equals torch's bilinear grid_sample rotation of the filter image (zeros outside)
-    (``evaluate.rotate``), reflections included; grid symmetries are exact 0/1 permutation matrices."""
+    (``metrics.rotate``), reflections included; grid symmetries are exact 0/1 permutation matrices."""
     g = RotationGroup(n)
     mats = interpolation_matrices(g, k)
     basis = torch.eye(k * k, dtype=F64).reshape(k * k, 1, k, k)  # one image per filter tap

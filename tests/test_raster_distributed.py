@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_raster_fixtures import write_cells
+from raster_fixtures import write_cells
 from test_raster_rasterize import CLASSES, random_atlas
 
 from abc_pipeline.raster import rasterize
@@ -59,16 +59,22 @@ def test_process_workers_write_the_same_raster_as_threads(cells: Path, tmp_path:
         "progress": False,
     }
     runs = {"genes": {}, "pca": {"pca": 3}}
+    for scheduler in ("threads", "distributed"):  # one folder per scheduler: same file names, same image names
+        (tmp_path / scheduler).mkdir()
     threaded = {
         name: rasterize(
-            cells, tmp_path / f"threads_{name}.ome.zarr", scheduler="threads", num_workers=2, **common, **extra
+            cells, tmp_path / "threads" / f"{name}.ome.zarr", scheduler="threads", num_workers=2, **common, **extra
         )
         for name, extra in runs.items()
     }
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         distributed = {
             name: rasterize(
-                cells, tmp_path / f"distributed_{name}.ome.zarr", address=cluster.scheduler_address, **common, **extra
+                cells,
+                tmp_path / "distributed" / f"{name}.ome.zarr",
+                address=cluster.scheduler_address,
+                **common,
+                **extra,
             )
             for name, extra in runs.items()
         }

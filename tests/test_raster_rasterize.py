@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_raster_fixtures import write_cells
+from raster_fixtures import write_cells
 
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
@@ -140,6 +140,30 @@ def test_section_raster_hand_computed(tmp_path: Path) -> None:
     np.testing.assert_allclose(r.grid.physical_scale()[0], 0.4)  # nominal section spacing (7.0 -> 7.4 mm)
 
 
+def test_section_extent_and_order_found_across_chunks(tmp_path: Path) -> None:
+    """Without bounds, the section grid's extent and section order come from every chunk of cells (5 here)."""
+    rng = np.random.default_rng(3)
+    n = 40
+    spatial = rng.uniform(0.0, 2.0, (n, 2))
+    spatial[-1] = [3.9, 2.9]  # the far corner: a cell of the last chunk
+    cells = write_cells(
+        tmp_path / "cells.zarr",
+        rng.random((n, 2), dtype=np.float32),
+        spatial=spatial,
+        sections=["S2"] * 20 + ["S1"] * 20,
+        section_order=["S1", "S2", "S3"],
+        chunk=8,
+    )
+    out = rasterize(
+        cells, tmp_path / "r.ome.zarr", space="section", voxel_size=0.5, labels=[], chunk_cells=8, progress=False
+    )
+    r = open_raster(out)
+    assert r.grid.sections == ("S1", "S2") and r.grid.upper[1] >= 2.9 and r.grid.upper[2] >= 3.9
+    index = r.voxel_index[:]
+    np.testing.assert_array_equal(index[:, 0], [1] * 20 + [0] * 20)  # z = the section's place in the order
+    assert int(r.image[-1].sum().compute()) == n  # every cell binned once
+
+
 @pytest.mark.parametrize("space, voxel", [("reconstructed", (0.2, 0.125, 0.125)), ("ccf", 0.25)])
 @pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "spill"])
 def test_3d_matches_brute_force(
@@ -255,6 +279,7 @@ def test_ome_zarr_reader_reads_axes_scales_channels_and_labels(atlas, tmp_path: 
     assert np.issubdtype(label.data[0].dtype, np.integer) and label.data[0].shape == image.data[0].shape[1:]
     root = zarr.open_group(str(out), mode="r")
     assert root.attrs["multiscales"][0]["version"] == "0.4"
+    assert root.attrs["multiscales"][0]["name"] == "r" and root.attrs["omero"]["name"] == "r"  # not a label's name
     assert root["0"].metadata.dimension_separator == "/"
     raster = root.attrs["abc_pipeline"]["raster"]
     assert raster["channels"][-1] == "n_cells" and Grid.from_attrs(raster["grid"]).shape == image.data[0].shape[1:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_raster_fixtures import write_cells
+from raster_fixtures import write_cells
 
 from abc_pipeline.raster import open_raster, rasterize
 

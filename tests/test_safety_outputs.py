@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_raster_fixtures import write_cells
+from raster_fixtures import write_cells
 
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_raster_fixtures import write_cells
+from raster_fixtures import write_cells
 from test_safety_outputs import _error_line, tree
 
 from abc_pipeline.cli import main

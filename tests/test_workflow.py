@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from plot_checks import check_spatial_scatter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "MERFISH-C57BL6J-638850"
@@ -101,11 +102,7 @@ def _jobs_planned(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import scanpy as sc
-    import squidpy as sq
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
@@ -123,8 +120,7 @@ def test_outputs_open_in_scanpy_and_ome_zarr(finished: Path) -> None:
         assert f"pred_{task}__cnn" in adata.obs  # the second model's predictions are kept beside the primary's
         assert f"pred_{task}__logreg-neighborhood" in adata.obs  # so are the baseline's
     assert set(adata.obs["split"].unique()) <= {"train", "val", "test", "none"}
-    sq.pl.spatial_scatter(adata, shape=None, library_key="brain_section_label", color="pred_region")
-    matplotlib.pyplot.close("all")
+    check_spatial_scatter(adata, "pred_region", library_key="brain_section_label")
     for grid in ("section_2d", "reconstructed_3d"):
         image = list(Reader(parse_url(str(results / "raster" / f"{grid}.ome.zarr")))())[0]
         assert [a["name"] for a in image.metadata["axes"]] == ["c", "z", "y", "x"] and len(image.data) >= 2

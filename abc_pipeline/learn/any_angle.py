@@ -13,7 +13,7 @@ predicted from their features on the rotated section coordinates (each section t
 centre), which is how they would see a rotated section.
 
 Scores per angle: accuracy, balanced accuracy and macro-F1 of the unit cells with a class
-(:func:`abc_pipeline.evaluate.classification_metrics`, the per-cell score of every model); per metric the mean
+(:func:`abc_pipeline.metrics.classification_metrics`, the per-cell score of every model); per metric the mean
 over the angles, the worst angle and its score. At 0° the binned image equals the raster's, so the 0° score
 is the model's score on those sections as predicted. An exactly rotation-invariant model scores the same at
 0°, 90°, 180° and 270° (its per-cell classes are identical); other angles resample the tissue, so even an
@@ -33,13 +33,13 @@ import torch
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles
 from abc_pipeline.learn.data import ClassTable, Normalizer, z_blocks
 from abc_pipeline.learn.inference import pick_device
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.grid import COORDINATE_KEYS

@@ -35,7 +35,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import score
 from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.compare import BenchTask
@@ -58,6 +57,7 @@ from abc_pipeline.learn.data import (
 )
 from abc_pipeline.learn.inference import forward, pick_device, predict_proba
 from abc_pipeline.learn.train import IGNORE_INDEX, train
+from abc_pipeline.metrics import score
 from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
 from abc_pipeline.raster.channels import ChannelPlan, channel_definition
@@ -494,7 +494,7 @@ def atlas_task(
 def _segment_test(
     model: torch.nn.Module, ds: TileDataset, class_names: Sequence[str], batch_size: int, device: torch.device
 ) -> dict:
-    """Voxel-level segmentation metrics over the labelled voxels of ``ds`` (:func:`abc_pipeline.evaluate.score`)."""
+    """Voxel-level segmentation metrics over the labelled voxels of ``ds`` (:func:`abc_pipeline.metrics.score`)."""
     model.eval().to(device)
     y_true, y_pred = [], []
     for x, y in DataLoader(ds, batch_size=batch_size):

@@ -46,7 +46,6 @@ from scipy.spatial import cKDTree
 
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_output
 from abc_pipeline.learn.checkpoint import (
     config_hash,
@@ -84,6 +83,7 @@ from abc_pipeline.learn.predictions import (
     write_volume_metadata,
 )
 from abc_pipeline.learn.scoring import cell_targets, score_cells, stored_metrics
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster, open_raster
 from abc_pipeline.raster.source import CellSource, close_matches
@@ -613,8 +613,8 @@ def bench_baseline_rows(
     Dice, mean IoU of the test split's labelled voxels (majority label volume of ``predictions.zarr``).
     Columns without meaning for a baseline (width, worst grid orientation, equivariance error, agreement
     at 45°, peak memory) are NaN; ``seconds_per_epoch`` is the fit time."""
-    from abc_pipeline.evaluate import segmentation_metrics
     from abc_pipeline.learn import evaluate_run as ev
+    from abc_pipeline.metrics import segmentation_metrics
 
     out_dir, rows = claim_directory(Path(out_dir), "bench"), []  # the bench folder, before its first run
     for name in names:
@@ -680,13 +680,13 @@ def evaluate_baseline(
     scores show it): ``test`` (``celltype``: test cells; ``region``: test voxels of the majority label
     volume), ``test_cells``, ``any_angle``, ``confusion_matrix.png``, ``maps.png``, ``any_angle.png``."""
     from abc_pipeline import plots
-    from abc_pipeline.evaluate import segmentation_metrics
     from abc_pipeline.learn import evaluate_run as ev
     from abc_pipeline.learn.any_angle import (
         DEFAULT_ANY_ANGLE_SECTIONS,
         DEFAULT_ANY_ANGLES,
         any_angle_scores,
     )
+    from abc_pipeline.metrics import segmentation_metrics
 
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)

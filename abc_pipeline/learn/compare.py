@@ -16,10 +16,10 @@ tests the best checkpoint and measures:
 - test scores: accuracy, balanced accuracy and AUC (classification) or voxel accuracy, mean Dice and mean
   IoU (segmentation);
 - ``worst_<metric>``: the minimum of the test metric (accuracy / mean Dice) over the grid symmetries
-  (:func:`abc_pipeline.evaluate.orientation_scores`);
+  (:func:`abc_pipeline.metrics.orientation_scores`);
 - ``equivariance_error``: ``max_g max|f(g.x) - f(x)| / max|f(x)|`` on the logits of a test batch over the
   grid group (for segmentation ``f(g.x)`` is compared with ``g.f(x)``);
-- ``agreement_45deg``: the equivariance curve (:func:`abc_pipeline.evaluate.equivariance_curve`) at 45°;
+- ``agreement_45deg``: the equivariance curve (:func:`abc_pipeline.metrics.equivariance_curve`) at 45°;
 - ``seconds_per_epoch`` (training plus validation, mean over the epochs) and ``peak_memory_mb``: on CUDA
   ``torch.cuda.max_memory_allocated`` during training; on the CPU the increase of the process' resident
   set size (RSS) over its value before training, sampled every 20 ms. So that the numbers do not depend on
@@ -55,12 +55,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import equivariance_curve, orientation_scores, score
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import config_hash, write_json
 from abc_pipeline.learn.inference import pick_device, predict_proba
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
 from abc_pipeline.learn.train import IGNORE_INDEX, train
+from abc_pipeline.metrics import equivariance_curve, orientation_scores, score
 from abc_pipeline.nn import build_model, grid_group, model_table
 from abc_pipeline.nn.fields import equivariance_error
 

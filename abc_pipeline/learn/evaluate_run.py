@@ -7,10 +7,10 @@ Everything is read lazily, plane by plane / cell chunk by cell chunk; the model 
 
 1. **Test split as is** (``test``), from the stored predictions:
    ``celltype``: the test-split cells' predicted probabilities (``cells/proba``) against their own labels
-   in cells.zarr (:func:`abc_pipeline.evaluate.classification_metrics`: accuracy, balanced accuracy,
+   in cells.zarr (:func:`abc_pipeline.metrics.classification_metrics`: accuracy, balanced accuracy,
    macro-F1, per-class F1, AUC; at most ``max_test_cells`` cells, evenly strided); ``region``: the voxel
    label volume ``labels/pred_region`` against ``labels/<level>`` of the raster over the labelled voxels of
-   the test z indices (:func:`abc_pipeline.evaluate.segmentation_metrics`: per-region Dice and IoU, mean
+   the test z indices (:func:`abc_pipeline.metrics.segmentation_metrics`: per-region Dice and IoU, mean
    Dice, ARI, NMI), read in z-slabs.
 The model itself runs only on ``windows`` test windows (bounded): test sections (2D) or slabs of
 ``window_depth`` test z indices (3D), evenly spaced along z, each cropped to a square of at most
@@ -25,7 +25,7 @@ exact receptive field; ``halo`` voxels for the U-Net), zero outside the test spl
    which symmetry is worst. An exactly invariant / equivariant model scores the same under every ``g``.
    ``identity_agreement``: how often the identity's classes equal those of ``predictions.zarr`` there (a
    check that the windows see what prediction saw).
-3. **Equivariance curve** (``equivariance_curve``): :func:`abc_pipeline.evaluate.equivariance_curve` over
+3. **Equivariance curve** (``equivariance_curve``): :func:`abc_pipeline.metrics.equivariance_curve` over
    ``angles`` (default 0-90° in 15° steps), in-plane (y, x) rotations about each window's centre: the
    fraction of tissue voxels whose predicted class (dense cell-type map or region map) on the rotated input
    equals the rotated prediction, pooled over the windows.
@@ -60,7 +60,6 @@ import zarr
 
 from abc_pipeline import plots
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import equivariance_curve, score
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model, write_json
@@ -81,6 +80,7 @@ from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channel
 from abc_pipeline.learn.predictions import Predictions, open_predictions
 from abc_pipeline.learn.scoring import score_cells, scored_cells
 from abc_pipeline.learn.train import IGNORE_INDEX
+from abc_pipeline.metrics import equivariance_curve, score
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
 from abc_pipeline.raster.channels import raster_digest
 from abc_pipeline.raster.ome import Raster, open_raster

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from abc_pipeline.evaluate import orientation_scores, score
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.inference import pick_device, predict_proba
 from abc_pipeline.learn.medmnist import open_npz
 from abc_pipeline.learn.train import train
+from abc_pipeline.metrics import orientation_scores, score
 from abc_pipeline.nn import build_model, grid_group
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ own label.
 Every model (networks and the scikit-learn baselines, cell types and regions) writes the same per-cell tables
 into its ``predictions.zarr`` (``cells/proba``, ``cells/split``; :mod:`abc_pipeline.learn.predictions`).
 :func:`score_cells` reads the cells of one split from there and their true labels at the store's level from
-cells.zarr, and scores them with :func:`abc_pipeline.evaluate.classification_metrics` (accuracy, balanced
+cells.zarr, and scores them with :func:`abc_pipeline.metrics.classification_metrics` (accuracy, balanced
 accuracy, macro-F1, per-class F1, AUC). Nothing about the model enters: two models with the same per-cell
 probabilities get the same numbers. Region models keep their voxel scores (Dice, IoU) besides.
 
@@ -22,9 +22,9 @@ import numpy as np
 import zarr
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics
 from abc_pipeline.learn.data import SPLITS
 from abc_pipeline.learn.predictions import CELL_PROBA, CELL_SPLIT, open_predictions
+from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster.source import CellSource
 
 _CELL_CHUNK = 1 << 16  # cells per read
@@ -98,7 +98,7 @@ def scored_cells(
 
 def cell_scores(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str], split: str = "test") -> dict:
     """The per-cell scores of ``N`` cells of ``split``: class indices ``y`` ``(N,)`` and probabilities ``proba``
-    ``(N, K)`` (:func:`scored_cells`), scored by :func:`abc_pipeline.evaluate.classification_metrics`, plus
+    ``(N, K)`` (:func:`scored_cells`), scored by :func:`abc_pipeline.metrics.classification_metrics`, plus
     ``split`` and ``n_cells``."""
     return {"split": split, "n_cells": len(y), **classification_metrics(y, proba, list(class_names))}
 
@@ -109,7 +109,7 @@ def score_cells(
     """Per-cell scores of a ``predictions.zarr`` on the cells of ``split`` (at most ``max_cells``, evenly
     strided) against their own labels at the store's level in ``cells``.
 
-    Returns :func:`abc_pipeline.evaluate.classification_metrics` plus ``n_cells`` (cells scored: with a
+    Returns :func:`abc_pipeline.metrics.classification_metrics` plus ``n_cells`` (cells scored: with a
     prediction and a class) and ``split`` (:func:`cell_scores`). :class:`InputError` when no cell of the split
     can be scored.
     """

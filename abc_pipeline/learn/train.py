@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import score
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import (
     checkpoint_mismatches,
@@ -45,6 +44,7 @@ from abc_pipeline.learn.checkpoint import (
     save_checkpoint,
 )
 from abc_pipeline.learn.inference import autocast, forward, model_inputs, pick_device
+from abc_pipeline.metrics import score
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _validate(
     num_workers: int,
 ) -> tuple[float, dict]:
     """Mean unweighted loss over labelled targets and the metrics of ``ds``
-    (:func:`abc_pipeline.evaluate.score`)."""
+    (:func:`abc_pipeline.metrics.score`)."""
     model.eval()
     loss_sum, n = 0.0, 0
     outs, targets = [], []

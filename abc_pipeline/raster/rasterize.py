@@ -394,8 +394,8 @@ def _find_grid(
     row_chunks = raw.chunks[0]
     todo = {}
     if bounds is None:
-        zyx = (
-            da.map_blocks(_to_zyx, raw, section_codes, None, dtype=np.float64, chunks=(row_chunks, (3,)))
+        zyx = (  # the section codes as a column, which Dask aligns with the rows of ``raw`` (a vector: its columns)
+            da.map_blocks(_to_zyx, raw, section_codes[:, None], None, dtype=np.float64, chunks=(row_chunks, (3,)))
             if section is not None
             else raw[:, 2::-1]
         )
@@ -533,56 +533,136 @@ def _write(
     drop_nonfinite: bool,
 ) -> None:
     """Steps 0-3 (module docstring) into the temporary store ``tmp``; ``name`` names the image."""
+    inputs = _cell_inputs(source, space, label_names, rows)
+    # step 0: bounds and section order (coordinates only), then the empty store and where partial sums go
+    grid, code_to_z = _find_grid(
+        source, runner, space, voxel_size, bounds, margin, inputs.raw, inputs.section, inputs.section_codes
+    )
+    log.info(
+        "grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin
+    )
+    check_voxel_cap(grid.n_voxels, grid.shape, max_voxels)
+    store = _create_store(tmp, source, grid, len(plan.names), inputs.labels, n_levels, rows)
+    accumulator = _accumulator(
+        runner,
+        inputs.raw_blocks(),
+        inputs.section_blocks(),
+        code_to_z,
+        grid,
+        store.layout,
+        plan,
+        source.n_genes,
+        store.label_ncat,
+        max_accumulator_gb,
+    )
+    spill = None if accumulator is not None else tmp / "_spill"
+    if spill is not None:
+        spill.mkdir()
+        log.info("spilling partial sums to %s", spill)
+    # step 1: bin chunks of cells
+    offsets, counts = _bin_cells(
+        runner, source, inputs, grid, code_to_z, store, plan, accumulator, spill, rows, drop_nonfinite
+    )
+    _check_counts(counts, source, space, grid)
+    # step 2: reduce blocks, write every pyramid level; step 3: metadata
+    windows = _write_levels(runner, store, grid, len(plan.names), accumulator, spill, offsets)
+    _write_metadata(store, source, grid, plan, inputs.labels, n_levels, windows, name, counts)
+
+
+@dataclass(frozen=True)
+class _CellInputs:
+    """The per-cell Dask inputs of a run, all chunked like X (X itself is read by the stage-1 tasks)."""
+
+    raw: da.Array  # (n_cells, 2 or 3) float stored coordinates in mm: (x, y) per section or (x, y, z)
+    section: Categorical | None  # section space: the brain_section_label column; else None
+    section_codes: da.Array | None  # (n_cells,) int codes of ``section`` (-1 = missing); None outside section space
+    labels: dict[str, Categorical]  # label name -> its categorical obs column, in the requested order
+    label_codes: list[da.Array]  # (n_cells,) int codes per label, in the order of ``labels``
+
+    def raw_blocks(self) -> list[Delayed]:
+        """One delayed (rows, 2 or 3) coordinate block per chunk of cells."""
+        return list(self.raw.to_delayed().ravel())
+
+    def section_blocks(self) -> list[Delayed | None]:
+        """One delayed section-code block per chunk of cells (``None`` each outside section space)."""
+        if self.section_codes is None:
+            return [None] * self.raw.numblocks[0]
+        return list(self.section_codes.to_delayed().ravel())
+
+
+def _cell_inputs(source: CellSource, space: str, label_names: list[str], rows: int) -> _CellInputs:
+    """Coordinates of ``space``, section codes (section space) and label codes of every cell, in chunks of
+    ``rows`` cells (the last one shorter); raises ``InputError`` for an unknown space or missing z column."""
     if space not in COORDINATE_KEYS:
         raise InputError(f"unknown raster space {space!r}; choose one of {', '.join(COORDINATE_KEYS)}")
     n = source.n_cells
-
-    # ---- per-cell Dask inputs, all chunked like X (X itself is read by the stage-1 tasks)
     row_chunks = tuple(min(rows, n - start) for start in range(0, n, rows))
     raw = source.coordinates(COORDINATE_KEYS[space]).rechunk((row_chunks, -1))
     if space != "section" and raw.shape[1] < 3:
         raise InputError(f"{source.path}: obsm['{COORDINATE_KEYS[space]}'] needs x, y, z columns for space {space!r}")
     section = source.categorical(keys.SECTION) if space == "section" else None
     section_codes = section.codes.rechunk((row_chunks,)) if section is not None else None
-    cats = {name: source.categorical(name) for name in label_names}
-    label_codes = [cats[name].codes.rechunk((row_chunks,)) for name in label_names]
+    labels = {label: source.categorical(label) for label in label_names}
+    label_codes = [labels[label].codes.rechunk((row_chunks,)) for label in label_names]
+    return _CellInputs(raw, section, section_codes, labels, label_codes)
 
-    # ---- step 0: bounds and section order (coordinates only)
-    grid, code_to_z = _find_grid(source, runner, space, voxel_size, bounds, margin, raw, section, section_codes)
-    log.info(
-        "grid: space=%s shape (z, y, x)=%s voxel=%s mm origin=%s", grid.space, grid.shape, grid.voxel_size, grid.origin
-    )
-    check_voxel_cap(grid.n_voxels, grid.shape, max_voxels)
 
-    # ---- output store
-    n_ch = len(plan.names)
+@dataclass(frozen=True)
+class _Store:
+    """The arrays of the temporary raster store, created empty (steps 1 and 2 fill them)."""
+
+    root: zarr.Group
+    layout: binning.BlockLayout  # output blocks of level 0 (the unit of step 2)
+    level_chunks: list[tuple[int, int, int]]  # spatial (z, y, x) chunk shape per pyramid level
+    level_cc: list[int]  # channels per image chunk per pyramid level
+    images: list[zarr.Array]  # level k: (channels + 1, z, y, x) float32
+    label_arrays: dict[str, list[zarr.Array]]  # label name -> level k: (z, y, x) category codes + 1 (0 = none)
+    label_ncat: dict[str, int]  # label name -> number of categories
+    voxel_index: zarr.Array  # (n_cells, 3) int32 level-0 voxel (z, y, x) of each cell, -1 = not rasterized
+    cell_label: zarr.Array  # (n_cells,) str obs names
+    obs_names: zarr.Array | None  # input obs names the stage-1 tasks copy into ``cell_label`` (None: copied already)
+
+
+def _create_store(
+    tmp: Path,
+    source: CellSource,
+    grid: Grid,
+    n_channels: int,
+    labels: dict[str, Categorical],
+    n_levels: int,
+    rows: int,
+) -> _Store:
+    """Create the empty image pyramid (``n_channels`` + the count channel), one label pyramid per entry of
+    ``labels`` and the per-cell tables (``rows`` cells per chunk) in ``tmp``; copies the obs names when
+    their chunk files can be copied verbatim."""
+    n = source.n_cells
     factor = grid.downsample_factors()
-    block = binning.choose_block(grid.shape, n_ch + 1, factor[0] > 1, multiple=2 ** (n_levels - 1))
+    block = binning.choose_block(grid.shape, n_channels + 1, factor[0] > 1, multiple=2 ** (n_levels - 1))
     layout = binning.BlockLayout(grid.shape, block)
-    cc = min(_CHANNEL_CHUNK, n_ch + 1)
+    cc = min(_CHANNEL_CHUNK, n_channels + 1)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
     level_chunks = [layout.level_chunks(tuple(f**k for f in factor)) for k in range(n_levels)]
     # coarser levels hold more channels per chunk, so every level's chunks have about the same bytes
-    level_cc = [min(n_ch + 1, cc * int(np.prod(factor)) ** k) for k in range(n_levels)]
+    level_cc = [min(n_channels + 1, cc * int(np.prod(factor)) ** k) for k in range(n_levels)]
     # only blocks with cells are written, and their image chunks are practically never all zero
     images = [
         create_array(
             root,
             str(k),
-            (n_ch + 1, *grid.level(k).shape),
+            (n_channels + 1, *grid.level(k).shape),
             (level_cc[k], *level_chunks[k]),
             np.float32,
             write_empty_chunks=True,
         )
         for k in range(n_levels)
     ]
-    label_group = root.require_group("labels") if label_names else None
+    label_group = root.require_group("labels") if labels else None
     label_arrays, label_ncat = {}, {}
-    for name in label_names:
-        ncat = len(cats[name].categories)
-        label_ncat[name] = ncat
-        group = label_group.require_group(name)
-        label_arrays[name] = [
+    for label, categorical in labels.items():
+        ncat = len(categorical.categories)
+        label_ncat[label] = ncat
+        group = label_group.require_group(label)
+        label_arrays[label] = [
             create_array(group, str(k), grid.level(k).shape, level_chunks[k], np.min_scalar_type(ncat + 1))
             for k in range(n_levels)
         ]
@@ -593,98 +673,166 @@ def _write(
     copied = cell_label is not None
     if not copied:  # ... else the stage-1 tasks copy their rows
         cell_label = create_array(cells, "cell_label", (n,), (rows,), str, fill_value="")
-    rb = raw.to_delayed().ravel()
-    sb = section_codes.to_delayed().ravel() if section_codes is not None else [None] * len(rb)
-    accumulator = _accumulator(
-        runner, rb, sb, code_to_z, grid, layout, plan, source.n_genes, label_ncat, max_accumulator_gb
-    )
-    spill = None if accumulator is not None else tmp / "_spill"
-    if spill is not None:
-        spill.mkdir()
-        log.info("spilling partial sums to %s", spill)
-
-    # ---- step 1: bin chunks of cells
-    ctx1 = _Stage1(
-        grid,
+    return _Store(
+        root,
         layout,
-        source,
-        _ThreadBuffers(),
-        plan,
-        code_to_z,
+        level_chunks,
+        level_cc,
+        images,
+        label_arrays,
         label_ncat,
         voxel_index,
-        None if copied else obs_names,
         cell_label,
-        spill,
-        accumulator,
-        accumulator is not None and _whole_rows(plan, source.n_genes),
-        drop_nonfinite,
+        None if copied else obs_names,
     )
-    lb = [c.to_delayed().ravel() for c in label_codes]
-    ctx = _shared(ctx1, "stage1-context")
+
+
+@dataclass(frozen=True)
+class _CellCounts:
+    """What step 1 did with the cells of a run."""
+
+    cells: int  # all cells of the store
+    missing: int  # without coordinates (or, in section space, without a section)
+    outside: int  # outside the grid bounds
+    nonfinite: int  # NaN / inf in X, skipped (drop_nonfinite)
+
+    @property
+    def rasterized(self) -> int:
+        """Cells binned into a voxel."""
+        return self.cells - self.missing - self.outside - self.nonfinite
+
+
+def _bin_cells(
+    runner: _Runner,
+    source: CellSource,
+    inputs: _CellInputs,
+    grid: Grid,
+    code_to_z: np.ndarray | None,
+    store: _Store,
+    plan: ChannelPlan,
+    accumulator: binning.BlockAccumulator | None,
+    spill: Path | None,
+    rows: int,
+    drop_nonfinite: bool,
+) -> tuple[list, _CellCounts]:
+    """Step 1: one ``_stage1`` task per chunk of ``rows`` cells, adding to ``accumulator`` or spilling to
+    ``spill``; returns the spill offsets of every chunk (``None`` entries with an accumulator) and the counts."""
+    ctx = _shared(
+        _Stage1(
+            grid,
+            store.layout,
+            source,
+            _ThreadBuffers(),
+            plan,
+            code_to_z,
+            store.label_ncat,
+            store.voxel_index,
+            store.obs_names,
+            store.cell_label,
+            spill,
+            accumulator,
+            accumulator is not None and _whole_rows(plan, source.n_genes),
+            drop_nonfinite,
+        ),
+        "stage1-context",
+    )
+    rb, sb = inputs.raw_blocks(), inputs.section_blocks()
+    lb = [codes.to_delayed().ravel() for codes in inputs.label_codes]
     tasks = [dask.delayed(_stage1)(rb[i], sb[i], [col[i] for col in lb], ctx, i, i * rows) for i in range(len(rb))]
     results = runner.compute(tasks, "binning cells")
-    del tasks, ctx, ctx1  # frees the per-thread X buffers
-    n_missing = sum(r["missing"] for r in results)
-    n_outside = sum(r["outside"] for r in results)
-    n_nonfinite = sum(r["nonfinite"] for r in results)
-    n_binned = n - n_missing - n_outside - n_nonfinite
-    if n_missing:
+    del tasks, ctx  # frees the per-thread X buffers
+    counts = _CellCounts(
+        source.n_cells,
+        sum(r["missing"] for r in results),
+        sum(r["outside"] for r in results),
+        sum(r["nonfinite"] for r in results),
+    )
+    return [r["offsets"] for r in results], counts
+
+
+def _check_counts(counts: _CellCounts, source: CellSource, space: str, grid: Grid) -> None:
+    """Log the cells step 1 skipped; raise ``InputError`` when it binned none."""
+    n = counts.cells
+    if counts.missing:
         log.warning(
             "%d of %d cells have no coordinates in obsm['%s'] (skipped; voxel index -1)",
-            n_missing,
+            counts.missing,
             n,
             COORDINATE_KEYS[space],
         )
-    if n_outside:
-        log.warning("%d of %d cells lie outside the grid bounds (skipped; voxel index -1)", n_outside, n)
-    if n_nonfinite:
-        log.warning("%d of %d cells have NaN or inf in X (skipped, --drop-nonfinite; voxel index -1)", n_nonfinite, n)
-    if n_binned == 0:
+    if counts.outside:
+        log.warning("%d of %d cells lie outside the grid bounds (skipped; voxel index -1)", counts.outside, n)
+    if counts.nonfinite:
+        log.warning(
+            "%d of %d cells have NaN or inf in X (skipped, --drop-nonfinite; voxel index -1)", counts.nonfinite, n
+        )
+    if counts.rasterized == 0:
         raise InputError(
-            f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; check the bounds"
+            f"no cell of {source.path} falls inside the grid (z, y, x) {grid.origin} .. {grid.upper} mm; "
+            "check the bounds"
         )
 
-    # ---- step 2: reduce blocks, write every pyramid level
+
+def _write_levels(
+    runner: _Runner,
+    store: _Store,
+    grid: Grid,
+    n_channels: int,
+    accumulator: binning.BlockAccumulator | None,
+    spill: Path | None,
+    offsets: list,
+) -> list[tuple[float, float]]:
+    """Step 2: reduce every occupied block (from ``accumulator``, or the partial sums spilled at ``offsets``)
+    and write its chunks of every pyramid level; removes the spill. Returns the display window (min, max)
+    of every channel, count channel last, over the non-empty level-0 voxels."""
     if accumulator is None:
-        block_tasks = binning.plan_block_tasks([r["offsets"] for r in results], n_ch, _STAGE2_BUDGET)
+        block_tasks = binning.plan_block_tasks(offsets, n_channels, _STAGE2_BUDGET)
     else:
         block_tasks = [(b,) for b in accumulator.blocks()]  # one block per task: balanced over threads
-    ctx2 = _shared(
-        _Stage2(layout, n_ch, label_ncat, spill, accumulator, factor, images, label_arrays), "stage2-context"
+    ctx = _shared(
+        _Stage2(
+            store.layout,
+            n_channels,
+            store.label_ncat,
+            spill,
+            accumulator,
+            grid.downsample_factors(),
+            store.images,
+            store.label_arrays,
+        ),
+        "stage2-context",
     )
-    ranges = runner.compute([dask.delayed(_stage2)(t, ctx2) for t in block_tasks], "writing voxels")
+    ranges = runner.compute([dask.delayed(_stage2)(t, ctx) for t in block_tasks], "writing voxels")
     lo = np.min([r[0] for r in ranges], axis=0)
     hi = np.max([r[1] for r in ranges], axis=0)
     if spill is not None:
         shutil.rmtree(spill)
+    return list(zip(lo.tolist(), hi.tolist()))
 
-    # ---- step 3: metadata and per-cell tables
+
+def _write_metadata(
+    store: _Store,
+    source: CellSource,
+    grid: Grid,
+    plan: ChannelPlan,
+    labels: dict[str, Categorical],
+    n_levels: int,
+    windows: list[tuple[float, float]],
+    name: str,
+    counts: _CellCounts,
+) -> None:
+    """Step 3: OME-Zarr image and label metadata, the PCA of PCA channels and the ``abc_pipeline.raster``
+    attributes; ``name`` names the image, ``windows`` are its channels' display windows."""
+    root = store.root
     channels = [*plan.names, COUNT_CHANNEL]
-    write_image_metadata(root, grid, n_levels, channels, list(zip(lo.tolist(), hi.tolist())), name=name)
-    for name in label_names:
-        c = cats[name]
+    write_image_metadata(root, grid, n_levels, channels, windows, name=name)
+    for label, c in labels.items():
         colors = c.colors if c.colors is not None else default_colors(len(c.categories))
         if c.colors is None:
-            log.warning("%s: no uns['%s_colors']; label colours generated", source.path, name)
-        write_labels_metadata(label_group, name, grid, n_levels, c.categories, colors)
+            log.warning("%s: no uns['%s_colors']; label colours generated", source.path, label)
+        write_labels_metadata(root["labels"], label, grid, n_levels, c.categories, colors)
     if plan.pca is not None:
-        p = root.require_group("pca")
-        for key, arr in (
-            ("components", plan.pca.components),
-            ("mean", plan.pca.mean),
-            ("explained_variance", plan.pca.explained_variance),
-            ("explained_variance_ratio", plan.pca.explained_variance_ratio),
-        ):
-            create_array(p, key, arr.shape, arr.shape, arr.dtype)[...] = arr
-        create_array(p, "genes", (len(plan.pca.genes),), (len(plan.pca.genes),), str, fill_value="")[...] = np.array(
-            plan.pca.genes
-        )
-        p.attrs[ATTRS_KEY] = {
-            "n_sample": plan.pca.n_sample,
-            "seed": plan.pca.seed,
-            "scores": "PCk = (x[genes] - mean) @ components[k-1]",
-        }
+        _write_pca(root.require_group("pca"), plan)
     root.attrs[ATTRS_KEY] = {
         "raster": {
             "format_version": 1,
@@ -697,18 +845,36 @@ def _write(
             "count_channel": COUNT_CHANNEL,
             "channel_mode": plan.mode,
             "aggregation": "mean over the cells of each voxel; 0 in empty voxels; n_cells = number of cells",
-            "labels": label_names,
+            "labels": list(labels),
             "levels": n_levels,
             "downsample_factors": list(grid.downsample_factors()),
-            "chunks": [[c, *spatial] for c, spatial in zip(level_cc, level_chunks)],
+            "chunks": [[c, *spatial] for c, spatial in zip(store.level_cc, store.level_chunks)],
             "voxel_index": "cells/voxel_index",
             "cell_label": "cells/cell_label",
             "counts": {
-                "cells": n,
-                "rasterized": n_binned,
-                "missing_coordinates": n_missing,
-                "outside_grid": n_outside,
-                "nonfinite_expression": n_nonfinite,
+                "cells": counts.cells,
+                "rasterized": counts.rasterized,
+                "missing_coordinates": counts.missing,
+                "outside_grid": counts.outside,
+                "nonfinite_expression": counts.nonfinite,
             },
         }
+    }
+
+
+def _write_pca(group: zarr.Group, plan: ChannelPlan) -> None:
+    """The fitted PCA of ``plan`` (components (k, genes), mean, explained variance, gene names) into ``group``."""
+    pca = plan.pca
+    for key, arr in (
+        ("components", pca.components),
+        ("mean", pca.mean),
+        ("explained_variance", pca.explained_variance),
+        ("explained_variance_ratio", pca.explained_variance_ratio),
+    ):
+        create_array(group, key, arr.shape, arr.shape, arr.dtype)[...] = arr
+    create_array(group, "genes", (len(pca.genes),), (len(pca.genes),), str, fill_value="")[...] = np.array(pca.genes)
+    group.attrs[ATTRS_KEY] = {
+        "n_sample": pca.n_sample,
+        "seed": pca.seed,
+        "scores": "PCk = (x[genes] - mean) @ components[k-1]",
     }

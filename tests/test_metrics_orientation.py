@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from abc_pipeline.evaluate import orientation_scores
+from abc_pipeline.metrics import orientation_scores
 from abc_pipeline.nn.fields import grid_group
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from abc_pipeline.errors import InputError
-from abc_pipeline.evaluate import classification_metrics, segmentation_metrics
+from abc_pipeline.metrics import classification_metrics, segmentation_metrics
 
 
 def test_classification_metrics_by_hand() -> None:

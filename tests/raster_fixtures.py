@@ -1,4 +1,5 @@
-"""Hand-made ``cells.zarr`` stores following docs/architecture.md, for the raster tests (no tests here)."""
+"""Hand-made ``cells.zarr`` stores following docs/architecture.md, shared by the raster, safety and cell-context
+tests (a helper module, not a test file)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-
-CLASS_COLORS = ["#FF0000", "#00FF00", "#0000FF"]
 
 
 def write_cells(
@@ -31,7 +30,7 @@ def write_cells(
 
     expr: (n, g) log2 expression; spatial: (n, 2) section x, y mm; spatial_3d / ccf: (n, 3) x, y, z mm
     (NaN rows = no CCF); sections: brain_section_label per cell, categories ``section_order``;
-    labels: column -> (value per cell, categories); colours ``CLASS_COLORS``-like per category.
+    labels: column -> (value per cell, categories), each with a fixed ``uns['<column>_colors']`` hex colour per category.
     """
     n, g = expr.shape
     nan3 = np.full((n, 3), np.nan)
