@@ -128,11 +128,14 @@ class _LibraryNames(Sequence[str]):
         return len(self._names)
 
 
-_ZOO_MODELS = _LibraryNames("abc_pipeline.nn.zoo:MODELS")
+#: The torch-free module of the learning steps' names and defaults (what the help of train, train-npz and
+#: bench-models reads, so that it prints without importing torch).
+_CHOICES = "abc_pipeline.learn.choices"
+_ZOO_MODELS = _LibraryNames(f"{_CHOICES}:ZOO_MODELS")
 #: What ``train`` and ``bench-models --raster`` train: zoo networks and scikit-learn baselines.
-_MODELS = _LibraryNames("abc_pipeline.nn.zoo:MODELS", "abc_pipeline.learn.choices:BASELINES")
-_HEADS = _LibraryNames("abc_pipeline.nn.zoo:HEADS")
-_ATLAS_TASKS = _LibraryNames("abc_pipeline.learn.atlas:ARCHITECTURES")
+_MODELS = _LibraryNames(f"{_CHOICES}:ZOO_MODELS", f"{_CHOICES}:BASELINES")
+_HEADS = _LibraryNames(f"{_CHOICES}:ZOO_HEADS")
+_ATLAS_TASKS = _LibraryNames(f"{_CHOICES}:TASKS")
 
 
 # --------------------------------------------------------------------------------------------- shared options
@@ -158,8 +161,14 @@ def _add_task(p: argparse.ArgumentParser, *, required: bool, text: str = "atlas 
     p.add_argument("--task", choices=_ATLAS_TASKS, metavar="TASK", required=required, help=f"{text}: %(choices)s")
 
 
-def _add_download_root(p: argparse.ArgumentParser, default_of: str) -> None:
-    _option(p, "--download-root", type=Path, default_of=default_of, help="where MedMNIST names download")
+def _add_download_root(p: argparse.ArgumentParser) -> None:
+    _option(
+        p,
+        "--download-root",
+        type=Path,
+        default_of=f"{_CHOICES}:DEFAULT_DOWNLOAD_ROOT",
+        help="where MedMNIST names download",
+    )
 
 
 def _add_curve_angles(p: argparse.ArgumentParser, default_of: str, note: str) -> None:
@@ -169,6 +178,7 @@ def _add_curve_angles(p: argparse.ArgumentParser, default_of: str, note: str) ->
         type=_finite_float,
         nargs="+",
         default_of=default_of,
+        keyword="angles",
         help=f"equivariance-curve rotation angles in degrees ({note})",
     )
 
@@ -209,20 +219,31 @@ def _add_model_size_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
 
 
-def _add_training_options(p: argparse.ArgumentParser, default_of: str) -> None:
-    """Options of the training loop (``train``, ``train-npz``, ``bench-models``): keywords of the library function
-    at ``default_of`` (:func:`_training_kwargs`)."""
+def _add_training_options(p: argparse.ArgumentParser, epochs: str = "DEFAULT_EPOCHS") -> None:
+    """Options of the training loop (``train``, ``train-npz``, ``bench-models``; :func:`_training_kwargs`), with
+    the defaults of :mod:`abc_pipeline.learn.choices` that those functions declare; ``epochs``: the name of the
+    epochs default there."""
     g = p.add_argument_group("training")
-    _option(g, "--epochs", type=int, default_of=default_of, help="epochs at most")
-    _option(g, "--batch-size", type=int, default_of=default_of, help="samples per batch")
-    _option(g, "--lr", type=float, default_of=default_of, help="AdamW learning rate (cosine-annealed)")
-    _option(g, "--weight-decay", type=float, default_of=default_of, help="AdamW weight decay")
+    _option(g, "--epochs", type=int, default_of=f"{_CHOICES}:{epochs}", help="epochs at most")
+    _option(g, "--batch-size", type=int, default_of=f"{_CHOICES}:DEFAULT_BATCH_SIZE", help="samples per batch")
+    _option(g, "--lr", type=float, default_of=f"{_CHOICES}:DEFAULT_LR", help="AdamW learning rate (cosine-annealed)")
+    _option(g, "--weight-decay", type=float, default_of=f"{_CHOICES}:DEFAULT_WEIGHT_DECAY", help="AdamW weight decay")
     _option(
-        g, "--patience", type=int, default_of=default_of, help="epochs without validation improvement before stopping"
+        g,
+        "--patience",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_PATIENCE",
+        help="epochs without validation improvement before stopping",
     )
-    _option(g, "--seed", type=int, default_of=default_of, help="training seed (atlas rasters: also the split seed)")
-    _add_device(g, default_of)
-    _option(g, "--workers", type=int, default_of=default_of, keyword="num_workers", help="data-loader processes")
+    _option(
+        g,
+        "--seed",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_SEED",
+        help="training seed (atlas rasters: also the split seed)",
+    )
+    _add_device(g, f"{_CHOICES}:DEFAULT_DEVICE")
+    _option(g, "--workers", type=int, default_of=f"{_CHOICES}:DEFAULT_WORKERS", help="data-loader processes")
     _add_no_progress(g)
 
 
@@ -246,7 +267,6 @@ def _training_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
     """Options that pick an atlas task's data (``train`` and ``bench-models --raster``): keywords of
     :func:`abc_pipeline.learn.atlas.atlas_data` (:func:`_atlas_data_kwargs`)."""
-    default_of = "abc_pipeline.learn.atlas:atlas_data"
     p.add_argument(
         "--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)"
     )
@@ -256,11 +276,28 @@ def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)"
     )
-    _option(p, "--dim", choices=("auto", "2", "3"), default_of=default_of, help="auto: 2 for section rasters, else 3")
-    _option(
-        p, "--patch-size", type=int, nargs="+", default_of=default_of, help="celltype window P (odd; one or per axis)"
+    p.add_argument(
+        "--dim",
+        choices=("auto", "2", "3"),
+        default=None,
+        help="2, 3 or auto (the default): 2 for section rasters, else 3",
     )
-    _option(p, "--tile-size", type=int, nargs="+", default_of=default_of, help="region tile (voxels; one or per axis)")
+    _option(
+        p,
+        "--patch-size",
+        type=int,
+        nargs="+",
+        default_of=f"{_CHOICES}:DEFAULT_PATCH_SIZE",
+        help="celltype window P (odd; one or per axis)",
+    )
+    _option(
+        p,
+        "--tile-size",
+        type=int,
+        nargs="+",
+        default_of=f"{_CHOICES}:DEFAULT_TILE_SIZE",
+        help="region tile (voxels; one or per axis)",
+    )
     p.add_argument(
         "--architecture",
         choices=_HEADS,
@@ -275,14 +312,14 @@ def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
         type=float,
         nargs=3,
         metavar=("TRAIN", "VAL", "TEST"),
-        default_of=default_of,
+        default_of=f"{_CHOICES}:DEFAULT_FRACTIONS",
         help="fractions of the sections per split",
     )
     _option(
         p,
         "--split-blocks",
         type=int,
-        default_of=default_of,
+        default_of=f"{_CHOICES}:DEFAULT_SPLIT_BLOCKS",
         help="contiguous blocks of sections per split, interleaved along z so that every split spans the brain",
     )
     p.add_argument(
@@ -317,24 +354,21 @@ def _atlas_data_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 def _add_baseline_options(p: argparse.ArgumentParser) -> None:
     """Options of the scikit-learn baselines (``train --model logreg-*``; :func:`_baseline_kwargs`)."""
-    default_of = "abc_pipeline.learn.baselines:train_baseline"
     _option(
         p,
         "--neighbors",
         type=int,
-        default_of=default_of,
+        default_of=f"{_CHOICES}:DEFAULT_NEIGHBORS",
         help="logreg-neighborhood: nearest cells of the same section averaged into the features",
     )
     _option(
         p,
         "--max-train-cells",
         type=int,
-        default_of=default_of,
+        default_of=f"{_CHOICES}:DEFAULT_MAX_TRAIN_CELLS",
         help="baselines: training cells used at most (seeded class-stratified subsample)",
     )
-    _option(
-        p, "--logreg-c", type=float, default_of=default_of, keyword="c", help="baselines: inverse regularisation C"
-    )
+    _option(p, "--logreg-c", type=float, default_of=f"{_CHOICES}:DEFAULT_C", help="baselines: inverse regularisation C")
 
 
 def _baseline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -665,7 +699,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------------- learn
 def _add_train_npz(sub: argparse._SubParsersAction) -> None:
-    default_of = "abc_pipeline.learn.run_npz:train_npz"
     p = sub.add_parser("train-npz", help="train and test a zoo model on a MedMNIST-format .npz file")
     p.add_argument(
         "--npz", required=True, help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)"
@@ -677,9 +710,9 @@ def _add_train_npz(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="output directory (checkpoint.pt, last.pt, history.tsv, metrics.json)"
     )
     _add_model_size_options(p)
-    _add_training_options(p, default_of)
-    _option(p, "--metric", default_of=default_of, help="validation metric for early stopping")
-    _add_download_root(p, default_of)
+    _add_training_options(p)
+    _option(p, "--metric", default_of=f"{_CHOICES}:DEFAULT_METRIC", help="validation metric for early stopping")
+    _add_download_root(p)
     p.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
 
     def run(a: argparse.Namespace) -> None:
@@ -700,7 +733,6 @@ def _add_train_npz(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_models(sub: argparse._SubParsersAction) -> None:
-    default_of = "abc_pipeline.learn.compare:bench_models"
     p = sub.add_parser("bench-models", help="train zoo models parameter-matched on one dataset; one comparison table")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--npz", help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
@@ -716,18 +748,22 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=_MODELS,
         metavar="MODEL",
-        default_of=default_of,
+        default_of=f"{_CHOICES}:BENCH_MODELS",
         help="models to compare: %(choices)s (the scikit-learn baselines logreg-* with --raster only)",
     )
     _add_baseline_options(p)
     _option(
-        p, "--target-params", type=int, default_of=default_of, help="parameters per model (width solved per model)"
+        p,
+        "--target-params",
+        type=int,
+        default_of=f"{_CHOICES}:BENCH_TARGET_PARAMS",
+        help="parameters per model (width solved per model)",
     )
     _option(
         p,
         "--train-fraction",
         type=float,
-        default_of="abc_pipeline.learn.compare:npz_task",
+        default_of=f"{_CHOICES}:BENCH_TRAIN_FRACTION",
         help="keep this fraction of the training data: a stratified subset of the samples (--npz) or "
         "evenly spaced training sections (--raster)",
     )
@@ -735,24 +771,29 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
         p,
         "--subset-seed",
         type=int,
-        default_of="abc_pipeline.learn.compare:npz_task",
-        keyword="seed",
+        default_of=f"{_CHOICES}:DEFAULT_SEED",
         help="seed of the training-split subset (--npz)",
     )
     p.add_argument(
         "--max-samples", type=int, default=None, help="celltype: cap the cells of every split (fixed subset)"
     )
-    _add_training_options(p, default_of)
-    _add_curve_angles(p, default_of, "must include 45")
-    _option(p, "--curve-samples", type=int, default_of=default_of, help="test samples in the equivariance curve")
-    _add_download_root(p, "abc_pipeline.learn.compare:npz_task")
+    _add_training_options(p, epochs="BENCH_EPOCHS")
+    _add_curve_angles(p, f"{_CHOICES}:BENCH_CURVE_ANGLES", "must include 45")
+    _option(
+        p,
+        "--curve-samples",
+        type=int,
+        default_of=f"{_CHOICES}:BENCH_CURVE_SAMPLES",
+        help="test samples in the equivariance curve",
+    )
+    _add_download_root(p)
     p.add_argument("--restart", action="store_true", help="retrain every model from scratch")
 
     def run(a: argparse.Namespace) -> None:
-        from abc_pipeline.learn.choices import is_baseline
-        from abc_pipeline.learn.compare import DEFAULT_MODELS, bench_models, format_table, npz_task
+        from abc_pipeline.learn.choices import BENCH_MODELS, is_baseline
+        from abc_pipeline.learn.compare import bench_models, format_table, npz_task
 
-        models = a.models or DEFAULT_MODELS
+        models = a.models or BENCH_MODELS
         zoo, baselines = [m for m in models if not is_baseline(m)], [m for m in models if is_baseline(m)]
         if baselines and a.npz is not None:
             raise InputError(
@@ -824,7 +865,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     _add_baseline_options(p)
     _add_model_size_options(p)
-    _add_training_options(p, "abc_pipeline.learn.atlas:train_atlas_task")
+    _add_training_options(p)
     p.add_argument(
         "--max-samples-per-epoch", type=int, default=None, help="celltype: cap cells per split (fixed subset)"
     )
@@ -989,14 +1030,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--any-angles",
         type=float,
         nargs="+",
-        default_of=default_of,
+        default_of=f"{_CHOICES}:DEFAULT_ANY_ANGLES",
         help="in-plane rotations (degrees) of the test sections in the any-angle score",
     )
     _option(
         p,
         "--any-angle-sections",
         type=int,
-        default_of=default_of,
+        default_of=f"{_CHOICES}:DEFAULT_ANY_ANGLE_SECTIONS",
         help="test sections (3D: test z-blocks) rotated in the any-angle score",
     )
 

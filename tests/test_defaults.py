@@ -22,13 +22,14 @@ from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
 from abc_pipeline.cli import build_parser, main
 from abc_pipeline.learn.atlas import ARCHITECTURES, DEFAULT_LEVELS, train_atlas_task
 from abc_pipeline.learn.baselines import train_baseline
+from abc_pipeline.learn import baselines, choices
 from abc_pipeline.learn.choices import BASELINES, TRANSFER_KINDS
 from abc_pipeline.learn.compare import bench_models
 from abc_pipeline.learn.evaluate_run import evaluate_run
 from abc_pipeline.learn.run_npz import train_npz
 from abc_pipeline.learn.train import train
 from abc_pipeline.learn.transfer import transfer
-from abc_pipeline.nn.zoo import MODELS
+from abc_pipeline.nn.zoo import HEADS, MODELS
 from abc_pipeline.raster import open_raster
 from abc_pipeline.raster.grid import SPACES
 from abc_pipeline.raster.rasterize import SCHEDULERS, rasterize
@@ -121,6 +122,23 @@ def test_the_training_functions_share_their_defaults() -> None:
         assert _default(bench_models, keyword) == _default(train, keyword), keyword
 
 
+def test_torch_free_copies_equal_the_library() -> None:
+    """abc_pipeline.learn.choices keeps torch-free copies for the CLI of names and defaults declared elsewhere."""
+    assert choices.ZOO_MODELS == MODELS and choices.ZOO_HEADS == HEADS
+    assert choices.TASKS == tuple(ARCHITECTURES) == baselines.TASKS
+    for keyword, name in [
+        ("epochs", "DEFAULT_EPOCHS"),
+        ("batch_size", "DEFAULT_BATCH_SIZE"),
+        ("lr", "DEFAULT_LR"),
+        ("weight_decay", "DEFAULT_WEIGHT_DECAY"),
+        ("patience", "DEFAULT_PATIENCE"),
+        ("seed", "DEFAULT_SEED"),
+        ("device", "DEFAULT_DEVICE"),
+        ("num_workers", "DEFAULT_WORKERS"),
+    ]:
+        assert _default(train, keyword) == getattr(choices, name), keyword
+
+
 def test_schema_names_are_the_library_names() -> None:
     for key in ("models", "bench.models"):
         names = _schema_node(key)["items"]["enum"]
@@ -140,13 +158,14 @@ def _subparsers() -> dict:
 
 
 def test_every_cli_library_default_is_a_library_keyword() -> None:
-    """Every option declared with a library default names a keyword (or constant) that exists, and parses to
-    None when not given, so that the library's default applies."""
+    """Every option declared with a library default names a keyword (or constant) that exists and has a value to
+    show, and parses to None when not given, so that the library's default applies."""
     checked = 0
     for command, sub in _subparsers().items():
         for action in sub._actions:
             if hasattr(action, "library_default"):
-                action.library_default.value()  # raises when the keyword or the module does not exist
+                value = action.library_default.value()  # raises when the keyword or the module does not exist
+                assert value is not None, (command, action.dest)  # "None" is no default to show: say it in the help
                 assert action.default is None, (command, action.dest)
                 checked += 1
     assert checked > 60
@@ -177,13 +196,16 @@ def test_unknown_model_is_refused_with_the_zoo_names(capsys: pytest.CaptureFixtu
     assert "invalid choice: 'resnet'" in capsys.readouterr().err
 
 
-def test_building_the_parser_imports_no_torch() -> None:
+@pytest.mark.parametrize("command", ["rasterize --cells c --out o", "train --help", "train-npz --help", "bench-models -h"])
+def test_parsing_and_the_training_help_import_no_torch(command: str) -> None:
+    """Building the parser, parsing and the help of the training commands (names and defaults read from
+    abc_pipeline.learn.choices) import neither torch nor AnnData."""
     code = (
-        "import sys; from abc_pipeline.cli import build_parser; "
-        "build_parser().parse_args(['rasterize', '--cells', 'c', '--out', 'o']); "
+        "import sys; from abc_pipeline.cli import build_parser\n"
+        f"try:\n    build_parser().parse_args({command.split()!r})\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules and 'anndata' not in sys.modules, 'heavy import'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
 
 
 def test_rasterize_without_levels_writes_the_library_default(assembled: Path, tmp_path: Path) -> None:
