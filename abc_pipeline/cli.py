@@ -7,10 +7,12 @@ and calls exactly one library function.
 Names and defaults come from the library, never re-declared here:
 - an option that sets a keyword of the called function is declared by :func:`_option`: it is ``None`` unless
   given, ``run`` passes only the given ones (:func:`_given`), so the function's own default applies, and the help
-  shows that default, read from the function's signature (:class:`_LibraryDefault`);
+  shows that default (:class:`_LibraryDefault`): the torch-free constant the function's signature uses
+  (:mod:`abc_pipeline.learn.choices` for the learning steps), else the function's signature;
 - model, head, task, space, scheduler and dataset names are the library's (:class:`_LibraryNames`).
 Both are read only when argparse needs them (a value to check, help to print), so that building the parser imports
-no torch. Options that several subcommands share are declared once, by the ``_add_*_options`` helpers.
+no torch (and the help of train, train-npz and bench-models none either; the other subcommands' help imports their
+library module). Options that several subcommands share are declared once, by the ``_add_*_options`` helpers.
 """
 
 from __future__ import annotations
