@@ -190,9 +190,11 @@ def _add_user_data_options(p: argparse.ArgumentParser) -> None:
     :func:`abc_pipeline.atlas.import_user.import_user_data` (:func:`_user_data_kwargs`)."""
     from abc_pipeline.atlas.user_options import EXPRESSION, UNITS
 
-    default_of = "abc_pipeline.atlas.import_user:import_user_data"
-    _option(p, "--coordinates", default_of=default_of, help="obsm key of the x, y[, z] coordinates (anndata)")
-    _option(p, "--unit", choices=list(UNITS), default_of=default_of, help="unit of the coordinates")
+    light = "abc_pipeline.atlas.user_options"
+    _option(
+        p, "--coordinates", default_of=f"{light}:DEFAULT_COORDINATES", help="obsm key of the x, y[, z] coordinates"
+    )
+    _option(p, "--unit", choices=list(UNITS), default_of=f"{light}:DEFAULT_UNIT", help="unit of the coordinates")
     p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
     p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
     p.add_argument(
@@ -503,7 +505,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
         p,
         "--chunk-cells",
         type=int,
-        default_of="abc_pipeline.atlas.import_user:import_user_data",
+        default_of="abc_pipeline.atlas.user_options:DEFAULT_CHUNK_CELLS",
         help="cells per chunk (sets peak memory)",
     )
     _add_no_progress(p)
@@ -921,7 +923,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--tile-size",
         type=int,
         nargs="+",
-        default_of="abc_pipeline.learn.predict:DEFAULT_TILE",
+        default_of=f"{_CHOICES}:PREDICT_TILE",
         help="tile core by raster dimensions (axes are split into equal cores)",
     )
     _option(
@@ -929,7 +931,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--halo",
         type=int,
         nargs="+",
-        default_of="abc_pipeline.learn.predict:DEFAULT_HALO",
+        default_of=f"{_CHOICES}:PREDICT_HALO",
         help="region U-Net context per side",
     )
     p.add_argument(
@@ -938,7 +940,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="tiles per forward pass (default: as many as a voxel budget allows, 32k voxels on CPU)",
     )
-    _add_device(p, "abc_pipeline.learn.predict:predict_raster")
+    _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _add_no_progress(p)
 
@@ -996,7 +998,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    default_of = "abc_pipeline.learn.evaluate_run:evaluate_run"
     p = sub.add_parser("evaluate", help="test metrics, grid-symmetry scores, equivariance curve and figures of a model")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of abc-pipeline train")
     p.add_argument("--raster", type=Path, required=True, help="the raster the model was trained on")
@@ -1009,23 +1010,49 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="output directory, e.g. results/<d>/models/<task>/<model>/evaluation/"
     )
-    _option(p, "--windows", type=int, default_of=default_of, help="test windows (sections / z-slabs) the model runs on")
+    _option(
+        p,
+        "--windows",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_WINDOWS",
+        help="test windows (sections / z-slabs) the model runs on",
+    )
     _option(
         p,
         "--window-size",
         type=int,
-        default_of="abc_pipeline.learn.evaluate_run:DEFAULT_WINDOW",
+        default_of=f"{_CHOICES}:EVALUATE_WINDOW",
         help="window side in voxels, in-plane, by raster dimensions",
     )
-    _option(p, "--window-depth", type=int, default_of=default_of, help="3D: z indices per window")
     _option(
-        p, "--halo", type=int, default_of=default_of, help="region: U-Net context read around each window (per side)"
+        p, "--window-depth", type=int, default_of=f"{_CHOICES}:EVALUATE_WINDOW_DEPTH", help="3D: z indices per window"
     )
-    _add_curve_angles(p, default_of, "in-plane")
-    _option(p, "--map-sections", type=int, default_of=default_of, help="test sections / z-slices in maps.png")
-    _option(p, "--max-test-cells", type=int, default_of=default_of, help="celltype: test cells scored (evenly strided)")
-    _option(p, "--batch-size", type=int, default_of=default_of, help="windows per forward pass")
-    _add_device(p, default_of)
+    _option(
+        p,
+        "--halo",
+        type=int,
+        default_of=f"{_CHOICES}:PREDICT_HALO",
+        help="region: U-Net context read around each window (per side)",
+    )
+    _add_curve_angles(p, f"{_CHOICES}:EVALUATE_CURVE_ANGLES", "in-plane")
+    _option(
+        p,
+        "--map-sections",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_MAP_SECTIONS",
+        help="test sections / z-slices in maps.png",
+    )
+    _option(
+        p,
+        "--max-test-cells",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_MAX_TEST_CELLS",
+        help="celltype: test cells scored (evenly strided)",
+    )
+    _option(
+        p, "--batch-size", type=int, default_of=f"{_CHOICES}:EVALUATE_BATCH_SIZE", help="windows per forward pass"
+    )
+    _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _option(
         p,
@@ -1074,7 +1101,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _add_transfer(sub: argparse._SubParsersAction) -> None:
     from abc_pipeline.learn.choices import TRANSFER_KINDS
 
-    default_of = "abc_pipeline.learn.transfer:transfer"
     p = sub.add_parser("transfer", help="annotate your own data (AnnData, MERSCOPE, cells.zarr) with trained models")
     p.add_argument(
         "--checkpoint", type=Path, nargs="+", required=True, help="checkpoint.pt files of abc-pipeline train"
@@ -1082,7 +1108,7 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input", type=Path, required=True, help="your .h5ad / .zarr, MERSCOPE folder or imported cells.zarr"
     )
-    _option(p, "--kind", choices=TRANSFER_KINDS, default_of=default_of, help="what --input is")
+    _option(p, "--kind", choices=TRANSFER_KINDS, default_of=f"{_CHOICES}:DEFAULT_TRANSFER_KIND", help="what --input is")
     p.add_argument("--out", type=Path, required=True, help="annotated .h5ad to write (a copy of your AnnData)")
     _add_user_data_options(p)
     p.add_argument(
@@ -1090,7 +1116,7 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="read the model's genes that the data lacks as 0 (warned and recorded) instead of refusing",
     )
-    _add_device(p, default_of)
+    _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: a voxel budget)")
     _add_no_progress(p)
 

@@ -23,6 +23,8 @@ from abc_pipeline.cli import build_parser, main
 from abc_pipeline.learn.atlas import ARCHITECTURES, DEFAULT_LEVELS, train_atlas_task
 from abc_pipeline.learn.baselines import train_baseline
 from abc_pipeline.learn import baselines, choices
+from abc_pipeline.learn import evaluate_run as evaluate_module
+from abc_pipeline.learn import predict as predict_module
 from abc_pipeline.learn.choices import BASELINES, TRANSFER_KINDS
 from abc_pipeline.learn.compare import bench_models
 from abc_pipeline.learn.evaluate_run import evaluate_run
@@ -137,6 +139,20 @@ def test_torch_free_copies_equal_the_library() -> None:
         ("num_workers", "DEFAULT_WORKERS"),
     ]:
         assert _default(train, keyword) == getattr(choices, name), keyword
+    for keyword, name in [
+        ("windows", "EVALUATE_WINDOWS"),
+        ("window_depth", "EVALUATE_WINDOW_DEPTH"),
+        ("map_sections", "EVALUATE_MAP_SECTIONS"),
+        ("max_test_cells", "EVALUATE_MAX_TEST_CELLS"),
+        ("batch_size", "EVALUATE_BATCH_SIZE"),
+        ("angles", "EVALUATE_CURVE_ANGLES"),
+        ("halo", "PREDICT_HALO"),
+        ("device", "DEFAULT_DEVICE"),
+    ]:
+        assert _plain(_default(evaluate_run, keyword)) == _plain(getattr(choices, name)), keyword
+    assert choices.EVALUATE_WINDOW == evaluate_module.DEFAULT_WINDOW
+    assert choices.PREDICT_TILE == predict_module.DEFAULT_TILE and choices.PREDICT_HALO == predict_module.DEFAULT_HALO
+    assert _default(predict_module.predict_raster, "device") == choices.DEFAULT_DEVICE
 
 
 def test_schema_names_are_the_library_names() -> None:
@@ -196,10 +212,13 @@ def test_unknown_model_is_refused_with_the_zoo_names(capsys: pytest.CaptureFixtu
     assert "invalid choice: 'resnet'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["rasterize --cells c --out o", "train --help", "train-npz --help", "bench-models -h"])
-def test_parsing_and_the_training_help_import_no_torch(command: str) -> None:
-    """Building the parser, parsing and the help of the training commands (names and defaults read from
-    abc_pipeline.learn.choices) import neither torch nor AnnData."""
+LIGHT_HELP = ["train", "train-npz", "bench-models", "predict", "evaluate", "transfer", "import", "download"]
+
+
+@pytest.mark.parametrize("command", ["rasterize --cells c --out o", *(f"{c} --help" for c in LIGHT_HELP)])
+def test_parsing_and_the_help_import_no_torch(command: str) -> None:
+    """Building the parser, parsing, and the help of the steps whose defaults are torch-free constants
+    (abc_pipeline.learn.choices, abc_pipeline.atlas.user_options) import neither torch nor AnnData."""
     code = (
         "import sys; from abc_pipeline.cli import build_parser\n"
         f"try:\n    build_parser().parse_args({command.split()!r})\nexcept SystemExit:\n    pass\n"

@@ -23,6 +23,7 @@ DEFAULT_MAX_TRAIN_CELLS = 200_000
 DEFAULT_C = 1.0
 #: what ``abc-pipeline transfer --input`` is: the user-data kinds of import, or an imported cells.zarr
 TRANSFER_KINDS = (*USER_DATA_KINDS, "cells")
+DEFAULT_TRANSFER_KIND = "anndata"
 #: in-plane rotations of the test sections in the any-angle score (:mod:`abc_pipeline.learn.any_angle`)
 DEFAULT_ANY_ANGLES = tuple(float(a) for a in range(0, 360, 15))
 #: test sections (3D: test z-blocks) rotated in the any-angle score
@@ -72,6 +73,21 @@ BENCH_CURVE_ANGLES = tuple(float(a) for a in range(0, 91, 15))
 BENCH_CURVE_SAMPLES = 256
 #: fraction of the training data kept
 BENCH_TRAIN_FRACTION = 1.0
+
+# Torch-free copies, for the CLI help, of defaults declared in abc_pipeline/learn/evaluate_run.py and predict.py
+# (tested equal; to become the one source when those modules use them).
+#: evaluate: test windows, z indices per 3D window, in-plane window side by raster dimensions, sections in maps.png,
+#: test cells scored, windows per forward pass, equivariance-curve rotations (degrees)
+EVALUATE_WINDOWS = 2
+EVALUATE_WINDOW_DEPTH = 8
+EVALUATE_WINDOW = {2: 128, 3: 64}
+EVALUATE_MAP_SECTIONS = 3
+EVALUATE_MAX_TEST_CELLS = 500_000
+EVALUATE_BATCH_SIZE = 8
+EVALUATE_CURVE_ANGLES = tuple(range(0, 91, 15))
+#: predict: tile core by raster dimensions; region U-Net context per side (voxels)
+PREDICT_TILE = {2: (192, 192), 3: (16, 64, 64)}
+PREDICT_HALO = 16
 
 
 def is_baseline(name: str) -> bool:
