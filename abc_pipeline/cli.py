@@ -180,7 +180,6 @@ def _add_curve_angles(p: argparse.ArgumentParser, default_of: str, note: str) ->
         type=_finite_float,
         nargs="+",
         default_of=default_of,
-        keyword="angles",
         help=f"equivariance-curve rotation angles in degrees ({note})",
     )
 
@@ -191,9 +190,7 @@ def _add_user_data_options(p: argparse.ArgumentParser) -> None:
     from abc_pipeline.atlas.user_options import EXPRESSION, UNITS
 
     light = "abc_pipeline.atlas.user_options"
-    _option(
-        p, "--coordinates", default_of=f"{light}:DEFAULT_COORDINATES", help="obsm key of the x, y[, z] coordinates"
-    )
+    _option(p, "--coordinates", default_of=f"{light}:DEFAULT_COORDINATES", help="obsm key of the x, y[, z] coordinates")
     _option(p, "--unit", choices=list(UNITS), default_of=f"{light}:DEFAULT_UNIT", help="unit of the coordinates")
     p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
     p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
@@ -1049,9 +1046,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default_of=f"{_CHOICES}:EVALUATE_MAX_TEST_CELLS",
         help="celltype: test cells scored (evenly strided)",
     )
-    _option(
-        p, "--batch-size", type=int, default_of=f"{_CHOICES}:EVALUATE_BATCH_SIZE", help="windows per forward pass"
-    )
+    _option(p, "--batch-size", type=int, default_of=f"{_CHOICES}:EVALUATE_BATCH_SIZE", help="windows per forward pass")
     _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _option(

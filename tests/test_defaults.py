@@ -20,11 +20,11 @@ from abc_pipeline.atlas.manifest import PROFILES
 from abc_pipeline.atlas.synthetic import write_synthetic_release
 from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
 from abc_pipeline.cli import build_parser, main
-from abc_pipeline.learn.atlas import ARCHITECTURES, DEFAULT_LEVELS, train_atlas_task
-from abc_pipeline.learn.baselines import train_baseline
 from abc_pipeline.learn import baselines, choices
 from abc_pipeline.learn import evaluate_run as evaluate_module
 from abc_pipeline.learn import predict as predict_module
+from abc_pipeline.learn.atlas import ARCHITECTURES, DEFAULT_LEVELS, train_atlas_task
+from abc_pipeline.learn.baselines import train_baseline
 from abc_pipeline.learn.choices import BASELINES, TRANSFER_KINDS
 from abc_pipeline.learn.compare import bench_models
 from abc_pipeline.learn.evaluate_run import evaluate_run
