@@ -3,17 +3,32 @@
 Every subcommand is registered by one ``_add_<name>`` function that declares its arguments and a
 ``run`` callable; the callable imports the library lazily (so ``abc-pipeline --help`` stays fast)
 and calls exactly one library function.
+
+Names and defaults come from the library, never re-declared here:
+- an option that sets a keyword of the called function is declared by :func:`_option`: it is ``None`` unless
+  given, ``run`` passes only the given ones (:func:`_given`), so the function's own default applies, and the help
+  shows that default (:class:`_LibraryDefault`): the torch-free constant the function's signature uses
+  (:mod:`abc_pipeline.learn.choices` for the learning steps), else the function's signature;
+- model, head, task, space, scheduler and dataset names are the library's (:class:`_LibraryNames`).
+Both are read only when argparse needs them (a value to check, help to print), so that building the parser imports
+no torch (and the help of train, train-npz and bench-models none either; the other subcommands' help imports their
+library module). Options that several subcommands share are declared once, by the ``_add_*_options`` helpers.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import importlib
+import inspect
 import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from abc_pipeline import __version__
 from abc_pipeline.errors import AbcPipelineError, InputError
@@ -41,15 +56,348 @@ def _finite_float(text: str) -> float:
 _OVERWRITE_HELP = "replace an abc-pipeline output of another kind at --out (never a file or folder of your own)"
 
 
+# --------------------------------------------------------------------------------------- library names and defaults
+def _library(path: str) -> Any:
+    """The library object at ``path``, ``"module:name"`` (importing the module)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _as_option_text(value: Any) -> str:
+    """A default as it is typed on the command line: sequences space-separated, numbers in their shortest form."""
+    if isinstance(value, dict):  # a default per raster dimensions
+        return ", ".join(f"{k}D: {_as_option_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple, range)):
+        return " ".join(_as_option_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class _LibraryDefault:
+    """The library's default of one option: the default of ``keyword`` in the signature of the function at
+    ``path`` (``"module:function"``), or the constant at ``path``. ``str()`` reads it (importing the module)."""
+
+    def __init__(self, path: str, keyword: str) -> None:
+        self.path, self.keyword = path, keyword
+
+    def value(self) -> Any:
+        """The default value; :class:`TypeError` when the function has no such keyword default (a CLI bug)."""
+        obj = _library(self.path)
+        if not callable(obj):
+            return obj
+        parameter = inspect.signature(obj).parameters.get(self.keyword)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            raise TypeError(f"{self.path} has no keyword {self.keyword!r} with a default")
+        return parameter.default
+
+    def __str__(self) -> str:
+        return _as_option_text(self.value())
+
+
+def _option(
+    p: argparse._ActionsContainer, *flags: str, default_of: str, keyword: str | None = None, **kwargs: Any
+) -> argparse.Action:
+    """Add an option that sets ``keyword`` (default: the option's ``dest``) of the library function at
+    ``default_of`` (``"module:function"``, or the constant holding the default): ``None`` unless given, so that
+    :func:`_given` leaves it out and the function's default applies; the help ends with that default."""
+    action = p.add_argument(*flags, default=None, **kwargs)
+    action.library_default = _LibraryDefault(default_of, keyword or action.dest)  # type: ignore[attr-defined]
+    action.help = f"{action.help} (default: %(library_default)s)" if action.help else "default: %(library_default)s"
+    return action
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keywords whose option was given (not ``None``); the called function's defaults apply to the rest."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+class _LibraryNames(Sequence[str]):
+    """Choices of an option: the names in the library collections at ``paths`` (``"module:name"``; a mapping gives
+    its keys), in order, read when argparse first needs them (to check a value or print help). An option with these
+    choices names a ``metavar`` (else argparse would list them while declaring it); its help can show them as
+    ``%(choices)s``."""
+
+    def __init__(self, *paths: str) -> None:
+        self._paths = paths
+
+    @functools.cached_property
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for path in self._paths for name in _library(path))
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        return self._names[index]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+#: The torch-free module of the learning steps' names and defaults (what the help of train, train-npz and
+#: bench-models reads, so that it prints without importing torch).
+_CHOICES = "abc_pipeline.learn.choices"
+_ZOO_MODELS = _LibraryNames(f"{_CHOICES}:ZOO_MODELS")
+#: What ``train`` and ``bench-models --raster`` train: zoo networks and scikit-learn baselines.
+_MODELS = _LibraryNames(f"{_CHOICES}:ZOO_MODELS", f"{_CHOICES}:BASELINES")
+_HEADS = _LibraryNames(f"{_CHOICES}:ZOO_HEADS")
+_ATLAS_TASKS = _LibraryNames(f"{_CHOICES}:TASKS")
+
+
+# --------------------------------------------------------------------------------------------- shared options
+def _add_no_progress(p: argparse._ActionsContainer) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_device(p: argparse._ActionsContainer, default_of: str) -> None:
+    _option(p, "--device", default_of=default_of, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def _add_dataset(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        default="MERFISH-C57BL6J-638850",
+        choices=_LibraryNames("abc_pipeline.atlas.manifest:PROFILES"),
+        metavar="NAME",
+        help="ABC dataset profile: %(choices)s (default: %(default)s)",
+    )
+
+
+def _add_task(p: argparse.ArgumentParser, *, required: bool, text: str = "atlas task") -> None:
+    p.add_argument("--task", choices=_ATLAS_TASKS, metavar="TASK", required=required, help=f"{text}: %(choices)s")
+
+
+def _add_download_root(p: argparse.ArgumentParser) -> None:
+    _option(
+        p,
+        "--download-root",
+        type=Path,
+        default_of=f"{_CHOICES}:DEFAULT_DOWNLOAD_ROOT",
+        help="where MedMNIST names download",
+    )
+
+
+def _add_curve_angles(p: argparse.ArgumentParser, default_of: str, note: str) -> None:
+    _option(
+        p,
+        "--angles",
+        type=_finite_float,
+        nargs="+",
+        default_of=default_of,
+        help=f"equivariance-curve rotation angles in degrees ({note})",
+    )
+
+
+def _add_user_data_options(p: argparse.ArgumentParser) -> None:
+    """Options that read your own AnnData or MERSCOPE folder (``import``, ``transfer``): keywords of
+    :func:`abc_pipeline.atlas.import_user.import_user_data` (:func:`_user_data_kwargs`)."""
+    from abc_pipeline.atlas.user_options import EXPRESSION, UNITS
+
+    light = "abc_pipeline.atlas.user_options"
+    _option(p, "--coordinates", default_of=f"{light}:DEFAULT_COORDINATES", help="obsm key of the x, y[, z] coordinates")
+    _option(p, "--unit", choices=list(UNITS), default_of=f"{light}:DEFAULT_UNIT", help="unit of the coordinates")
+    p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
+    p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
+    p.add_argument(
+        "--expression",
+        choices=EXPRESSION,
+        default=None,
+        help="log2: X is log expression (anndata default); counts: log2(x + 1) is used (merscope default)",
+    )
+
+
+def _user_data_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """:func:`abc_pipeline.atlas.import_user.import_user_data` keywords of :func:`_add_user_data_options`."""
+    return _given(
+        coordinates=a.coordinates, unit=a.unit, section=a.section, gene_symbols=a.gene_symbols, expression=a.expression
+    )
+
+
+def _add_model_size_options(p: argparse.ArgumentParser) -> None:
+    """The width of one zoo network (``train``, ``train-npz``)."""
+    p.add_argument(
+        "--target-params",
+        type=int,
+        default=None,
+        help="solve the model width for this many parameters (default: the model's default width)",
+    )
+    p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
+
+
+def _add_training_options(p: argparse.ArgumentParser, epochs: str = "DEFAULT_EPOCHS") -> None:
+    """Options of the training loop (``train``, ``train-npz``, ``bench-models``; :func:`_training_kwargs`), with
+    the defaults of :mod:`abc_pipeline.learn.choices` that those functions declare; ``epochs``: the name of the
+    epochs default there."""
+    g = p.add_argument_group("training")
+    _option(g, "--epochs", type=int, default_of=f"{_CHOICES}:{epochs}", help="epochs at most")
+    _option(g, "--batch-size", type=int, default_of=f"{_CHOICES}:DEFAULT_BATCH_SIZE", help="samples per batch")
+    _option(g, "--lr", type=float, default_of=f"{_CHOICES}:DEFAULT_LR", help="AdamW learning rate (cosine-annealed)")
+    _option(g, "--weight-decay", type=float, default_of=f"{_CHOICES}:DEFAULT_WEIGHT_DECAY", help="AdamW weight decay")
+    _option(
+        g,
+        "--patience",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_PATIENCE",
+        help="epochs without validation improvement before stopping",
+    )
+    _option(
+        g,
+        "--seed",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_SEED",
+        help="training seed (atlas rasters: also the split seed)",
+    )
+    _add_device(g, f"{_CHOICES}:DEFAULT_DEVICE")
+    _option(g, "--workers", type=int, default_of=f"{_CHOICES}:DEFAULT_WORKERS", help="data-loader processes")
+    _add_no_progress(g)
+
+
+def _training_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """Library keywords of :func:`_add_training_options`."""
+    return {
+        "progress": not a.no_progress,
+        **_given(
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            patience=a.patience,
+            seed=a.seed,
+            device=a.device,
+            num_workers=a.workers,
+        ),
+    }
+
+
+def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
+    """Options that pick an atlas task's data (``train`` and ``bench-models --raster``): keywords of
+    :func:`abc_pipeline.learn.atlas.atlas_data` (:func:`_atlas_data_kwargs`)."""
+    p.add_argument(
+        "--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)"
+    )
+    p.add_argument(
+        "--level", default=None, help="label level (default: class for celltype, parcellation_division for region)"
+    )
+    p.add_argument(
+        "--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)"
+    )
+    p.add_argument(
+        "--dim",
+        choices=("auto", "2", "3"),
+        default=None,
+        help="2, 3 or auto (the default): 2 for section rasters, else 3",
+    )
+    _option(
+        p,
+        "--patch-size",
+        type=int,
+        nargs="+",
+        default_of=f"{_CHOICES}:DEFAULT_PATCH_SIZE",
+        help="celltype window P (odd; one or per axis)",
+    )
+    _option(
+        p,
+        "--tile-size",
+        type=int,
+        nargs="+",
+        default_of=f"{_CHOICES}:DEFAULT_TILE_SIZE",
+        help="region tile (voxels; one or per axis)",
+    )
+    p.add_argument(
+        "--architecture",
+        choices=_HEADS,
+        metavar="HEAD",
+        default=None,
+        help="the zoo head the model is built with: cell-context (own expression + invariant context, per cell), "
+        "patch (patch classifier), segment (U-Net); default cell-context for celltype, segment for region",
+    )
+    _option(
+        p,
+        "--split-fractions",
+        type=float,
+        nargs=3,
+        metavar=("TRAIN", "VAL", "TEST"),
+        default_of=f"{_CHOICES}:DEFAULT_FRACTIONS",
+        help="fractions of the sections per split",
+    )
+    _option(
+        p,
+        "--split-blocks",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_SPLIT_BLOCKS",
+        help="contiguous blocks of sections per split, interleaved along z so that every split spans the brain",
+    )
+    p.add_argument(
+        "--split-block-size",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="split whole square blocks of this size (mm) inside the sections instead of whole sections "
+        "(datasets of one or a few sections)",
+    )
+
+
+def _atlas_data_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """:func:`abc_pipeline.learn.atlas.atlas_data` keywords of :func:`_add_atlas_data_options`."""
+
+    def one_or_all(sizes: list[int] | None) -> int | list[int] | None:
+        return sizes[0] if sizes is not None and len(sizes) == 1 else sizes
+
+    return {
+        "level": a.level,
+        "architecture": a.architecture,
+        **_given(
+            dim=a.dim if a.dim in (None, "auto") else int(a.dim),
+            patch_size=one_or_all(a.patch_size),
+            tile_size=one_or_all(a.tile_size),
+            split_fractions=a.split_fractions,
+            split_blocks=a.split_blocks,
+            split_block_size=a.split_block_size,
+        ),
+    }
+
+
+def _add_baseline_options(p: argparse.ArgumentParser) -> None:
+    """Options of the scikit-learn baselines (``train --model logreg-*``; :func:`_baseline_kwargs`)."""
+    _option(
+        p,
+        "--neighbors",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_NEIGHBORS",
+        help="logreg-neighborhood: nearest cells of the same section averaged into the features",
+    )
+    _option(
+        p,
+        "--max-train-cells",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_MAX_TRAIN_CELLS",
+        help="baselines: training cells used at most (seeded class-stratified subsample)",
+    )
+    _option(p, "--logreg-c", type=float, default_of=f"{_CHOICES}:DEFAULT_C", help="baselines: inverse regularisation C")
+
+
+def _baseline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """:func:`abc_pipeline.learn.baselines.train_baseline` keywords: the atlas data (but the window and
+    architecture), baseline and seed options."""
+    data = _atlas_data_kwargs(a)
+    return {
+        **{k: data[k] for k in ("level", "dim", "split_fractions", "split_blocks") if k in data},
+        **_given(seed=a.seed, neighbors=a.neighbors, max_train_cells=a.max_train_cells, c=a.logreg_c),
+    }
+
+
 # --------------------------------------------------------------------------------------------- atlas
 def _add_synth(sub: argparse._SubParsersAction) -> None:
+    default_of = "abc_pipeline.atlas.synthetic:write_synthetic_release"
     p = sub.add_parser("synth", help="write a synthetic ABC release tree (manifest, CSVs, h5ad) for demos and tests")
     p.add_argument("--out", type=Path, required=True, help="release root to create (a bucket-like tree)")
-    p.add_argument("--cells", type=int, default=20000, help="number of cells in the expression file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--release", default="20250531", help="release version written into the manifest")
     p.add_argument(
-        "--chunk-cells", type=_positive_int, default=200_000, help="cells generated per chunk (sets peak memory)"
+        "--cells", type=int, default=20000, help="number of cells in the expression file (default: %(default)s)"
+    )
+    _option(p, "--seed", type=int, default_of=default_of)
+    _option(p, "--release", default_of=default_of, help="release version written into the manifest")
+    _option(
+        p,
+        "--chunk-cells",
+        type=_positive_int,
+        default_of=default_of,
+        help="cells generated per chunk (sets peak memory)",
     )
     p.add_argument(
         "--sections",
@@ -57,7 +405,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="sections, 0.2 mm apart (1-59; default: about one per 10,000 cells, at least 4)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_no_progress(p)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.atlas.synthetic import write_synthetic_release
@@ -65,29 +413,26 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         write_synthetic_release(
             a.out,
             n_cells=a.cells,
-            seed=a.seed,
-            release=a.release,
-            chunk_cells=a.chunk_cells,
             n_sections=a.sections,
             progress=not a.no_progress,
+            **_given(seed=a.seed, release=a.release, chunk_cells=a.chunk_cells),
         )
 
     p.set_defaults(run=run)
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    from abc_pipeline.atlas.manifest import DEFAULT_BASE_URL
-
+    default_of = "abc_pipeline.atlas.download:download_dataset"
     p = sub.add_parser("download", help="download (resume, verify MD5) the files a dataset needs")
-    p.add_argument("--dataset", default="MERFISH-C57BL6J-638850", help="dataset profile name")
-    p.add_argument("--release", default="latest", help="release version (YYYYMMDD) or 'latest' (needs network)")
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="bucket root URL (https://, http:// or file://)")
+    _add_dataset(p)
+    _option(p, "--release", default_of=default_of, help="release version (YYYYMMDD) or 'latest' (needs network)")
+    _option(p, "--base-url", default_of=default_of, help="bucket root URL (https://, http:// or file://)")
     p.add_argument(
         "--cache", type=Path, required=True, help="local mirror root (files land at <cache>/<relative_path>)"
     )
-    p.add_argument("--jobs", type=_positive_int, default=4, help="files downloaded in parallel")
-    p.add_argument("--retries", type=_positive_int, default=5, help="attempts per file before giving up")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _option(p, "--jobs", type=_positive_int, default_of=default_of, help="files downloaded in parallel")
+    _option(p, "--retries", type=_positive_int, default_of=default_of, help="attempts per file before giving up")
+    _add_no_progress(p)
     p.add_argument(
         "--summary", type=Path, default=None, help="write a JSON record of the run (files, fetched, skipped)"
     )
@@ -97,12 +442,9 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
         summary = download_dataset(
             a.dataset,
-            release=a.release,
-            base_url=a.base_url,
             cache_dir=a.cache,
-            jobs=a.jobs,
-            retries=a.retries,
             progress=not a.no_progress,
+            **_given(release=a.release, base_url=a.base_url, jobs=a.jobs, retries=a.retries),
         )
         if a.summary is not None:
             summary.write_json(a.summary)
@@ -114,13 +456,19 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "assemble", help="join metadata, taxonomy, parcellation, coordinates, log2 expression -> cells.zarr"
     )
-    p.add_argument("--dataset", default="MERFISH-C57BL6J-638850", help="dataset profile name")
+    _add_dataset(p)
     p.add_argument("--release", default=None, help="release version; default: the newest manifest in the cache")
     p.add_argument("--cache", type=Path, required=True, help="local mirror root written by `download`")
     p.add_argument("--out", type=Path, required=True, help="output AnnData store, e.g. results/<dataset>/cells.zarr")
-    p.add_argument("--chunk-cells", type=_positive_int, default=100_000, help="cells per chunk (sets peak memory)")
+    _option(
+        p,
+        "--chunk-cells",
+        type=_positive_int,
+        default_of="abc_pipeline.atlas.assemble:assemble_dataset",
+        help="cells per chunk (sets peak memory)",
+    )
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_no_progress(p)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.atlas.assemble import assemble_dataset
@@ -130,37 +478,34 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
             cache_dir=a.cache,
             out=a.out,
             release=a.release,
-            chunk_cells=a.chunk_cells,
             progress=not a.no_progress,
             overwrite=a.overwrite,
+            **_given(chunk_cells=a.chunk_cells),
         )
 
     p.set_defaults(run=run)
 
 
 def _add_import(sub: argparse._SubParsersAction) -> None:
-    from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
+    from abc_pipeline.atlas.user_options import KINDS
 
     p = sub.add_parser("import", help="import your own spatial AnnData (h5ad/zarr) or MERSCOPE folder -> cells.zarr")
     p.add_argument("--kind", choices=KINDS, required=True, help="anndata (.h5ad / .zarr) or merscope (output folder)")
     p.add_argument("--input", type=Path, required=True, help="the AnnData file/store or the MERSCOPE folder")
     p.add_argument("--out", type=Path, required=True, help="cells.zarr to write, e.g. results/<dataset>/cells.zarr")
-    p.add_argument("--coordinates", default="spatial", help="obsm key of the x, y[, z] coordinates (anndata)")
-    p.add_argument("--unit", choices=list(UNITS), default="um", help="unit of the coordinates")
-    p.add_argument("--section", default=None, help="obs column naming each cell's section/batch (default: one section)")
+    _add_user_data_options(p)
     p.add_argument("--section-name", default=None, help="name of the one section (default: the input's name)")
     p.add_argument(
-        "--labels", nargs="*", default=[], metavar="COLUMN", help="obs columns to keep as categorical labels"
+        "--labels", nargs="*", default=None, metavar="COLUMN", help="obs columns to keep as categorical labels"
     )
-    p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
-    p.add_argument(
-        "--expression",
-        choices=EXPRESSION,
-        default=None,
-        help="log2: X is log expression (anndata default); counts: store log2(x + 1) (merscope default)",
+    _option(
+        p,
+        "--chunk-cells",
+        type=int,
+        default_of="abc_pipeline.atlas.user_options:DEFAULT_CHUNK_CELLS",
+        help="cells per chunk (sets peak memory)",
     )
-    p.add_argument("--chunk-cells", type=int, default=100_000, help="cells per chunk (sets peak memory)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_no_progress(p)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.atlas.import_user import import_user_data
@@ -169,15 +514,10 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
             a.kind,
             a.input,
             a.out,
-            coordinates=a.coordinates,
-            unit=a.unit,
-            section=a.section,
             section_name=a.section_name,
-            labels=a.labels,
-            gene_symbols=a.gene_symbols,
-            expression=a.expression,
-            chunk_cells=a.chunk_cells,
             progress=not a.no_progress,
+            **_user_data_kwargs(a),
+            **_given(labels=a.labels, chunk_cells=a.chunk_cells),
         )
 
     p.set_defaults(run=run)
@@ -185,6 +525,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------------- raster
 def _add_rasterize(sub: argparse._SubParsersAction) -> None:
+    default_of = "abc_pipeline.raster.rasterize:rasterize"
     p = sub.add_parser(
         "rasterize", help="rasterize cells.zarr into a multichannel OME-Zarr grid (c,z,y,x) + label volumes"
     )
@@ -192,11 +533,13 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="raster to write, e.g. results/<dataset>/raster/<grid>.ome.zarr"
     )
-    p.add_argument(
+    _option(
+        p,
         "--space",
-        choices=["section", "reconstructed", "ccf"],
-        default="reconstructed",
-        help="section: 2D per section (z = section order); reconstructed / ccf: 3D",
+        choices=_LibraryNames("abc_pipeline.raster.grid:SPACES"),
+        metavar="SPACE",
+        default_of=default_of,
+        help="%(choices)s; section: 2D per section (z = section order); reconstructed / ccf: 3D",
     )
     p.add_argument(
         "--voxel-size",
@@ -212,7 +555,7 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
         metavar="MM",
         help="lo hi per axis in mm, ordered z y x (y x for --space section); default: data extent + margin",
     )
-    p.add_argument("--margin", type=int, default=1, help="empty voxels added around the data extent (per side)")
+    _option(p, "--margin", type=int, default_of=default_of, help="empty voxels added around the data extent (per side)")
     ch = p.add_mutually_exclusive_group()
     ch.add_argument(
         "--genes", nargs="+", metavar="GENE", help="channel genes (symbols or ids); default: all non-blank genes"
@@ -221,7 +564,7 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pca", type=int, metavar="K", help="use the first K principal components (of the genes) as channels"
     )
-    p.add_argument("--pca-sample", type=int, default=100_000, help="cells sampled to fit the PCA")
+    _option(p, "--pca-sample", type=int, default_of=default_of, help="cells sampled to fit the PCA")
     p.add_argument(
         "--labels",
         nargs="*",
@@ -229,12 +572,21 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
         help="categorical obs columns to rasterize as majority labels (default: class subclass "
         "parcellation_division parcellation_structure, those present; --labels alone: none)",
     )
-    p.add_argument("--levels", type=int, default=3, help="pyramid levels (>= 2)")
-    p.add_argument(
-        "--chunk-cells", type=_positive_int, default=None, help="cells per Dask task (sets peak memory; default 50000)"
+    _option(p, "--levels", type=int, default_of=default_of, help="pyramid levels (>= 2)")
+    _option(
+        p,
+        "--chunk-cells",
+        type=_positive_int,
+        default_of="abc_pipeline.raster.rasterize:DEFAULT_CHUNK_CELLS",
+        help="cells per Dask task (sets peak memory)",
     )
-    p.add_argument(
-        "--scheduler", choices=["threads", "processes", "synchronous"], default="threads", help="local Dask scheduler"
+    _option(
+        p,
+        "--scheduler",
+        choices=_LibraryNames("abc_pipeline.raster.rasterize:SCHEDULERS"),
+        metavar="SCHEDULER",
+        default_of=default_of,
+        help="local Dask scheduler: %(choices)s",
     )
     p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: all cores)")
     p.add_argument(
@@ -247,25 +599,28 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace an existing raster or other abc-pipeline output (atomically; never your own files)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--max-voxels",
         type=_positive_int,
-        default=None,
-        help="largest grid accepted, in voxels (default 2**31; a larger grid is almost always a wrong voxel size)",
+        default_of=default_of,
+        help="largest grid accepted, in voxels (a larger grid is almost always a wrong voxel size)",
     )
     p.add_argument(
         "--drop-nonfinite",
         action="store_true",
         help="skip cells with NaN or inf in X (counted and logged) instead of failing",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the PCA sample")
-    p.add_argument(
+    _option(p, "--seed", type=int, default_of=default_of, help="seed of the PCA sample")
+    _option(
+        p,
         "--max-accumulator-gb",
         type=float,
-        default=1.5,
-        help="local threaded runs sum voxels in memory when the occupied voxels' sums fit this (GB); else spill to disk",
+        default_of=default_of,
+        help="local threaded runs sum voxels in memory when the occupied voxels' sums fit this (GB); "
+        "else they spill to disk",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_no_progress(p)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.raster.rasterize import rasterize
@@ -284,25 +639,27 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
         rasterize(
             a.cells,
             a.out,
-            space=a.space,
             voxel_size=a.voxel_size,
             bounds=bounds,
-            margin=a.margin,
             genes=genes,
             pca=a.pca,
-            pca_sample=a.pca_sample,
             labels=a.labels,
-            levels=a.levels,
-            chunk_cells=a.chunk_cells,
-            scheduler=a.scheduler,
             num_workers=a.workers,
             address=a.address,
             overwrite=a.overwrite,
             progress=not a.no_progress,
-            seed=a.seed,
-            max_accumulator_gb=a.max_accumulator_gb,
             drop_nonfinite=a.drop_nonfinite,
-            **({"max_voxels": a.max_voxels} if a.max_voxels else {}),
+            **_given(
+                space=a.space,
+                margin=a.margin,
+                pca_sample=a.pca_sample,
+                levels=a.levels,
+                chunk_cells=a.chunk_cells,
+                scheduler=a.scheduler,
+                seed=a.seed,
+                max_accumulator_gb=a.max_accumulator_gb,
+                max_voxels=a.max_voxels,
+            ),
         )
 
     p.set_defaults(run=run)
@@ -310,11 +667,16 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="print the zoo's first-layer channels and parameter counts (parameter matching)")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="spatial dimensions")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="spatial dimensions (default: %(default)s)")
     p.add_argument("--in-channels", type=int, required=True, help="image channels (input scalar fields)")
     p.add_argument("--classes", type=int, required=True, help="number of classes")
-    p.add_argument(
-        "--head", choices=("classify", "segment", "patch"), default="classify", help="what the networks output"
+    _option(
+        p,
+        "--head",
+        choices=_HEADS,
+        metavar="HEAD",
+        default_of="abc_pipeline.nn.zoo:print_model_table",
+        help="what the networks output: %(choices)s",
     )
     p.add_argument("--target-params", type=int, default=None, help="solve each model's width for this many parameters")
     p.add_argument("--width", type=int, default=None, help="fixed first-layer width (fields) instead")
@@ -327,10 +689,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
             a.dim,
             a.in_channels,
             a.classes,
-            head=a.head,
             target_params=a.target_params,
             width=a.width,
             spacing=a.spacing,
+            **_given(head=a.head),
         )
 
     p.set_defaults(run=run)
@@ -343,27 +705,16 @@ def _add_train_npz(sub: argparse._SubParsersAction) -> None:
         "--npz", required=True, help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)"
     )
     p.add_argument(
-        "--model",
-        required=True,
-        help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular, cfnet, se2n-interp (2D)",
+        "--model", required=True, choices=_ZOO_MODELS, metavar="MODEL", help="zoo model: %(choices)s (see docs/nn.md)"
     )
     p.add_argument(
         "--out", type=Path, required=True, help="output directory (checkpoint.pt, last.pt, history.tsv, metrics.json)"
     )
-    p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
-    p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
-    p.add_argument("--metric", default="balanced_accuracy", help="validation metric for early stopping")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--download-root", type=Path, default=Path("data/medmnist"), help="where MedMNIST names download")
+    _add_model_size_options(p)
+    _add_training_options(p)
+    _option(p, "--metric", default_of=f"{_CHOICES}:DEFAULT_METRIC", help="validation metric for early stopping")
+    _add_download_root(p)
     p.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.run_npz import train_npz
@@ -374,90 +725,12 @@ def _add_train_npz(sub: argparse._SubParsersAction) -> None:
             a.out,
             width=a.width,
             target_params=a.target_params,
-            epochs=a.epochs,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            seed=a.seed,
-            patience=a.patience,
-            metric=a.metric,
-            device=a.device,
-            num_workers=a.workers,
-            progress=not a.no_progress,
-            download_root=a.download_root,
             resume=not a.restart,
+            **_training_kwargs(a),
+            **_given(metric=a.metric, download_root=a.download_root),
         )
 
     p.set_defaults(run=run)
-
-
-def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
-    """Options that pick an atlas task's data (``train`` and ``bench-models --raster``)."""
-    p.add_argument(
-        "--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)"
-    )
-    p.add_argument(
-        "--level", default=None, help="label level (default: class for celltype, parcellation_division for region)"
-    )
-    p.add_argument(
-        "--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)"
-    )
-    p.add_argument("--dim", default="auto", choices=("auto", "2", "3"), help="auto: 2 for section rasters, else 3")
-    p.add_argument(
-        "--patch-size", type=int, nargs="+", default=[5], help="celltype window P (odd; one or per axis z y x)"
-    )
-    p.add_argument("--tile-size", type=int, nargs="+", default=[64], help="region tile (voxels; one or per axis z y x)")
-    p.add_argument(
-        "--architecture",
-        choices=("cell-context", "patch", "segment"),
-        default=None,
-        help="what the zoo model is built into: cell-context (own expression + invariant context, per "
-        "cell), patch (patch classifier), segment (U-Net); default cell-context for celltype, "
-        "segment for region",
-    )
-    p.add_argument(
-        "--split-fractions",
-        type=float,
-        nargs=3,
-        default=None,
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="fractions of the sections per split (default 0.7 0.15 0.15)",
-    )
-    p.add_argument(
-        "--split-blocks",
-        type=int,
-        default=None,
-        help="contiguous blocks of sections per split, interleaved along z so that every split spans "
-        "the brain (default 3)",
-    )
-    p.add_argument(
-        "--split-block-size",
-        type=float,
-        default=None,
-        metavar="MM",
-        help="split whole square blocks of this size (mm) inside the sections instead of whole sections "
-        "(datasets of one or a few sections)",
-    )
-
-
-def _atlas_data_kwargs(a: argparse.Namespace) -> dict:
-    """:func:`abc_pipeline.learn.atlas.atlas_data` keywords from :func:`_add_atlas_data_options` options."""
-
-    def one_or_all(sizes: list[int]) -> int | list[int]:
-        return sizes[0] if len(sizes) == 1 else sizes
-
-    kwargs = {
-        "level": a.level,
-        "dim": a.dim if a.dim == "auto" else int(a.dim),
-        "patch_size": one_or_all(a.patch_size),
-        "tile_size": one_or_all(a.tile_size),
-        "seed": a.seed,
-        "architecture": a.architecture,
-    }
-    for key in ("split_fractions", "split_blocks", "split_block_size"):  # None: the library's defaults
-        if getattr(a, key) is not None:
-            kwargs[key] = getattr(a, key)
-    return kwargs
 
 
 def _add_bench_models(sub: argparse._SubParsersAction) -> None:
@@ -465,56 +738,63 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--npz", help="MedMNIST-format .npz path, or a MedMNIST name (needs medmnist + network)")
     data.add_argument("--raster", type=Path, help="an atlas raster (OME-Zarr from `rasterize`); needs --task")
-    p.add_argument("--task", choices=("celltype", "region"), help="atlas task (with --raster)")
+    _add_task(p, required=False, text="atlas task (with --raster)")
     _add_atlas_data_options(p)
     p.add_argument(
         "--out", type=Path, required=True, help="output directory (table, figures, one run folder per model)"
     )
-    p.add_argument(
+    _option(
+        p,
         "--models",
         nargs="+",
-        default=None,
-        help="zoo models to compare (default cnn gcnn-regular moment-trivial moment-trivial-irrep); with "
-        "--raster also the baselines logreg-expression, logreg-neighborhood",
+        choices=_MODELS,
+        metavar="MODEL",
+        default_of=f"{_CHOICES}:BENCH_MODELS",
+        help="models to compare: %(choices)s (the scikit-learn baselines logreg-* with --raster only)",
     )
     _add_baseline_options(p)
-    p.add_argument("--target-params", type=int, default=50_000, help="parameters per model (width solved per model)")
-    p.add_argument(
+    _option(
+        p,
+        "--target-params",
+        type=int,
+        default_of=f"{_CHOICES}:BENCH_TARGET_PARAMS",
+        help="parameters per model (width solved per model)",
+    )
+    _option(
+        p,
         "--train-fraction",
         type=float,
-        default=1.0,
+        default_of=f"{_CHOICES}:BENCH_TRAIN_FRACTION",
         help="keep this fraction of the training data: a stratified subset of the samples (--npz) or "
         "evenly spaced training sections (--raster)",
     )
-    p.add_argument("--subset-seed", type=int, default=0, help="seed of the training-split subset (--npz)")
+    _option(
+        p,
+        "--subset-seed",
+        type=int,
+        default_of=f"{_CHOICES}:DEFAULT_SEED",
+        help="seed of the training-split subset (--npz)",
+    )
     p.add_argument(
         "--max-samples", type=int, default=None, help="celltype: cap the cells of every split (fixed subset)"
     )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
-    p.add_argument("--seed", type=int, default=0, help="training seed (and, with --raster, the split seed)")
-    p.add_argument(
-        "--angles",
-        type=_finite_float,
-        nargs="+",
-        default=[0, 15, 30, 45, 60, 75, 90],
-        help="equivariance-curve rotation angles in degrees (must include 45)",
+    _add_training_options(p, epochs="BENCH_EPOCHS")
+    _add_curve_angles(p, f"{_CHOICES}:BENCH_CURVE_ANGLES", "must include 45")
+    _option(
+        p,
+        "--curve-samples",
+        type=int,
+        default_of=f"{_CHOICES}:BENCH_CURVE_SAMPLES",
+        help="test samples in the equivariance curve",
     )
-    p.add_argument("--curve-samples", type=int, default=256, help="test samples in the equivariance curve")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--download-root", type=Path, default=Path("data/medmnist"), help="where MedMNIST names download")
+    _add_download_root(p)
     p.add_argument("--restart", action="store_true", help="retrain every model from scratch")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
-        from abc_pipeline.learn.choices import is_baseline
-        from abc_pipeline.learn.compare import DEFAULT_MODELS, bench_models, format_table, npz_task
+        from abc_pipeline.learn.choices import BENCH_MODELS, is_baseline
+        from abc_pipeline.learn.compare import bench_models, format_table, npz_task
 
-        models = a.models or DEFAULT_MODELS
+        models = a.models or BENCH_MODELS
         zoo, baselines = [m for m in models if not is_baseline(m)], [m for m in models if is_baseline(m)]
         if baselines and a.npz is not None:
             raise InputError(
@@ -522,7 +802,9 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 f"an atlas (--raster and --cells), not --npz"
             )
         if a.npz is not None:
-            task = npz_task(a.npz, train_fraction=a.train_fraction, seed=a.subset_seed, download_root=a.download_root)
+            task = npz_task(
+                a.npz, **_given(train_fraction=a.train_fraction, seed=a.subset_seed, download_root=a.download_root)
+            )
         else:
             from abc_pipeline.learn.atlas import atlas_task
 
@@ -534,14 +816,13 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 a.task,
                 depth=a.depth,
                 max_samples=a.max_samples,
-                train_sections=a.train_fraction,
                 **_atlas_data_kwargs(a),
+                **_given(seed=a.seed, train_sections=a.train_fraction),
             )
         extra = []
         if baselines:
             from abc_pipeline.learn.baselines import bench_baseline_rows
 
-            kw = _atlas_data_kwargs(a)
             test = task.test
             extra = bench_baseline_rows(
                 a.raster,
@@ -551,33 +832,17 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 a.out,
                 test_rows=getattr(test, "cells", None),
                 test_targets=test.targets.numpy() if a.task == "celltype" else None,
-                train_sections=a.train_fraction,
-                level=kw["level"],
-                dim=kw["dim"],
-                seed=a.seed,
-                neighbors=a.neighbors,
-                max_train_cells=a.max_train_cells,
-                c=a.logreg_c,
-                **{k: kw[k] for k in ("split_fractions", "split_blocks") if k in kw},
+                **_baseline_kwargs(a),
+                **_given(train_sections=a.train_fraction),
             )
         table = bench_models(
             task,
             a.out,
             zoo,
-            target_params=a.target_params,
-            epochs=a.epochs,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            patience=a.patience,
-            seed=a.seed,
-            device=a.device,
-            num_workers=a.workers,
-            angles=a.angles,
-            curve_samples=a.curve_samples,
-            progress=not a.no_progress,
             resume=not a.restart,
             extra_rows=extra,
+            **_training_kwargs(a),
+            **_given(target_params=a.target_params, angles=a.angles, curve_samples=a.curve_samples),
         )
         print(format_table(table))
 
@@ -587,31 +852,24 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a zoo model on a raster: cell types (patch classifier) or regions (U-Net)")
     p.add_argument("--raster", type=Path, required=True, help="OME-Zarr raster (abc-pipeline rasterize)")
-    p.add_argument("--task", choices=("celltype", "region"), required=True)
+    _add_task(p, required=True)
     _add_atlas_data_options(p)
     p.add_argument(
         "--model",
         required=True,
-        help="zoo model: cnn, moment-trivial, moment-trivial-irrep, gcnn-regular, se2n-interp (2D rasters); "
-        "or a scikit-learn baseline: logreg-expression, logreg-neighborhood",
+        choices=_MODELS,
+        metavar="MODEL",
+        help="zoo network or scikit-learn baseline (logreg-*): %(choices)s (docs/nn.md)",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="run directory, e.g. results/<dataset>/models/<task>/<model>/"
     )
     _add_baseline_options(p)
-    p.add_argument("--target-params", type=int, default=None, help="solve the model width for this many parameters")
-    p.add_argument("--width", type=int, default=None, help="first-layer width (fields) instead")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine-annealed)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
-    p.add_argument("--seed", type=int, default=0)
+    _add_model_size_options(p)
+    _add_training_options(p)
     p.add_argument(
         "--max-samples-per-epoch", type=int, default=None, help="celltype: cap cells per split (fixed subset)"
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     restart = p.add_mutually_exclusive_group()
     restart.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
     restart.add_argument(
@@ -620,15 +878,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="resume OUT/last.pt only if it has this run's configuration, else start over "
         "(default: refuse to mix runs)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(a: argparse.Namespace) -> None:
-        from abc_pipeline.learn.atlas import train_atlas_task
         from abc_pipeline.learn.choices import is_baseline
 
         if is_baseline(a.model):
-            _train_baseline(a)
+            from abc_pipeline.learn.baselines import train_baseline
+
+            train_baseline(a.raster, a.cells, a.task, a.model, a.out, **_baseline_kwargs(a))
             return
+        from abc_pipeline.learn.atlas import train_atlas_task
+
         train_atlas_task(
             a.raster,
             a.cells,
@@ -638,59 +898,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             width=a.width,
             target_params=a.target_params,
             depth=a.depth,
-            epochs=a.epochs,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            patience=a.patience,
             max_samples_per_epoch=a.max_samples_per_epoch,
-            device=a.device,
-            num_workers=a.workers,
-            progress=not a.no_progress,
             resume="if-unchanged" if a.restart_if_changed else not a.restart,
+            **_training_kwargs(a),
             **_atlas_data_kwargs(a),
         )
 
     p.set_defaults(run=run)
-
-
-def _add_baseline_options(p: argparse.ArgumentParser) -> None:
-    """Options of the scikit-learn baselines (``train --model logreg-*``)."""
-    from abc_pipeline.learn.choices import DEFAULT_C, DEFAULT_MAX_TRAIN_CELLS, DEFAULT_NEIGHBORS
-
-    p.add_argument(
-        "--neighbors",
-        type=int,
-        default=DEFAULT_NEIGHBORS,
-        help="logreg-neighborhood: nearest cells of the same section averaged into the features",
-    )
-    p.add_argument(
-        "--max-train-cells",
-        type=int,
-        default=DEFAULT_MAX_TRAIN_CELLS,
-        help="baselines: training cells used at most (seeded class-stratified subsample)",
-    )
-    p.add_argument("--logreg-c", type=float, default=DEFAULT_C, help="baselines: inverse regularisation strength C")
-
-
-def _train_baseline(a: argparse.Namespace) -> None:
-    from abc_pipeline.learn.baselines import train_baseline
-
-    kw = _atlas_data_kwargs(a)
-    train_baseline(
-        a.raster,
-        a.cells,
-        a.task,
-        a.model,
-        a.out,
-        level=kw["level"],
-        dim=kw["dim"],
-        seed=a.seed,
-        neighbors=a.neighbors,
-        max_train_cells=a.max_train_cells,
-        c=a.logreg_c,
-        **{k: kw[k] for k in ("split_fractions", "split_blocks") if k in kw},
-    )
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -701,23 +915,31 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--cells", type=Path, default=None, help="cells.zarr of the raster (checks cell order, scores test cells)"
     )
     p.add_argument("--out", type=Path, required=True, help="predictions.zarr to write (replaced atomically)")
-    p.add_argument(
+    _option(
+        p,
         "--tile-size",
         type=int,
         nargs="+",
-        default=None,
-        help="tile core (default 192 in 2D, 16 64 64 in 3D; axes are split into equal cores)",
+        default_of=f"{_CHOICES}:PREDICT_TILE",
+        help="tile core by raster dimensions (axes are split into equal cores)",
     )
-    p.add_argument("--halo", type=int, nargs="+", default=None, help="region U-Net context per side (default 16)")
+    _option(
+        p,
+        "--halo",
+        type=int,
+        nargs="+",
+        default_of=f"{_CHOICES}:PREDICT_HALO",
+        help="region U-Net context per side",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="tiles per forward pass (default: as many as a voxel budget allows, 32k voxels on CPU)",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_no_progress(p)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.predict import predict_raster
@@ -728,12 +950,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
             a.raster,
             a.out,
             cells=a.cells,
-            tile_size=one(a.tile_size),
-            halo=one(a.halo),
             batch_size=a.batch_size,
-            device=a.device,
             progress=not a.no_progress,
             overwrite=a.overwrite,
+            **_given(tile_size=one(a.tile_size), halo=one(a.halo), device=a.device),
         )
 
     p.set_defaults(run=run)
@@ -787,38 +1007,62 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="output directory, e.g. results/<d>/models/<task>/<model>/evaluation/"
     )
-    p.add_argument("--windows", type=int, default=2, help="test windows (sections / z-slabs) the model runs on")
-    p.add_argument(
-        "--window-size", type=int, default=None, help="window side in voxels, in-plane (default 128 in 2D, 64 in 3D)"
+    _option(
+        p,
+        "--windows",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_WINDOWS",
+        help="test windows (sections / z-slabs) the model runs on",
     )
-    p.add_argument("--window-depth", type=int, default=8, help="3D: z indices per window")
-    p.add_argument(
-        "--halo", type=int, default=16, help="region: U-Net context read around each window (voxels per side)"
+    _option(
+        p,
+        "--window-size",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_WINDOW",
+        help="window side in voxels, in-plane, by raster dimensions",
     )
-    p.add_argument(
-        "--angles",
-        type=_finite_float,
-        nargs="+",
-        default=[0, 15, 30, 45, 60, 75, 90],
-        help="equivariance-curve rotation angles in degrees (in-plane)",
+    _option(
+        p, "--window-depth", type=int, default_of=f"{_CHOICES}:EVALUATE_WINDOW_DEPTH", help="3D: z indices per window"
     )
-    p.add_argument("--map-sections", type=int, default=3, help="test sections / z-slices in maps.png")
-    p.add_argument("--max-test-cells", type=int, default=500_000, help="celltype: test cells scored (evenly strided)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    _option(
+        p,
+        "--halo",
+        type=int,
+        default_of=f"{_CHOICES}:PREDICT_HALO",
+        help="region: U-Net context read around each window (per side)",
+    )
+    _add_curve_angles(p, f"{_CHOICES}:EVALUATE_CURVE_ANGLES", "in-plane")
+    _option(
+        p,
+        "--map-sections",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_MAP_SECTIONS",
+        help="test sections / z-slices in maps.png",
+    )
+    _option(
+        p,
+        "--max-test-cells",
+        type=int,
+        default_of=f"{_CHOICES}:EVALUATE_MAX_TEST_CELLS",
+        help="celltype: test cells scored (evenly strided)",
+    )
+    _option(p, "--batch-size", type=int, default_of=f"{_CHOICES}:EVALUATE_BATCH_SIZE", help="windows per forward pass")
+    _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument(
+    _option(
+        p,
         "--any-angles",
         type=float,
         nargs="+",
-        default=None,
-        help="in-plane rotations (degrees) of the test sections in the any-angle score (default 0-345 by 15)",
+        default_of=f"{_CHOICES}:DEFAULT_ANY_ANGLES",
+        help="in-plane rotations (degrees) of the test sections in the any-angle score",
     )
-    p.add_argument(
+    _option(
+        p,
         "--any-angle-sections",
         type=int,
-        default=None,
-        help="test sections (3D: test z-blocks) rotated in the any-angle score (default 2)",
+        default_of=f"{_CHOICES}:DEFAULT_ANY_ANGLE_SECTIONS",
+        help="test sections (3D: test z-blocks) rotated in the any-angle score",
     )
 
     def run(a: argparse.Namespace) -> None:
@@ -830,29 +1074,27 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
             a.predictions,
             a.out,
             cells=a.cells,
-            windows=a.windows,
-            window_size=a.window_size,
-            window_depth=a.window_depth,
-            halo=a.halo,
-            angles=a.angles,
-            map_sections=a.map_sections,
-            max_test_cells=a.max_test_cells,
-            batch_size=a.batch_size,
-            device=a.device,
             overwrite=a.overwrite,
-            **{
-                k: v
-                for k, v in (("any_angles", a.any_angles), ("any_angle_sections", a.any_angle_sections))
-                if v is not None
-            },
+            **_given(
+                windows=a.windows,
+                window_size=a.window_size,
+                window_depth=a.window_depth,
+                halo=a.halo,
+                angles=a.angles,
+                map_sections=a.map_sections,
+                max_test_cells=a.max_test_cells,
+                batch_size=a.batch_size,
+                device=a.device,
+                any_angles=a.any_angles,
+                any_angle_sections=a.any_angle_sections,
+            ),
         )
 
     p.set_defaults(run=run)
 
 
 def _add_transfer(sub: argparse._SubParsersAction) -> None:
-    from abc_pipeline.atlas.user_options import EXPRESSION, UNITS
-    from abc_pipeline.learn.choices import TRANSFER_KINDS as KINDS
+    from abc_pipeline.learn.choices import TRANSFER_KINDS
 
     p = sub.add_parser("transfer", help="annotate your own data (AnnData, MERSCOPE, cells.zarr) with trained models")
     p.add_argument(
@@ -861,51 +1103,30 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input", type=Path, required=True, help="your .h5ad / .zarr, MERSCOPE folder or imported cells.zarr"
     )
-    p.add_argument("--kind", choices=KINDS, default="anndata", help="what --input is")
+    _option(p, "--kind", choices=TRANSFER_KINDS, default_of=f"{_CHOICES}:DEFAULT_TRANSFER_KIND", help="what --input is")
     p.add_argument("--out", type=Path, required=True, help="annotated .h5ad to write (a copy of your AnnData)")
-    p.add_argument("--coordinates", default="spatial", help="obsm key of the x, y[, z] coordinates (anndata)")
-    p.add_argument("--unit", choices=list(UNITS), default="um", help="unit of the coordinates")
-    p.add_argument("--section", default=None, help="obs column naming each cell's section (default: one section)")
-    p.add_argument("--gene-symbols", default=None, help="var column with gene symbols (default: auto)")
-    p.add_argument(
-        "--expression",
-        choices=EXPRESSION,
-        default=None,
-        help="log2: X is log expression (anndata default); counts: log2(x + 1) is used (merscope default)",
-    )
+    _add_user_data_options(p)
     p.add_argument(
         "--fill-missing-genes",
         action="store_true",
         help="read the model's genes that the data lacks as 0 (warned and recorded) instead of refusing",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    _add_device(p, f"{_CHOICES}:DEFAULT_DEVICE")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: a voxel budget)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_no_progress(p)
 
     def run(a: argparse.Namespace) -> None:
         from abc_pipeline.learn.transfer import transfer
 
-        options = (
-            {}
-            if a.kind == "cells"
-            else {
-                "coordinates": a.coordinates,
-                "unit": a.unit,
-                "section": a.section,
-                "gene_symbols": a.gene_symbols,
-                "expression": a.expression,
-            }
-        )
         transfer(
             a.checkpoint,
             a.input,
             a.out,
-            kind=a.kind,
             fill_missing_genes=a.fill_missing_genes,
-            device=a.device,
             batch_size=a.batch_size,
             progress=not a.no_progress,
-            **options,
+            **_given(kind=a.kind, device=a.device),
+            **({} if a.kind == "cells" else _user_data_kwargs(a)),
         )
 
     p.set_defaults(run=run)

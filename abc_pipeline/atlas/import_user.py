@@ -43,7 +43,14 @@ from anndata.io import read_elem, sparse_dataset
 
 from abc_pipeline import keys
 from abc_pipeline.atlas.chunked_anndata import ChunkedAnnDataWriter
-from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
+from abc_pipeline.atlas.user_options import (
+    DEFAULT_CHUNK_CELLS,
+    DEFAULT_COORDINATES,
+    DEFAULT_UNIT,
+    EXPRESSION,
+    KINDS,
+    UNITS,
+)
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
 
@@ -357,14 +364,14 @@ def import_user_data(
     path: str | Path,
     out: str | Path,
     *,
-    coordinates: str = "spatial",
-    unit: str = "um",
+    coordinates: str = DEFAULT_COORDINATES,
+    unit: str = DEFAULT_UNIT,
     section: str | None = None,
     section_name: str | None = None,
     labels: Sequence[str] = (),
     gene_symbols: str | None = None,
     expression: str | None = None,
-    chunk_cells: int = 100_000,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
     progress: bool = True,
 ) -> Path:
     """Import a user dataset into a ``cells.zarr`` at ``out`` (replaced atomically); returns ``out``.

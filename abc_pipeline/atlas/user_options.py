@@ -9,3 +9,8 @@ KINDS = ("anndata", "merscope")
 UNITS = {"um": 1e-3, "mm": 1.0}
 #: What X holds: log2 expression, or counts (stored as log2(x + 1)).
 EXPRESSION = ("log2", "counts")
+#: Default obsm key of the x, y[, z] coordinates (AnnData) and their unit.
+DEFAULT_COORDINATES = "spatial"
+DEFAULT_UNIT = "um"
+#: Cells read and written per chunk (sets peak memory).
+DEFAULT_CHUNK_CELLS = 100_000

@@ -34,7 +34,7 @@ import torch
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
-from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLES, check_angles
+from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLE_SECTIONS, DEFAULT_ANY_ANGLES, check_angles
 from abc_pipeline.learn.data import ClassTable, Normalizer, z_blocks
 from abc_pipeline.learn.inference import pick_device
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
@@ -48,7 +48,6 @@ from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ANY_ANGLE_SECTIONS = 2
 ANY_ANGLE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 DEFAULT_Z_HALO = 2  # zero planes around a 3D block (see any_angle_predictions)
 _CELL_CHUNK = 1 << 16

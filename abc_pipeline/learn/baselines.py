@@ -58,6 +58,7 @@ from abc_pipeline.learn.choices import (
     DEFAULT_C,
     DEFAULT_MAX_TRAIN_CELLS,
     DEFAULT_NEIGHBORS,
+    TASKS,
     check_neighbors,
 )
 from abc_pipeline.learn.data import (
@@ -90,7 +91,6 @@ from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
 
-TASKS = ("celltype", "region")
 DEFAULT_MAX_ITER = 1000
 SECTION_KEY = keys.SECTION
 SECTION_COORDINATES = keys.SPATIAL

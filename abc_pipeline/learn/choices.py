@@ -1,5 +1,7 @@
-"""Model names and checked option values that the workflow (``workflow/rules/common.smk``), the CLI and the
-library share; importable without torch, so that parsing the workflow stays fast."""
+"""Model names, defaults and checked option values that the workflow (``workflow/rules/common.smk``), the CLI and
+the library share; importable without torch, so that parsing the workflow and printing the CLI help stay fast. The
+library's signatures use these defaults; tests/test_defaults.py checks the copies it cannot use (the zoo's names,
+the training loop's defaults) and the workflow schema's defaults against them."""
 
 from __future__ import annotations
 
@@ -21,8 +23,71 @@ DEFAULT_MAX_TRAIN_CELLS = 200_000
 DEFAULT_C = 1.0
 #: what ``abc-pipeline transfer --input`` is: the user-data kinds of import, or an imported cells.zarr
 TRANSFER_KINDS = (*USER_DATA_KINDS, "cells")
+DEFAULT_TRANSFER_KIND = "anndata"
 #: in-plane rotations of the test sections in the any-angle score (:mod:`abc_pipeline.learn.any_angle`)
 DEFAULT_ANY_ANGLES = tuple(float(a) for a in range(0, 360, 15))
+#: test sections (3D: test z-blocks) rotated in the any-angle score
+DEFAULT_ANY_ANGLE_SECTIONS = 2
+
+#: The atlas tasks: what a model predicts per cell (celltype) or per voxel (region).
+TASKS = ("celltype", "region")
+#: The zoo's networks and what a network outputs, as :data:`abc_pipeline.nn.zoo.MODELS` and ``HEADS`` (torch-free
+#: copies for the CLI; tested equal).
+ZOO_MODELS = ("cnn", "moment-trivial", "moment-trivial-irrep", "gcnn-regular", "cfnet", "se2n-interp")
+ZOO_HEADS = ("classify", "segment", "patch", "cell-context")
+
+# Training defaults of :func:`abc_pipeline.learn.atlas.train_atlas_task`, :func:`abc_pipeline.learn.run_npz.train_npz`
+# (the workflow's `training` section) and, but for the epochs, of bench-models.
+DEFAULT_EPOCHS = 30
+DEFAULT_BATCH_SIZE = 64
+#: AdamW learning rate (cosine-annealed) and weight decay
+DEFAULT_LR = 1e-3
+DEFAULT_WEIGHT_DECAY = 1e-4
+#: epochs without validation improvement before stopping
+DEFAULT_PATIENCE = 10
+DEFAULT_SEED = 0
+DEFAULT_DEVICE = "auto"
+#: data-loader worker processes
+DEFAULT_WORKERS = 0
+#: validation metric for early stopping of train-npz
+DEFAULT_METRIC = "balanced_accuracy"
+#: where MedMNIST names download
+DEFAULT_DOWNLOAD_ROOT = "data/medmnist"
+
+# Atlas data (:func:`abc_pipeline.learn.atlas.atlas_data`).
+#: celltype: window P (voxels per axis); region: training tile (voxels per axis)
+DEFAULT_PATCH_SIZE = 5
+DEFAULT_TILE_SIZE = 64
+#: fractions of the sections in the train, val and test splits
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+#: contiguous blocks of sections per split, interleaved along z
+DEFAULT_SPLIT_BLOCKS = 3
+
+# bench-models (:func:`abc_pipeline.learn.compare.bench_models`).
+BENCH_MODELS = ("cnn", "gcnn-regular", "moment-trivial", "moment-trivial-irrep")
+BENCH_EPOCHS = 10
+#: parameters per model (each width solved for it)
+BENCH_TARGET_PARAMS = 50_000
+#: equivariance-curve rotations (degrees; must include 45) and the test samples it runs on
+BENCH_CURVE_ANGLES = tuple(float(a) for a in range(0, 91, 15))
+BENCH_CURVE_SAMPLES = 256
+#: fraction of the training data kept
+BENCH_TRAIN_FRACTION = 1.0
+
+# Torch-free copies, for the CLI help, of defaults declared in abc_pipeline/learn/evaluate_run.py and predict.py
+# (tested equal; to become the one source when those modules use them).
+#: evaluate: test windows, z indices per 3D window, in-plane window side by raster dimensions, sections in maps.png,
+#: test cells scored, windows per forward pass, equivariance-curve rotations (degrees)
+EVALUATE_WINDOWS = 2
+EVALUATE_WINDOW_DEPTH = 8
+EVALUATE_WINDOW = {2: 128, 3: 64}
+EVALUATE_MAP_SECTIONS = 3
+EVALUATE_MAX_TEST_CELLS = 500_000
+EVALUATE_BATCH_SIZE = 8
+EVALUATE_CURVE_ANGLES = tuple(range(0, 91, 15))
+#: predict: tile core by raster dimensions; region U-Net context per side (voxels)
+PREDICT_TILE = {2: (192, 192), 3: (16, 64, 64)}
+PREDICT_HALO = 16
 
 
 def is_baseline(name: str) -> bool:

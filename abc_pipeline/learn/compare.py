@@ -57,6 +57,22 @@ from abc_pipeline import plots
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import atomic_write_text, claim_directory
 from abc_pipeline.learn.checkpoint import config_hash, write_json
+from abc_pipeline.learn.choices import (
+    BENCH_CURVE_ANGLES,
+    BENCH_CURVE_SAMPLES,
+    BENCH_EPOCHS,
+    BENCH_MODELS,
+    BENCH_TARGET_PARAMS,
+    BENCH_TRAIN_FRACTION,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_DOWNLOAD_ROOT,
+    DEFAULT_LR,
+    DEFAULT_PATIENCE,
+    DEFAULT_SEED,
+    DEFAULT_WEIGHT_DECAY,
+    DEFAULT_WORKERS,
+)
 from abc_pipeline.learn.inference import pick_device, predict_proba
 from abc_pipeline.learn.medmnist import NpzClassification, open_npz
 from abc_pipeline.learn.train import IGNORE_INDEX, train
@@ -66,7 +82,6 @@ from abc_pipeline.nn.fields import equivariance_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = ("cnn", "gcnn-regular", "moment-trivial", "moment-trivial-irrep")
 #: test scores in the table per task, and the metric whose worst case over the grid group is reported
 SCORES = {"classify": ("accuracy", "balanced_accuracy", "auc"), "segment": ("accuracy", "mean_dice", "mean_iou")}
 WORST_METRIC = {"classify": "accuracy", "segment": "mean_dice"}
@@ -140,7 +155,10 @@ def subset_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int
 
 
 def npz_task(
-    source: str | Path, train_fraction: float = 1.0, seed: int = 0, download_root: str | Path = "data/medmnist"
+    source: str | Path,
+    train_fraction: float = BENCH_TRAIN_FRACTION,
+    seed: int = DEFAULT_SEED,
+    download_root: str | Path = DEFAULT_DOWNLOAD_ROOT,
 ) -> BenchTask:
     """A :class:`BenchTask` from a MedMNIST-format file (path, or MedMNIST name downloaded into
     ``download_root``), keeping a stratified ``train_fraction`` of the training split (:func:`subset_indices`
@@ -292,19 +310,19 @@ def _evaluate(
 def bench_models(
     task: BenchTask,
     out_dir: str | Path,
-    models: Sequence[str] = DEFAULT_MODELS,
+    models: Sequence[str] = BENCH_MODELS,
     *,
-    target_params: int = 50_000,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    patience: int = 10,
-    seed: int = 0,
-    device: str = "auto",
-    num_workers: int = 0,
-    angles: Sequence[float] = range(0, 91, 15),
-    curve_samples: int = 256,
+    target_params: int = BENCH_TARGET_PARAMS,
+    epochs: int = BENCH_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    patience: int = DEFAULT_PATIENCE,
+    seed: int = DEFAULT_SEED,
+    device: str = DEFAULT_DEVICE,
+    num_workers: int = DEFAULT_WORKERS,
+    angles: Sequence[float] = BENCH_CURVE_ANGLES,
+    curve_samples: int = BENCH_CURVE_SAMPLES,
     equivariance_samples: int = 16,
     progress: bool = True,
     resume: bool = True,
@@ -490,4 +508,4 @@ def _write_table(table: pd.DataFrame, out_dir: Path, task: BenchTask) -> None:
     )
 
 
-__all__ = ["DEFAULT_MODELS", "BenchTask", "PeakMemory", "bench_models", "format_table", "npz_task", "subset_indices"]
+__all__ = ["BenchTask", "PeakMemory", "bench_models", "format_table", "npz_task", "subset_indices"]

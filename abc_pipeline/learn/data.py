@@ -43,6 +43,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from abc_pipeline.errors import InputError
+from abc_pipeline.learn.choices import DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS
 from abc_pipeline.raster.ome import Raster, default_colors
 from abc_pipeline.raster.source import CellSource
 
@@ -53,8 +54,6 @@ NO_SPLIT = "none"
 IGNORE_CATEGORIES = ("unassigned",)
 DEFAULT_CACHE_BYTES = 1 << 30
 _CELL_CHUNK = 1 << 20  # cells per read of the per-cell tables
-DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test
-DEFAULT_SPLIT_BLOCKS = 3  # contiguous blocks per split along z
 
 
 # ----------------------------------------------------------------------------------------------- splits

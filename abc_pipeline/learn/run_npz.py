@@ -14,6 +14,18 @@ from pathlib import Path
 import torch
 
 from abc_pipeline.learn.checkpoint import write_json
+from abc_pipeline.learn.choices import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_DOWNLOAD_ROOT,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_METRIC,
+    DEFAULT_PATIENCE,
+    DEFAULT_SEED,
+    DEFAULT_WEIGHT_DECAY,
+    DEFAULT_WORKERS,
+)
 from abc_pipeline.learn.inference import pick_device, predict_proba
 from abc_pipeline.learn.medmnist import open_npz
 from abc_pipeline.learn.train import train
@@ -30,17 +42,17 @@ def train_npz(
     *,
     width: int | None = None,
     target_params: int | None = None,
-    epochs: int = 30,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    patience: int = 10,
-    metric: str = "balanced_accuracy",
-    device: str = "auto",
-    num_workers: int = 0,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    seed: int = DEFAULT_SEED,
+    patience: int = DEFAULT_PATIENCE,
+    metric: str = DEFAULT_METRIC,
+    device: str = DEFAULT_DEVICE,
+    num_workers: int = DEFAULT_WORKERS,
     progress: bool = True,
-    download_root: str | Path = "data/medmnist",
+    download_root: str | Path = DEFAULT_DOWNLOAD_ROOT,
     resume: bool = True,
 ) -> dict:
     """Build ``model_name`` for the file's images, train it, test the best checkpoint; returns metrics.json.

@@ -44,7 +44,7 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.annotate import _copy, _h5_attr, _plain, _write_prediction
 from abc_pipeline.learn.checkpoint import load_checkpoint
-from abc_pipeline.learn.choices import TRANSFER_KINDS
+from abc_pipeline.learn.choices import DEFAULT_DEVICE, DEFAULT_TRANSFER_KIND, TRANSFER_KINDS
 from abc_pipeline.learn.predict import atlas_config, predict_raster
 from abc_pipeline.learn.predictions import open_predictions
 from abc_pipeline.raster.channels import plan_from_definition
@@ -93,9 +93,9 @@ def transfer(
     data: str | Path,
     out: str | Path,
     *,
-    kind: str = "anndata",
+    kind: str = DEFAULT_TRANSFER_KIND,
     fill_missing_genes: bool = False,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     batch_size: int | None = None,
     chunk_cells: int = 100_000,
     progress: bool = True,

@@ -444,7 +444,7 @@ def rasterize(
     pca: int | None = None,
     pca_sample: int = 100_000,
     labels: Sequence[str] | None = None,
-    levels: int = 3,
+    levels: int = 2,
     chunk_cells: int | None = None,
     scheduler: str = "threads",
     num_workers: int | None = None,
