@@ -49,6 +49,7 @@ def main() -> None:
 
     from abc_pipeline.atlas.assemble import assemble_dataset
     from abc_pipeline.atlas.synthetic import write_synthetic_release
+    from abc_pipeline.cells import CellSource
     from abc_pipeline.learn.atlas import train_atlas_task
     from abc_pipeline.learn.checkpoint import load_model
     from abc_pipeline.learn.data import SPLITS, CellPatchDataset, ClassTable, Normalizer
@@ -56,7 +57,6 @@ def main() -> None:
     from abc_pipeline.learn.predict import predict_raster
     from abc_pipeline.learn.predictions import open_predictions
     from abc_pipeline.raster import open_raster, rasterize
-    from abc_pipeline.raster.source import CellSource
 
     w = a.workdir
     w.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.fileio import staged_output
 from abc_pipeline.integrity import chunk_counts, nonfinite_rows, verify_store
-from abc_pipeline.raster.source import CellSource
 
 
 def _store(root: Path, n: int, g: int, chunk: int) -> Path:

@@ -133,9 +133,9 @@ def _models(work: Path) -> tuple[list[Path], list[str]]:
     """Two tiny checkpoints (cached) and the gene ids they use."""
     from abc_pipeline.atlas.assemble import assemble_dataset
     from abc_pipeline.atlas.synthetic import write_synthetic_release
+    from abc_pipeline.cells import CellSource
     from abc_pipeline.learn.atlas import train_atlas_task
     from abc_pipeline.raster import rasterize
-    from abc_pipeline.raster.source import CellSource
 
     ckpts = [work / "models" / "ct" / "checkpoint.pt", work / "models" / "rg" / "checkpoint.pt"]
     release, cells = work / "release", work / "atlas_cells.zarr"

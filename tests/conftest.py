@@ -51,9 +51,9 @@ def assembled(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory)
 def atlas(assembled: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Section and anisotropic 3D rasters (12 genes) of ``assembled``, a 2D celltype run (moment-trivial-irrep)
     and a 3D region run (moment-trivial) in ``out/models/{ct,rg}``. Do not modify them in tests."""
+    from abc_pipeline.cells import CellSource
     from abc_pipeline.learn.atlas import train_atlas_task
     from abc_pipeline.raster import rasterize
-    from abc_pipeline.raster.source import CellSource
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread (the function-scoped fixture is not active yet)

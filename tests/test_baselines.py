@@ -14,6 +14,7 @@ import pytest
 import torch
 import zarr
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.annotate import annotate_cells
@@ -22,7 +23,6 @@ from abc_pipeline.learn.baselines import SectionNeighbours, train_baseline
 from abc_pipeline.learn.predict import predict_raster
 from abc_pipeline.learn.scoring import cell_targets, score_cells
 from abc_pipeline.raster.ome import ATTRS_KEY
-from abc_pipeline.raster.source import CellSource
 
 
 @pytest.fixture(scope="module")

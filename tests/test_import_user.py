@@ -12,9 +12,9 @@ import pytest
 import scipy.sparse as sp
 
 from abc_pipeline.atlas.import_user import import_user_data
+from abc_pipeline.cells import CellSource
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
-from abc_pipeline.raster.source import CellSource
 
 GENES = ["Gad1", "Slc17a7", "Sst", "Pvalb", "Vip", "Blank-1", "Aqp4", "NegControlProbe_3"]
 

@@ -15,6 +15,7 @@ import torch
 import zarr
 from plot_checks import check_spatial_scatter
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.annotate import annotate_cells
@@ -25,7 +26,6 @@ from abc_pipeline.learn.inference import predict_proba
 from abc_pipeline.learn.predict import predict_raster
 from abc_pipeline.nn import build_model, grid_group, transform
 from abc_pipeline.raster import open_raster, rasterize
-from abc_pipeline.raster.source import CellSource
 
 
 def _losses(run: Path) -> list[float]:

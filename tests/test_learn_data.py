@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import (
     CellPatchDataset,
@@ -22,7 +23,6 @@ from abc_pipeline.learn.data import (
     z_blocks,
 )
 from abc_pipeline.raster import open_raster, rasterize
-from abc_pipeline.raster.source import CellSource
 
 
 @pytest.fixture(scope="module")

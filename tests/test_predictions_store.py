@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_NAME
 from abc_pipeline.learn.checkpoint import load_checkpoint
@@ -17,7 +18,6 @@ from abc_pipeline.learn.data import names_digest
 from abc_pipeline.learn.predict import atlas_config, predict_raster
 from abc_pipeline.learn.predictions import FIELDS, open_predictions
 from abc_pipeline.raster.ome import open_raster
-from abc_pipeline.raster.source import CellSource
 
 
 @pytest.fixture(scope="module")

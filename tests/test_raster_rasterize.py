@@ -13,10 +13,10 @@ import pytest
 import zarr
 from raster_fixtures import write_cells
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.raster import Grid, binning, open_raster, rasterize
-from abc_pipeline.raster.source import CellSource
 
 rasterize_module = importlib.import_module("abc_pipeline.raster.rasterize")  # the package re-exports the function
 

@@ -14,6 +14,7 @@ from test_safety_outputs import _cells, _error_line, tree
 
 from abc_pipeline.atlas.assemble import assemble_dataset
 from abc_pipeline.atlas.manifest import Manifest, get_profile, manifest_relative_path
+from abc_pipeline.cells import CellSource
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_NAME
@@ -21,7 +22,6 @@ from abc_pipeline.learn.atlas import atlas_data
 from abc_pipeline.learn.predict import _sample_cells, predict_raster
 from abc_pipeline.raster import open_raster, rasterize
 from abc_pipeline.raster.ome import create_array
-from abc_pipeline.raster.source import CellSource
 
 DATASET = "MERFISH-C57BL6J-638850"
 

@@ -17,12 +17,12 @@ import torch
 import zarr
 from user_export import export_sections, write_merscope
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.atlas import train_atlas_task
 from abc_pipeline.learn.predict import predict_raster
 from abc_pipeline.learn.transfer import transfer
 from abc_pipeline.raster import open_raster, rasterize
-from abc_pipeline.raster.source import CellSource
 
 pytestmark = pytest.mark.slow
 

@@ -35,11 +35,11 @@ import zarr
 from anndata.io import sparse_dataset, write_elem
 
 from abc_pipeline import keys
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import MARKER_KEY, check_output, staged_output
 from abc_pipeline.learn.data import names_digest
 from abc_pipeline.learn.predictions import Predictions, open_predictions
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

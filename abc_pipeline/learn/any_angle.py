@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from abc_pipeline import keys
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLE_SECTIONS, DEFAULT_ANY_ANGLES, check_angles
@@ -44,7 +45,6 @@ from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.grid import COORDINATE_KEYS
 from abc_pipeline.raster.ome import Raster, open_raster
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
 from abc_pipeline.learn.checkpoint import write_json
@@ -74,7 +75,6 @@ from abc_pipeline.nn import build_model
 from abc_pipeline.nn.patch import check_patch_size
 from abc_pipeline.raster.channels import ChannelPlan, channel_definition
 from abc_pipeline.raster.ome import Raster, open_raster
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

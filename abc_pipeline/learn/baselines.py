@@ -45,6 +45,7 @@ import zarr
 from scipy.spatial import cKDTree
 
 from abc_pipeline import keys
+from abc_pipeline.cells import CellSource, close_matches
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_output
 from abc_pipeline.learn.checkpoint import (
@@ -87,7 +88,6 @@ from abc_pipeline.learn.scoring import cell_targets, score_cells, stored_metrics
 from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster, open_raster
-from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
 

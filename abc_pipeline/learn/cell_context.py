@@ -23,11 +23,11 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, CellPatchDataset, ClassTable, Normalizer
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.choices import DEFAULT_FRACTIONS, DEFAULT_SPLIT_BLOCKS
 from abc_pipeline.raster.ome import Raster, default_colors
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

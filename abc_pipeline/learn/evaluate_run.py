@@ -59,6 +59,7 @@ import torch
 import zarr
 
 from abc_pipeline import plots
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.any_angle import DEFAULT_ANY_ANGLE_SECTIONS, any_angle_scores
@@ -84,7 +85,6 @@ from abc_pipeline.metrics import equivariance_curve, score
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
 from abc_pipeline.raster.channels import raster_digest
 from abc_pipeline.raster.ome import Raster, open_raster
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_output, staged_output
 from abc_pipeline.learn.atlas import PER_CELL
@@ -68,7 +69,6 @@ from abc_pipeline.learn.predictions import (
 from abc_pipeline.learn.scoring import stored_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_digest
 from abc_pipeline.raster.ome import create_array, open_raster
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import SPLITS
 from abc_pipeline.learn.predictions import CELL_PROBA, CELL_SPLIT, open_predictions
 from abc_pipeline.metrics import classification_metrics
-from abc_pipeline.raster.source import CellSource
 
 _CELL_CHUNK = 1 << 16  # cells per read
 

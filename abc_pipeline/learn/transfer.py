@@ -40,6 +40,7 @@ from anndata.io import write_elem
 
 from abc_pipeline import keys
 from abc_pipeline.atlas.import_user import import_user_data
+from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import staged_output
 from abc_pipeline.learn.annotate import _copy, _h5_attr, _plain, _write_prediction
@@ -51,7 +52,6 @@ from abc_pipeline.raster.channels import plan_from_definition
 from abc_pipeline.raster.grid import COORDINATE_KEYS
 from abc_pipeline.raster.ome import ATTRS_KEY
 from abc_pipeline.raster.rasterize import rasterize
-from abc_pipeline.raster.source import CellSource
 
 log = logging.getLogger(__name__)
 

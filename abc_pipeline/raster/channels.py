@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from abc_pipeline.cells import CellSource, close_matches
 from abc_pipeline.errors import InputError
 from abc_pipeline.integrity import nonfinite_rows
-from abc_pipeline.raster.source import CellSource, close_matches
 
 log = logging.getLogger(__name__)
 

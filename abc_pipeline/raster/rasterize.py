@@ -42,6 +42,7 @@ import zarr
 from dask.delayed import Delayed
 
 from abc_pipeline import __version__, keys
+from abc_pipeline.cells import Categorical, CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_disjoint, check_output, staged_output
 from abc_pipeline.integrity import MAX_VOXELS, check_voxel_cap, nonfinite_rows
@@ -59,7 +60,6 @@ from abc_pipeline.raster.ome import (
     write_image_metadata,
     write_labels_metadata,
 )
-from abc_pipeline.raster.source import Categorical, CellSource
 
 log = logging.getLogger(__name__)
 

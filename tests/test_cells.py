@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from abc_pipeline.raster.source import CellSource
+from abc_pipeline.cells import CellSource
 
 
 @pytest.mark.parametrize("filters", [False, True], ids=["direct", "zarr"])
