@@ -24,7 +24,7 @@ import zarr
 from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import SPLITS
-from abc_pipeline.learn.predictions import CELL_PROBA, CELL_SPLIT, open_predictions
+from abc_pipeline.learn.predictions import CELL_PROBA, CELL_SPLIT, SPLIT_CATEGORIES, open_predictions
 from abc_pipeline.metrics import classification_metrics
 
 _CELL_CHUNK = 1 << 16  # cells per read
@@ -139,7 +139,7 @@ def stored_metrics(
     most ``max_cells`` test cells."""
     store = zarr.open_group(str(predictions), mode="r")  # its attributes are not written yet
     split = np.asarray(store[CELL_SPLIT][:])
-    counts = {name: int((split == i).sum()) for i, name in enumerate([*SPLITS, "none"])}
+    counts = {name: int((split == i).sum()) for i, name in enumerate(SPLIT_CATEGORIES)}
     if not counts["test"]:  # e.g. a transferred dataset: no split, and perhaps no labels
         return {"cells_per_split": counts}
     src = cells if isinstance(cells, CellSource) else CellSource(cells)
