@@ -137,6 +137,7 @@ _ZOO_MODELS = _LibraryNames(f"{_CHOICES}:ZOO_MODELS")
 #: What ``train`` and ``bench-models --raster`` train: zoo networks and scikit-learn baselines.
 _MODELS = _LibraryNames(f"{_CHOICES}:ZOO_MODELS", f"{_CHOICES}:BASELINES")
 _HEADS = _LibraryNames(f"{_CHOICES}:ZOO_HEADS")
+_CLASS_WEIGHTS = _LibraryNames(f"{_CHOICES}:CLASS_WEIGHTS")
 _ATLAS_TASKS = _LibraryNames(f"{_CHOICES}:TASKS")
 
 
@@ -870,6 +871,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-samples-per-epoch", type=int, default=None, help="celltype: cap cells per split (fixed subset)"
     )
+    _option(
+        p,
+        "--neighborhood-radii",
+        type=float,
+        nargs="*",
+        metavar="VOXELS",
+        default_of=f"{_CHOICES}:DEFAULT_NEIGHBORHOOD_RADII",
+        help="cell-context models: disc radii of the neighbourhood means, in voxels (none given: no means)",
+    )
+    _option(
+        p,
+        "--class-weights",
+        choices=_CLASS_WEIGHTS,
+        metavar="WEIGHTS",
+        default_of=f"{_CHOICES}:DEFAULT_CLASS_WEIGHTS",
+        help="loss weights: %(choices)s; none: per-cell accuracy, as the baselines; balanced: inverse class frequency",
+    )
     restart = p.add_mutually_exclusive_group()
     restart.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")
     restart.add_argument(
@@ -902,6 +920,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             resume="if-unchanged" if a.restart_if_changed else not a.restart,
             **_training_kwargs(a),
             **_atlas_data_kwargs(a),
+            **_given(neighborhood_radii=a.neighborhood_radii, class_weights=a.class_weights),
         )
 
     p.set_defaults(run=run)

@@ -16,7 +16,9 @@ from abc_pipeline.learn.predict import predict_raster
 
 @pytest.fixture(scope="module")
 def cnn_run(atlas, tmp_path_factory):
-    """A CNN patch classifier on the same data as the fixture's moment-trivial-irrep (not invariant)."""
+    """A CNN patch classifier on the same data as the fixture's moment-trivial-irrep (not invariant; a patch
+    classifier, whose output is all context, unlike a cell-context model that starts from its invariant linear
+    path)."""
     run = tmp_path_factory.mktemp("any_angle") / "cnn"
     train_atlas_task(
         atlas["section"],
@@ -32,6 +34,7 @@ def cnn_run(atlas, tmp_path_factory):
         lr=5e-3,
         max_samples_per_epoch=800,
         progress=False,
+        architecture="patch",
     )
     return run
 

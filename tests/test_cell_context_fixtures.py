@@ -4,7 +4,9 @@ expression (logreg-expression), both scored per cell on the test sections:
 (a) the label is a function of the cell's own expression only (cells placed at random): the network matches
     logreg-expression, so the cell's own expression reaches the network;
 (b) the label is the cell's neighbourhood (the dense or the sparse half of every section), while every
-    cell's expression is drawn from one distribution: logreg-expression is at chance, the network is not.
+    cell's expression is drawn from one distribution: logreg-expression is at chance, the network is not;
+(c) before any training step, the network's linear path fitted by ``fit_linear_path`` already scores as
+    logreg-expression (the network starts as the baseline).
 Then predict writes one class per cell that differs between cells of a voxel, and reproduces the training
 run's per-cell test scores."""
 
@@ -15,15 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from raster_fixtures import write_cells
 from sklearn.linear_model import LogisticRegression
 
 from abc_pipeline.learn.atlas import atlas_data, train_atlas_task
-from abc_pipeline.learn.cell_context import cell_expression
+from abc_pipeline.learn.cell_context import cell_expression, expression_stats, fit_linear_path
 from abc_pipeline.learn.data import cell_splits
+from abc_pipeline.learn.inference import predict_proba
 from abc_pipeline.learn.predict import predict_raster
 from abc_pipeline.metrics import classification_metrics
+from abc_pipeline.nn import build_model
 from abc_pipeline.raster import rasterize
 
 N_SECTIONS, SIDE, GENES = 6, 2.0, 4  # sections of SIDE x SIDE mm, 0.1 mm voxels
@@ -124,3 +129,28 @@ def test_neighbourhood_label_beats_own_expression(tmp_path):
     assert logreg["balanced_accuracy"] < 0.6  # own expression says nothing about the label
     assert m["test"]["balanced_accuracy"] > logreg["balanced_accuracy"] + 0.2, (m["test"], logreg)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"] == m["test"]
+
+
+def test_untrained_network_with_fitted_linear_path_scores_as_logreg(tmp_path):
+    cells, raster = _atlas(tmp_path, "own")
+    logreg, _ = _logreg_expression(cells, raster)
+    data = atlas_data(raster, cells, "celltype", patch_size=3, split_fractions=(4, 1, 1))
+    torch.manual_seed(0)
+    model = build_model(
+        "moment-trivial-irrep",
+        2,
+        data.normalizer.in_channels,
+        3,
+        "cell-context",
+        width=4,
+        depth=2,
+        spacing=data.spacing,
+        patch_size=data.patch,
+    )
+    train_ds, test_ds = data.dataset("train", model.halo), data.dataset("test", model.halo)
+    model.set_normalization(*expression_stats(train_ds.expression.numpy()), data.normalizer.mean, data.normalizer.std)
+    fit = fit_linear_path(model, train_ds, 3)
+    assert fit["cells"] == int((train_ds.targets >= 0).sum()) and fit["train_accuracy"] > 0.9
+    proba = predict_proba(model, test_ds, batch_size=2, device=torch.device("cpu")).numpy()
+    network = classification_metrics(test_ds.targets.numpy(), proba, data.table.names)
+    assert network["accuracy"] == pytest.approx(logreg["accuracy"], abs=0.02), (network, logreg)

@@ -31,6 +31,7 @@ from abc_pipeline.learn.evaluate_run import evaluate_run
 from abc_pipeline.learn.run_npz import train_npz
 from abc_pipeline.learn.train import train
 from abc_pipeline.learn.transfer import transfer
+from abc_pipeline.nn import cell_context
 from abc_pipeline.nn.zoo import HEADS, MODELS
 from abc_pipeline.raster import open_raster
 from abc_pipeline.raster.grid import SPACES
@@ -62,6 +63,7 @@ SCHEMA_TO_LIBRARY = {
     "training.batch_size": (train_atlas_task, "batch_size"),
     "training.lr": (train_atlas_task, "lr"),
     "training.patience": (train_atlas_task, "patience"),
+    "training.class_weights": (train_atlas_task, "class_weights"),
     "training.seed": (train_atlas_task, "seed"),
     "training.max_samples_per_epoch": (train_atlas_task, "max_samples_per_epoch"),
     "training.device": (train_atlas_task, "device"),
@@ -127,6 +129,7 @@ def test_the_training_functions_share_their_defaults() -> None:
 def test_torch_free_copies_equal_the_library() -> None:
     """abc_pipeline.learn.choices keeps torch-free copies for the CLI of names and defaults declared elsewhere."""
     assert choices.ZOO_MODELS == MODELS and choices.ZOO_HEADS == HEADS
+    assert choices.DEFAULT_NEIGHBORHOOD_RADII == cell_context.DEFAULT_NEIGHBORHOOD_RADII
     assert choices.TASKS == tuple(ARCHITECTURES) == baselines.TASKS
     for keyword, name in [
         ("epochs", "DEFAULT_EPOCHS"),

@@ -252,9 +252,9 @@ def any_angle_predictions(
                 )
                 inp = torch.from_numpy(x[:, 0] if dim == 2 else x)[None].to(dev)
                 at = (slice(None), vox[:, 1], vox[:, 2]) if dim == 2 else (slice(None), *vox.T)
-                if architecture == "cell-context":  # each cell: the context embedding at its voxel + its expression
-                    embedding = net.context_dense(inp)[0][at].T
-                    logits = net.cell_logits(embedding, torch.from_numpy(u.values).to(dev)).float()
+                if architecture == "cell-context":  # each cell: the context at its voxel + its expression
+                    context = net.context_dense(inp)[0][at].T
+                    logits = net.cell_logits(context, torch.from_numpy(u.values).to(dev)).float()
                     proba[a, start : start + n] = torch.softmax(logits, dim=1).cpu().numpy()
                 else:
                     logits = (net.forward_dense(inp) if dense else net(inp)).float()

@@ -36,10 +36,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
-from abc_pipeline.learn.cell_context import CellContextDataset, CellSectionDataset, channel_plan, expression_stats
+from abc_pipeline.learn.cell_context import (
+    CellContextDataset,
+    CellSectionDataset,
+    channel_plan,
+    expression_stats,
+    fit_linear_path,
+)
 from abc_pipeline.learn.checkpoint import write_json
 from abc_pipeline.learn.choices import (
+    CLASS_WEIGHTS,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CLASS_WEIGHTS,
     DEFAULT_DEVICE,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -341,14 +349,23 @@ def train_atlas_task(
     resume: bool | str = True,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     architecture: str | None = None,
+    neighborhood_radii: Sequence[float] | None = None,
+    class_weights: str = DEFAULT_CLASS_WEIGHTS,
 ) -> dict:
     """Train ``model_name`` for ``task`` (``celltype`` | ``region``) on ``raster``; returns metrics.json.
 
     Data arguments: :func:`atlas_data` (``patch_size``: window ``P`` of the cell-type classifier, odd;
     ``tile_size``: region tiles, voxels per model axis). ``max_samples_per_epoch``: cap the cells of the
-    training (and validation) split to a fixed seeded subset. ``width`` / ``target_params`` / ``depth``:
-    see :func:`abc_pipeline.nn.build_model`. The rest: :func:`abc_pipeline.learn.train.train`.
+    training (and validation) split to a fixed seeded subset. ``width`` / ``target_params`` / ``depth`` /
+    ``neighborhood_radii`` (cell-context: disc radii of the neighbourhood means, in voxels): see
+    :func:`abc_pipeline.nn.build_model`. A cell-context model's linear path starts as the logistic regression
+    on the training cells' own expression and neighbourhood means
+    (:func:`abc_pipeline.learn.cell_context.fit_linear_path`). ``class_weights``: ``none`` (plain
+    cross-entropy: per-cell accuracy, as the baselines) or ``balanced`` (inverse class frequency: favours
+    balanced accuracy). The rest: :func:`abc_pipeline.learn.train.train`.
     """
+    if class_weights not in CLASS_WEIGHTS:
+        raise InputError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {class_weights!r}")
     data = atlas_data(
         raster,
         cells,
@@ -377,6 +394,7 @@ def train_atlas_task(
         spacing=data.spacing,
         depth=depth,
         patch_size=data.patch,
+        neighborhood_radii=neighborhood_radii,
     )
     log.info(
         "%s: %s %dD, %d input channels, %d %s classes, width %d, %d parameters; splits (z) %s",
@@ -399,6 +417,13 @@ def train_atlas_task(
         model.set_normalization(
             *expression_stats(train_ds.expression.numpy()), data.normalizer.mean, data.normalizer.std
         )
+        fit = fit_linear_path(model, train_ds, n_classes, seed=seed)  # a resumed run then loads last.pt
+        log.info(
+            "linear path: logistic regression on %d training cells (own expression + neighbourhood means), "
+            "training accuracy %.3f",
+            fit["cells"],
+            fit["train_accuracy"],
+        )
     atlas = {**data.describe(halo), "split_blocks": split_blocks, "max_samples_per_epoch": max_samples_per_epoch}
     result = train(
         model,
@@ -418,6 +443,7 @@ def train_atlas_task(
         config={"atlas": atlas},
         resume=resume,
         inputs=[raster, cells],
+        class_weights=None if class_weights == "none" else class_weights,
     )
     test, n_test = {}, 0
     if data.splits["test"]:

@@ -9,8 +9,10 @@ per-cell prediction pass of ``abc-pipeline predict``.
 - :class:`CellContextDataset`: :class:`abc_pipeline.learn.data.CellPatchDataset` plus each cell's expression:
   samples ``((patch, expression), target)``; :class:`CellSectionDataset`: whole sections with all their
   cells (2D training: one dense pass per section, the loss at every cell position).
-- :func:`predict_cells`: per-cell probabilities from the dense context embedding gathered at each cell's
-  voxel and the cell's own expression, in chunks of cells (bounded memory).
+- :func:`fit_linear_path`: the logistic regression on each training cell's own expression and neighbourhood
+  means that the model's linear path starts from.
+- :func:`predict_cells`: per-cell probabilities from the dense context gathered at each cell's voxel and the
+  cell's own expression, in chunks of cells (bounded memory).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import Dataset
+from sklearn.linear_model import LogisticRegression
+from torch.utils.data import DataLoader, Dataset
 
 from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
@@ -32,6 +35,8 @@ from abc_pipeline.raster.ome import Raster
 log = logging.getLogger(__name__)
 
 _CELL_CHUNK = 1 << 16  # cells per pass of predict_cells
+#: training cells the linear path's logistic regression is fitted on, at most (a seeded random subset)
+LINEAR_FIT_CELLS = 200_000
 
 
 def channel_plan(raster: Raster, cells: CellSource) -> ChannelPlan:
@@ -167,6 +172,44 @@ class CellSectionDataset(Dataset):
             ]
         )
         return (planes, torch.cat([x[2] for x, _ in batch]), cells), torch.cat([y for _, y in batch])
+
+
+@torch.no_grad()  # not inference mode: the moment layers cache their kernel bases for the training after it
+def fit_linear_path(
+    model, train_ds: Dataset, n_classes: int, *, c: float = 1.0, max_cells: int = LINEAR_FIT_CELLS, seed: int = 0
+) -> dict:
+    """Fit a logistic regression (scikit-learn, ``C = c``, unweighted) on the training cells' linear-path
+    inputs (:meth:`CellContextClassifier.linear_inputs`: standardised own expression + neighbourhood means)
+    and load it into ``model``'s linear path (:meth:`CellContextClassifier.set_linear_path`), so training
+    starts from that classifier. ``train_ds``: a :class:`CellSectionDataset` or :class:`CellContextDataset`;
+    the model's normalisation must be set. At most ``max_cells`` cells (a seeded random subset, drawn batch by
+    batch, so memory stays bounded by it). Classes absent from the training cells get weight 0 and bias
+    -10. Returns ``{"cells": n, "train_accuracy": a}``."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    keep_fraction = min(1.0, max_cells / max(1, len(train_ds.targets)))
+    sections = isinstance(train_ds, CellSectionDataset)
+    loader = DataLoader(train_ds, batch_size=2 if sections else 256, collate_fn=getattr(train_ds, "collate", None))
+    device = next(model.parameters()).device
+    features, labels = [], []
+    for x, y in loader:
+        image, expression, cells = x if sections else (*x, None)
+        keep = (y >= 0).numpy() & (rng.random(len(y)) < keep_fraction)
+        context = model.cell_context(image.to(device), None if cells is None else cells.to(device))
+        features.append(model.linear_inputs(context, expression.to(device))[torch.from_numpy(keep)].cpu().numpy())
+        labels.append(y.numpy()[keep])
+    x, y = np.concatenate(features), np.concatenate(labels)
+    if len(np.unique(y)) < 2:
+        raise InputError("the training cells hold fewer than two classes; choose another level or more sections")
+    fit = LogisticRegression(C=c, max_iter=1000).fit(x, y)
+    weight = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
+    bias = np.full(n_classes, -10.0, dtype=np.float32)
+    weight[fit.classes_], bias[fit.classes_] = fit.coef_, fit.intercept_
+    if len(fit.classes_) == 2:  # scikit-learn's binary case: one row for the second class
+        weight[fit.classes_] = np.stack([-fit.coef_[0] / 2, fit.coef_[0] / 2])
+        bias[fit.classes_] = np.array([-fit.intercept_[0] / 2, fit.intercept_[0] / 2])
+    model.set_linear_path(weight, bias)
+    return {"cells": len(y), "train_accuracy": float(fit.score(x, y))}
 
 
 @torch.inference_mode()

@@ -321,7 +321,7 @@ def _write(
     context = (
         None
         if per_cell is None
-        else create_array(root, _CONTEXT, (model.context.linear.out_features, *shape), (16, *chunks), np.float32)
+        else create_array(root, _CONTEXT, (model.context_channels, *shape), (16, *chunks), np.float32)
     )
     size = tuple(c + 2 * m for c, m in zip(core, margin))
     batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))

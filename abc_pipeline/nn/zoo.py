@@ -77,8 +77,8 @@ class ModelSpec:
 
     ``head``: one of :data:`HEADS`; ``spacing``: physical voxel size per spatial axis (z, y, x; only ratios
     matter); ``width``, ``depth``: resolved (never ``None``); ``patch_size``: the window per axis (``patch`` and
-    ``cell-context`` heads, else ``None``); ``n_expression``: the cell's own expression values
-    (``cell-context`` head, else ``None``).
+    ``cell-context`` heads, else ``None``); ``n_expression``: the cell's own expression values and
+    ``neighborhood_radii`` the disc radii of its neighbourhood means (``cell-context`` head, else ``None``).
     """
 
     name: str
@@ -94,6 +94,7 @@ class ModelSpec:
     scalar_act: str = "relu"
     patch_size: tuple[int, ...] | None = None
     n_expression: int | None = None
+    neighborhood_radii: tuple[float, ...] | None = None
 
     @property
     def objective(self) -> str:
@@ -409,6 +410,7 @@ def _build(
     scalar_act: str,
     patch_size,
     n_expression: int,
+    neighborhood_radii: tuple[float, ...],
 ) -> nn.Module:
     if name == "cfnet":
         if dim != 2 or head != "classify":
@@ -428,7 +430,9 @@ def _build(
     if head == "cell-context":
         from abc_pipeline.nn.cell_context import CellContextClassifier
 
-        return CellContextClassifier(family, in_channels, n_expression, n_classes, width, depth, spacing, patch_size)
+        return CellContextClassifier(
+            family, in_channels, n_expression, n_classes, width, depth, spacing, patch_size, neighborhood_radii
+        )
     return UNet(family, in_channels, n_classes, width, depth, spacing)
 
 
@@ -452,6 +456,7 @@ def build_model(
     scalar_act: str = "relu",
     patch_size: int | Sequence[int] | None = 5,
     n_expression: int | None = None,
+    neighborhood_radii: Sequence[float] | None = None,
 ) -> nn.Module:
     """Build a zoo model (see the module docstring for the architectures).
 
@@ -460,7 +465,9 @@ def build_model(
     ``head="patch"`` a :class:`abc_pipeline.nn.patch.PatchClassifier` (stride-1 trunk of ``depth``, default 4,
     stages; window ``patch_size``; also dense); ``head="cell-context"`` a
     :class:`abc_pipeline.nn.cell_context.CellContextClassifier` (the patch trunk as an invariant context
-    embedding fused with the cell's own ``n_expression`` channel values, default ``in_channels - 1``).
+    embedding fused with the cell's own ``n_expression`` channel values, default ``in_channels - 1``, and its
+    neighbourhood means over discs of ``neighborhood_radii``, in units of the smallest voxel side, default
+    :data:`abc_pipeline.nn.cell_context.DEFAULT_NEIGHBORHOOD_RADII`; ``()``: none).
     ``width`` = fields in the first layer; or ``target_params`` solves the width (binary search) whose
     parameter count is closest; neither: :func:`default_width`. ``spacing`` = physical voxel size per
     axis (z, y, x), for anisotropic grids. ``kernel_size``, ``padding_mode`` (:data:`PADDING_MODES`) and
@@ -494,6 +501,13 @@ def build_model(
     else:
         patch_size = None
     n_expression = (in_channels - 1 if n_expression is None else int(n_expression)) if head == "cell-context" else None
+    if head == "cell-context":
+        from abc_pipeline.nn.cell_context import DEFAULT_NEIGHBORHOOD_RADII
+
+        radii = DEFAULT_NEIGHBORHOOD_RADII if neighborhood_radii is None else neighborhood_radii
+        neighborhood_radii = tuple(float(r) for r in radii)
+    else:
+        neighborhood_radii = None
 
     def build(w: int) -> nn.Module:
         return _build(
@@ -510,6 +524,7 @@ def build_model(
             scalar_act,
             patch_size,
             n_expression,
+            neighborhood_radii,
         )
 
     if target_params is not None:
@@ -533,6 +548,7 @@ def build_model(
         scalar_act=scalar_act,
         patch_size=patch_size,
         n_expression=n_expression,
+        neighborhood_radii=neighborhood_radii,
     )
     model.name, model.width, model.task, model.dim = name, width, model.spec.objective, dim
     if name == "cnn":

@@ -131,6 +131,11 @@ def train_args(wildcards):
     args = task_data_args(wildcards.task, architecture) + training_args(wildcards.task)
     if is_baseline(wildcards.model):
         args.append(baseline_args())
+    else:
+        args.append(f"--class-weights {config['training']['class_weights']}")
+        radii = TASKS[wildcards.task].get("neighborhood_radii")
+        if radii is not None:
+            args.append("--neighborhood-radii " + " ".join(str(r) for r in radii))
     if config["training"].get("max_samples_per_epoch") is not None:
         args.append(f"--max-samples-per-epoch {config['training']['max_samples_per_epoch']}")
     return " ".join(args)
