@@ -822,6 +822,7 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
         extra = []
         if baselines:
             from abc_pipeline.learn.baselines import bench_baseline_rows
+            from abc_pipeline.learn.tasks import by_name
 
             test = task.test
             extra = bench_baseline_rows(
@@ -831,7 +832,7 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 baselines,
                 a.out,
                 test_rows=getattr(test, "cells", None),
-                test_targets=test.targets.numpy() if a.task == "celltype" else None,
+                test_targets=None if by_name(a.task).per_voxel else test.targets.numpy(),
                 **_baseline_kwargs(a),
                 **_given(train_sections=a.train_fraction),
             )

@@ -59,7 +59,6 @@ from abc_pipeline.learn.choices import (
     DEFAULT_C,
     DEFAULT_MAX_TRAIN_CELLS,
     DEFAULT_NEIGHBORS,
-    TASKS,
     check_neighbors,
 )
 from abc_pipeline.learn.data import (
@@ -85,6 +84,7 @@ from abc_pipeline.learn.predictions import (
     write_volume_metadata,
 )
 from abc_pipeline.learn.scoring import cell_targets, score_cells, stored_metrics
+from abc_pipeline.learn.tasks import by_name
 from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster, open_raster
@@ -337,13 +337,12 @@ def train_baseline(
     ``split_fractions`` / ``split_blocks`` / ``seed``: the networks' section split; ``train_sections``: keep
     this fraction of the training sections (evenly spaced, as ``bench-models --train-fraction``).
     """
-    from abc_pipeline.learn.atlas import DEFAULT_LEVELS, _thin_sections
+    from abc_pipeline.learn.atlas import _thin_sections
 
     start = time.perf_counter()
     if model_name not in BASELINES:
         raise InputError(f"unknown baseline {model_name!r}; choose one of {', '.join(BASELINES)}")
-    if task not in TASKS:
-        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    atlas_task = by_name(task)
     if cells is None:
         raise InputError(
             f"the {model_name} baseline reads each cell's expression: give --cells (the cells.zarr "
@@ -357,7 +356,7 @@ def train_baseline(
     kind = BASELINES[model_name]
     if kind == "neighborhood":
         check_neighbors(neighbors)
-    level = level or DEFAULT_LEVELS[task]
+    level = level or atlas_task.default_level
     r, src = open_raster(raster), CellSource(cells)
     _check_level(src, task, level)
     table = class_table(r, src, level)
@@ -466,7 +465,7 @@ def train_baseline(
         "best_epoch": 0,
         "epochs_run": 1,
         "val": val,
-        "test": scores["test"] if task == "celltype" else {},
+        "test": {} if atlas_task.per_voxel else scores["test"],  # per voxel: abc-pipeline evaluate
         "test_cells": scores["test"],
         "config_hash": chash,
         "device": "cpu",
@@ -613,8 +612,7 @@ def bench_baseline_rows(
     Dice, mean IoU of the test split's labelled voxels (majority label volume of ``predictions.zarr``).
     Columns without meaning for a baseline (width, worst grid orientation, equivariance error, agreement
     at 45°, peak memory) are NaN; ``seconds_per_epoch`` is the fit time."""
-    from abc_pipeline.learn import evaluate_run as ev
-    from abc_pipeline.metrics import segmentation_metrics
+    from abc_pipeline.learn.evaluate_run import score_test_split
 
     out_dir, rows = claim_directory(Path(out_dir), "bench"), []  # the bench folder, before its first run
     for name in names:
@@ -623,7 +621,7 @@ def bench_baseline_rows(
         model, ckpt = load_baseline(run / "checkpoint.pt")
         atlas = atlas_config(ckpt, run / "checkpoint.pt")
         table = ClassTable.from_dict(atlas["classes"])
-        if task == "celltype":
+        if not by_name(task).per_voxel:
             r, src = open_raster(raster), CellSource(cells)
             with tempfile.TemporaryDirectory(prefix="abc_baseline_") as scratch:
                 data = _open_cells(src, r, model.kind, model.neighbors, Path(scratch))
@@ -633,10 +631,8 @@ def bench_baseline_rows(
             worst = "worst_accuracy"
         else:
             store_path = predict_baseline(run / "checkpoint.pt", raster, run / "predictions.zarr", cells=cells)
-            r = open_raster(raster)
-            test_z = atlas["splits"]["test"]
-            y_true, y_pred = ev._test_voxels(open_predictions(store_path), store_path, r, table, test_z)
-            seg = segmentation_metrics(y_true, y_pred, table.names, ignore=-1)
+            store, r = open_predictions(store_path), open_raster(raster)
+            seg = score_test_split(by_name(task), store, store_path, r, None, table, atlas["splits"], None).test
             scores, worst = {k: seg[k] for k in ("accuracy", "mean_dice", "mean_iou")}, "worst_mean_dice"
         nan = float("nan")
         rows.append(
@@ -686,7 +682,6 @@ def evaluate_baseline(
         DEFAULT_ANY_ANGLES,
         any_angle_scores,
     )
-    from abc_pipeline.metrics import segmentation_metrics
 
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
@@ -697,7 +692,7 @@ def evaluate_baseline(
     digest = names_digest(r.cell_label)
     store = open_predictions(predictions, checkpoint)
     store.check_written_by(checkpoint, ckpt, atlas, r, digest)
-    task, table = atlas["task"], ClassTable.from_dict(atlas["classes"])
+    task, table = by_name(atlas["task"]), ClassTable.from_dict(atlas["classes"])
     if cells is None:
         raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {r.path})")
     src = ev._cells(cells, r, digest, task)
@@ -707,14 +702,10 @@ def evaluate_baseline(
             f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
             f"third --split-fractions value to evaluate"
         )
-    names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
+    names, title = list(table.names), f"{ckpt['model_name']} ({task.name}, {table.level})"
     test_cells = score_cells(predictions, src, max_cells=max_test_cells)
-    if task == "celltype":
-        _, y_true, proba = ev._test_cells(store, predictions, src, table, max_test_cells)
-        test, y_pred, unit = classification_metrics(y_true, proba, names), proba.argmax(1), "cells"
-    else:
-        y_true, y_pred = ev._test_voxels(store, predictions, r, table, splits["test"])
-        test, unit = segmentation_metrics(y_true, y_pred, names, ignore=-1), "voxels"
+    scoring = ev.score_test_split(task, store, predictions, r, src, table, splits, max_test_cells)
+    test, y_true, y_pred, unit = scoring.test, scoring.y_true, scoring.y_pred, scoring.unit
     any_angle = any_angle_scores(
         checkpoint,
         r.path,
@@ -735,7 +726,7 @@ def evaluate_baseline(
             )
         figures.append(ev.any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
         result = {
-            "task": task,
+            "task": task.name,
             "level": table.level,
             "model": ckpt["model_name"],
             "dim": int(atlas["dim"]),

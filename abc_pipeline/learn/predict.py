@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_output, staged_output
-from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (
@@ -67,6 +66,7 @@ from abc_pipeline.learn.predictions import (
     write_volume_metadata,
 )
 from abc_pipeline.learn.scoring import stored_metrics
+from abc_pipeline.learn.tasks import PER_CELL_ARCHITECTURES, by_name
 from abc_pipeline.raster.channels import ChannelPlan, raster_digest
 from abc_pipeline.raster.ome import create_array, open_raster
 
@@ -210,8 +210,8 @@ def predict_raster(
         raise InputError(f"{r.path} is a section raster but the checkpoint's model is 3D; use a 3D raster")
     table = ClassTable.from_dict(atlas["classes"])
     normalizer = Normalizer.from_dict(atlas["normalizer"])
-    architecture = atlas.get("architecture", "patch" if task == "celltype" else "segment")
-    dense = architecture in PER_CELL
+    architecture = by_name(task).recorded_architecture(atlas)
+    dense = architecture in PER_CELL_ARCHITECTURES
     if architecture == "cell-context" and cells is None:
         raise InputError(
             f"{checkpoint} is a cell-context model: predict needs --cells (the cells.zarr of the "
