@@ -486,7 +486,7 @@ def atlas_task(
         class_names=list(data.table.names),
         dim=data.dim,
         in_channels=data.normalizer.in_channels,
-        task="classify" if data.architecture == "patch" else "segment",
+        objective="classify" if data.architecture == "patch" else "segment",
         head=data.architecture,
         spacing=tuple(data.spacing),
         model_options=options,
