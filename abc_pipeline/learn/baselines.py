@@ -52,7 +52,6 @@ from abc_pipeline.learn.checkpoint import (
     config_hash,
     load_checkpoint,
     publish_run,
-    write_json,
 )
 from abc_pipeline.learn.choices import (
     BASELINES,
@@ -675,7 +674,6 @@ def evaluate_baseline(
     equivariance curve (the features of a cell do not change under a rotation of its section: the any-angle
     scores show it): ``test`` (``celltype``: test cells; ``region``: test voxels of the majority label
     volume), ``test_cells``, ``any_angle``, ``confusion_matrix.png``, ``maps.png``, ``any_angle.png``."""
-    from abc_pipeline import plots
     from abc_pipeline.learn import evaluate_run as ev
     from abc_pipeline.learn.any_angle import (
         DEFAULT_ANY_ANGLE_SECTIONS,
@@ -686,60 +684,27 @@ def evaluate_baseline(
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
     _, ckpt = load_baseline(checkpoint)
-    atlas = atlas_config(ckpt, checkpoint)
-    r = open_raster(raster)
-    ev._check_raster(atlas, r, checkpoint)
-    digest = names_digest(r.cell_label)
-    store = open_predictions(predictions, checkpoint)
-    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
-    task, table = by_name(atlas["task"]), ClassTable.from_dict(atlas["classes"])
     if cells is None:
-        raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {r.path})")
-    src = ev._cells(cells, r, digest, task)
-    splits = {k: [int(z) for z in v] for k, v in atlas["splits"].items()}
-    if not splits.get("test"):
-        raise InputError(
-            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
-            f"third --split-fractions value to evaluate"
-        )
-    names, title = list(table.names), f"{ckpt['model_name']} ({task.name}, {table.level})"
-    test_cells = score_cells(predictions, src, max_cells=max_test_cells)
-    scoring = ev.score_test_split(task, store, predictions, r, src, table, splits, max_test_cells)
-    test, y_true, y_pred, unit = scoring.test, scoring.y_true, scoring.y_pred, scoring.unit
+        raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {raster})")
+    run = ev.open_run(checkpoint, ckpt, raster, predictions, cells)
+    test_cells = score_cells(predictions, run.cells, max_cells=max_test_cells)
+    scoring = ev.score_test_split(
+        run.task, run.store, predictions, run.raster, run.cells, run.table, run.splits, max_test_cells
+    )
     any_angle = any_angle_scores(
         checkpoint,
-        r.path,
-        src.path,
+        run.raster.path,
+        run.cells.path,
         angles=any_angles or DEFAULT_ANY_ANGLES,
         sections=any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS,
     )
+    title = run.title
     with staged_output(out, "evaluation", inputs=[checkpoint, raster, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = [
-            plots.confusion_matrix_figure(
-                y_true, y_pred, names, tmp / "confusion_matrix.png", title=f"{title}: test {unit}"
-            )
-        ]
-        if table.level in r.labels:
-            figures.append(
-                ev._maps_figure(store, r, table, splits["test"], int(atlas["dim"]), map_sections, tmp / "maps.png")
-            )
-        figures.append(ev.any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
+        figures = run.figures(scoring, map_sections, tmp)
+        figures.append(ev.any_angle_plot(run.model_name, title, any_angle, tmp / "any_angle.png"))
         result = {
-            "task": task.name,
-            "level": table.level,
-            "model": ckpt["model_name"],
-            "dim": int(atlas["dim"]),
-            "checkpoint": str(checkpoint.resolve()),
-            "config_hash": ckpt["config_hash"],
-            "raster": str(r.path.resolve()),
-            "predictions": str(predictions.resolve()),
-            "splits": splits,
-            "n_test": len(y_true),
-            "test_unit": unit,
-            "test": test,
-            "test_cells": test_cells,
-            "any_angle": any_angle,
+            **run.describe(scoring, test_cells, any_angle),
             "caps": {
                 "map_sections": map_sections,
                 "max_test_cells": max_test_cells,
@@ -748,12 +713,11 @@ def evaluate_baseline(
             "figures": [p.name for p in figures],
             "seconds": time.perf_counter() - start,
         }
-        write_json(result, tmp / "metrics.json")
-        ev._metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+        ev.write_metrics(result, tmp)
     log.info(
         "%s: test %s; per cell accuracy %.3f; any angle: mean accuracy %.3f, worst %.3f (%g°); %.1f s -> %s",
         title,
-        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
+        {k: round(v, 3) for k, v in scoring.test.items() if isinstance(v, float)},
         test_cells["accuracy"],
         any_angle["mean"]["accuracy"],
         any_angle["worst"]["accuracy"],

@@ -164,115 +164,69 @@ def evaluate_run(
             raise InputError(f"{what} must be >= 1, got {value}")
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
-    atlas = atlas_config(ckpt, checkpoint)
-    r = open_raster(raster)
-    _check_raster(atlas, r, checkpoint)
-    digest = names_digest(r.cell_label)
-    store = open_predictions(predictions, checkpoint)
-    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
-    task, dim = by_name(atlas["task"]), int(atlas["dim"])
-    src = _cells(cells, r, digest, task)
-    table, normalizer = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
-    splits = {k: [int(z) for z in v] if k in SPLITS else v for k, v in atlas["splits"].items()}
-    test_mask = split_mask(splits, "test", r.grid.shape)  # block splits: the test blocks, else None
-    if not splits.get("test"):
-        raise InputError(
-            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
-            f"third --split-fractions value to evaluate"
-        )
-    spacing = tuple(float(s) for s in ckpt["model_spec"]["spacing"])
-    names, title = list(table.names), f"{ckpt['model_name']} ({task.name}, {table.level})"
+    run = open_run(checkpoint, ckpt, raster, predictions, cells)
+    task, r, dim = run.task, run.raster, run.dim
+    scoring = score_test_split(task, run.store, predictions, r, run.cells, run.table, run.splits, max_test_cells)
 
-    scoring = score_test_split(task, store, predictions, r, src, table, splits, max_test_cells)
-    test, y_true, y_pred, unit = scoring.test, scoring.y_true, scoring.y_pred, scoring.unit
-    if task.recorded_architecture(atlas) in PER_CELL_ARCHITECTURES:  # dense map: each voxel's (mean) cell
+    # 2. and 3.: the model on test windows, under every grid symmetry and rotated in-plane
+    if task.recorded_architecture(run.atlas) in PER_CELL_ARCHITECTURES:  # dense map: each voxel's (mean) cell
         margin, net = tuple(model.margin), model.forward_dense
     else:
         margin, net = (halo,) * dim, model
-    boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin, windows)
-    readers = {
-        w.block: RasterReader(
-            r, normalizer, list(range(*w.block)), *scoring.label_target, cache_bytes=cache_bytes, mask=test_mask
-        )
-        for w in boxes
-    }
-    x = torch.from_numpy(
-        np.stack(
-            [
-                readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2 else readers[w.block].window(w.lo, w.size)
-                for w in boxes
-            ]
-        )
-    )  # (n, C, *box)
-    targets, stored = scoring.window_targets(r, store, boxes, readers, dim)
+    spacing = tuple(float(s) for s in ckpt["model_spec"]["spacing"])
+    side = window_size or DEFAULT_WINDOW[dim]
+    boxes = _windows(r, run.splits["test"], dim, spacing, side, window_depth, margin, windows)
+    x, targets, stored = _read_windows(run, scoring, boxes, cache_bytes)
     logits = functools.partial(predict_batches, net, device=dev, batch_size=batch_size)  # class scores per voxel
     symmetry = _symmetry_scores(
-        logits, x, boxes, targets, grid_group(dim, spacing), names, task, scoring, dim, batch_size, stored
+        logits, x, boxes, targets, grid_group(dim, spacing), run.table.names, task, scoring, dim, batch_size, stored
     )
     symmetry.update(spacing=list(spacing), windows=[w.describe() for w in boxes])
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
+
+    # 4.: per cell and at any angle
     test_cells, any_angle = {}, {}
-    if src is not None:
-        test_cells = score_cells(predictions, src, max_cells=max_test_cells)
+    if run.cells is not None:
+        test_cells = score_cells(predictions, run.cells, max_cells=max_test_cells)
         any_angle = any_angle_scores(
-            checkpoint, r.path, src.path, angles=any_angles, sections=any_angle_sections, halo=halo, device=device
+            checkpoint, r.path, run.cells.path, angles=any_angles, sections=any_angle_sections, halo=halo, device=device
         )
 
+    model_name, title, headline = run.model_name, run.title, task.symmetry_metrics[0]
+    head = symmetry["metrics"][headline]
     with staged_output(out, "evaluation", inputs=[checkpoint, r.path, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = [
-            plots.confusion_matrix_figure(
-                y_true, y_pred, names, tmp / "confusion_matrix.png", title=f"{title}: test {unit}"
-            )
-        ]
-        if table.level in r.labels:
-            figures.append(_maps_figure(store, r, table, splits["test"], dim, map_sections, tmp / "maps.png"))
-        else:
-            log.warning("%s has no labels/%s volume: no true vs predicted maps", r.path, table.level)
+        figures = run.figures(scoring, map_sections, tmp)
         history = checkpoint.parent / "history.tsv"
         if history.is_file():
             figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
         else:
             log.warning("no %s next to the checkpoint: no training curves", history)
         if any_angle:
-            figures.append(any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
+            figures.append(any_angle_plot(model_name, title, any_angle, tmp / "any_angle.png"))
         figures.append(
             plots.equivariance_curve_figure(
-                {ckpt["model_name"]: (curve["angles"], curve["agreement"])},
+                {model_name: (curve["angles"], curve["agreement"])},
                 tmp / "equivariance_curve.png",
                 title=f"Equivariance: {title}",
             )
         )
-        head = symmetry["metrics"][task.symmetry_metrics[0]]
         figures.append(
             plots.orientation_bar_figure(
-                {ckpt["model_name"]: (head["identity"], head["worst"])},
+                {model_name: (head["identity"], head["worst"])},
                 tmp / "orientation.png",
-                metric=task.symmetry_metrics[0],
+                metric=headline,
                 title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation",
             )
         )
         result = {
-            "task": task.name,
-            "level": table.level,
-            "model": ckpt["model_name"],
-            "dim": dim,
-            "checkpoint": str(checkpoint.resolve()),
-            "config_hash": ckpt["config_hash"],
-            "raster": str(r.path.resolve()),
-            "predictions": str(predictions.resolve()),
-            "splits": splits,
-            "n_test": len(y_true),
-            "test_unit": unit,
-            "test": test,
-            "test_cells": test_cells,
-            "any_angle": any_angle,
+            **run.describe(scoring, test_cells, any_angle),
             "symmetry": symmetry,
             "equivariance_curve": curve,
             "caps": {
                 "windows": windows,
-                "window_size": window_size or DEFAULT_WINDOW[dim],
+                "window_size": side,
                 "window_depth": window_depth,
                 "margin": list(margin),
                 "map_sections": map_sections,
@@ -282,13 +236,12 @@ def evaluate_run(
             "figures": [p.name for p in figures],
             "seconds": time.perf_counter() - start,
         }
-        write_json(result, tmp / "metrics.json")
-        _metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+        write_metrics(result, tmp)
     log.info(
         "%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s",
         title,
-        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
-        task.symmetry_metrics[0],
+        {k: round(v, 3) for k, v in scoring.test.items() if isinstance(v, float)},
+        headline,
         head["worst"],
         head["worst_symmetry"],
         curve["angles"],
@@ -300,6 +253,103 @@ def evaluate_run(
 
 
 # ----------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """A trained run opened for evaluation (:func:`open_run`): the checkpoint (path and dict), its
+    ``config["atlas"]``, the raster, the ``predictions.zarr`` (path and reader) written by this checkpoint on
+    this raster, the atlas task, the class table, the cells.zarr (``None`` when not given) and the splits
+    (z indices per split; block splits: their ``blocks``)."""
+
+    checkpoint: Path
+    ckpt: dict
+    atlas: dict
+    raster: Raster
+    predictions: Path
+    store: Predictions
+    task: AtlasTask
+    table: ClassTable
+    cells: CellSource | None
+    splits: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.atlas["dim"])
+
+    @property
+    def model_name(self) -> str:
+        return self.ckpt["model_name"]
+
+    @property
+    def title(self) -> str:
+        """``<model> (<task>, <level>)``: the figures' titles."""
+        return f"{self.model_name} ({self.task.name}, {self.table.level})"
+
+    def figures(self, scoring: _Scoring, map_sections: int, tmp: Path) -> list[Path]:
+        """``confusion_matrix.png`` of the test split and, when the raster has the level's label volume,
+        ``maps.png`` (true vs predicted maps of ``map_sections`` test sections or z-slices) in ``tmp``."""
+        figures = [
+            plots.confusion_matrix_figure(
+                scoring.y_true,
+                scoring.y_pred,
+                self.table.names,
+                tmp / "confusion_matrix.png",
+                title=f"{self.title}: test {scoring.unit}",
+            )
+        ]
+        r = self.raster
+        if self.table.level in r.labels:
+            figures.append(
+                _maps_figure(self.store, r, self.table, self.splits["test"], self.dim, map_sections, tmp / "maps.png")
+            )
+        else:
+            log.warning("%s has no labels/%s volume: no true vs predicted maps", r.path, self.table.level)
+        return figures
+
+    def describe(self, scoring: _Scoring, test_cells: dict, any_angle: dict) -> dict:
+        """The part of ``metrics.json`` every model has: the run, the test split's scores, per cell, any angle."""
+        return {
+            "task": self.task.name,
+            "level": self.table.level,
+            "model": self.model_name,
+            "dim": self.dim,
+            "checkpoint": str(self.checkpoint.resolve()),
+            "config_hash": self.ckpt["config_hash"],
+            "raster": str(self.raster.path.resolve()),
+            "predictions": str(self.predictions.resolve()),
+            "splits": self.splits,
+            "n_test": len(scoring.y_true),
+            "test_unit": scoring.unit,
+            "test": scoring.test,
+            "test_cells": test_cells,
+            "any_angle": any_angle,
+        }
+
+
+def open_run(
+    checkpoint: Path, ckpt: dict, raster: str | Path, predictions: Path, cells: str | Path | None
+) -> EvaluatedRun:
+    """Open the run of ``checkpoint`` (loaded: ``ckpt``) for evaluation: :class:`InputError` unless ``raster`` is
+    its training raster, ``predictions`` were written by it on that raster, ``cells`` (required for tasks scored
+    per cell) is the cells.zarr of the raster, and the run has a test split."""
+    atlas = atlas_config(ckpt, checkpoint)
+    r = open_raster(raster)
+    _check_raster(atlas, r, checkpoint)
+    digest = names_digest(r.cell_label)
+    store = open_predictions(predictions, checkpoint)
+    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
+    task = by_name(atlas["task"])
+    src = _cells(cells, r, digest, task)
+    splits = {k: [int(z) for z in v] if k in SPLITS else v for k, v in atlas["splits"].items()}
+    if not splits.get("test"):
+        raise InputError(
+            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
+            f"third --split-fractions value to evaluate"
+        )
+    return EvaluatedRun(
+        checkpoint, ckpt, atlas, r, predictions, store, task, ClassTable.from_dict(atlas["classes"]), src, splits
+    )
+
+
 def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
     """:class:`InputError` unless ``r`` is the checkpoint's training grid with its feature channels."""
     want = (atlas["space"], [int(n) for n in atlas["grid_shape"]])
@@ -596,6 +646,24 @@ def _read_box(volume: zarr.Array, lo: Sequence[int], size: Sequence[int]) -> np.
     return out
 
 
+def _read_windows(
+    run: EvaluatedRun, scoring: _Scoring, boxes: Sequence[_Window], cache_bytes: int
+) -> tuple[torch.Tensor, list, np.ndarray]:
+    """The input windows ``(n, C, *box)`` (model axes; zero outside the test split, each z-block read on its own
+    as prediction reads it), their targets and the stored predictions for them (:meth:`_Scoring.window_targets`)."""
+    r, dim = run.raster, run.dim
+    normalizer, mask = Normalizer.from_dict(run.atlas["normalizer"]), split_mask(run.splits, "test", r.grid.shape)
+    readers = {
+        w.block: RasterReader(
+            r, normalizer, list(range(*w.block)), *scoring.label_target, cache_bytes=cache_bytes, mask=mask
+        )
+        for w in boxes
+    }
+    windows = [readers[w.block].window(w.lo, w.size) for w in boxes]
+    x = torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for w in windows]))
+    return (x, *scoring.window_targets(r, run.store, boxes, readers, dim))
+
+
 def _window_cells(
     r: Raster, boxes: Sequence[_Window], rows: np.ndarray, labels: np.ndarray, dim: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -705,6 +773,12 @@ def _maps_figure(
 
 
 # ----------------------------------------------------------------------------------------------- table
+def write_metrics(result: dict, folder: Path) -> None:
+    """``metrics.json`` (``result``) and ``metrics.tsv`` (:func:`_metrics_table`) in ``folder``."""
+    write_json(result, folder / "metrics.json")
+    _metrics_table(result).to_csv(folder / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+
+
 def _metrics_table(result: dict) -> pd.DataFrame:
     """One row per metric: ``scope`` (``test``, ``symmetry_identity`` / ``_mean`` / ``_worst``,
     ``equivariance_curve``), ``metric`` (per-class values as ``<metric>/<class>``), ``value``, ``detail``
@@ -766,4 +840,4 @@ def any_angle_plot(model: str, title: str, any_angle: dict, path: Path) -> Path:
     )
 
 
-__all__ = ["DEFAULT_ANGLES", "evaluate_run", "score_test_split"]
+__all__ = ["DEFAULT_ANGLES", "EvaluatedRun", "evaluate_run", "open_run", "score_test_split", "write_metrics"]
