@@ -1,8 +1,9 @@
-"""Model comparison (``abc-pipeline bench-models``): train zoo models parameter-matched on one task and
+"""Model comparison (``abc-pipeline bench-models``): train zoo models parameter-matched on one benchmark and
 write one table.
 
-A task is a :class:`BenchTask` adapter: train/val/test datasets of ``(input, target)`` pairs plus what a
-model needs (input channels, class names, spatial dimensions, voxel spacing, which :func:`build_model` task).
+A benchmark is a :class:`BenchTask` adapter: train/val/test datasets of ``(input, target)`` pairs plus what a
+model needs (input channels, class names, spatial dimensions, voxel spacing, the training objective and the
+:func:`build_model` head).
 :func:`npz_task` builds one from a MedMNIST-format ``.npz`` file (optionally keeping a stratified fraction of
 the training split); :func:`abc_pipeline.learn.atlas.atlas_task` one from an atlas raster (cell patches or
 region tiles, optionally with a fraction of the training sections).
