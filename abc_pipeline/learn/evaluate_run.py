@@ -126,8 +126,7 @@ def evaluate_run(
     side); ``angles``: the curve's rotation angles in degrees; ``map_sections`` sections / z-slices in
     ``maps.png``; ``max_test_cells`` test cells scored (evenly strided; ``None`` = all); ``batch_size``:
     windows per forward pass. ``overwrite``: replace an existing abc-pipeline artifact of another kind at
-    ``out`` (:func:`abc_pipeline.fileio.check_output`).
-    windows per forward pass. With ``cells``: ``test_cells`` (every task: the per-cell scores of
+    ``out`` (:func:`abc_pipeline.fileio.check_output`). With ``cells``: ``test_cells`` (every task: the per-cell scores of
     :func:`abc_pipeline.learn.scoring.score_cells`) and ``any_angle`` (the per-cell scores of
     ``any_angle_sections`` test sections rotated by each of ``any_angles``,
     :func:`abc_pipeline.learn.any_angle.any_angle_scores`; ``any_angle.png``). A scikit-learn baseline's
@@ -166,6 +165,7 @@ def evaluate_run(
     model, ckpt = load_model(checkpoint, dev)
     run = open_run(checkpoint, ckpt, raster, predictions, cells)
     task, r, dim = run.task, run.raster, run.dim
+    # 1.: the test split as is, from the stored predictions (per cell or per voxel, as the task says)
     scoring = score_test_split(task, run.store, predictions, r, run.cells, run.table, run.splits, max_test_cells)
 
     # 2. and 3.: the model on test windows, under every grid symmetry and rotated in-plane
@@ -193,33 +193,9 @@ def evaluate_run(
             checkpoint, r.path, run.cells.path, angles=any_angles, sections=any_angle_sections, halo=halo, device=device
         )
 
-    model_name, title, headline = run.model_name, run.title, task.symmetry_metrics[0]
-    head = symmetry["metrics"][headline]
     with staged_output(out, "evaluation", inputs=[checkpoint, r.path, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = run.figures(scoring, map_sections, tmp)
-        history = checkpoint.parent / "history.tsv"
-        if history.is_file():
-            figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
-        else:
-            log.warning("no %s next to the checkpoint: no training curves", history)
-        if any_angle:
-            figures.append(any_angle_plot(model_name, title, any_angle, tmp / "any_angle.png"))
-        figures.append(
-            plots.equivariance_curve_figure(
-                {model_name: (curve["angles"], curve["agreement"])},
-                tmp / "equivariance_curve.png",
-                title=f"Equivariance: {title}",
-            )
-        )
-        figures.append(
-            plots.orientation_bar_figure(
-                {model_name: (head["identity"], head["worst"])},
-                tmp / "orientation.png",
-                metric=headline,
-                title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation",
-            )
-        )
+        figures = run.figures(scoring, map_sections, tmp) + _network_figures(run, symmetry, curve, any_angle, tmp)
         result = {
             **run.describe(scoring, test_cells, any_angle),
             "symmetry": symmetry,
@@ -237,9 +213,11 @@ def evaluate_run(
             "seconds": time.perf_counter() - start,
         }
         write_metrics(result, tmp)
+    headline = task.symmetry_metrics[0]
+    head = symmetry["metrics"][headline]
     log.info(
         "%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s",
-        title,
+        run.title,
         {k: round(v, 3) for k, v in scoring.test.items() if isinstance(v, float)},
         headline,
         head["worst"],
@@ -747,6 +725,38 @@ def _symmetry_scores(
 
 
 # ----------------------------------------------------------------------------------------------- figures
+def _network_figures(run: EvaluatedRun, symmetry: dict, curve: dict, any_angle: dict, tmp: Path) -> list[Path]:
+    """The figures of a network's evaluation beyond :meth:`EvaluatedRun.figures`, in ``tmp``:
+    ``training_curves.png`` (when ``history.tsv`` lies next to the checkpoint), ``any_angle.png`` (with
+    ``any_angle`` scores), ``equivariance_curve.png`` and ``orientation.png`` (the headline symmetry metric)."""
+    name, title, headline = run.model_name, run.title, run.task.symmetry_metrics[0]
+    figures = []
+    history = run.checkpoint.parent / "history.tsv"
+    if history.is_file():
+        figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
+    else:
+        log.warning("no %s next to the checkpoint: no training curves", history)
+    if any_angle:
+        figures.append(any_angle_plot(name, title, any_angle, tmp / "any_angle.png"))
+    figures.append(
+        plots.equivariance_curve_figure(
+            {name: (curve["angles"], curve["agreement"])},
+            tmp / "equivariance_curve.png",
+            title=f"Equivariance: {title}",
+        )
+    )
+    head = symmetry["metrics"][headline]
+    figures.append(
+        plots.orientation_bar_figure(
+            {name: (head["identity"], head["worst"])},
+            tmp / "orientation.png",
+            metric=headline,
+            title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation",
+        )
+    )
+    return figures
+
+
 def _maps_figure(
     store: Predictions, r: Raster, table: ClassTable, test_z: Sequence[int], dim: int, n: int, path: Path
 ) -> Path:
