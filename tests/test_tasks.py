@@ -44,3 +44,13 @@ def test_the_tasks_differ_where_they_should() -> None:
 def test_tasks_and_choices_import_without_torch() -> None:
     code = "import sys, abc_pipeline.learn.tasks, abc_pipeline.learn.choices; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_help_shows_each_tasks_level_default(capsys: pytest.CaptureFixture) -> None:
+    from abc_pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, task in TASKS.items():
+        assert f"{task.default_level} for {name}" in text
