@@ -105,6 +105,19 @@ def _option(
     return action
 
 
+class _PerTask:
+    """An option's library default per atlas task (``attribute`` of :class:`abc_pipeline.learn.tasks.AtlasTask`),
+    for the help's ``%(per_task)s``; ``str()`` reads it (``class for celltype, ...``)."""
+
+    def __init__(self, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __str__(self) -> str:
+        from abc_pipeline.learn.tasks import TASKS
+
+        return ", ".join(f"{getattr(task, self.attribute)} for {name}" for name, task in TASKS.items())
+
+
 def _given(**kwargs: Any) -> dict[str, Any]:
     """The keywords whose option was given (not ``None``); the called function's defaults apply to the rest."""
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -272,9 +285,8 @@ def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cells", type=Path, default=None, help="the cells.zarr the raster was made from (celltype: required)"
     )
-    p.add_argument(
-        "--level", default=None, help="label level (default: class for celltype, parcellation_division for region)"
-    )
+    level = p.add_argument("--level", default=None, help="label level (default: %(per_task)s)")
+    level.per_task = _PerTask("default_level")  # type: ignore[attr-defined]
     p.add_argument(
         "--depth", type=int, default=None, help="stages (patch classifier, default 4) or U-Net levels (default 4)"
     )
@@ -300,14 +312,15 @@ def _add_atlas_data_options(p: argparse.ArgumentParser) -> None:
         default_of=f"{_CHOICES}:DEFAULT_TILE_SIZE",
         help="region tile (voxels; one or per axis)",
     )
-    p.add_argument(
+    architecture = p.add_argument(
         "--architecture",
         choices=_HEADS,
         metavar="HEAD",
         default=None,
         help="the zoo head the model is built with: cell-context (own expression + invariant context, per cell), "
-        "patch (patch classifier), segment (U-Net); default cell-context for celltype, segment for region",
+        "patch (patch classifier), segment (U-Net); default %(per_task)s",
     )
+    architecture.per_task = _PerTask("default_architecture")  # type: ignore[attr-defined]
     _option(
         p,
         "--split-fractions",
@@ -823,6 +836,7 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
         extra = []
         if baselines:
             from abc_pipeline.learn.baselines import bench_baseline_rows
+            from abc_pipeline.learn.tasks import by_name
 
             test = task.test
             extra = bench_baseline_rows(
@@ -832,7 +846,7 @@ def _add_bench_models(sub: argparse._SubParsersAction) -> None:
                 baselines,
                 a.out,
                 test_rows=getattr(test, "cells", None),
-                test_targets=test.targets.numpy() if a.task == "celltype" else None,
+                test_targets=None if by_name(a.task).per_voxel else test.targets.numpy(),
                 **_baseline_kwargs(a),
                 **_given(train_sections=a.train_fraction),
             )

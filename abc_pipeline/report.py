@@ -25,6 +25,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from abc_pipeline import keys
 from abc_pipeline.errors import InputError  # noqa: E402
 from abc_pipeline.fileio import atomic_write_text, claim_directory, staged_output  # noqa: E402
+from abc_pipeline.learn.tasks import TASKS  # noqa: E402
 from abc_pipeline.plots import any_angle_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
 
     adata = anndata.read_h5ad(annotated, backed="r")
     obs = adata.obs
-    truth = {"celltype": None, "region": None}
+    truth = dict.fromkeys(TASKS)
     meta = adata.uns.get(keys.UNS, {}).get("predict", {})
     for col, info in meta.items():
         task = keys.task_of(col)

@@ -383,13 +383,13 @@ def main() -> None:
                 resume="if-unchanged",
             )
         ev = _evaluate(model, task, x_test, y_test, dev, a.batch_size, a.angles, a.curve_samples, 16)
-        worst = WORST_METRIC[task.task]
+        worst = WORST_METRIC[task.objective]
         row = {
             "model": name,
             "width": width,
             "first_layer_channels": model.first_channels,
             "params": model.n_params,
-            **{s: ev["test"][s] for s in SCORES[task.task]},
+            **{s: ev["test"][s] for s in SCORES[task.objective]},
             f"worst_{worst}": ev["orientation"]["worst"],
             "equivariance_error": ev["equivariance_error"],
             "agreement_45deg": ev["curve"]["agreement"][a.angles.index(45.0)],
@@ -399,7 +399,7 @@ def main() -> None:
             "peak_memory_mb": memory.mib,
             "memory": memory.kind,
         }
-        if task.task == "classify" and task.head == "classify":
+        if task.objective == "classify" and task.head == "classify":
             model.eval()
             scores = any_angle_accuracy(
                 lambda v, m=model: predict_proba(m, v, device=dev), x_test, y_test, np.arange(0.0, 360.0, 15.0)
@@ -427,7 +427,7 @@ def main() -> None:
             f"{r.model} mean {r.any_angle_mean:.3f}, worst {r.any_angle_worst:.3f} at {r.any_angle_worst_at:g}°"
             for r in table.itertuples()
         )
-    text = f"escnn models on {task.name} ({task.task}).\n\n{format_table(table)}{extra}\n"
+    text = f"escnn models on {task.name} ({task.objective}).\n\n{format_table(table)}{extra}\n"
     atomic_write_text(a.out / "escnn_models.md", text)
     print(text)
 

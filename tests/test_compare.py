@@ -128,7 +128,7 @@ def test_atlas_task_thins_training_sections(atlas: dict) -> None:
     assert set(z_part) < set(z_full) and len(z_part) >= 1
     assert part.config["atlas"]["splits"]["test"] == full.config["atlas"]["splits"]["test"]  # same test split
     assert len(part.train.targets) < len(full.train.targets) and "30% of training sections" in part.name
-    assert (full.task, full.head, full.dim) == ("segment", "segment", 3)
+    assert (full.objective, full.head, full.dim) == ("segment", "segment", 3)
     with pytest.raises(InputError, match="train_sections"):
         atlas_task(atlas["recon"], atlas["cells"], "region", train_sections=0.0, **kw)
 

@@ -20,15 +20,16 @@ from abc_pipeline.atlas.manifest import PROFILES
 from abc_pipeline.atlas.synthetic import write_synthetic_release
 from abc_pipeline.atlas.user_options import EXPRESSION, KINDS, UNITS
 from abc_pipeline.cli import build_parser, main
-from abc_pipeline.learn import baselines, choices
+from abc_pipeline.learn import choices
 from abc_pipeline.learn import evaluate_run as evaluate_module
 from abc_pipeline.learn import predict as predict_module
-from abc_pipeline.learn.atlas import ARCHITECTURES, DEFAULT_LEVELS, train_atlas_task
+from abc_pipeline.learn.atlas import train_atlas_task
 from abc_pipeline.learn.baselines import train_baseline
 from abc_pipeline.learn.choices import BASELINES, TRANSFER_KINDS
 from abc_pipeline.learn.compare import bench_models
 from abc_pipeline.learn.evaluate_run import evaluate_run
 from abc_pipeline.learn.run_npz import train_npz
+from abc_pipeline.learn.tasks import TASKS
 from abc_pipeline.learn.train import train
 from abc_pipeline.learn.transfer import transfer
 from abc_pipeline.nn import cell_context
@@ -110,11 +111,15 @@ def test_schema_default_equals_the_library_default(key: str) -> None:
     assert _plain(_schema_node(key)["default"]) == _plain(_default(function, keyword)), (function.__name__, keyword)
 
 
-def test_schema_task_levels_are_the_library_defaults() -> None:
+def test_schema_tasks_are_the_library_tasks() -> None:
+    """The schema's tasks are the atlas task objects, with their default level and architectures (default first)."""
     tasks = _schema_node("tasks")["properties"]
-    assert set(tasks) == set(ARCHITECTURES)
-    for task, level in DEFAULT_LEVELS.items():
-        assert tasks[task]["properties"]["level"]["default"] == level
+    assert list(tasks) == list(TASKS)
+    for name, task in TASKS.items():
+        spec = tasks[name]["properties"]
+        assert spec["level"]["default"] == task.default_level
+        assert tuple(spec["architecture"]["enum"]) == task.architectures
+        assert spec["architecture"]["default"] == task.default_architecture
 
 
 def test_the_training_functions_share_their_defaults() -> None:
@@ -130,7 +135,7 @@ def test_torch_free_copies_equal_the_library() -> None:
     """abc_pipeline.learn.choices keeps torch-free copies for the CLI of names and defaults declared elsewhere."""
     assert choices.ZOO_MODELS == MODELS and choices.ZOO_HEADS == HEADS
     assert choices.DEFAULT_NEIGHBORHOOD_RADII == cell_context.DEFAULT_NEIGHBORHOOD_RADII
-    assert choices.TASKS == tuple(ARCHITECTURES) == baselines.TASKS
+    assert choices.TASKS == tuple(TASKS)
     for keyword, name in [
         ("epochs", "DEFAULT_EPOCHS"),
         ("batch_size", "DEFAULT_BATCH_SIZE"),

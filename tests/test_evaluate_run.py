@@ -14,8 +14,9 @@ import zarr
 from abc_pipeline.cli import main
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.atlas import train_atlas_task
-from abc_pipeline.learn.evaluate_run import SYMMETRY_METRICS, _read_box, evaluate_run
+from abc_pipeline.learn.evaluate_run import _read_box, evaluate_run
 from abc_pipeline.learn.predict import predict_raster
+from abc_pipeline.learn.tasks import TASKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("confusion_matrix.png", "maps.png", "training_curves.png", "equivariance_curve.png", "orientation.png")
@@ -104,7 +105,7 @@ def test_celltype_2d_moment(runs, tmp_path):
     stored = zarr.open_group(str(runs["out"] / "ct.zarr"), mode="r").attrs["abc_pipeline"]["predictions"]["metrics"]
     assert result["test"]["accuracy"] == pytest.approx(stored["test_cells"]["accuracy"], abs=1e-12)
     assert result["symmetry"]["identity_agreement"] == 1.0  # the windows reproduce predictions.zarr's cells
-    for metric in SYMMETRY_METRICS["celltype"]:  # an invariant classifier: one score under the whole group
+    for metric in TASKS["celltype"].symmetry_metrics:  # an invariant classifier: one score under the whole group
         values = list(result["symmetry"]["metrics"][metric]["per_symmetry"].values())
         assert max(values) - min(values) < 1e-9, metric
     assert result["equivariance_curve"]["agreement"][-1] > 0.999  # 90°: an exact grid rotation of square windows
@@ -144,7 +145,7 @@ def test_region_3d_moment_via_cli(runs, tmp_path):
     _check_outputs(out, result)
     assert result["symmetry"]["group_size"] == 16 and result["symmetry"]["unit"] == "voxels"
     assert {"dice", "iou", "mean_dice", "ari", "nmi"} <= set(result["test"]) and result["test_unit"] == "voxels"
-    for metric in SYMMETRY_METRICS["region"]:  # equivariant U-Net: one score under the whole group
+    for metric in TASKS["region"].symmetry_metrics:  # equivariant U-Net: one score under the whole group
         values = list(result["symmetry"]["metrics"][metric]["per_symmetry"].values())
         assert max(values) - min(values) < 1e-9, metric
     window = result["symmetry"]["windows"][0]

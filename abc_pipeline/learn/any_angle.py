@@ -40,6 +40,7 @@ from abc_pipeline.learn.data import ClassTable, Normalizer, z_blocks
 from abc_pipeline.learn.inference import pick_device
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets
+from abc_pipeline.learn.tasks import PER_CELL_ARCHITECTURES, by_name
 from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster import binning
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
@@ -221,8 +222,8 @@ def any_angle_predictions(
         dev = pick_device(device)
         net, _ = load_model(checkpoint, dev)
         normalizer = Normalizer.from_dict(atlas["normalizer"])
-        architecture = atlas.get("architecture", "patch" if atlas["task"] == "celltype" else "segment")
-        dense = architecture in ("patch", "cell-context")
+        architecture = by_name(atlas["task"]).recorded_architecture(atlas)
+        dense = architecture in PER_CELL_ARCHITECTURES
         margin = tuple(net.margin) if dense else (int(halo),) * dim
         size = np.asarray(r.grid.voxel_size[1:])
     for a, angle in enumerate(angles):

@@ -77,6 +77,7 @@ from abc_pipeline.learn.data import (
     split_mask,
 )
 from abc_pipeline.learn.inference import forward, pick_device, predict_proba
+from abc_pipeline.learn.tasks import PER_CELL_ARCHITECTURES, by_name
 from abc_pipeline.learn.train import IGNORE_INDEX, train
 from abc_pipeline.metrics import score
 from abc_pipeline.nn import build_model
@@ -86,13 +87,8 @@ from abc_pipeline.raster.ome import Raster, open_raster
 
 log = logging.getLogger(__name__)
 
-#: atlas task -> the build_model tasks (architectures) it can train, the default first
-ARCHITECTURES = {"celltype": ("cell-context", "patch"), "region": ("segment", "cell-context")}
-#: architectures that classify cells one by one (datasets of cells, per-cell targets from cells.zarr)
-PER_CELL = ("cell-context", "patch")
 #: sections per optimizer step when a 2D cell-context model trains on whole sections (all their cells)
 SECTIONS_PER_BATCH = 2
-DEFAULT_LEVELS = {"celltype": "class", "region": "parcellation_division"}
 
 
 def _sizes(value: int | Sequence[int], dim: int, what: str) -> tuple[int, ...]:
@@ -195,7 +191,7 @@ class AtlasData:
         r = self.raster
         sizes = (
             {"patch_size": list(self.patch), "halo": list(halo)}
-            if self.architecture in PER_CELL
+            if self.architecture in PER_CELL_ARCHITECTURES
             else {"tile_size": list(self.tile)}
         )
         return {
@@ -236,8 +232,9 @@ def atlas_data(
 ) -> AtlasData:
     """Open ``raster`` for ``task`` (``celltype`` | ``region``): splits, classes, normalisation.
 
-    ``architecture``: the :func:`abc_pipeline.nn.build_model` task trained (``ARCHITECTURES[task]``; default
-    the first: ``cell-context`` for celltype, ``segment`` for region). ``cells``: the cells.zarr the raster
+    ``architecture``: what :func:`abc_pipeline.nn.build_model` builds (one of the task's
+    :attr:`abc_pipeline.learn.tasks.AtlasTask.architectures`; default the first: ``cell-context`` for celltype,
+    ``segment`` for region). ``cells``: the cells.zarr the raster
     was made from (required for per-cell architectures: the cells' labels and expression).
     ``dim``: ``"auto"`` (2 for section rasters, else 3), 2 (per z-plane) or 3. ``split_fractions`` /
     ``split_blocks`` / ``seed``: :func:`abc_pipeline.learn.data.raster_splits`. ``train_sections``: keep
@@ -246,17 +243,10 @@ def atlas_data(
     ``split_block_size``: split whole (y, x) blocks of this many mm inside the sections instead of whole
     sections (:func:`abc_pipeline.learn.data.block_splits`; for datasets of one or a few sections).
     """
-    if task not in ARCHITECTURES:
-        raise InputError(f"task must be one of {', '.join(ARCHITECTURES)}, got {task!r}")
-    architecture = architecture or ARCHITECTURES[task][0]
-    if architecture not in ARCHITECTURES[task]:
-        raise InputError(
-            f"the {task} task trains the architectures {', '.join(ARCHITECTURES[task])}; "
-            f"got --architecture {architecture!r}"
-        )
+    architecture = by_name(task).architecture(architecture)
     r = open_raster(raster)
-    level = level or DEFAULT_LEVELS[task]
-    if architecture in PER_CELL and cells is None:
+    level = level or by_name(task).default_level
+    if architecture in PER_CELL_ARCHITECTURES and cells is None:
         raise InputError(
             f"the {architecture} architecture ({task}) needs --cells (the cells.zarr the raster was made from)"
         )
@@ -449,8 +439,9 @@ def train_atlas_task(
     if data.splits["test"]:
         test_ds = data.dataset("test", halo)
         dev = pick_device(device)
-        n_test = len(test_ds.targets) if data.architecture in PER_CELL else len(test_ds)  # cells or tiles
-        if data.architecture in PER_CELL:
+        per_cell = data.architecture in PER_CELL_ARCHITECTURES
+        n_test = len(test_ds.targets) if per_cell else len(test_ds)  # cells or tiles
+        if per_cell:
             proba = predict_proba(model, test_ds, batch_size=batch_size, device=dev)
             test = score(test_ds.targets.numpy(), proba.numpy(), data.table.names)
         else:
@@ -494,7 +485,7 @@ def atlas_task(
     zoo model has the same receptive field for a given ``depth``). The comparison runs on one input tensor
     per sample: the patch classifier (celltype) and the U-Net (region), unless ``architecture`` says otherwise."""
     if data_kwargs.get("architecture") is None:
-        data_kwargs["architecture"] = "patch" if task == "celltype" else "segment"
+        data_kwargs["architecture"] = by_name(task).raster_architecture
     data = atlas_data(raster, cells, task, **data_kwargs)
     probe = build_model(
         "cnn",
@@ -521,7 +512,7 @@ def atlas_task(
         class_names=list(data.table.names),
         dim=data.dim,
         in_channels=data.normalizer.in_channels,
-        task="classify" if data.architecture == "patch" else "segment",
+        objective="classify" if data.architecture == "patch" else "segment",
         head=data.architecture,
         spacing=tuple(data.spacing),
         model_options=options,

@@ -52,14 +52,12 @@ from abc_pipeline.learn.checkpoint import (
     config_hash,
     load_checkpoint,
     publish_run,
-    write_json,
 )
 from abc_pipeline.learn.choices import (
     BASELINES,
     DEFAULT_C,
     DEFAULT_MAX_TRAIN_CELLS,
     DEFAULT_NEIGHBORS,
-    TASKS,
     check_neighbors,
 )
 from abc_pipeline.learn.data import (
@@ -85,6 +83,7 @@ from abc_pipeline.learn.predictions import (
     write_volume_metadata,
 )
 from abc_pipeline.learn.scoring import cell_targets, score_cells, stored_metrics
+from abc_pipeline.learn.tasks import by_name
 from abc_pipeline.metrics import classification_metrics
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster, open_raster
@@ -337,13 +336,12 @@ def train_baseline(
     ``split_fractions`` / ``split_blocks`` / ``seed``: the networks' section split; ``train_sections``: keep
     this fraction of the training sections (evenly spaced, as ``bench-models --train-fraction``).
     """
-    from abc_pipeline.learn.atlas import DEFAULT_LEVELS, _thin_sections
+    from abc_pipeline.learn.atlas import _thin_sections
 
     start = time.perf_counter()
     if model_name not in BASELINES:
         raise InputError(f"unknown baseline {model_name!r}; choose one of {', '.join(BASELINES)}")
-    if task not in TASKS:
-        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    atlas_task = by_name(task)
     if cells is None:
         raise InputError(
             f"the {model_name} baseline reads each cell's expression: give --cells (the cells.zarr "
@@ -357,7 +355,7 @@ def train_baseline(
     kind = BASELINES[model_name]
     if kind == "neighborhood":
         check_neighbors(neighbors)
-    level = level or DEFAULT_LEVELS[task]
+    level = level or atlas_task.default_level
     r, src = open_raster(raster), CellSource(cells)
     _check_level(src, task, level)
     table = class_table(r, src, level)
@@ -466,7 +464,7 @@ def train_baseline(
         "best_epoch": 0,
         "epochs_run": 1,
         "val": val,
-        "test": scores["test"] if task == "celltype" else {},
+        "test": {} if atlas_task.per_voxel else scores["test"],  # per voxel: abc-pipeline evaluate
         "test_cells": scores["test"],
         "config_hash": chash,
         "device": "cpu",
@@ -613,8 +611,7 @@ def bench_baseline_rows(
     Dice, mean IoU of the test split's labelled voxels (majority label volume of ``predictions.zarr``).
     Columns without meaning for a baseline (width, worst grid orientation, equivariance error, agreement
     at 45°, peak memory) are NaN; ``seconds_per_epoch`` is the fit time."""
-    from abc_pipeline.learn import evaluate_run as ev
-    from abc_pipeline.metrics import segmentation_metrics
+    from abc_pipeline.learn.evaluate_run import score_test_split
 
     out_dir, rows = claim_directory(Path(out_dir), "bench"), []  # the bench folder, before its first run
     for name in names:
@@ -623,7 +620,7 @@ def bench_baseline_rows(
         model, ckpt = load_baseline(run / "checkpoint.pt")
         atlas = atlas_config(ckpt, run / "checkpoint.pt")
         table = ClassTable.from_dict(atlas["classes"])
-        if task == "celltype":
+        if not by_name(task).per_voxel:
             r, src = open_raster(raster), CellSource(cells)
             with tempfile.TemporaryDirectory(prefix="abc_baseline_") as scratch:
                 data = _open_cells(src, r, model.kind, model.neighbors, Path(scratch))
@@ -633,10 +630,8 @@ def bench_baseline_rows(
             worst = "worst_accuracy"
         else:
             store_path = predict_baseline(run / "checkpoint.pt", raster, run / "predictions.zarr", cells=cells)
-            r = open_raster(raster)
-            test_z = atlas["splits"]["test"]
-            y_true, y_pred = ev._test_voxels(open_predictions(store_path), store_path, r, table, test_z)
-            seg = segmentation_metrics(y_true, y_pred, table.names, ignore=-1)
+            store, r = open_predictions(store_path), open_raster(raster)
+            seg = score_test_split(by_name(task), store, store_path, r, None, table, atlas["splits"], None).test
             scores, worst = {k: seg[k] for k in ("accuracy", "mean_dice", "mean_iou")}, "worst_mean_dice"
         nan = float("nan")
         rows.append(
@@ -679,76 +674,37 @@ def evaluate_baseline(
     equivariance curve (the features of a cell do not change under a rotation of its section: the any-angle
     scores show it): ``test`` (``celltype``: test cells; ``region``: test voxels of the majority label
     volume), ``test_cells``, ``any_angle``, ``confusion_matrix.png``, ``maps.png``, ``any_angle.png``."""
-    from abc_pipeline import plots
     from abc_pipeline.learn import evaluate_run as ev
     from abc_pipeline.learn.any_angle import (
         DEFAULT_ANY_ANGLE_SECTIONS,
         DEFAULT_ANY_ANGLES,
         any_angle_scores,
     )
-    from abc_pipeline.metrics import segmentation_metrics
 
     start = time.perf_counter()
     checkpoint, out, predictions = Path(checkpoint), Path(out), Path(predictions)
     _, ckpt = load_baseline(checkpoint)
-    atlas = atlas_config(ckpt, checkpoint)
-    r = open_raster(raster)
-    ev._check_raster(atlas, r, checkpoint)
-    digest = names_digest(r.cell_label)
-    store = open_predictions(predictions, checkpoint)
-    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
-    task, table = atlas["task"], ClassTable.from_dict(atlas["classes"])
     if cells is None:
-        raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {r.path})")
-    src = ev._cells(cells, r, digest, task)
-    splits = {k: [int(z) for z in v] for k, v in atlas["splits"].items()}
-    if not splits.get("test"):
-        raise InputError(
-            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
-            f"third --split-fractions value to evaluate"
-        )
-    names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
-    test_cells = score_cells(predictions, src, max_cells=max_test_cells)
-    if task == "celltype":
-        _, y_true, proba = ev._test_cells(store, predictions, src, table, max_test_cells)
-        test, y_pred, unit = classification_metrics(y_true, proba, names), proba.argmax(1), "cells"
-    else:
-        y_true, y_pred = ev._test_voxels(store, predictions, r, table, splits["test"])
-        test, unit = segmentation_metrics(y_true, y_pred, names, ignore=-1), "voxels"
+        raise InputError(f"evaluating the {ckpt['model_name']} baseline needs --cells (the cells.zarr of {raster})")
+    run = ev.open_run(checkpoint, ckpt, raster, predictions, cells)
+    test_cells = score_cells(predictions, run.cells, max_cells=max_test_cells)
+    scoring = ev.score_test_split(
+        run.task, run.store, predictions, run.raster, run.cells, run.table, run.splits, max_test_cells
+    )
     any_angle = any_angle_scores(
         checkpoint,
-        r.path,
-        src.path,
+        run.raster.path,
+        run.cells.path,
         angles=any_angles or DEFAULT_ANY_ANGLES,
         sections=any_angle_sections or DEFAULT_ANY_ANGLE_SECTIONS,
     )
+    title = run.title
     with staged_output(out, "evaluation", inputs=[checkpoint, raster, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = [
-            plots.confusion_matrix_figure(
-                y_true, y_pred, names, tmp / "confusion_matrix.png", title=f"{title}: test {unit}"
-            )
-        ]
-        if table.level in r.labels:
-            figures.append(
-                ev._maps_figure(store, r, table, splits["test"], int(atlas["dim"]), map_sections, tmp / "maps.png")
-            )
-        figures.append(ev.any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
+        figures = run.figures(scoring, map_sections, tmp)
+        figures.append(ev.any_angle_plot(run.model_name, title, any_angle, tmp / "any_angle.png"))
         result = {
-            "task": task,
-            "level": table.level,
-            "model": ckpt["model_name"],
-            "dim": int(atlas["dim"]),
-            "checkpoint": str(checkpoint.resolve()),
-            "config_hash": ckpt["config_hash"],
-            "raster": str(r.path.resolve()),
-            "predictions": str(predictions.resolve()),
-            "splits": splits,
-            "n_test": len(y_true),
-            "test_unit": unit,
-            "test": test,
-            "test_cells": test_cells,
-            "any_angle": any_angle,
+            **run.describe(scoring, test_cells, any_angle),
             "caps": {
                 "map_sections": map_sections,
                 "max_test_cells": max_test_cells,
@@ -757,12 +713,11 @@ def evaluate_baseline(
             "figures": [p.name for p in figures],
             "seconds": time.perf_counter() - start,
         }
-        write_json(result, tmp / "metrics.json")
-        ev._metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+        ev.write_metrics(result, tmp)
     log.info(
         "%s: test %s; per cell accuracy %.3f; any angle: mean accuracy %.3f, worst %.3f (%g°); %.1f s -> %s",
         title,
-        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
+        {k: round(v, 3) for k, v in scoring.test.items() if isinstance(v, float)},
         test_cells["accuracy"],
         any_angle["mean"]["accuracy"],
         any_angle["worst"]["accuracy"],

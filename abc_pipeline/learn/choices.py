@@ -12,6 +12,7 @@ import numpy as np
 
 from abc_pipeline.atlas.user_options import KINDS as USER_DATA_KINDS
 from abc_pipeline.errors import InputError
+from abc_pipeline.learn.tasks import TASKS as _ATLAS_TASKS
 
 #: scikit-learn baseline model name -> its features (:mod:`abc_pipeline.learn.baselines`)
 BASELINES = {"logreg-expression": "expression", "logreg-neighborhood": "neighborhood"}
@@ -29,8 +30,9 @@ DEFAULT_ANY_ANGLES = tuple(float(a) for a in range(0, 360, 15))
 #: test sections (3D: test z-blocks) rotated in the any-angle score
 DEFAULT_ANY_ANGLE_SECTIONS = 2
 
-#: The atlas tasks: what a model predicts per cell (celltype) or per voxel (region).
-TASKS = ("celltype", "region")
+#: The atlas tasks' names (:data:`abc_pipeline.learn.tasks.TASKS`): what a model predicts per cell (celltype) or
+#: per voxel (region).
+TASKS = tuple(_ATLAS_TASKS)
 #: The zoo's networks and what a network outputs, as :data:`abc_pipeline.nn.zoo.MODELS` and ``HEADS`` (torch-free
 #: copies for the CLI; tested equal).
 ZOO_MODELS = ("cnn", "moment-trivial", "moment-trivial-irrep", "gcnn-regular", "cfnet", "se2n-interp")

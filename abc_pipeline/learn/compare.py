@@ -1,8 +1,9 @@
-"""Model comparison (``abc-pipeline bench-models``): train zoo models parameter-matched on one task and
+"""Model comparison (``abc-pipeline bench-models``): train zoo models parameter-matched on one benchmark and
 write one table.
 
-A task is a :class:`BenchTask` adapter: train/val/test datasets of ``(input, target)`` pairs plus what a
-model needs (input channels, class names, spatial dimensions, voxel spacing, which :func:`build_model` task).
+A benchmark is a :class:`BenchTask` adapter: train/val/test datasets of ``(input, target)`` pairs plus what a
+model needs (input channels, class names, spatial dimensions, voxel spacing, the training objective and the
+:func:`build_model` head).
 :func:`npz_task` builds one from a MedMNIST-format ``.npz`` file (optionally keeping a stratified fraction of
 the training split); :func:`abc_pipeline.learn.atlas.atlas_task` one from an atlas raster (cell patches or
 region tiles, optionally with a fraction of the training sections).
@@ -82,7 +83,7 @@ from abc_pipeline.nn.fields import equivariance_error
 
 log = logging.getLogger(__name__)
 
-#: test scores in the table per task, and the metric whose worst case over the grid group is reported
+#: test scores in the table per objective, and the metric whose worst case over the grid group is reported
 SCORES = {"classify": ("accuracy", "balanced_accuracy", "auc"), "segment": ("accuracy", "mean_dice", "mean_iou")}
 WORST_METRIC = {"classify": "accuracy", "segment": "mean_dice"}
 CURVE_ANGLE = 45.0
@@ -107,11 +108,12 @@ _HEADERS = {
 
 @dataclass
 class BenchTask:
-    """The task adapter: one dataset and what a model needs to know about it.
+    """The benchmark adapter: one dataset and what a model needs to know about it.
 
     ``train`` / ``val`` / ``test``: datasets of ``(input (C, *spatial), target)`` pairs (target: class index
-    for ``task="classify"``, label map ``(*spatial)`` with ``-1`` = no cells for ``task="segment"``).
-    ``head``: the :func:`abc_pipeline.nn.build_model` head (default ``task``; ``"patch"`` for atlas
+    for ``objective="classify"``, label map ``(*spatial)`` with ``-1`` = no cells for ``objective="segment"``;
+    the models' training objective, ``spec.objective``).
+    ``head``: the :func:`abc_pipeline.nn.build_model` head (default ``objective``; ``"patch"`` for atlas
     cell types); ``model_options``: further ``build_model`` keywords (``depth``, ``patch_size``);
     ``spacing``: physical voxel size per axis (anisotropic grids); ``config``: a description of the data
     (stored in every run's configuration, so a changed dataset is never silently resumed).
@@ -124,16 +126,16 @@ class BenchTask:
     class_names: list[str]
     dim: int
     in_channels: int
-    task: str = "classify"
+    objective: str = "classify"
     head: str | None = None
     spacing: tuple[float, ...] | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in SCORES:
-            raise InputError(f"task must be one of {sorted(SCORES)}, got {self.task!r}")
-        self.head = self.head or self.task
+        if self.objective not in SCORES:
+            raise InputError(f"objective must be one of {sorted(SCORES)}, got {self.objective!r}")
+        self.head = self.head or self.objective
 
 
 def subset_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> np.ndarray:
@@ -182,7 +184,7 @@ def npz_task(
         class_names=data.class_names,
         dim=data.dim,
         in_channels=data.in_channels,
-        task="classify",
+        objective="classify",
         config={"data": config},
     )
 
@@ -292,14 +294,16 @@ def _evaluate(
 
     proba = predict(x)
     group = grid_group(task.dim, task.spacing)
-    orient = orientation_scores(predict, x, y, group, task.class_names, metric=WORST_METRIC[task.task])
-    error = equivariance_error(logits, x[:equivariance_samples], group, invariant=task.task == "classify")
+    orient = orientation_scores(predict, x, y, group, task.class_names, metric=WORST_METRIC[task.objective])
+    error = equivariance_error(logits, x[:equivariance_samples], group, invariant=task.objective == "classify")
     xc, yc = x[:curve_samples], y[:curve_samples]
     curve = equivariance_curve(
-        predict, xc, angles, task=task.task, mask=None if task.task == "classify" else yc != IGNORE_INDEX
+        predict, xc, angles, task=task.objective, mask=None if task.objective == "classify" else yc != IGNORE_INDEX
     )
     return {
-        "test": score(y.numpy(), proba.numpy(), task.class_names, segment=task.task == "segment", ignore=IGNORE_INDEX),
+        "test": score(
+            y.numpy(), proba.numpy(), task.class_names, segment=task.objective == "segment", ignore=IGNORE_INDEX
+        ),
         "orientation": orient,
         "equivariance_error": error,
         "curve": curve,
@@ -406,13 +410,13 @@ def bench_models(
                 **train_args,
             )
         ev = _evaluate(model, task, x_test, y_test, dev, batch_size, angles, curve_samples, equivariance_samples)
-        worst = WORST_METRIC[task.task]
+        worst = WORST_METRIC[task.objective]
         row = {
             "model": name,
             "width": model.width,
             "first_layer_channels": first["first_layer_channels"],
             "params": model.n_params,
-            **{s: ev["test"][s] for s in SCORES[task.task]},
+            **{s: ev["test"][s] for s in SCORES[task.objective]},
             f"worst_{worst}": ev["orientation"]["worst"],
             "equivariance_error": ev["equivariance_error"],
             "agreement_45deg": ev["curve"]["agreement"][angles.index(CURVE_ANGLE)],
@@ -427,7 +431,7 @@ def bench_models(
         plots.training_curves_figure(
             run_dir / "history.tsv", run_dir / "training_curves.png", title=f"{name} on {task.name}"
         )
-        if task.task == "classify":
+        if task.objective == "classify":
             plots.confusion_matrix_figure(
                 y_test.numpy(),
                 ev["y_pred"].numpy(),
@@ -442,8 +446,8 @@ def bench_models(
         log.info(
             "%s: %s %.3f, worst %s %.3f, equivariance error %.2e, agreement at 45° %.3f",
             name,
-            SCORES[task.task][0],
-            row[SCORES[task.task][0]],
+            SCORES[task.objective][0],
+            row[SCORES[task.objective][0]],
             worst,
             row[f"worst_{worst}"],
             row["equivariance_error"],
@@ -454,8 +458,8 @@ def bench_models(
     plots.equivariance_curve_figure(
         curves, out_dir / "equivariance_curve.png", title=f"Equivariance under rotation: {task.name}"
     )
-    worst = f"worst_{WORST_METRIC[task.task]}"
-    plain = WORST_METRIC[task.task]
+    worst = f"worst_{WORST_METRIC[task.objective]}"
+    plain = WORST_METRIC[task.objective]
     plots.orientation_bar_figure(
         {r["model"]: (r[plain], r[worst]) for r in rows},
         out_dir / "orientation.png",
@@ -504,7 +508,7 @@ def _write_table(table: pd.DataFrame, out_dir: Path, task: BenchTask) -> None:
     kinds = ", ".join(sorted(set(table["memory"])))
     atomic_write_text(
         out_dir / "bench_models.md",
-        f"Models on {task.name} ({task.task}); peak memory: {kinds}.\n\n{format_table(table)}\n",
+        f"Models on {task.name} ({task.objective}); peak memory: {kinds}.\n\n{format_table(table)}\n",
     )
 
 

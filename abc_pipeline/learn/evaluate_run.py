@@ -49,6 +49,7 @@ import functools
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ from abc_pipeline.learn.inference import pick_device, predict_batches
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.predictions import Predictions, open_predictions
 from abc_pipeline.learn.scoring import score_cells, scored_cells
+from abc_pipeline.learn.tasks import PER_CELL_ARCHITECTURES, AtlasTask, by_name
 from abc_pipeline.learn.train import IGNORE_INDEX
 from abc_pipeline.metrics import equivariance_curve, score
 from abc_pipeline.nn.fields import GridSymmetry, grid_group, transform
@@ -90,11 +92,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ANGLES = tuple(range(0, 91, 15))
 DEFAULT_WINDOW = {2: 128, 3: 64}
-#: scalar metrics scored under every grid symmetry; the first is the headline (orientation figure)
-SYMMETRY_METRICS = {
-    "celltype": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
-    "region": ("mean_dice", "mean_iou", "accuracy", "ari", "nmi"),
-}
 _CELL_CHUNK = 1 << 16  # cells per read of the per-cell predictions
 
 
@@ -129,8 +126,7 @@ def evaluate_run(
     side); ``angles``: the curve's rotation angles in degrees; ``map_sections`` sections / z-slices in
     ``maps.png``; ``max_test_cells`` test cells scored (evenly strided; ``None`` = all); ``batch_size``:
     windows per forward pass. ``overwrite``: replace an existing abc-pipeline artifact of another kind at
-    ``out`` (:func:`abc_pipeline.fileio.check_output`).
-    windows per forward pass. With ``cells``: ``test_cells`` (every task: the per-cell scores of
+    ``out`` (:func:`abc_pipeline.fileio.check_output`). With ``cells``: ``test_cells`` (every task: the per-cell scores of
     :func:`abc_pipeline.learn.scoring.score_cells`) and ``any_angle`` (the per-cell scores of
     ``any_angle_sections`` test sections rotated by each of ``any_angles``,
     :func:`abc_pipeline.learn.any_angle.any_angle_scores`; ``any_angle.png``). A scikit-learn baseline's
@@ -167,132 +163,46 @@ def evaluate_run(
             raise InputError(f"{what} must be >= 1, got {value}")
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
-    atlas = atlas_config(ckpt, checkpoint)
-    r = open_raster(raster)
-    _check_raster(atlas, r, checkpoint)
-    digest = names_digest(r.cell_label)
-    store = open_predictions(predictions, checkpoint)
-    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
-    task, dim = atlas["task"], int(atlas["dim"])
-    src = _cells(cells, r, digest, task)
-    table, normalizer = ClassTable.from_dict(atlas["classes"]), Normalizer.from_dict(atlas["normalizer"])
-    splits = {k: [int(z) for z in v] if k in SPLITS else v for k, v in atlas["splits"].items()}
-    test_mask = split_mask(splits, "test", r.grid.shape)  # block splits: the test blocks, else None
-    if not splits.get("test"):
-        raise InputError(
-            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
-            f"third --split-fractions value to evaluate"
-        )
-    spacing = tuple(float(s) for s in ckpt["model_spec"]["spacing"])
-    names, title = list(table.names), f"{ckpt['model_name']} ({task}, {table.level})"
+    run = open_run(checkpoint, ckpt, raster, predictions, cells)
+    task, r, dim = run.task, run.raster, run.dim
+    # 1.: the test split as is, from the stored predictions (per cell or per voxel, as the task says)
+    scoring = score_test_split(task, run.store, predictions, r, run.cells, run.table, run.splits, max_test_cells)
 
-    if task == "celltype":
-        test_cells, y_true, proba = _test_cells(store, predictions, src, table, max_test_cells)
-        test = score(y_true, proba, names)
-        y_pred, unit, margin = proba.argmax(1), "cells", tuple(model.margin)
-        net = model.forward_dense
+    # 2. and 3.: the model on test windows, under every grid symmetry and rotated in-plane
+    if task.recorded_architecture(run.atlas) in PER_CELL_ARCHITECTURES:  # dense map: each voxel's (mean) cell
+        margin, net = tuple(model.margin), model.forward_dense
     else:
-        y_true, y_pred = _test_voxels(store, predictions, r, table, splits["test"], test_mask)
-        test = score(y_true, y_pred, names, segment=True, ignore=IGNORE_INDEX)
-        unit, margin, net = "voxels", (halo,) * dim, model
-        if atlas.get("architecture") == "cell-context":  # a per-cell model's dense map: each voxel's mean cell
-            margin, net = tuple(model.margin), model.forward_dense
-    boxes = _windows(r, splits["test"], dim, spacing, window_size or DEFAULT_WINDOW[dim], window_depth, margin, windows)
-    readers = {
-        w.block: RasterReader(
-            r,
-            normalizer,
-            list(range(*w.block)),
-            table.level if task == "region" else None,
-            table if task == "region" else None,
-            cache_bytes=cache_bytes,
-            mask=test_mask,
-        )
-        for w in boxes
-    }
-    x = torch.from_numpy(
-        np.stack(
-            [
-                readers[w.block].window(w.lo, w.size)[:, 0] if dim == 2 else readers[w.block].window(w.lo, w.size)
-                for w in boxes
-            ]
-        )
-    )  # (n, C, *box)
-    if task == "celltype":
-        cells_in = _window_cells(r, boxes, test_cells, np.stack([y_true, y_pred], axis=1), dim)
-        targets = [(coords, labels[:, 0]) for coords, labels in cells_in]
-        stored = np.concatenate([labels[:, 1] for _, labels in cells_in])
-    else:
-        targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]  # (1 or depth, side, side)
-        stored = np.concatenate([_read_box(store.label_image, w.core_lo, w.core).ravel() - 1 for w in boxes])
+        margin, net = (halo,) * dim, model
+    spacing = tuple(float(s) for s in ckpt["model_spec"]["spacing"])
+    side = window_size or DEFAULT_WINDOW[dim]
+    boxes = _windows(r, run.splits["test"], dim, spacing, side, window_depth, margin, windows)
+    x, targets, stored = _read_windows(run, scoring, boxes, cache_bytes)
     logits = functools.partial(predict_batches, net, device=dev, batch_size=batch_size)  # class scores per voxel
     symmetry = _symmetry_scores(
-        logits, x, boxes, targets, grid_group(dim, spacing), names, task, dim, batch_size, stored
+        logits, x, boxes, targets, grid_group(dim, spacing), run.table.names, task, scoring, dim, batch_size, stored
     )
     symmetry.update(spacing=list(spacing), windows=[w.describe() for w in boxes])
     curve = equivariance_curve(logits, x, angles, plane=(-2, -1), task="segment", mask=x[:, -1] > 0)
     curve["windows"] = len(boxes)
+
+    # 4.: per cell and at any angle
     test_cells, any_angle = {}, {}
-    if src is not None:
-        test_cells = score_cells(predictions, src, max_cells=max_test_cells)
+    if run.cells is not None:
+        test_cells = score_cells(predictions, run.cells, max_cells=max_test_cells)
         any_angle = any_angle_scores(
-            checkpoint, r.path, src.path, angles=any_angles, sections=any_angle_sections, halo=halo, device=device
+            checkpoint, r.path, run.cells.path, angles=any_angles, sections=any_angle_sections, halo=halo, device=device
         )
 
     with staged_output(out, "evaluation", inputs=[checkpoint, r.path, predictions, cells], overwrite=overwrite) as tmp:
         tmp.mkdir()
-        figures = [
-            plots.confusion_matrix_figure(
-                y_true, y_pred, names, tmp / "confusion_matrix.png", title=f"{title}: test {unit}"
-            )
-        ]
-        if table.level in r.labels:
-            figures.append(_maps_figure(store, r, table, splits["test"], dim, map_sections, tmp / "maps.png"))
-        else:
-            log.warning("%s has no labels/%s volume: no true vs predicted maps", r.path, table.level)
-        history = checkpoint.parent / "history.tsv"
-        if history.is_file():
-            figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
-        else:
-            log.warning("no %s next to the checkpoint: no training curves", history)
-        if any_angle:
-            figures.append(any_angle_plot(ckpt["model_name"], title, any_angle, tmp / "any_angle.png"))
-        figures.append(
-            plots.equivariance_curve_figure(
-                {ckpt["model_name"]: (curve["angles"], curve["agreement"])},
-                tmp / "equivariance_curve.png",
-                title=f"Equivariance: {title}",
-            )
-        )
-        head = symmetry["metrics"][SYMMETRY_METRICS[task][0]]
-        figures.append(
-            plots.orientation_bar_figure(
-                {ckpt["model_name"]: (head["identity"], head["worst"])},
-                tmp / "orientation.png",
-                metric=SYMMETRY_METRICS[task][0],
-                title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation",
-            )
-        )
+        figures = run.figures(scoring, map_sections, tmp) + _network_figures(run, symmetry, curve, any_angle, tmp)
         result = {
-            "task": task,
-            "level": table.level,
-            "model": ckpt["model_name"],
-            "dim": dim,
-            "checkpoint": str(checkpoint.resolve()),
-            "config_hash": ckpt["config_hash"],
-            "raster": str(r.path.resolve()),
-            "predictions": str(predictions.resolve()),
-            "splits": splits,
-            "n_test": len(y_true),
-            "test_unit": unit,
-            "test": test,
-            "test_cells": test_cells,
-            "any_angle": any_angle,
+            **run.describe(scoring, test_cells, any_angle),
             "symmetry": symmetry,
             "equivariance_curve": curve,
             "caps": {
                 "windows": windows,
-                "window_size": window_size or DEFAULT_WINDOW[dim],
+                "window_size": side,
                 "window_depth": window_depth,
                 "margin": list(margin),
                 "map_sections": map_sections,
@@ -302,13 +212,14 @@ def evaluate_run(
             "figures": [p.name for p in figures],
             "seconds": time.perf_counter() - start,
         }
-        write_json(result, tmp / "metrics.json")
-        _metrics_table(result).to_csv(tmp / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+        write_metrics(result, tmp)
+    headline = task.symmetry_metrics[0]
+    head = symmetry["metrics"][headline]
     log.info(
         "%s: test %s; worst-orientation %s %.3f (%s); agreement at %s°: %s; %.1f s -> %s",
-        title,
-        {k: round(v, 3) for k, v in test.items() if isinstance(v, float)},
-        SYMMETRY_METRICS[task][0],
+        run.title,
+        {k: round(v, 3) for k, v in scoring.test.items() if isinstance(v, float)},
+        headline,
         head["worst"],
         head["worst_symmetry"],
         curve["angles"],
@@ -320,6 +231,103 @@ def evaluate_run(
 
 
 # ----------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """A trained run opened for evaluation (:func:`open_run`): the checkpoint (path and dict), its
+    ``config["atlas"]``, the raster, the ``predictions.zarr`` (path and reader) written by this checkpoint on
+    this raster, the atlas task, the class table, the cells.zarr (``None`` when not given) and the splits
+    (z indices per split; block splits: their ``blocks``)."""
+
+    checkpoint: Path
+    ckpt: dict
+    atlas: dict
+    raster: Raster
+    predictions: Path
+    store: Predictions
+    task: AtlasTask
+    table: ClassTable
+    cells: CellSource | None
+    splits: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.atlas["dim"])
+
+    @property
+    def model_name(self) -> str:
+        return self.ckpt["model_name"]
+
+    @property
+    def title(self) -> str:
+        """``<model> (<task>, <level>)``: the figures' titles."""
+        return f"{self.model_name} ({self.task.name}, {self.table.level})"
+
+    def figures(self, scoring: _Scoring, map_sections: int, tmp: Path) -> list[Path]:
+        """``confusion_matrix.png`` of the test split and, when the raster has the level's label volume,
+        ``maps.png`` (true vs predicted maps of ``map_sections`` test sections or z-slices) in ``tmp``."""
+        figures = [
+            plots.confusion_matrix_figure(
+                scoring.y_true,
+                scoring.y_pred,
+                self.table.names,
+                tmp / "confusion_matrix.png",
+                title=f"{self.title}: test {scoring.unit}",
+            )
+        ]
+        r = self.raster
+        if self.table.level in r.labels:
+            figures.append(
+                _maps_figure(self.store, r, self.table, self.splits["test"], self.dim, map_sections, tmp / "maps.png")
+            )
+        else:
+            log.warning("%s has no labels/%s volume: no true vs predicted maps", r.path, self.table.level)
+        return figures
+
+    def describe(self, scoring: _Scoring, test_cells: dict, any_angle: dict) -> dict:
+        """The part of ``metrics.json`` every model has: the run, the test split's scores, per cell, any angle."""
+        return {
+            "task": self.task.name,
+            "level": self.table.level,
+            "model": self.model_name,
+            "dim": self.dim,
+            "checkpoint": str(self.checkpoint.resolve()),
+            "config_hash": self.ckpt["config_hash"],
+            "raster": str(self.raster.path.resolve()),
+            "predictions": str(self.predictions.resolve()),
+            "splits": self.splits,
+            "n_test": len(scoring.y_true),
+            "test_unit": scoring.unit,
+            "test": scoring.test,
+            "test_cells": test_cells,
+            "any_angle": any_angle,
+        }
+
+
+def open_run(
+    checkpoint: Path, ckpt: dict, raster: str | Path, predictions: Path, cells: str | Path | None
+) -> EvaluatedRun:
+    """Open the run of ``checkpoint`` (loaded: ``ckpt``) for evaluation: :class:`InputError` unless ``raster`` is
+    its training raster, ``predictions`` were written by it on that raster, ``cells`` (required for tasks scored
+    per cell) is the cells.zarr of the raster, and the run has a test split."""
+    atlas = atlas_config(ckpt, checkpoint)
+    r = open_raster(raster)
+    _check_raster(atlas, r, checkpoint)
+    digest = names_digest(r.cell_label)
+    store = open_predictions(predictions, checkpoint)
+    store.check_written_by(checkpoint, ckpt, atlas, r, digest)
+    task = by_name(atlas["task"])
+    src = _cells(cells, r, digest, task)
+    splits = {k: [int(z) for z in v] if k in SPLITS else v for k, v in atlas["splits"].items()}
+    if not splits.get("test"):
+        raise InputError(
+            f"{checkpoint}: the run has no test split (test fraction 0); retrain with a positive "
+            f"third --split-fractions value to evaluate"
+        )
+    return EvaluatedRun(
+        checkpoint, ckpt, atlas, r, predictions, store, task, ClassTable.from_dict(atlas["classes"]), src, splits
+    )
+
+
 def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
     """:class:`InputError` unless ``r`` is the checkpoint's training grid with its feature channels."""
     want = (atlas["space"], [int(n) for n in atlas["grid_shape"]])
@@ -332,14 +340,14 @@ def _check_raster(atlas: dict, r: Raster, checkpoint: Path) -> None:
     check_channels(atlas, r.path, r.feature_channels, checkpoint, raster_digest(r))
 
 
-def _cells(cells: str | Path | None, r: Raster, digest: str, task: str) -> CellSource | None:
-    """The cells.zarr (required for ``celltype``), checked to be the one ``r`` was rasterized from (cell-name
-    digest ``digest``)."""
+def _cells(cells: str | Path | None, r: Raster, digest: str, task: AtlasTask) -> CellSource | None:
+    """The cells.zarr (required for tasks scored per cell), checked to be the one ``r`` was rasterized from
+    (cell-name digest ``digest``)."""
     if cells is None:
-        if task == "celltype":
+        if not task.per_voxel:
             raise InputError(
-                "evaluating a celltype model needs --cells (the cells.zarr the raster was made from: "
-                "the true cell labels)"
+                f"evaluating a {task.name} model needs --cells (the cells.zarr the raster was made from: "
+                f"the true cell labels)"
             )
         return None
     src = CellSource(cells)
@@ -352,6 +360,134 @@ def _cells(cells: str | Path | None, r: Raster, digest: str, task: str) -> CellS
 
 
 # ----------------------------------------------------------------------------------------------- test split
+class _Scoring(ABC):
+    """How a task's test split is scored (:attr:`abc_pipeline.learn.tasks.AtlasTask.test_unit`): ``test``, the
+    scores of the stored predictions against the truth over ``y_true`` / ``y_pred`` ``(N,)`` (the confusion
+    matrix's); and the scores of a model's class scores on test windows (the grid symmetries).
+    ``label_target``: the label volume and class table a window's :class:`RasterReader` reads as targets."""
+
+    unit: str
+    test: dict
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    label_target: tuple[str | None, ClassTable | None] = (None, None)
+
+    @abstractmethod
+    def window_targets(
+        self, r: Raster, store: Predictions, boxes: Sequence[_Window], readers: dict, dim: int
+    ) -> tuple[list, np.ndarray]:
+        """The targets of each window (:meth:`score_windows`) and the classes ``predictions.zarr`` holds for
+        them, concatenated in window order."""
+
+    @staticmethod
+    @abstractmethod
+    def window_labels(targets: Sequence) -> np.ndarray:
+        """The true classes of all windows' targets in window order (-1: not scored)."""
+
+    @abstractmethod
+    def score_windows(
+        self,
+        back: torch.Tensor,
+        y: np.ndarray,
+        boxes: Sequence[_Window],
+        targets: Sequence,
+        names: Sequence[str],
+        dim: int,
+    ) -> tuple[np.ndarray, dict]:
+        """The predicted classes (aligned with ``y``, :meth:`window_labels`) and the scores of the class scores
+        ``back`` ``(n, K, *box)`` of the windows."""
+
+
+class _CellScoring(_Scoring):
+    """Per cell: the test-split cells' stored probabilities (``cells/proba``) against their labels in cells.zarr
+    (at most ``cap`` cells, evenly strided); in a window, the test cells whose voxel lies in its core."""
+
+    unit = "cells"
+
+    def __init__(self, store: Predictions, where: Path, src: CellSource, table: ClassTable, cap: int | None) -> None:
+        self.rows, self.y_true, self.proba = _test_cells(store, where, src, table, cap)
+        self.y_pred = self.proba.argmax(1)
+        self.test = score(self.y_true, self.proba, table.names)
+
+    def window_targets(
+        self, r: Raster, store: Predictions, boxes: Sequence[_Window], readers: dict, dim: int
+    ) -> tuple[list, np.ndarray]:
+        """Per window (box coordinates ``(n, dim)``, labels ``(n,)``) of its cells."""
+        cells_in = _window_cells(r, boxes, self.rows, np.stack([self.y_true, self.y_pred], axis=1), dim)
+        targets = [(coords, labels[:, 0]) for coords, labels in cells_in]
+        return targets, np.concatenate([labels[:, 1] for _, labels in cells_in])
+
+    @staticmethod
+    def window_labels(targets: Sequence) -> np.ndarray:
+        return np.concatenate([t for _, t in targets])
+
+    def score_windows(
+        self,
+        back: torch.Tensor,
+        y: np.ndarray,
+        boxes: Sequence[_Window],
+        targets: Sequence,
+        names: Sequence[str],
+        dim: int,
+    ) -> tuple[np.ndarray, dict]:
+        proba = torch.cat([torch.softmax(b[(slice(None), *c.T)].T, dim=1) for b, (c, _) in zip(back, targets)])
+        return proba.argmax(1).numpy(), score(y, proba.numpy(), names)
+
+
+class _VoxelScoring(_Scoring):
+    """Per voxel: the label volume ``labels/pred_<task>`` against the raster's ``labels/<level>`` over the
+    labelled voxels of the test z indices (and test blocks); in a window, the labelled voxels of its core."""
+
+    unit = "voxels"
+
+    def __init__(
+        self, store: Predictions, where: Path, r: Raster, table: ClassTable, test_z: Sequence[int], mask: np.ndarray
+    ) -> None:
+        self.y_true, self.y_pred = _test_voxels(store, where, r, table, test_z, mask)
+        self.test = score(self.y_true, self.y_pred, table.names, segment=True, ignore=IGNORE_INDEX)
+        self.label_target = (table.level, table)
+
+    def window_targets(
+        self, r: Raster, store: Predictions, boxes: Sequence[_Window], readers: dict, dim: int
+    ) -> tuple[list, np.ndarray]:
+        """Per window its core's label map ``(1 or depth, side, side)``."""
+        targets = [readers[w.block].target_window(w.lo, w.size)[w.crop(3)] for w in boxes]
+        return targets, np.concatenate([_read_box(store.label_image, w.core_lo, w.core).ravel() - 1 for w in boxes])
+
+    @staticmethod
+    def window_labels(targets: Sequence) -> np.ndarray:
+        return np.concatenate([t.ravel() for t in targets])
+
+    def score_windows(
+        self,
+        back: torch.Tensor,
+        y: np.ndarray,
+        boxes: Sequence[_Window],
+        targets: Sequence,
+        names: Sequence[str],
+        dim: int,
+    ) -> tuple[np.ndarray, dict]:
+        pred = np.concatenate([b.argmax(0)[w.crop(dim)].numpy().ravel() for b, w in zip(back, boxes)])
+        return pred, score(y, pred, names, segment=True, ignore=IGNORE_INDEX)
+
+
+def score_test_split(
+    task: AtlasTask,
+    store: Predictions,
+    where: Path,
+    r: Raster,
+    src: CellSource | None,
+    table: ClassTable,
+    splits: dict,
+    max_cells: int | None,
+) -> _Scoring:
+    """The test split of the run of ``store`` (at ``where``) scored as ``task`` says: per cell (``src``, at most
+    ``max_cells`` cells) or per voxel (the test z indices of ``splits``, and its test blocks)."""
+    if task.per_voxel:
+        return _VoxelScoring(store, where, r, table, splits["test"], split_mask(splits, "test", r.grid.shape))
+    return _CellScoring(store, where, src, table, max_cells)
+
+
 def _test_cells(
     store: Predictions, where: Path, src: CellSource, table: ClassTable, cap: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -488,6 +624,24 @@ def _read_box(volume: zarr.Array, lo: Sequence[int], size: Sequence[int]) -> np.
     return out
 
 
+def _read_windows(
+    run: EvaluatedRun, scoring: _Scoring, boxes: Sequence[_Window], cache_bytes: int
+) -> tuple[torch.Tensor, list, np.ndarray]:
+    """The input windows ``(n, C, *box)`` (model axes; zero outside the test split, each z-block read on its own
+    as prediction reads it), their targets and the stored predictions for them (:meth:`_Scoring.window_targets`)."""
+    r, dim = run.raster, run.dim
+    normalizer, mask = Normalizer.from_dict(run.atlas["normalizer"]), split_mask(run.splits, "test", r.grid.shape)
+    readers = {
+        w.block: RasterReader(
+            r, normalizer, list(range(*w.block)), *scoring.label_target, cache_bytes=cache_bytes, mask=mask
+        )
+        for w in boxes
+    }
+    windows = [readers[w.block].window(w.lo, w.size) for w in boxes]
+    x = torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for w in windows]))
+    return (x, *scoring.window_targets(r, run.store, boxes, readers, dim))
+
+
 def _window_cells(
     r: Raster, boxes: Sequence[_Window], rows: np.ndarray, labels: np.ndarray, dim: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -516,15 +670,17 @@ def _symmetry_scores(
     targets: Sequence,
     group: Sequence[GridSymmetry],
     names: Sequence[str],
-    task: str,
+    task: AtlasTask,
+    scoring: _Scoring,
     dim: int,
     batch_size: int,
     stored: np.ndarray,
 ) -> dict:
-    """Every scalar metric of ``SYMMETRY_METRICS[task]`` for each ``g`` in ``group`` (identity first): the
+    """Every scalar metric of ``task.symmetry_metrics`` for each ``g`` in ``group`` (identity first): the
     windows ``x`` ``(n, C, *box)`` are transformed by ``g``, predicted, and the class scores transformed
-    back by ``g^-1``, then scored on the windows' test cells (``celltype``: ``targets`` = (box coordinates,
-    labels) per window) or on the labelled voxels of the cores (``region``: ``targets`` = core label maps).
+    back by ``g^-1``, then scored by ``scoring`` (:meth:`_Scoring.score_windows`) on the windows' test
+    cells (``targets`` = (box coordinates, labels) per window) or on the labelled voxels of the cores
+    (``targets`` = core label maps).
     Per metric: ``identity``, ``mean``, ``worst``, ``worst_symmetry`` and ``per_symmetry``. Several group
     elements share a forward pass of at most ``batch_size`` windows.
 
@@ -532,21 +688,20 @@ def _symmetry_scores(
     order); ``identity_agreement`` is the fraction of the scored ones where the windows' identity prediction
     equals it (1 for the patch classifier; close to 1 for a U-Net, whose output also depends on where the
     tile starts relative to its pooling grid). A low value means the windows do not reproduce prediction."""
-    if task == "celltype":
-        y = np.concatenate([t for _, t in targets])
-    else:
-        y = np.concatenate([t.ravel() for t in targets])
-    n = int(len(y) if task == "celltype" else (y >= 0).sum())
+    y = scoring.window_labels(targets)
+    n = int((y >= 0).sum())
     if not n:
         raise InputError("the test windows hold no labelled cell/voxel; give more --windows or a larger --window-size")
-    per: dict[str, dict[str, float]] = {m: {} for m in SYMMETRY_METRICS[task]}
+    per: dict[str, dict[str, float]] = {m: {} for m in task.symmetry_metrics}
     step = max(1, batch_size // len(x))  # group elements per forward pass
     agreement = math.nan
     for i in range(0, len(group), step):
         gs = group[i : i + step]
         out = logits(torch.cat([transform(x, g) for g in gs])).split(len(x))
         for g, back in zip(gs, out):
-            pred = _score_symmetry(transform(back, g.inverse()), g, y, boxes, targets, names, task, dim, per)
+            pred, scores = scoring.score_windows(transform(back, g.inverse()), y, boxes, targets, names, dim)
+            for m, values in per.items():
+                values[str(g)] = float(scores[m])
             if g is group[0]:
                 scored = y >= 0
                 agreement = float((pred[scored] == stored[scored]).mean())
@@ -563,39 +718,45 @@ def _symmetry_scores(
     return {
         "metrics": metrics,
         "n": n,
-        "unit": "cells" if task == "celltype" else "voxels",
+        "unit": scoring.unit,
         "group_size": len(group),
         "identity_agreement": agreement,
     }
 
 
-def _score_symmetry(
-    back: torch.Tensor,
-    g: GridSymmetry,
-    y: np.ndarray,
-    boxes: Sequence[_Window],
-    targets: Sequence,
-    names: Sequence[str],
-    task: str,
-    dim: int,
-    per: dict[str, dict[str, float]],
-) -> np.ndarray:
-    """Score the class scores ``back`` ``(n, K, *box)`` predicted on ``g.x`` and mapped back to the frame of
-    ``x``; record each metric of ``per`` under ``str(g)``. ``y``: the labels of all windows' cells (celltype)
-    or core voxels (region), in window order. Returns the predicted classes, aligned with ``y``."""
-    if task == "celltype":
-        proba = torch.cat([torch.softmax(b[(slice(None), *c.T)].T, dim=1) for b, (c, _) in zip(back, targets)])
-        pred = proba.argmax(1).numpy()
-        scores = score(y, proba.numpy(), names)
-    else:
-        pred = np.concatenate([b.argmax(0)[w.crop(dim)].numpy().ravel() for b, w in zip(back, boxes)])
-        scores = score(y, pred, names, segment=True, ignore=IGNORE_INDEX)
-    for m, values in per.items():
-        values[str(g)] = float(scores[m])
-    return pred
-
-
 # ----------------------------------------------------------------------------------------------- figures
+def _network_figures(run: EvaluatedRun, symmetry: dict, curve: dict, any_angle: dict, tmp: Path) -> list[Path]:
+    """The figures of a network's evaluation beyond :meth:`EvaluatedRun.figures`, in ``tmp``:
+    ``training_curves.png`` (when ``history.tsv`` lies next to the checkpoint), ``any_angle.png`` (with
+    ``any_angle`` scores), ``equivariance_curve.png`` and ``orientation.png`` (the headline symmetry metric)."""
+    name, title, headline = run.model_name, run.title, run.task.symmetry_metrics[0]
+    figures = []
+    history = run.checkpoint.parent / "history.tsv"
+    if history.is_file():
+        figures.append(plots.training_curves_figure(history, tmp / "training_curves.png", title=title))
+    else:
+        log.warning("no %s next to the checkpoint: no training curves", history)
+    if any_angle:
+        figures.append(any_angle_plot(name, title, any_angle, tmp / "any_angle.png"))
+    figures.append(
+        plots.equivariance_curve_figure(
+            {name: (curve["angles"], curve["agreement"])},
+            tmp / "equivariance_curve.png",
+            title=f"Equivariance: {title}",
+        )
+    )
+    head = symmetry["metrics"][headline]
+    figures.append(
+        plots.orientation_bar_figure(
+            {name: (head["identity"], head["worst"])},
+            tmp / "orientation.png",
+            metric=headline,
+            title=f"{title}: {symmetry['n']} test {symmetry['unit']} as is vs worst grid orientation",
+        )
+    )
+    return figures
+
+
 def _maps_figure(
     store: Predictions, r: Raster, table: ClassTable, test_z: Sequence[int], dim: int, n: int, path: Path
 ) -> Path:
@@ -622,6 +783,12 @@ def _maps_figure(
 
 
 # ----------------------------------------------------------------------------------------------- table
+def write_metrics(result: dict, folder: Path) -> None:
+    """``metrics.json`` (``result``) and ``metrics.tsv`` (:func:`_metrics_table`) in ``folder``."""
+    write_json(result, folder / "metrics.json")
+    _metrics_table(result).to_csv(folder / "metrics.tsv", sep="\t", index=False, float_format="%.6g")
+
+
 def _metrics_table(result: dict) -> pd.DataFrame:
     """One row per metric: ``scope`` (``test``, ``symmetry_identity`` / ``_mean`` / ``_worst``,
     ``equivariance_curve``), ``metric`` (per-class values as ``<metric>/<class>``), ``value``, ``detail``
@@ -683,4 +850,4 @@ def any_angle_plot(model: str, title: str, any_angle: dict, path: Path) -> Path:
     )
 
 
-__all__ = ["DEFAULT_ANGLES", "SYMMETRY_METRICS", "evaluate_run"]
+__all__ = ["DEFAULT_ANGLES", "EvaluatedRun", "evaluate_run", "open_run", "score_test_split", "write_metrics"]

@@ -31,6 +31,7 @@ import itertools
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,6 @@ from tqdm.auto import tqdm
 from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.fileio import check_output, staged_output
-from abc_pipeline.learn.atlas import PER_CELL
 from abc_pipeline.learn.cell_context import channel_plan, predict_cells
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.data import (
@@ -67,8 +67,9 @@ from abc_pipeline.learn.predictions import (
     write_volume_metadata,
 )
 from abc_pipeline.learn.scoring import stored_metrics
+from abc_pipeline.learn.tasks import PER_CELL_ARCHITECTURES, by_name
 from abc_pipeline.raster.channels import ChannelPlan, raster_digest
-from abc_pipeline.raster.ome import create_array, open_raster
+from abc_pipeline.raster.ome import Raster, create_array, open_raster
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +131,76 @@ def _core_length(n: int, size: int) -> int:
     return -(-n // -(-n // size))
 
 
-def _boxes(
-    blocks: list[tuple[int, int, int]], shape: Sequence[int], dim: int, core: tuple[int, int, int]
-) -> Iterator[tuple[tuple[int, int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
-    """``(block, z, y, x)`` ranges of every tile core; 2D tiles are one z-plane each. A block is
-    ``(z_start, z_stop, split)`` (split: index into ``SPLITS`` under block splits, else -1)."""
-    for block in blocks:
-        zt = [(z, z + 1) for z in range(*block[:2])] if dim == 2 else _tiles(*block[:2], core[0])
-        for zr in zt:
-            for yr in _tiles(0, shape[1], core[1]):
-                for xr in _tiles(0, shape[2], core[2]):
-                    yield block, zr, yr, xr
+@dataclass(frozen=True)
+class _Tiling:
+    """How dense prediction reads ``raster``: tile cores of ``core`` voxels (z, y, x; 2D models: one z-plane)
+    read with ``margin`` voxels of context per side (zero outside the volume), normalised by ``normalizer``,
+    z-block by z-block (``blocks``: ``(z_start, z_stop, split)``, split = index into ``SPLITS`` under block
+    splits, else -1; :func:`_prediction_blocks`); ``splits``: the checkpoint's splits (block splits: each
+    split's (y, x) blocks)."""
+
+    raster: Raster
+    normalizer: Normalizer
+    dim: int
+    core: tuple[int, int, int]
+    margin: tuple[int, int, int]
+    blocks: list[tuple[int, int, int]]
+    splits: dict
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """The input window of a tile: its core and margins, (z, y, x)."""
+        return tuple(c + 2 * m for c, m in zip(self.core, self.margin))
+
+    @property
+    def masked(self) -> bool:
+        """Whether block splits share z-planes between splits (each pass keeps the others' voxels)."""
+        return any(b[2] >= 0 for b in self.blocks)
+
+    def boxes(self) -> list[tuple[tuple[int, int, int], tuple[int, int], tuple[int, int], tuple[int, int]]]:
+        """``(block, z, y, x)`` ranges of every tile core; 2D tiles are one z-plane each."""
+        shape, core = self.raster.grid.shape, self.core
+        out = []
+        for block in self.blocks:
+            zt = [(z, z + 1) for z in range(*block[:2])] if self.dim == 2 else _tiles(*block[:2], core[0])
+            for zr in zt:
+                for yr in _tiles(0, shape[1], core[1]):
+                    for xr in _tiles(0, shape[2], core[2]):
+                        out.append((block, zr, yr, xr))
+        return out
+
+    def windows(self, bar: tqdm) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...], np.ndarray]]:
+        """(region of the volume, crop of the window, input window ``(C, *size)``) of every tile whose core holds
+        tissue (the rest stays 0), one z-block at a time (only its planes in the reader's cache); ``bar``
+        counts every tile."""
+        reader, current, margin = None, None, self.margin
+        for block, zr, yr, xr in self.boxes():
+            if block != current:
+                mask = split_mask(self.splits, SPLITS[block[2]], self.raster.grid.shape) if block[2] >= 0 else None
+                reader = RasterReader(
+                    self.raster, self.normalizer, list(range(*block[:2])), cache_bytes=self.cache_bytes, mask=mask
+                )
+                current = block
+            x = reader.window((zr[0] - margin[0], yr[0] - margin[1], xr[0] - margin[2]), self.size)
+            crop = tuple(slice(m, m + b - a) for m, (a, b) in zip(margin, (zr, yr, xr)))
+            bar.update(1)
+            if x[(-1, *crop)].any():
+                yield (slice(*zr), slice(*yr), slice(*xr)), crop, x
+
+
+@dataclass(frozen=True)
+class _Network:
+    """The network run over the tiles on ``device``: ``model`` itself (a U-Net) or, when ``dense``, its
+    ``forward_dense`` (a per-cell classifier over its exact receptive field); ``cells``: a cell-context model's
+    cells.zarr and channel plan (every cell classified from the context embedding at its voxel and its own
+    expression). ``batch_size``: tiles per forward pass (``None``: as many as fit the pass's input voxels)."""
+
+    model: torch.nn.Module
+    dense: bool
+    device: torch.device
+    batch_size: int | None = None
+    cells: tuple[CellSource, ChannelPlan] | None = None
 
 
 def _prediction_blocks(atlas: dict, raster) -> tuple[dict, list[tuple[int, int, int]]]:
@@ -210,8 +270,8 @@ def predict_raster(
         raise InputError(f"{r.path} is a section raster but the checkpoint's model is 3D; use a 3D raster")
     table = ClassTable.from_dict(atlas["classes"])
     normalizer = Normalizer.from_dict(atlas["normalizer"])
-    architecture = atlas.get("architecture", "patch" if task == "celltype" else "segment")
-    dense = architecture in PER_CELL
+    architecture = by_name(task).recorded_architecture(atlas)
+    dense = architecture in PER_CELL_ARCHITECTURES
     if architecture == "cell-context" and cells is None:
         raise InputError(
             f"{checkpoint} is a cell-context model: predict needs --cells (the cells.zarr of the "
@@ -244,27 +304,11 @@ def predict_raster(
                 f"cells.zarr the raster was made from"
             )
     out = Path(out)
+    tiling = _Tiling(r, normalizer, dim, core3, margin3, blocks, splits, cache_bytes)
     per_cell = (src, plan or channel_plan(r, src)) if architecture == "cell-context" else None
+    network = _Network(model, dense, dev, batch_size, per_cell)
     with staged_output(out, "predictions", inputs=[checkpoint, r.path, cells], overwrite=overwrite) as tmp:
-        _write(
-            tmp,
-            model,
-            r,
-            table,
-            normalizer,
-            dense,
-            dim,
-            core3,
-            margin3,
-            blocks,
-            splits,
-            batch_size,
-            dev,
-            progress,
-            cache_bytes,
-            task,
-            per_cell,
-        )
+        _write(tmp, network, tiling, table, task, progress)
         metrics = stored_metrics(tmp, src, table.level, table.names) if cells is not None else {}
         meta = store_attrs(
             task=task,
@@ -289,67 +333,36 @@ def predict_raster(
 
 
 @torch.inference_mode()
-def _write(
-    tmp: Path,
-    model: torch.nn.Module,
-    r,
-    table: ClassTable,
-    normalizer: Normalizer,
-    dense: bool,
-    dim: int,
-    core: tuple[int, int, int],
-    margin: tuple[int, int, int],
-    blocks: list[tuple[int, int, int]],
-    splits: dict,
-    batch_size: int | None,
-    dev: torch.device,
-    progress: bool,
-    cache_bytes: int,
-    task: str,
-    per_cell: tuple[CellSource, ChannelPlan] | None = None,
-) -> None:
-    """Dense inference tile by tile into ``tmp`` (probabilities + label volume), then the per-cell tables.
+def _write(tmp: Path, network: _Network, tiling: _Tiling, table: ClassTable, task: str, progress: bool) -> None:
+    """Dense inference of ``network`` tile by tile of ``tiling`` into ``tmp`` (probabilities + the label volume
+    of ``task``), then the per-cell tables.
 
-    ``per_cell`` (cell-context models: cells.zarr and the raster's channel plan): the dense context embedding
-    is kept in a temporary array and every cell is classified from it and its own expression
-    (:func:`abc_pipeline.learn.cell_context.predict_cells`); otherwise cells take their voxel's prediction."""
+    A cell-context network (``network.cells``): the dense context embedding is kept in a temporary array and
+    every cell is classified from it and its own expression (:func:`abc_pipeline.learn.cell_context.predict_cells`);
+    otherwise cells take their voxel's prediction."""
+    model, dev, r, dim = network.model, network.device, tiling.raster, tiling.dim
     shape = r.grid.shape
     k = len(table.names)
     root = create_store(tmp)
-    chunks = tuple(min(c, n) for c, n in zip(core, shape))
+    chunks = tuple(min(c, n) for c, n in zip(tiling.core, shape))
     proba, label = create_volumes(root, task, k, shape, chunks)
     context = (
         None
-        if per_cell is None
+        if network.cells is None
         else create_array(root, _CONTEXT, (model.context_channels, *shape), (16, *chunks), np.float32)
     )
-    size = tuple(c + 2 * m for c, m in zip(core, margin))
-    batch_size = batch_size or max(1, _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT) // int(np.prod(size)))
-    boxes = list(_boxes(blocks, shape, dim, core))
-    masked = any(b[2] >= 0 for b in blocks)
-    bar = tqdm(total=len(boxes), desc=f"predict {task}", disable=not progress)
-
-    def windows() -> Iterator[tuple[tuple, tuple, np.ndarray]]:
-        """(region, crop, input window) of every tile whose core holds tissue (the rest stays 0)."""
-        reader, current = None, None
-        for block, zr, yr, xr in boxes:
-            if block != current:  # one z-block at a time: only its planes in the cache
-                mask = split_mask(splits, SPLITS[block[2]], shape) if block[2] >= 0 else None
-                reader = RasterReader(r, normalizer, list(range(*block[:2])), cache_bytes=cache_bytes, mask=mask)
-                current = block
-            x = reader.window((zr[0] - margin[0], yr[0] - margin[1], xr[0] - margin[2]), size)
-            crop = tuple(slice(m, m + b - a) for m, (a, b) in zip(margin, (zr, yr, xr)))
-            bar.update(1)
-            if x[(-1, *crop)].any():
-                yield (slice(*zr), slice(*yr), slice(*xr)), crop, x
+    pass_voxels = _PASS_VOXELS.get(dev.type, _PASS_VOXELS_DEFAULT)
+    batch_size = network.batch_size or max(1, pass_voxels // int(np.prod(tiling.size)))
+    masked = tiling.masked
+    bar = tqdm(total=len(tiling.boxes()), desc=f"predict {task}", disable=not progress)
 
     def context_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A cell-context model's dense context embedding and the logits of each voxel's mean cell."""
         embedding = model.context_dense(x)
         return embedding, model.forward_dense(x, embedding)
 
-    net = context_pass if context is not None else (model.forward_dense if dense else model)
-    tiles = windows()
+    net = context_pass if context is not None else (model.forward_dense if network.dense else model)
+    tiles = tiling.windows(bar)
     while batch := list(itertools.islice(tiles, batch_size)):
         out = forward(net, torch.from_numpy(np.stack([w[:, 0] if dim == 2 else w for _, _, w in batch])), dev)
         embedding, logits = out if context is not None else (None, out)
@@ -370,9 +383,9 @@ def _write(
                 context[(slice(None), *region)] = embedding[i][(slice(None), *crop)]
     bar.close()
     write_volume_metadata(root, r.grid, task, table)
-    _sample_cells(root, proba, r, splits, k)
-    if per_cell is not None:
-        predict_cells(model, context, r, *per_cell, root[CELL_PROBA], root[CELL_PRED], dev)
+    _sample_cells(root, proba, r, tiling.splits, k)
+    if network.cells is not None:
+        predict_cells(model, context, r, *network.cells, root[CELL_PROBA], root[CELL_PRED], dev)
         shutil.rmtree(tmp / _CONTEXT)
 
 

@@ -8,6 +8,7 @@ from abc_pipeline.config_checks import check_workflow_config
 validate(config, schema="../schemas/config.schema.yaml")
 check_workflow_config(config)  # what the schema cannot express (duplicate names, primary_model in models, ...)
 
+from abc_pipeline.learn import tasks as atlas_tasks  # noqa: E402
 from abc_pipeline.learn.choices import check_angles, is_baseline  # noqa: E402
 
 check_angles(config["evaluation"]["any_angles"], "config key evaluation.any_angles")
@@ -99,7 +100,7 @@ def task_data_args(task, architecture=None):
     args = [f"--level {spec['level']}"]
     if architecture is not None:
         args.append(f"--architecture {architecture}")
-    tiles = architecture == "segment" if architecture is not None else task == "region"
+    tiles = (architecture or atlas_tasks.by_name(task).raster_architecture) == "segment"
     size_key = "tile_size" if tiles else "patch_size"
     if spec.get(size_key):
         args.append(f"--{size_key.replace('_', '-')} " + " ".join(str(v) for v in spec[size_key]))
