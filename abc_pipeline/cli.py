@@ -900,7 +900,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         choices=_CLASS_WEIGHTS,
         metavar="WEIGHTS",
         default_of=f"{_CHOICES}:DEFAULT_CLASS_WEIGHTS",
-        help="loss weights: %(choices)s; none: per-cell accuracy, as the baselines; balanced: inverse class frequency",
+        help="loss weights: %(choices)s; none: per-cell accuracy, as the baselines; balanced: inverse class "
+        "frequency (balanced accuracy, mean Dice); auto: none for per-cell models, balanced for U-Nets",
     )
     restart = p.add_mutually_exclusive_group()
     restart.add_argument("--restart", action="store_true", help="ignore OUT/last.pt and train from scratch")

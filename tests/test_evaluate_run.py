@@ -24,7 +24,9 @@ FIGURES = ("confusion_matrix.png", "maps.png", "training_curves.png", "equivaria
 
 @pytest.fixture(scope="module")
 def runs(atlas: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Predictions of the shared celltype (2D) and region (3D) moment runs, plus a tiny 2D celltype CNN run."""
+    """Predictions of the shared celltype (2D) and region (3D) moment runs, plus a tiny 2D celltype CNN patch
+    classifier (all context: a cell-context CNN starts from its exactly invariant linear path and would differ
+    under the group only after longer training)."""
     out = tmp_path_factory.mktemp("evaluate_run")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -44,6 +46,7 @@ def runs(atlas: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
             lr=5e-3,
             max_samples_per_epoch=800,
             progress=False,
+            architecture="patch",
         )
         result = {"cnn": cnn, "ct": atlas["out"] / "models" / "ct", "rg": atlas["out"] / "models" / "rg"}
         raster = {"cnn": atlas["section"], "ct": atlas["section"], "rg": atlas["recon"]}

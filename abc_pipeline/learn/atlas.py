@@ -290,6 +290,13 @@ def atlas_data(
     )
 
 
+def _loss_weights(class_weights: str, architecture: str) -> str | None:
+    """``train``'s ``class_weights`` for the option ``class_weights`` (:data:`CLASS_WEIGHTS`)."""
+    if class_weights == "auto":
+        class_weights = "none" if architecture in PER_CELL_ARCHITECTURES else "balanced"
+    return None if class_weights == "none" else class_weights
+
+
 def _clamp_tile(raster: Raster, tile: tuple[int, ...]) -> tuple[int, ...]:
     """``tile`` (per model axis) cut to the volume's extent: a larger tile only adds padding (and memory)."""
     clamped = tuple(min(t, n) for t, n in zip(tile, raster.grid.shape[-len(tile) :]))
@@ -351,8 +358,8 @@ def train_atlas_task(
     :func:`abc_pipeline.nn.build_model`. A cell-context model's linear path starts as the logistic regression
     on the training cells' own expression and neighbourhood means
     (:func:`abc_pipeline.learn.cell_context.fit_linear_path`). ``class_weights``: ``none`` (plain
-    cross-entropy: per-cell accuracy, as the baselines) or ``balanced`` (inverse class frequency: favours
-    balanced accuracy). The rest: :func:`abc_pipeline.learn.train.train`.
+    cross-entropy: per-cell accuracy, as the baselines), ``balanced`` (inverse class frequency: favours balanced
+    accuracy and mean Dice) or ``auto`` (``none`` for per-cell architectures, ``balanced`` for the U-Net). The rest: :func:`abc_pipeline.learn.train.train`.
     """
     if class_weights not in CLASS_WEIGHTS:
         raise InputError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {class_weights!r}")
@@ -433,7 +440,7 @@ def train_atlas_task(
         config={"atlas": atlas},
         resume=resume,
         inputs=[raster, cells],
-        class_weights=None if class_weights == "none" else class_weights,
+        class_weights=_loss_weights(class_weights, data.architecture),
     )
     test, n_test = {}, 0
     if data.splits["test"]:

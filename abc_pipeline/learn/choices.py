@@ -48,9 +48,10 @@ DEFAULT_WEIGHT_DECAY = 1e-4
 #: epochs without validation improvement before stopping
 DEFAULT_PATIENCE = 10
 #: loss weights of the atlas tasks: ``none`` (plain cross-entropy: per-cell accuracy, as the scikit-learn
-#: baselines) or ``balanced`` (inverse class frequency: favours balanced accuracy)
-CLASS_WEIGHTS = ("none", "balanced")
-DEFAULT_CLASS_WEIGHTS = "none"
+#: baselines), ``balanced`` (inverse class frequency: favours balanced accuracy and mean Dice) or ``auto``
+#: (``none`` for the per-cell architectures, ``balanced`` for the U-Net)
+CLASS_WEIGHTS = ("auto", "none", "balanced")
+DEFAULT_CLASS_WEIGHTS = "auto"
 #: cell-context models: disc radii (voxels) of the neighbourhood means, as
 #: :data:`abc_pipeline.nn.cell_context.DEFAULT_NEIGHBORHOOD_RADII` (a torch-free copy for the CLI; tested equal)
 DEFAULT_NEIGHBORHOOD_RADII = (1.5, 3.0, 6.0)
