@@ -337,10 +337,6 @@ def channel_stats(raster: Raster, z_indices: Sequence[int], mask: np.ndarray | N
     return Normalizer(mean, np.where(std < 1e-6, 1.0, std))
 
 
-def _level0(group: zarr.Group) -> zarr.Array:
-    return group[group.attrs["multiscales"][0]["datasets"][0]["path"]]
-
-
 class RasterReader:
     """Normalised input windows and class-index label windows of a raster's level 0.
 
@@ -360,15 +356,14 @@ class RasterReader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         mask: np.ndarray | None = None,
     ) -> None:
-        root = zarr.open_group(str(raster.path), mode="r")
         self.path = raster.path
-        self.image = _level0(root)
+        self.image = raster.level_array(0)
         self.shape = tuple(int(n) for n in raster.grid.shape)
         self.normalizer = normalizer
         self.allowed = (
             np.ones(self.shape[0], bool) if allowed_z is None else np.isin(np.arange(self.shape[0]), allowed_z)
         )
-        self.labels = _level0(root["labels"][label]) if label is not None else None
+        self.labels = raster.level_array(0, label) if label is not None else None
         self.lut = table.label_lookup() if table is not None else None
         self.cache_bytes = cache_bytes
         self.mask = mask

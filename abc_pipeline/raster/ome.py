@@ -327,6 +327,12 @@ class Raster:
     def _group(self) -> zarr.Group:
         return zarr.open_group(str(self.path), mode="r")
 
+    def level_array(self, level: int = 0, label: str | None = None) -> zarr.Array:
+        """Image level ``level`` (or that of ``labels/<label>``) as its Zarr array, for plane-by-plane reads
+        without Dask (:class:`abc_pipeline.learn.data.RasterReader`)."""
+        group = self._group if label is None else self._group[f"labels/{label}"]
+        return group[group.attrs["multiscales"][0]["datasets"][level]["path"]]
+
     @property
     def voxel_index(self) -> zarr.Array:
         """(n_cells, 3) int32 (z, y, x) level-0 voxel of each cell in cells.zarr obs order; -1 = skipped."""
