@@ -37,7 +37,7 @@ from abc_pipeline.errors import InputError
 from abc_pipeline.learn.checkpoint import load_checkpoint, load_model
 from abc_pipeline.learn.choices import DEFAULT_ANY_ANGLE_SECTIONS, DEFAULT_ANY_ANGLES, check_angles
 from abc_pipeline.learn.data import ClassTable, Normalizer, z_blocks
-from abc_pipeline.learn.inference import pick_device
+from abc_pipeline.learn.inference import forward, pick_device
 from abc_pipeline.learn.predict import DEFAULT_HALO, atlas_config, check_channels
 from abc_pipeline.learn.scoring import cell_targets
 from abc_pipeline.learn.tasks import PER_CELL_ARCHITECTURES, by_name
@@ -254,11 +254,14 @@ def any_angle_predictions(
                 inp = torch.from_numpy(x[:, 0] if dim == 2 else x)[None].to(dev)
                 at = (slice(None), vox[:, 1], vox[:, 2]) if dim == 2 else (slice(None), *vox.T)
                 if architecture == "cell-context":  # each cell: the context at its voxel + its expression
-                    context = net.context_dense(inp)[0][at].T
-                    logits = net.cell_logits(context, torch.from_numpy(u.values).to(dev)).float()
+
+                    def cells(image: torch.Tensor, expression: torch.Tensor, at: tuple = at) -> torch.Tensor:
+                        return net.cell_logits(net.context_dense(image)[0][at].T, expression)
+
+                    logits = forward(cells, (inp, torch.from_numpy(u.values)), dev)
                     proba[a, start : start + n] = torch.softmax(logits, dim=1).cpu().numpy()
                 else:
-                    logits = (net.forward_dense(inp) if dense else net(inp)).float()
+                    logits = forward(net.forward_dense if dense else net, inp, dev)
                     p = torch.softmax(logits, dim=1)[0].cpu().numpy()  # (K, *spatial)
                     proba[a, start : start + n] = p[at].T
             start += n

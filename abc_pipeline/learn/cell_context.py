@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from abc_pipeline.cells import CellSource
 from abc_pipeline.errors import InputError
 from abc_pipeline.learn.data import DEFAULT_CACHE_BYTES, CellPatchDataset, ClassTable, Normalizer
+from abc_pipeline.learn.inference import forward
 from abc_pipeline.raster.channels import ChannelPlan, raster_channel_plan
 from abc_pipeline.raster.ome import Raster
 
@@ -212,7 +213,6 @@ def fit_linear_path(
     return {"cells": len(y), "train_accuracy": float(fit.score(x, y))}
 
 
-@torch.inference_mode()
 def predict_cells(
     model,
     context: zarr.Array,
@@ -223,8 +223,8 @@ def predict_cells(
     cell_pred: zarr.Array,
     device: torch.device,
 ) -> None:
-    """Per-cell probabilities of a cell-context model: ``context`` ``(embed, z, y, x)`` (the dense context
-    embedding of every voxel) gathered at each cell's voxel, fused with the cell's own expression; written
+    """Per-cell probabilities of a cell-context model: ``context`` ``(context_channels, z, y, x)`` (the dense
+    context of every voxel) gathered at each cell's voxel, fused with the cell's own expression; written
     to ``cell_proba`` ``(n_cells, K)`` (NaN rows: no voxel) and ``cell_pred`` ``(n_cells,)`` (-1: no voxel),
     ``_CELL_CHUNK`` cells at a time."""
     index = raster.voxel_index
@@ -236,11 +236,9 @@ def predict_cells(
         p = np.full((len(vox), k), np.nan, dtype=np.float32)
         if ok.any():
             v = vox[ok]
-            emb = context.vindex[channels, v[None, :, 0], v[None, :, 1], v[None, :, 2]].T
+            at_cells = context.vindex[channels, v[None, :, 0], v[None, :, 1], v[None, :, 2]].T
             expr = cell_expression(cells, plan, np.flatnonzero(ok) + s)
-            logits = model.cell_logits(
-                torch.from_numpy(np.ascontiguousarray(emb)).to(device), torch.from_numpy(expr).to(device)
-            )
-            p[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            inputs = (torch.from_numpy(np.ascontiguousarray(at_cells)), torch.from_numpy(expr))
+            p[ok] = torch.softmax(forward(model.cell_logits, inputs, device), dim=1).cpu().numpy()
         cell_proba[s : s + len(vox)] = p
         cell_pred[s : s + len(vox)] = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1).astype(np.int16)
