@@ -19,7 +19,18 @@ IN, F, K = 4, 3, 5
 def _model(name: str, dim: int, spacing=None) -> CellContextClassifier:
     torch.manual_seed(0)
     width = 1 if name == "gcnn-regular" and dim == 3 else 4
-    model = build_model(name, dim, IN, K, "cell-context", width=width, spacing=spacing, depth=2, patch_size=3)
+    model = build_model(
+        name,
+        dim,
+        IN,
+        K,
+        "cell-context",
+        width=width,
+        spacing=spacing,
+        depth=2,
+        patch_size=3,
+        neighborhood_radii=(1.5, 3.0),
+    )
     assert isinstance(model, CellContextClassifier) and model.task == "classify"
     model.set_normalization(np.arange(F) * 0.1, np.full(F, 2.0), np.full(F, -0.5), np.arange(1, F + 1))
     for m in model.modules():

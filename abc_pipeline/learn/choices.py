@@ -52,9 +52,9 @@ DEFAULT_PATIENCE = 10
 #: (``none`` for the per-cell architectures, ``balanced`` for the U-Net)
 CLASS_WEIGHTS = ("auto", "none", "balanced")
 DEFAULT_CLASS_WEIGHTS = "auto"
-#: cell-context models: disc radii (voxels) of the neighbourhood means, as
+#: cell-context models: disc radii (voxels) of the neighbourhood means per raster dimensionality, as
 #: :data:`abc_pipeline.nn.cell_context.DEFAULT_NEIGHBORHOOD_RADII` (a torch-free copy for the CLI; tested equal)
-DEFAULT_NEIGHBORHOOD_RADII = (1.5, 3.0, 6.0)
+DEFAULT_NEIGHBORHOOD_RADII = {2: (1.5, 3.0, 6.0, 12.0, 24.0), 3: (1.5, 3.0, 6.0)}
 DEFAULT_SEED = 0
 DEFAULT_DEVICE = "auto"
 #: data-loader worker processes

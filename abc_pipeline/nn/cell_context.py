@@ -52,8 +52,11 @@ from abc_pipeline.nn.patch import PatchClassifier
 
 DEFAULT_EMBED = 16
 DEFAULT_HIDDEN = 64
-#: disc radii of the neighbourhood means, in units of the smallest voxel side (0.15, 0.3, 0.6 mm at 0.1 mm)
-DEFAULT_NEIGHBORHOOD_RADII = (1.5, 3.0, 6.0)
+#: disc radii of the neighbourhood means per raster dimensionality, in units of the smallest voxel side. 2D:
+#: 0.15-2.4 mm on a 0.1 mm grid (the wide discs place a cell in its brain division; a section's means are
+#: computed once per section); 3D: the three narrow ones (a 3D cell's patch carries the largest disc's reach
+#: along every axis, so a 2.4 mm ball would make each patch ~50^3 voxels)
+DEFAULT_NEIGHBORHOOD_RADII = {2: (1.5, 3.0, 6.0, 12.0, 24.0), 3: (1.5, 3.0, 6.0)}
 
 
 class CellContextClassifier(nn.Module):
@@ -62,7 +65,8 @@ class CellContextClassifier(nn.Module):
 
     ``family``: a zoo family (``abc_pipeline.nn.zoo._Family``); ``in_channels``: raster input channels
     (features + tissue); ``n_expression``: ``F``, the feature channels (``in_channels - 1``);
-    ``neighborhood_radii``: disc radii (units of the smallest voxel side; empty: no neighbourhood means); the
+    ``neighborhood_radii``: disc radii (units of the smallest voxel side; empty: no neighbourhood means;
+    ``None``: :data:`DEFAULT_NEIGHBORHOOD_RADII` of the family's dimensionality); the
     input margin (``P // 2 + halo`` per axis) covers the trunk's receptive field and the largest disc.
     """
 
@@ -76,7 +80,7 @@ class CellContextClassifier(nn.Module):
         depth: int,
         spacing: tuple[float, ...],
         patch_size: int | Sequence[int],
-        neighborhood_radii: Sequence[float] = DEFAULT_NEIGHBORHOOD_RADII,
+        neighborhood_radii: Sequence[float] | None = None,
         embed: int = DEFAULT_EMBED,
         hidden: int = DEFAULT_HIDDEN,
     ) -> None:
@@ -89,6 +93,8 @@ class CellContextClassifier(nn.Module):
         self.dim, self.n_expression = family.dim, n_expression
         self.context = PatchClassifier(family, in_channels, embed, width, depth, spacing, patch_size)
         self.embed = embed
+        if neighborhood_radii is None:
+            neighborhood_radii = DEFAULT_NEIGHBORHOOD_RADII[family.dim]
         self.neighborhood = (
             NeighborhoodMeans(n_expression, neighborhood_radii, spacing) if len(neighborhood_radii) else None
         )

@@ -467,7 +467,7 @@ def build_model(
     :class:`abc_pipeline.nn.cell_context.CellContextClassifier` (the patch trunk as an invariant context
     embedding fused with the cell's own ``n_expression`` channel values, default ``in_channels - 1``, and its
     neighbourhood means over discs of ``neighborhood_radii``, in units of the smallest voxel side, default
-    :data:`abc_pipeline.nn.cell_context.DEFAULT_NEIGHBORHOOD_RADII`; ``()``: none).
+    :data:`abc_pipeline.nn.cell_context.DEFAULT_NEIGHBORHOOD_RADII` of ``dim``; ``()``: none).
     ``width`` = fields in the first layer; or ``target_params`` solves the width (binary search) whose
     parameter count is closest; neither: :func:`default_width`. ``spacing`` = physical voxel size per
     axis (z, y, x), for anisotropic grids. ``kernel_size``, ``padding_mode`` (:data:`PADDING_MODES`) and
@@ -504,7 +504,7 @@ def build_model(
     if head == "cell-context":
         from abc_pipeline.nn.cell_context import DEFAULT_NEIGHBORHOOD_RADII
 
-        radii = DEFAULT_NEIGHBORHOOD_RADII if neighborhood_radii is None else neighborhood_radii
+        radii = DEFAULT_NEIGHBORHOOD_RADII[dim] if neighborhood_radii is None else neighborhood_radii
         neighborhood_radii = tuple(float(r) for r in radii)
     else:
         neighborhood_radii = None
