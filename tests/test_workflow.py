@@ -279,11 +279,15 @@ def test_task_architecture_reaches_train_but_not_bench(tmp_path: Path) -> None:
     assert all("--architecture" not in c and "--tile-size 4 16 16 " in c for c in bench)
 
 
-def test_real_atlas_config_dry_runs_offline(tmp_path: Path) -> None:
-    workdir = _workdir(tmp_path, TINY_CONFIG)
-    shutil.copy(ROOT / "config" / "abc_merfish_638850.yaml", workdir / "config" / "real.yaml")
-    planned = _jobs_planned(snakemake(workdir, "-n", "--configfile", "config/real.yaml"))
-    assert planned["download"] == 1 and planned["assemble"] == 1 and "synth" not in planned
+@pytest.mark.parametrize("name", ["abc_merfish_638850.yaml", "zhuang_abca_1.yaml", "scale.yaml"])
+def test_shipped_atlas_configs_dry_run_offline(tmp_path: Path, name: str) -> None:
+    """Each atlas config of config/ plans the whole workflow on top of the shipped demo config.yaml, as a user's
+    `snakemake --configfile config/<name>` does (its tasks must name its own grids)."""
+    workdir = _workdir(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    shutil.copy(ROOT / "config" / name, workdir / "config" / name)
+    planned = _jobs_planned(snakemake(workdir, "-n", "--configfile", f"config/{name}"))
+    assert planned["assemble"] == 1 and planned["report"] == 1 and planned["train"] >= 2
+    assert ("synth" in planned) == (name == "scale.yaml")
 
 
 def test_lint_is_clean_except_the_justified_environment_lint() -> None:
