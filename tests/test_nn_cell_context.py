@@ -16,7 +16,8 @@ CASES = [(2, None), (3, None), (3, (3.0, 1.0, 1.0))]
 IN, F, K = 4, 3, 5
 
 
-def _model(name: str, dim: int, spacing=None) -> CellContextClassifier:
+def _model(name: str, dim: int, spacing=None, radii=(1.5, 3.0)) -> CellContextClassifier:
+    """A random cell-context model in float64 (``radii``: its discs; ``None``: the library's defaults)."""
     torch.manual_seed(0)
     width = 1 if name == "gcnn-regular" and dim == 3 else 4
     model = build_model(
@@ -29,7 +30,7 @@ def _model(name: str, dim: int, spacing=None) -> CellContextClassifier:
         spacing=spacing,
         depth=2,
         patch_size=3,
-        neighborhood_radii=(1.5, 3.0),
+        neighborhood_radii=radii,
     )
     assert isinstance(model, CellContextClassifier) and model.task == "classify"
     model.set_normalization(np.arange(F) * 0.1, np.full(F, 2.0), np.full(F, -0.5), np.arange(1, F + 1))
@@ -114,8 +115,10 @@ def test_expression_width_is_checked():
 def test_whole_image_mode_gives_the_patch_logits():
     """``forward(images, expression, cells)`` reads each cell's context from one dense pass over its image
     (given with ``margin`` zero voxels per side, as the section dataset reads it): equal to ``forward`` on the
-    zero-padded patch centred on the cell's voxel, at the image border too."""
-    model = _model("moment-trivial-irrep", 2)
+    zero-padded patch centred on the cell's voxel, at the image border too; with the default discs, which
+    reach further than the trunk (the trunk then reads a trimmed image)."""
+    model = _model("moment-trivial-irrep", 2, radii=None)
+    assert model.margin[0] > model.patch_size[0] // 2 + model.context.halo[0]
     g = torch.Generator().manual_seed(3)
     images = torch.randn(2, IN, 9, 11, generator=g, dtype=torch.float64)
     cells = torch.tensor([[0, 0, 0], [0, 4, 5], [1, 8, 10], [1, 2, 7]])

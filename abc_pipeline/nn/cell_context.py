@@ -189,7 +189,15 @@ class CellContextClassifier(nn.Module):
                 centre = tuple(n // 2 for n in x.shape[2:])
                 parts.append(self.neighborhood(x)[(slice(None), slice(None), *centre)])
             return torch.cat(parts, dim=1)
-        return self.context_dense(x).movedim(1, -1)[tuple(cells.T)]
+        image, voxels = cells[:, 0], cells[:, 1:]
+        # the trunk reads only its own receptive field: run it on the images less the discs' extra margin
+        trim = [m - (p // 2 + h) for m, p, h in zip(self.margin, self.patch_size, self.context.halo)]
+        inner = x[(slice(None), slice(None), *(slice(t, n - t) for t, n in zip(trim, x.shape[2:])))]
+        inner_voxels = voxels - torch.as_tensor(trim, dtype=voxels.dtype, device=voxels.device)
+        parts = [self.context.forward_dense(inner).movedim(1, -1)[(image, *inner_voxels.T)]]
+        if self.neighborhood is not None:
+            parts.append(self.neighborhood(x).movedim(1, -1)[(image, *voxels.T)])
+        return torch.cat(parts, dim=1)
 
     def context_dense(self, tile: torch.Tensor) -> torch.Tensor:
         """Tile ``(B, C_in, *spatial)`` -> context of every voxel ``(B, context_channels, *spatial)``."""

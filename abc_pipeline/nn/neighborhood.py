@@ -12,8 +12,9 @@ the tissue-weighted mean of the (standardised) voxel means within ``r``, 0 where
 the disc's tissue fraction ``sum tissue(v + o) / |disc|`` (how densely the neighbourhood is populated, which the
 means alone do not say).
 Radii are in units of the smallest voxel side (``1.5`` on a 0.1 mm grid = 150 µm). The convolutions run as
-products of Fourier transforms (``torch.fft``, float64, zero-padded to a linear convolution), so a wide disc
-costs what a narrow one does: a section's means over a 2.4 mm disc take milliseconds. Each kernel is
+products of Fourier transforms (``torch.fft`` in float32, float64 for float64 inputs; zero-padded to a linear
+convolution; the tissue counts rounded to the integers they are), so a wide disc costs what a narrow one
+does. Each kernel is
 symmetric under every axis flip and every swap of equally spaced axes, so the map is exactly equivariant to
 the grid group (:func:`abc_pipeline.nn.fields.grid_group`), and its value at a voxel exactly invariant.
 Nothing is learned (the kernels are buffers).
@@ -73,22 +74,23 @@ class NeighborhoodMeans(nn.Module):
         axes = tuple(range(2, x.ndim))
         # linear, not circular, convolution: room for the largest disc's reach past the end of every axis
         size = [n + 2 * m for n, m in zip(spatial, self.margin)]
-        signal = torch.cat([x[:, :n_features] * x[:, -1:], x[:, -1:]], dim=1).double()
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        signal = torch.cat([x[:, :n_features] * x[:, -1:], x[:, -1:]], dim=1).to(dtype)
         spectrum = torch.fft.rfftn(signal, s=size, dim=axes)
         crop = (Ellipsis, *(slice(0, n) for n in spatial))
         out = []
         for name in self.kernels:
             disc = getattr(self, name)
-            sums = torch.fft.irfftn(spectrum * _centred_spectrum(disc, size), s=size, dim=axes)[crop]
+            sums = torch.fft.irfftn(spectrum * _centred_spectrum(disc, size, dtype), s=size, dim=axes)[crop]
             count = sums[:, n_features:].round()  # the tissue channel is 0/1: the disc's tissue voxels
             out += [sums[:, :n_features] / count.clamp(min=1.0), count / disc.sum()]
         return torch.cat(out, dim=1).to(x.dtype)
 
 
-def _centred_spectrum(kernel: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """``rfftn`` over ``size`` of ``kernel`` placed with its centre voxel at the origin (wrapped around), float64:
-    multiplying a signal's spectrum by it convolves the signal with the (symmetric) kernel."""
-    padded = torch.zeros(size, dtype=torch.float64, device=kernel.device)
+def _centred_spectrum(kernel: torch.Tensor, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``rfftn`` over ``size`` of ``kernel`` placed with its centre voxel at the origin (wrapped around): multiplying
+    a signal's spectrum by it convolves the signal with the (symmetric) kernel."""
+    padded = torch.zeros(size, dtype=dtype, device=kernel.device)
     padded[tuple(slice(0, n) for n in kernel.shape)] = kernel
     padded = torch.roll(padded, shifts=[-(n // 2) for n in kernel.shape], dims=list(range(kernel.ndim)))
     return torch.fft.rfftn(padded)
