@@ -66,7 +66,7 @@ class CellContextClassifier(nn.Module):
     ``family``: a zoo family (``abc_pipeline.nn.zoo._Family``); ``in_channels``: raster input channels
     (features + tissue); ``n_expression``: ``F``, the feature channels (``in_channels - 1``);
     ``neighborhood_radii``: disc radii (units of the smallest voxel side; empty: no neighbourhood means;
-    ``None``: :data:`DEFAULT_NEIGHBORHOOD_RADII` of the family's dimensionality); the
+    :func:`abc_pipeline.nn.build_model` gives :data:`DEFAULT_NEIGHBORHOOD_RADII` of the dimensionality); the
     input margin (``P // 2 + halo`` per axis) covers the trunk's receptive field and the largest disc.
     """
 
@@ -80,7 +80,7 @@ class CellContextClassifier(nn.Module):
         depth: int,
         spacing: tuple[float, ...],
         patch_size: int | Sequence[int],
-        neighborhood_radii: Sequence[float] | None = None,
+        neighborhood_radii: Sequence[float],
         embed: int = DEFAULT_EMBED,
         hidden: int = DEFAULT_HIDDEN,
     ) -> None:
@@ -93,8 +93,6 @@ class CellContextClassifier(nn.Module):
         self.dim, self.n_expression = family.dim, n_expression
         self.context = PatchClassifier(family, in_channels, embed, width, depth, spacing, patch_size)
         self.embed = embed
-        if neighborhood_radii is None:
-            neighborhood_radii = DEFAULT_NEIGHBORHOOD_RADII[family.dim]
         self.neighborhood = (
             NeighborhoodMeans(n_expression, neighborhood_radii, spacing) if len(neighborhood_radii) else None
         )
@@ -191,7 +189,7 @@ class CellContextClassifier(nn.Module):
             return torch.cat(parts, dim=1)
         image, voxels = cells[:, 0], cells[:, 1:]
         # the trunk reads only its own receptive field: run it on the images less the discs' extra margin
-        trim = [m - (p // 2 + h) for m, p, h in zip(self.margin, self.patch_size, self.context.halo)]
+        trim = [h - trunk for h, trunk in zip(self.halo, self.context.halo)]
         inner = x[(slice(None), slice(None), *(slice(t, n - t) for t, n in zip(trim, x.shape[2:])))]
         inner_voxels = voxels - torch.as_tensor(trim, dtype=voxels.dtype, device=voxels.device)
         parts = [self.context.forward_dense(inner).movedim(1, -1)[(image, *inner_voxels.T)]]

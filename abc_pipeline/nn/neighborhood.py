@@ -55,7 +55,7 @@ class NeighborhoodMeans(nn.Module):
         if not self.radii or min(self.radii) <= 0:
             raise InputError(f"neighbourhood radii must be positive numbers, got {list(radii)}")
         rel = np.asarray(spacing, dtype=float) / min(spacing)
-        self.n_features, self.dim = int(n_features), len(rel)
+        self.n_features = int(n_features)
         self.kernels = []
         for i, r in enumerate(self.radii):
             name = f"disc_{i}"
