@@ -39,7 +39,33 @@ def cnn_run(atlas, tmp_path_factory):
     return run
 
 
-def test_quarter_turns_give_identical_per_cell_predictions_for_an_invariant_model(atlas, cnn_run):
+@pytest.fixture(scope="module")
+def cell_context_run(atlas, tmp_path_factory):
+    """A moment cell-context classifier (2D: any-angle runs it on whole sections, one pass per section)."""
+    run = tmp_path_factory.mktemp("any_angle") / "cell_context"
+    train_atlas_task(
+        atlas["section"],
+        atlas["cells"],
+        "celltype",
+        "moment-trivial-irrep",
+        run,
+        width=4,
+        depth=2,
+        patch_size=3,
+        epochs=1,
+        lr=5e-3,
+        progress=False,
+        architecture="cell-context",
+        neighborhood_radii=(1.5, 4.0),
+    )
+    return run
+
+
+def test_quarter_turns_give_identical_per_cell_predictions_for_an_invariant_model(atlas, cnn_run, cell_context_run):
+    context = any_angle_predictions(
+        cell_context_run / "checkpoint.pt", atlas["section"], atlas["cells"], angles=[0, 90, 270], device="cpu"
+    )
+    np.testing.assert_allclose(context["proba"][1:], context["proba"][[0, 0]], atol=1e-5)
     angles = [0, 90, 180, 270]
     moment = any_angle_predictions(
         atlas["out"] / "models" / "ct" / "checkpoint.pt",
@@ -63,9 +89,11 @@ def test_quarter_turns_give_identical_per_cell_predictions_for_an_invariant_mode
     assert (cnn["proba"].argmax(2)[1:] != cnn["proba"].argmax(2)[0]).any()
 
 
-def test_the_unrotated_image_reproduces_the_stored_predictions(atlas, tmp_path):
-    """At 0° the cells are binned exactly as the raster was: each cell reads what predict wrote for it."""
-    run = atlas["out"] / "models" / "ct"
+@pytest.mark.parametrize("model", ["patch", "cell-context"])
+def test_the_unrotated_image_reproduces_the_stored_predictions(atlas, cell_context_run, tmp_path, model):
+    """At 0° the cells are binned exactly as the raster was: each cell reads what predict wrote for it (a cell-context
+    model: from one pass over the section, predict from its dense context map)."""
+    run = atlas["out"] / "models" / "ct" if model == "patch" else cell_context_run
     store = predict_raster(
         run / "checkpoint.pt", atlas["section"], tmp_path / "p.zarr", cells=atlas["cells"], progress=False
     )

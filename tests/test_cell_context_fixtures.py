@@ -154,3 +154,38 @@ def test_untrained_network_with_fitted_linear_path_scores_as_logreg(tmp_path):
     proba = predict_proba(model, test_ds, batch_size=2, device=torch.device("cpu")).numpy()
     network = classification_metrics(test_ds.targets.numpy(), proba, data.table.names)
     assert network["accuracy"] == pytest.approx(logreg["accuracy"], abs=0.02), (network, logreg)
+
+
+def test_kept_neighbourhood_means_give_the_logits_of_computing_them_per_batch(tmp_path):
+    """A section dataset's means, computed once plane by plane, hand each batch what the model computes from the
+    batch's planes; beyond the byte budget nothing is kept."""
+    cells, raster = _atlas(tmp_path, "neighbourhood")
+    data = atlas_data(raster, cells, "celltype", patch_size=3, split_fractions=(4, 1, 1))
+    torch.manual_seed(0)
+    model = build_model(
+        "moment-trivial-irrep",
+        2,
+        data.normalizer.in_channels,
+        2,
+        "cell-context",
+        width=4,
+        depth=2,
+        spacing=data.spacing,
+        patch_size=data.patch,
+        neighborhood_radii=(1.5, 6.0),
+    ).eval()
+    ds = data.dataset("train", model.halo)
+    batch = [ds[0], ds[1]]
+    (planes, expression, where), _ = ds.collate(batch)
+    assert not ds.keep_means(model, max_bytes=len(ds.cells) * 2 * 5 * 4 - 1) and ds.means is None
+    assert ds.keep_means(model) and ds.means.shape == (len(ds.cells), 2 * 5)
+    (planes_kept, expression_kept, where_kept, means), targets = ds.collate([ds[0], ds[1]])
+    torch.testing.assert_close(means, model.neighborhood_at(planes, where), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(planes_kept, expression_kept, where_kept, means),
+            model(planes, expression, where),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert len(targets) == len(means)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from abc_pipeline.nn.fields import grid_group, transform
-from abc_pipeline.nn.neighborhood import NeighborhoodMeans, disc_kernel
+from abc_pipeline.nn.neighborhood import SPECTRA_KEPT, NeighborhoodMeans, disc_kernel
 
 
 def test_disc_kernels_follow_the_physical_spacing():
@@ -46,3 +46,17 @@ def test_exactly_equivariant_under_the_grid_group_2d_and_3d():
         m = NeighborhoodMeans(2, (1.5, 3.0), spacing).double()
         for g in grid_group(dim, spacing):
             torch.testing.assert_close(m(transform(x, g)), transform(m(x), g), rtol=0, atol=1e-12)
+
+
+def test_kept_disc_spectra_give_the_same_means_for_every_size_and_dtype():
+    """The spectra kept per transform size: sizes and dtypes met again, in any order, give what a fresh module does."""
+    rng = np.random.default_rng(1)
+    kept = NeighborhoodMeans(2, (1.5, 3.0), (1.0, 1.0))
+    shapes = [(7, 9), (12, 5), (7, 9), (30, 31), (12, 5), (8, 8), (3, 20)]  # 10 sizes and dtypes: more than kept
+    for i, shape in enumerate(shapes * 3):
+        tissue = rng.random(shape) < 0.5
+        x = torch.from_numpy(np.concatenate([rng.normal(size=(2, *shape)) * tissue, tissue[None]]))[None]
+        x = x.float() if i % 2 else x
+        fresh = NeighborhoodMeans(2, (1.5, 3.0), (1.0, 1.0))
+        torch.testing.assert_close(kept(x), fresh(x), rtol=0, atol=0)
+    assert len(kept._spectra) <= SPECTRA_KEPT

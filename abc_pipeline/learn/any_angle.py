@@ -253,7 +253,12 @@ def any_angle_predictions(
                 )
                 inp = torch.from_numpy(x[:, 0] if dim == 2 else x)[None].to(dev)
                 at = (slice(None), vox[:, 1], vox[:, 2]) if dim == 2 else (slice(None), *vox.T)
-                if architecture == "cell-context":  # each cell: the context at its voxel + its expression
+                if architecture == "cell-context" and dim == 2:  # the section carries the whole margin in-plane:
+                    # each cell's logits from one pass (the trunk on the section less the discs' extra margin)
+                    image_voxel = np.column_stack([np.zeros(n, dtype=np.int64), vox[:, 1:]])
+                    inputs = (inp, torch.from_numpy(u.values), torch.from_numpy(image_voxel))
+                    proba[a, start : start + n] = torch.softmax(forward(net, inputs, dev), dim=1).cpu().numpy()
+                elif architecture == "cell-context":  # 3D blocks with z_halo planes: the dense context at each cell
 
                     def cells(image: torch.Tensor, expression: torch.Tensor, at: tuple = at) -> torch.Tensor:
                         return net.cell_logits(net.context_dense(image)[0][at].T, expression)

@@ -414,6 +414,9 @@ def train_atlas_task(
         model.set_normalization(
             *expression_stats(train_ds.expression.numpy()), data.normalizer.mean, data.normalizer.std
         )
+        if isinstance(train_ds, CellSectionDataset):  # the fixed neighbourhood means: once, not every epoch
+            kept = [ds.keep_means(model) for ds in (train_ds, val_ds)]
+            log.info("neighbourhood means kept for the training / validation cells: %s / %s", *kept)
         fit = fit_linear_path(model, train_ds, n_classes, seed=seed)  # a resumed run then loads last.pt
         log.info(
             "linear path: logistic regression on %d training cells (own expression + neighbourhood means), "

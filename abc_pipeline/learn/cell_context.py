@@ -8,7 +8,8 @@ per-cell prediction pass of ``abc-pipeline predict``.
 - :func:`cell_expression`: those values for given cells, read X chunk by chunk (only chunks holding them).
 - :class:`CellContextDataset`: :class:`abc_pipeline.learn.data.CellPatchDataset` plus each cell's expression:
   samples ``((patch, expression), target)``; :class:`CellSectionDataset`: whole sections with all their
-  cells (2D training: one dense pass per section, the loss at every cell position).
+  cells (2D training: one dense pass per section, the loss at every cell position), and their fixed
+  neighbourhood means once computed (:meth:`CellSectionDataset.keep_means`).
 - :func:`fit_linear_path`: the logistic regression on each training cell's own expression and neighbourhood
   means that the model's linear path starts from.
 - :func:`predict_cells`: per-cell probabilities from the dense context gathered at each cell's voxel and the
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 _CELL_CHUNK = 1 << 16  # cells per pass of predict_cells
 #: training cells the linear path's logistic regression is fitted on, at most (a seeded random subset)
 LINEAR_FIT_CELLS = 200_000
+#: bytes of neighbourhood means a :class:`CellSectionDataset` keeps, at most (float32, ``(F + 1) * R`` per cell:
+#: ~660 bytes with 32 channels and 5 discs, so 1 GiB holds 1.6 M cells); a larger split computes them every pass
+MEANS_CACHE_BYTES = 1 << 30
 
 
 def channel_plan(raster: Raster, cells: CellSource) -> ChannelPlan:
@@ -123,9 +127,12 @@ class CellSectionDataset(Dataset):
 
     Sample ``i`` (the ``i``-th plane of the split holding labelled cells): ``((plane (C_in, Y + 2 m, X + 2 m),
     voxels (n, 2) int64 (y, x) in it, expression (n, F)), targets (n,))``, the plane read with ``margin`` = ``m``
-    (the model's, per axis) zero voxels around it, so every cell's context equals its zero-padded patch's; :meth:`collate` (the ``DataLoader``'s ``collate_fn``)
-    stacks planes and prefixes each cell's voxel with its plane's position in the batch. Attributes
-    ``targets`` / ``cells`` / ``expression``: all cells, plane by plane (the order of the samples)."""
+    (the model's, per axis) zero voxels around it, so every cell's context equals its zero-padded patch's; after
+    :meth:`keep_means` a fourth input, the cells' neighbourhood means ``(n, (F + 1) * R)``. :meth:`collate` (the
+    ``DataLoader``'s ``collate_fn``) stacks planes and prefixes each cell's voxel with its plane's position in the
+    batch: the inputs of ``CellContextClassifier.forward(images, expression, cells[, means])``. Attributes
+    ``targets`` / ``cells`` / ``expression``: all cells, plane by plane (the order of the samples); ``means``: None
+    or ``(N, (F + 1) * R)``."""
 
     def __init__(
         self,
@@ -151,20 +158,38 @@ class CellSectionDataset(Dataset):
         self.targets, self.expression = base.targets[order], torch.from_numpy(expression[order])
         self.planes, starts = np.unique(self.voxels[:, 0], return_index=True)
         self.bounds = np.append(starts, len(self.cells))
+        self.means: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.planes)
 
-    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         rows = slice(int(self.bounds[i]), int(self.bounds[i + 1]))
         z = int(self.planes[i])
         plane = torch.from_numpy(self.reader.window((z, -self.margin[0], -self.margin[1]), self.size)[:, 0])
-        return (plane, torch.from_numpy(self.voxels[rows, 1:]), self.expression[rows]), self.targets[rows]
+        inputs = (plane, torch.from_numpy(self.voxels[rows, 1:]), self.expression[rows])
+        return inputs + ((self.means[rows],) if self.means is not None else ()), self.targets[rows]
+
+    @torch.no_grad()
+    def keep_means(self, model, max_bytes: int = MEANS_CACHE_BYTES) -> bool:
+        """Compute every cell's neighbourhood means once, plane by plane, with ``model`` (a
+        ``CellContextClassifier``; the means are fixed, nothing in them is learned) and hand them out with the
+        samples from now on, when they fit in ``max_bytes`` (float32). Returns whether they are kept."""
+        if model.neighborhood is None or len(self.cells) * model.neighborhood.out_channels * 4 > max_bytes:
+            return False
+        device = next(model.parameters()).device
+        parts = []
+        for i in range(len(self)):
+            (plane, voxels, _), _ = self[i]
+            cells = torch.cat([torch.zeros(len(voxels), 1, dtype=torch.int64), voxels], dim=1)
+            parts.append(forward(model.neighborhood_at, (plane[None], cells), device).cpu())
+        self.means = torch.cat(parts)
+        return True
 
     @staticmethod
-    def collate(batch: list) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Planes stacked ``(B, C_in, Y, X)``, cells ``(N, 3)`` (plane in batch, y, x), expression ``(N, F)``,
-        targets ``(N,)``."""
+    def collate(batch: list) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Planes stacked ``(B, C_in, Y, X)``, expression ``(N, F)``, cells ``(N, 3)`` (plane in batch, y, x)
+        and, when kept, the means ``(N, (F + 1) * R)``; targets ``(N,)``."""
         planes = torch.stack([x[0] for x, _ in batch])
         cells = torch.cat(
             [
@@ -172,7 +197,10 @@ class CellSectionDataset(Dataset):
                 for b, (x, _) in enumerate(batch)
             ]
         )
-        return (planes, torch.cat([x[2] for x, _ in batch]), cells), torch.cat([y for _, y in batch])
+        inputs = (planes, torch.cat([x[2] for x, _ in batch]), cells)
+        if len(batch[0][0]) == 4:
+            inputs += (torch.cat([x[3] for x, _ in batch]),)
+        return inputs, torch.cat([y for _, y in batch])
 
 
 @torch.no_grad()  # not inference mode: the moment layers cache their kernel bases for the training after it
@@ -194,9 +222,9 @@ def fit_linear_path(
     device = next(model.parameters()).device
     features, labels = [], []
     for x, y in loader:
-        image, expression, cells = x if sections else (*x, None)
+        image, expression, *where = x  # where: () for patches; (cells,) or (cells, means) for sections
         keep = (y >= 0).numpy() & (rng.random(len(y)) < keep_fraction)
-        context = model.cell_context(image.to(device), None if cells is None else cells.to(device))
+        context = model.cell_context(image.to(device), *(t.to(device) for t in where))
         features.append(model.linear_inputs(context, expression.to(device))[torch.from_numpy(keep)].cpu().numpy())
         labels.append(y.numpy()[keep])
     x, y = np.concatenate(features), np.concatenate(labels)

@@ -168,7 +168,13 @@ class CellContextClassifier(nn.Module):
         parts = [self.expression(e), embedding] + ([self.means(means)] if self.means is not None else [])
         return self.head(torch.cat(parts, dim=1)) + self.linear(torch.cat([e, means], dim=1))
 
-    def forward(self, x: torch.Tensor, expression: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        expression: torch.Tensor,
+        cells: torch.Tensor | None = None,
+        means: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits ``(N, K)`` of cells given their raw expression ``(N, F)``, in one of two modes:
 
         - ``cells`` None: ``x`` ``(N, C_in, *(P + 2*halo))`` holds one patch centred on each cell;
@@ -176,10 +182,14 @@ class CellContextClassifier(nn.Module):
           (sections) and each cell reads the dense context at its voxel of its image: computed once
           per image instead of once per cell, and equal to its patch's for voxels at least ``margin`` inside
           the image (pad images with ``margin`` zero voxels to reproduce the zero-padded patches at borders).
+          ``means``: the cells' neighbourhood means ``(N, (F + 1) * R)`` when already known
+          (:meth:`neighborhood_at` of the same images; they are fixed, so a training run computes them once).
         """
-        return self.cell_logits(self.cell_context(x, cells), expression)
+        return self.cell_logits(self.cell_context(x, cells, means), expression)
 
-    def cell_context(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+    def cell_context(
+        self, x: torch.Tensor, cells: torch.Tensor | None = None, means: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The context ``(N, context_channels)`` of each cell, in the two modes of :meth:`forward`."""
         if cells is None:
             parts = [self.context(x)]
@@ -194,8 +204,15 @@ class CellContextClassifier(nn.Module):
         inner_voxels = voxels - torch.as_tensor(trim, dtype=voxels.dtype, device=voxels.device)
         parts = [self.context.forward_dense(inner).movedim(1, -1)[(image, *inner_voxels.T)]]
         if self.neighborhood is not None:
-            parts.append(self.neighborhood(x).movedim(1, -1)[(image, *voxels.T)])
+            parts.append(self.neighborhood_at(x, cells) if means is None else means)
         return torch.cat(parts, dim=1)
+
+    def neighborhood_at(self, x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Neighbourhood means ``(N, (F + 1) * R)`` of whole images ``x`` ``(B, C_in, *spatial)`` at the cells'
+        ``(image, *voxel)`` ``(N, 1 + dim)``."""
+        if self.neighborhood is None:
+            raise InputError("this model has no neighbourhood means (neighborhood_radii is empty)")
+        return self.neighborhood(x).movedim(1, -1)[(cells[:, 0], *cells[:, 1:].T)]
 
     def context_dense(self, tile: torch.Tensor) -> torch.Tensor:
         """Tile ``(B, C_in, *spatial)`` -> context of every voxel ``(B, context_channels, *spatial)``."""

@@ -13,8 +13,9 @@ the disc's tissue fraction ``sum tissue(v + o) / |disc|`` (how densely the neigh
 means alone do not say).
 Radii are in units of the smallest voxel side (``1.5`` on a 0.1 mm grid = 150 µm). The convolutions run as
 products of Fourier transforms (``torch.fft`` in float32, float64 for float64 inputs; zero-padded to a linear
-convolution; the tissue counts rounded to the integers they are), so a wide disc costs what a narrow one
-does. Each kernel is
+convolution and on to a length the FFT factors fast, :func:`scipy.fft.next_fast_len`; the tissue counts rounded
+to the integers they are), so a wide disc costs what a narrow one does; the discs' spectra are kept per
+transform size (a training run meets the same section sizes every epoch). Each kernel is
 symmetric under every axis flip and every swap of equally spaced axes, so the map is exactly equivariant to
 the grid group (:func:`abc_pipeline.nn.fields.grid_group`), and its value at a voxel exactly invariant.
 Nothing is learned (the kernels are buffers).
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.fft import next_fast_len
 from torch import nn
 
 from abc_pipeline.errors import InputError
@@ -63,6 +65,8 @@ class NeighborhoodMeans(nn.Module):
             self.kernels.append(name)
         #: voxels of context per side each axis needs (the largest disc's half size)
         self.margin = tuple(int(np.floor(max(self.radii) / s + 1e-9)) for s in rel)
+        #: the discs' stacked spectra ``(R, *rfft size)`` per (transform size, dtype, device), most recent last
+        self._spectra: dict[tuple, torch.Tensor] = {}
 
     @property
     def out_channels(self) -> int:
@@ -73,18 +77,36 @@ class NeighborhoodMeans(nn.Module):
         n_features, spatial = self.n_features, x.shape[2:]
         axes = tuple(range(2, x.ndim))
         # linear, not circular, convolution: room for the largest disc's reach past the end of every axis
-        size = [n + 2 * m for n, m in zip(spatial, self.margin)]
+        size = tuple(next_fast_len(n + 2 * m, real=True) for n, m in zip(spatial, self.margin))
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         signal = torch.cat([x[:, :n_features] * x[:, -1:], x[:, -1:]], dim=1).to(dtype)
         spectrum = torch.fft.rfftn(signal, s=size, dim=axes)
         crop = (Ellipsis, *(slice(0, n) for n in spatial))
         out = []
-        for name in self.kernels:
-            disc = getattr(self, name)
-            sums = torch.fft.irfftn(spectrum * _centred_spectrum(disc, size, dtype), s=size, dim=axes)[crop]
+        for disc, disc_spectrum in zip(self._discs(), self._disc_spectra(size, dtype, x.device)):
+            sums = torch.fft.irfftn(spectrum * disc_spectrum, s=size, dim=axes)[crop]
             count = sums[:, n_features:].round()  # the tissue channel is 0/1: the disc's tissue voxels
             out += [sums[:, :n_features] / count.clamp(min=1.0), count / disc.sum()]
         return torch.cat(out, dim=1).to(x.dtype)
+
+    def _discs(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.kernels]
+
+    def _disc_spectra(self, size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The discs' spectra over ``size`` ``(R, *rfft size)``, computed once per size, dtype and device (the
+        last :data:`SPECTRA_KEPT` kept)."""
+        key = (size, dtype, device)
+        spectra = self._spectra.pop(key, None)
+        if spectra is None:
+            spectra = torch.stack([_centred_spectrum(disc, size, dtype) for disc in self._discs()])
+            while len(self._spectra) >= SPECTRA_KEPT:
+                self._spectra.pop(next(iter(self._spectra)))
+        self._spectra[key] = spectra
+        return spectra
+
+
+#: disc spectra a :class:`NeighborhoodMeans` keeps (per transform size, dtype and device)
+SPECTRA_KEPT = 8
 
 
 def _centred_spectrum(kernel: torch.Tensor, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
