@@ -8,6 +8,9 @@ uncompressed), then measures in a fresh child process per case: disk size, `scan
 RSS, and backed-mode (`anndata.read_h5ad(backed="r")`) reads of 1,000 random cells and of one gene.
 
     .venv/bin/python benchmarks/bench_x_storage.py --cells 500000 --work /tmp/abc-bench-x
+
+``--measure FILE.h5ad`` measures an existing h5ad instead (e.g. the full-size run's cells_annotated.h5ad): its
+size, the `scanpy.read_h5ad` wall s and peak RSS and the backed-mode reads, nothing written.
 """
 
 from __future__ import annotations
@@ -73,7 +76,12 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=200_000)
     parser.add_argument("--h5ad", type=Path, default=None, help="ABC-layout log2 h5ad (CSR X) to take rows from")
     parser.add_argument("--work", type=Path, default=Path("/tmp/abc-bench-x"))
+    parser.add_argument("--measure", type=Path, default=None, help="measure this h5ad only (nothing written)")
     args = parser.parse_args()
+    if args.measure is not None:
+        read, backed = _child("read", args.measure), _child("backed", args.measure)
+        print(json.dumps({"h5ad": str(args.measure), "h5ad MB": _size_mb(args.measure), "read": read, "backed": backed}))
+        return
     import anndata
     import h5py
     import numpy as np
