@@ -11,8 +11,8 @@ if SYNTHETIC:
         benchmark:
             "logs/benchmarks/synth.tsv"
         threads: 1
-        # Measured (docs/benchmarks.md): peak RSS 1.33 GB at 1 M cells, flat in the cell count (set by the 200,000-
-        # cell chunk): 3x margin. ~60 CPU-s per million cells; 4.3 M cells took > 30 min on a busy 2-core node.
+        # Measured (docs/benchmarks.md, full-size run): 4.33 M cells in 657 s wall, peak RSS 1.49 GB (flat in the cell
+        # count, set by the 200,000-cell chunk): 2.7x margin on memory; runtime > 30 min on a busy 2-core node.
         resources:
             mem_mb=4000,
             runtime=90,
@@ -86,10 +86,10 @@ else:
         benchmark:
             f"logs/benchmarks/assemble_{DATASET}.tsv"
         threads: 1
-        # Measured (docs/benchmarks.md): peak RSS 1.5-2.1 GB at chunk_cells 100,000 (0.5 M and 2 M cells alike);
-        # ~2.7 GB expected at the real-atlas chunk of 200,000: 1.5x margin. ~7 min for 4.3 M cells on 2 busy cores.
+        # Measured (docs/benchmarks.md, full-size run): 4.1 M cells in 317 s wall, peak RSS 2.91 GB at the real-atlas
+        # chunk_cells of 200,000 (flat in the cell count): 1.7x margin; runtime 45x (slow shared file systems).
         resources:
-            mem_mb=4000,
+            mem_mb=5000,
             runtime=240,
         params:
             dataset=DATASET,

@@ -11,10 +11,11 @@ rule rasterize:
     benchmark:
         f"logs/benchmarks/rasterize_{DATASET}_{{grid}}.tsv"
     threads: 8
-    # Measured (docs/benchmarks.md): peak RSS 1.65 GB with 2 threads at 2 M cells on the 0.2 x 0.05 x 0.05 mm grid,
-    # flat in the cell count; each further thread holds ~0.33 GB (1.5 chunks of X), so ~3.6 GB with 8: 1.6x margin.
+    # Measured (docs/benchmarks.md, full-size run, 4.1 M cells, 2 threads): peak RSS 3.06 GB (section_50um) and
+    # 3.86 GB (reconstructed_3d, 0.2 x 0.05 x 0.05 mm) in 91-99 s; each further thread holds ~0.33 GB (1.5 chunks
+    # of X), so ~5.9 GB with 8: 1.5x margin.
     resources:
-        mem_mb=6000,
+        mem_mb=9000,
         runtime=240,
     params:
         args=raster_args,
