@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
@@ -94,13 +95,18 @@ def any_angle_panels(run_dirs: Sequence[Path]) -> dict[str, dict[str, tuple[list
 
 
 def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_sections: int = 2) -> Path:
-    """True vs predicted labels per cell on the largest test sections (squidpy scatter), one row per section."""
-    import squidpy as sq
+    """True vs predicted labels per cell on the largest test sections (squidpy scatter), one row per section.
 
-    adata = anndata.read_h5ad(annotated, backed="r")
-    obs = adata.obs
+    Reads only ``obs``, ``uns`` and the drawn sections' ``obsm['spatial']`` rows of the h5ad (not X, nor the
+    per-model probability tables in ``obsm``, several GB at the real atlas's 4 M cells)."""
+    import h5py
+    import squidpy as sq
+    from anndata.io import read_elem
+
+    with h5py.File(annotated, "r") as f:
+        obs, uns = read_elem(f["obs"]), read_elem(f["uns"]) if "uns" in f else {}
     truth = dict.fromkeys(TASKS)
-    meta = adata.uns.get(keys.UNS, {}).get("predict", {})
+    meta = uns.get(keys.UNS, {}).get("predict", {})
     for col, info in meta.items():
         task = keys.task_of(col)
         if col == keys.prediction(task) and task in truth and "level" in info:
@@ -115,11 +121,15 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
         len(sections), len(colors), figsize=(4.2 * len(colors), 3.6 * len(sections)), squeeze=False
     )
     for i, section in enumerate(sections):
-        sub = adata[adata.obs[keys.SECTION] == section].to_memory()
-        for col in colors:
-            sub.obs[col] = sub.obs[col].cat.remove_unused_categories() if col in truth.values() else sub.obs[col]
-            if keys.colors(col) in sub.uns:  # the CCF gives some divisions one colour; squidpy needs distinct ones
-                sub.uns[keys.colors(col)] = distinct_colors(list(sub.uns[keys.colors(col)]))
+        rows = np.flatnonzero((obs[keys.SECTION] == section).to_numpy())
+        with h5py.File(annotated, "r") as f:
+            spatial = f["obsm"][keys.SPATIAL][rows]
+        sub = anndata.AnnData(obs=obs.iloc[rows][colors].copy(), obsm={keys.SPATIAL: spatial})
+        for col in colors:  # the section's categories and their colours (squidpy wants one colour per category)
+            palette = dict(zip(obs[col].cat.categories, uns.get(keys.colors(col), [])))
+            sub.obs[col] = sub.obs[col].cat.remove_unused_categories()
+            if palette:  # the CCF gives some divisions one colour; squidpy needs distinct ones
+                sub.uns[keys.colors(col)] = distinct_colors([palette[c] for c in sub.obs[col].cat.categories])
         for j, col in enumerate(colors):
             sq.pl.spatial_scatter(
                 sub, shape=None, color=col, size=4, ax=axes[i, j], legend_loc=None, title=f"{section}: {col}"

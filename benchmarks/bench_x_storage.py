@@ -80,7 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure is not None:
         read, backed = _child("read", args.measure), _child("backed", args.measure)
-        print(json.dumps({"h5ad": str(args.measure), "h5ad MB": _size_mb(args.measure), "read": read, "backed": backed}))
+        print(
+            json.dumps({"h5ad": str(args.measure), "h5ad MB": _size_mb(args.measure), "read": read, "backed": backed})
+        )
         return
     import anndata
     import h5py

@@ -14,6 +14,9 @@ rule train:
     benchmark:
         f"logs/benchmarks/train_{DATASET}_{{task}}_{{model}}.tsv"
     threads: model_threads
+    # Measured (docs/benchmarks.md, full-size run, 4.1 M cells, 2 cores): peak RSS 3.6-4.0 GB (networks; the kept
+    # neighbourhood means add at most 1 GiB), 2.1 GB (baselines); 2.5-5 min per epoch of the 50 um sections on 2 CPU
+    # cores: 1.6x margin on memory, runtime for 10 epochs on a CPU node with room to spare.
     resources:
         mem_mb=8000,
         runtime=720,
@@ -38,6 +41,8 @@ rule predict:
     benchmark:
         f"logs/benchmarks/predict_{DATASET}_{{task}}_{{model}}.tsv"
     threads: model_threads
+    # Measured (full-size run): peak RSS 4.1 GB (networks), 2.3 GB (baselines); 10-16 min (networks) for every one
+    # of the 4.1 M cells on 2 cores: 1.9x margin on memory, 15x on runtime.
     resources:
         mem_mb=8000,
         runtime=240,
@@ -60,8 +65,10 @@ rule annotate:
     benchmark:
         f"logs/benchmarks/annotate_{DATASET}.tsv"
     threads: 1
+    # Measured (full-size run): 4.1 M cells, 8 models, X as CSR: 443 s wall, peak RSS 1.7 GB (one block of rows at a
+    # time), an 8.3 GB h5ad: 1.8x margin on memory, 16x on runtime.
     resources:
-        mem_mb=8000,
+        mem_mb=3000,
         runtime=120,
     shell:
         "abc-pipeline annotate --cells {input.cells} --predictions {input.predictions} --out {output} > {log} 2>&1"
@@ -86,8 +93,10 @@ rule evaluate:
     benchmark:
         f"logs/benchmarks/evaluate_{DATASET}_{{task}}_{{model}}.tsv"
     threads: model_threads
+    # Measured (full-size run): peak RSS 0.8-2.6 GB, 1-4 min per model (24 angles x 2 test sections) on 2 cores:
+    # 1.5x margin on memory, 30x on runtime.
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
         runtime=120,
         gpu=config["training"]["gpus"],
     params:
