@@ -120,11 +120,11 @@ def overview_figure(annotated: Path, path: Path, tasks: Sequence[str], max_secti
     fig, axes = plt.subplots(
         len(sections), len(colors), figsize=(4.2 * len(colors), 3.6 * len(sections)), squeeze=False
     )
+    with h5py.File(annotated, "r") as f:  # the drawn sections' coordinates only
+        rows = [np.flatnonzero((obs[keys.SECTION] == section).to_numpy()) for section in sections]
+        spatial = [f["obsm"][keys.SPATIAL][r] for r in rows]
     for i, section in enumerate(sections):
-        rows = np.flatnonzero((obs[keys.SECTION] == section).to_numpy())
-        with h5py.File(annotated, "r") as f:
-            spatial = f["obsm"][keys.SPATIAL][rows]
-        sub = anndata.AnnData(obs=obs.iloc[rows][colors].copy(), obsm={keys.SPATIAL: spatial})
+        sub = anndata.AnnData(obs=obs.iloc[rows[i]][colors].copy(), obsm={keys.SPATIAL: spatial[i]})
         for col in colors:  # the section's categories and their colours (squidpy wants one colour per category)
             palette = dict(zip(obs[col].cat.categories, uns.get(keys.colors(col), [])))
             sub.obs[col] = sub.obs[col].cat.remove_unused_categories()

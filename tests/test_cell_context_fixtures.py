@@ -98,6 +98,25 @@ def _train(cells: Path, raster: Path, out: Path) -> dict:
     )
 
 
+def _small_model(cells: Path, raster: Path, n_classes: int, **kwargs):
+    """The atlas's data (patch 3, sections split 4:1:1) and a seeded width-4 moment cell-context model on it."""
+    data = atlas_data(raster, cells, "celltype", patch_size=3, split_fractions=(4, 1, 1))
+    torch.manual_seed(0)
+    model = build_model(
+        "moment-trivial-irrep",
+        2,
+        data.normalizer.in_channels,
+        n_classes,
+        "cell-context",
+        width=4,
+        depth=2,
+        spacing=data.spacing,
+        patch_size=data.patch,
+        **kwargs,
+    )
+    return data, model
+
+
 def test_own_expression_reaches_the_network(tmp_path):
     cells, raster = _atlas(tmp_path, "own")
     logreg, info = _logreg_expression(cells, raster)
@@ -134,19 +153,7 @@ def test_neighbourhood_label_beats_own_expression(tmp_path):
 def test_untrained_network_with_fitted_linear_path_scores_as_logreg(tmp_path):
     cells, raster = _atlas(tmp_path, "own")
     logreg, _ = _logreg_expression(cells, raster)
-    data = atlas_data(raster, cells, "celltype", patch_size=3, split_fractions=(4, 1, 1))
-    torch.manual_seed(0)
-    model = build_model(
-        "moment-trivial-irrep",
-        2,
-        data.normalizer.in_channels,
-        3,
-        "cell-context",
-        width=4,
-        depth=2,
-        spacing=data.spacing,
-        patch_size=data.patch,
-    )
+    data, model = _small_model(cells, raster, 3)
     train_ds, test_ds = data.dataset("train", model.halo), data.dataset("test", model.halo)
     model.set_normalization(*expression_stats(train_ds.expression.numpy()), data.normalizer.mean, data.normalizer.std)
     fit = fit_linear_path(model, train_ds, 3)
@@ -160,20 +167,8 @@ def test_kept_neighbourhood_means_give_the_logits_of_computing_them_per_batch(tm
     """A section dataset's means, computed once plane by plane, hand each batch what the model computes from the
     batch's planes; beyond the byte budget nothing is kept."""
     cells, raster = _atlas(tmp_path, "neighbourhood")
-    data = atlas_data(raster, cells, "celltype", patch_size=3, split_fractions=(4, 1, 1))
-    torch.manual_seed(0)
-    model = build_model(
-        "moment-trivial-irrep",
-        2,
-        data.normalizer.in_channels,
-        2,
-        "cell-context",
-        width=4,
-        depth=2,
-        spacing=data.spacing,
-        patch_size=data.patch,
-        neighborhood_radii=(1.5, 6.0),
-    ).eval()
+    data, model = _small_model(cells, raster, 2, neighborhood_radii=(1.5, 6.0))
+    model.eval()
     ds = data.dataset("train", model.halo)
     batch = [ds[0], ds[1]]
     (planes, expression, where), _ = ds.collate(batch)
